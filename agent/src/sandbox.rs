@@ -1,0 +1,70 @@
+//! The sandbox (pod) level set-up from CreateSandbox: hostname, guest
+//! sysctls and the clock. As an ordinary process (host tests) the agent
+//! has its own UTS namespace, so the hostname is set there; the clock and
+//! sysctls belong to the host then and are only validated.
+
+use std::fs;
+use std::path::Path;
+
+use husk_protocols::agent::CreateSandboxRequest;
+
+use crate::agent::{AgentError, Result};
+use crate::validate;
+
+/// Longest hostname the kernel takes (HOST_NAME_MAX).
+const HOSTNAME_MAX: usize = 64;
+
+fn invalid(e: impl Into<String>) -> AgentError {
+    AgentError::Invalid(e.into())
+}
+
+pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
+    if req.hostname.len() > HOSTNAME_MAX {
+        return Err(invalid(format!("hostname is over {HOSTNAME_MAX} bytes")));
+    }
+    if req
+        .hostname
+        .bytes()
+        .any(|b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+    {
+        return Err(invalid(format!("hostname {:?} is malformed", req.hostname)));
+    }
+    for k in req.sysctls.keys() {
+        validate::sysctl_key(k).map_err(invalid)?;
+        let path = Path::new("/proc/sys").join(k.replace('.', "/"));
+        if !path.exists() {
+            return Err(invalid(format!("sysctl {k} does not exist in this kernel")));
+        }
+    }
+    if req.clock_unix_nanos < 0 {
+        return Err(invalid("clock_unix_nanos is negative"));
+    }
+    let io = |what: String| {
+        move |source| AgentError::Io {
+            context: what,
+            source,
+        }
+    };
+    if !req.hostname.is_empty() {
+        crate::sys::sethostname(&req.hostname).map_err(io("sethostname".into()))?;
+    }
+    if !pid1 {
+        crate::log!("not PID 1: leaving the host's clock and sysctls alone");
+        return Ok(());
+    }
+    for (k, v) in &req.sysctls {
+        let path = Path::new("/proc/sys").join(k.replace('.', "/"));
+        fs::write(&path, v).map_err(io(format!("sysctl {k}")))?;
+    }
+    if req.clock_unix_nanos > 0 {
+        let ts = libc::timespec {
+            tv_sec: req.clock_unix_nanos / 1_000_000_000,
+            tv_nsec: req.clock_unix_nanos % 1_000_000_000,
+        };
+        // SAFETY: a valid timespec for CLOCK_REALTIME.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
+            return Err(io("clock_settime".into())(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}

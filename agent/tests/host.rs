@@ -1,0 +1,822 @@
+//! The agent on the host, as an ordinary process on a Unix socket, running
+//! busybox containers (see common/mod.rs).
+
+mod common;
+
+use common::TestAgent;
+
+#[test]
+fn runs_a_container_and_reads_its_stdout() {
+    let Some(a) = TestAgent::start() else { return };
+    let (out, err, status) = a.run(
+        "hello",
+        &["sh", "-c", "echo hello; echo oops >&2; hostname"],
+    );
+    assert_eq!(out, "hello\nhusk-test\n");
+    assert_eq!(err, "oops\n");
+    assert_eq!(status, 0);
+}
+
+use husk_protocols::agent as pb;
+use husk_protocols::ttrpc::{context, Code};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+fn ctx() -> context::Context {
+    context::with_timeout(0)
+}
+
+#[test]
+fn exit_codes_are_runcs() {
+    let Some(a) = TestAgent::start() else { return };
+    assert_eq!(a.run("zero", &["true"]).2, 0);
+    assert_eq!(a.run("three", &["sh", "-c", "exit 3"]).2, 3);
+    // The init of a pid namespace only dies of signals from outside it.
+    a.create("killed", &["sleep", "100"]);
+    a.start_c("killed").unwrap();
+    a.signal("killed", "", libc::SIGKILL, false).unwrap();
+    assert_eq!(a.wait("killed", ""), 128 + libc::SIGKILL);
+    a.remove("killed", false).unwrap();
+    // A missing program fails start, as `runc create` fails.
+    let (c, msg) = common::code(a.create_spec("nope", &common::spec(&["no-such-program"])));
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("executable file not found"), "{msg}");
+}
+
+#[test]
+fn exec_joins_the_container_and_signals_reach_it() {
+    let Some(a) = TestAgent::start() else { return };
+    a.create("c", &["sleep", "100"]);
+    a.start_c("c").unwrap();
+    a.exec(
+        "c",
+        "e1",
+        &["sh", "-c", "hostname; cat /proc/1/cmdline; echo; exit 5"],
+        false,
+    )
+    .unwrap();
+    a.close_stdin("c", "e1");
+    assert_eq!(
+        a.read_all("c", "e1", false),
+        "husk-test\nsleep\u{0}100\u{0}\n"
+    );
+    assert_eq!(a.wait("c", "e1"), 5);
+    // A second exec, killed by SIGTERM: 128 + 15.
+    a.exec("c", "e2", &["sleep", "100"], false).unwrap();
+    a.signal("c", "e2", libc::SIGTERM, false).unwrap();
+    assert_eq!(a.wait("c", "e2"), 128 + libc::SIGTERM);
+    // Duplicate exec id.
+    let (c, _) = common::code(a.exec("c", "e1", &["true"], false));
+    assert_eq!(c, Code::ALREADY_EXISTS);
+    // Signal to all processes.
+    a.exec("c", "e3", &["sleep", "100"], false).unwrap();
+    a.signal("c", "", libc::SIGKILL, true).unwrap();
+    assert_eq!(a.wait("c", ""), 137);
+    assert_eq!(a.wait("c", "e3"), 137);
+    // Running containers refuse an unforced remove; stopped ones go.
+    a.remove("c", false).unwrap();
+}
+
+#[test]
+fn stdin_reaches_the_process() {
+    let Some(a) = TestAgent::start() else { return };
+    a.create("cat", &["cat"]);
+    a.start_c("cat").unwrap();
+    a.write_stdin("cat", "", b"abc\n");
+    a.write_stdin("cat", "", b"def\n");
+    a.close_stdin("cat", "");
+    assert_eq!(a.read_all("cat", "", false), "abc\ndef\n");
+    assert_eq!(a.wait("cat", ""), 0);
+    a.remove("cat", false).unwrap();
+}
+
+#[test]
+fn terminal_session_with_resize() {
+    let Some(a) = TestAgent::start() else { return };
+    let mut s = common::spec(&["sh", "-c", "stty size; read x; echo got $x; tty"]);
+    s["process"]["terminal"] = json!(true);
+    a.create_spec("tty", &s).unwrap();
+    let mut r = pb::TtyWinResizeRequest::new();
+    r.container_id = "tty".into();
+    r.row = 33;
+    r.column = 101;
+    a.client.tty_win_resize(ctx(), &r).unwrap();
+    a.start_c("tty").unwrap();
+    a.write_stdin("tty", "", b"hi\n");
+    let out = a.read_all("tty", "", false);
+    assert!(out.contains("33 101"), "{out:?}");
+    assert!(out.contains("got hi"), "{out:?}");
+    assert!(out.contains("/dev/"), "tty names a device: {out:?}");
+    assert_eq!(a.wait("tty", ""), 0);
+    // A terminal has no separate stderr.
+    let mut r = pb::ReadStreamRequest::new();
+    r.container_id = "tty".into();
+    r.len = 10;
+    assert!(a.client.read_stderr(ctx(), &r).is_err());
+    a.remove("tty", false).unwrap();
+}
+
+#[test]
+fn pause_stops_cpu_and_resume_restarts_it() {
+    let Some(a) = TestAgent::start() else { return };
+    a.create("busy", &["sh", "-c", "while :; do :; done"]);
+    a.start_c("busy").unwrap();
+    let usage = |a: &TestAgent| a.stats("busy").cpu.usage_usec;
+    let start = Instant::now();
+    while usage(&a) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "cpu usage is counted"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut r = pb::ContainerRequest::new();
+    r.container_id = "busy".into();
+    a.client.pause_container(ctx(), &r).unwrap();
+    let frozen = std::fs::read_to_string(a.cgroup_base().join("busy/cgroup.events")).unwrap();
+    assert!(frozen.contains("frozen 1"), "{frozen}");
+    let p1 = usage(&a);
+    std::thread::sleep(Duration::from_millis(300));
+    let p2 = usage(&a);
+    assert!(p2 - p1 < 20_000, "frozen, yet used {}us", p2 - p1);
+    a.client.resume_container(ctx(), &r).unwrap();
+    let start = Instant::now();
+    while usage(&a) < p2 + 50_000 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "runs again after resume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (c, _) = common::code(a.remove("busy", false));
+    assert_eq!(c, Code::FAILED_PRECONDITION);
+    a.remove("busy", true).unwrap();
+}
+
+#[test]
+fn stats_and_process_list_are_plausible() {
+    let Some(a) = TestAgent::start() else { return };
+    a.create(
+        "st",
+        &[
+            "sh",
+            "-c",
+            "sleep 100 & i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; wait",
+        ],
+    );
+    a.start_c("st").unwrap();
+    // Until sh has forked sleep and counted for a while (slow machines).
+    let start = Instant::now();
+    while a.pids("st").len() < 2 || a.stats("st").cpu.usage_usec <= 1000 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            a.stats("st").cpu
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = a.pids("st");
+    assert_eq!(pids.len(), 2, "sh and sleep: {pids:?}");
+    let s = a.stats("st");
+    assert!(s.cpu.usage_usec > 1000, "{:?}", s.cpu);
+    assert!(s.cpu.usage_usec >= s.cpu.user_usec);
+    if common::has_controller("pids") {
+        assert_eq!(s.pids.current, 2);
+    }
+    if common::has_controller("memory") {
+        assert!(s.memory.usage_bytes > 100_000, "{:?}", s.memory);
+    }
+    a.remove("st", true).unwrap();
+}
+
+/// Asserts that the agent has no child process, no container cgroup and
+/// no mount of the bundle's rootfs left.
+fn assert_clean(a: &TestAgent) {
+    let start = Instant::now();
+    while !common::children_of(a.pid()).is_empty() && start.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        common::children_of(a.pid()),
+        Vec::<i32>::new(),
+        "processes left"
+    );
+    let groups: Vec<_> = std::fs::read_dir(a.cgroup_base())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(groups.is_empty(), "cgroups left: {groups:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&common::rootfs()), "mounts left");
+}
+
+#[test]
+fn nothing_is_left_after_remove() {
+    let Some(a) = TestAgent::start() else { return };
+    a.run("one", &["sh", "-c", "sleep 100 & sleep 100 & exit 0"]);
+    a.create("created", &["true"]);
+    a.remove("created", false).unwrap();
+    a.create("running", &["sleep", "100"]);
+    a.start_c("running").unwrap();
+    a.exec("running", "x", &["sleep", "100"], false).unwrap();
+    a.remove("running", true).unwrap();
+    assert_clean(&a);
+    // The ids are free again.
+    assert_eq!(a.run("one", &["true"]).2, 0);
+}
+
+/// Each bad request fails with INVALID_ARGUMENT (or the code named) and
+/// leaves nothing behind.
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let Some(a) = TestAgent::start() else { return };
+    let create_raw = |id: &str, json: &[u8], rootfs: &str| {
+        let mut r = pb::CreateContainerRequest::new();
+        r.container_id = id.into();
+        r.oci_spec_json = json.to_vec();
+        r.rootfs = rootfs.into();
+        a.client.create_container(ctx(), &r)
+    };
+    let rootfs = common::rootfs();
+    let good = common::spec(&["true"]);
+    let invalid = |r, what: &str| {
+        let (c, msg) = common::code(r);
+        assert_eq!(c, Code::INVALID_ARGUMENT, "{what}: {msg}");
+        msg
+    };
+    invalid(create_raw("c", b"{not json", &rootfs), "not json");
+    invalid(create_raw("c", b"{}", &rootfs), "empty spec");
+    let mut s = good.clone();
+    s["ociVersion"] = json!("0.9");
+    invalid(a.create_spec("c", &s), "old version");
+    invalid(
+        create_raw(
+            "c",
+            &serde_json::to_vec(&good).unwrap(),
+            "/nonexistent/rootfs",
+        ),
+        "missing rootfs",
+    );
+    invalid(
+        create_raw("c", &serde_json::to_vec(&good).unwrap(), "relative"),
+        "relative rootfs",
+    );
+    for id in ["", "-x", "a/b", "../c", &"x".repeat(200)] {
+        invalid(a.create_spec(id, &good), "malformed id");
+    }
+    let mut s = good.clone();
+    s["mounts"] = json!([{"destination": "/../../etc", "type": "tmpfs", "source": "tmpfs"}]);
+    let msg = invalid(a.create_spec("c", &s), "dotdot");
+    assert!(msg.contains(".."), "{msg}");
+    let mut s = good.clone();
+    s["mounts"] = json!([{"destination": "/x", "type": "nfs", "source": "h:/x"}]);
+    invalid(a.create_spec("c", &s), "unsupported mount type");
+    let mut s = good.clone();
+    s["linux"]["namespaces"] = json!([{"type": "mount"}, {"type": "user"}]);
+    let msg = invalid(a.create_spec("c", &s), "user namespace without mappings");
+    assert!(msg.contains("uidMappings"), "{msg}");
+    let mut s = good.clone();
+    s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_NOTIFY"});
+    invalid(a.create_spec("c", &s), "seccomp notify");
+    let mut s = good.clone();
+    s["process"]["args"] = json!([]);
+    invalid(a.create_spec("c", &s), "no args");
+    let mut s = good.clone();
+    s["linux"]["resources"] = json!({"memory": {"limit": 100, "swap": 50}});
+    invalid(a.create_spec("c", &s), "swap below limit");
+    let mut s = good.clone();
+    s["linux"]["sysctl"] = json!({"../../etc/passwd": "x"});
+    invalid(a.create_spec("c", &s), "sysctl key");
+
+    // A symlink in the rootfs that climbs out of it.
+    let evil = std::env::temp_dir().join(format!("husk-evil-rootfs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&evil);
+    std::fs::create_dir_all(evil.join("bin")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../tmp", evil.join("escape")).unwrap();
+    let mut s = good.clone();
+    s["mounts"] = json!([{"destination": "/escape/x", "type": "tmpfs", "source": "tmpfs"}]);
+    let msg = invalid(
+        create_raw(
+            "c",
+            &serde_json::to_vec(&s).unwrap(),
+            evil.to_str().unwrap(),
+        ),
+        "symlink escape",
+    );
+    assert!(msg.contains("outside the container's root"), "{msg}");
+    std::fs::remove_dir_all(&evil).unwrap();
+
+    // An oversized request: ttrpc refuses it, the agent keeps serving.
+    let mut s = good.clone();
+    s["annotations"] = json!({"big": "x".repeat(5 << 20)});
+    assert!(a.create_spec("c", &s).is_err());
+    let mut r = pb::CheckRequest::new();
+    r.service = "agent".into();
+    let h = a.client.check(ctx(), &r).unwrap();
+    assert_eq!(
+        h.status,
+        pb::health_check_response::ServingStatus::SERVING.into()
+    );
+    assert_clean(&a);
+
+    // Duplicate ids; unknown containers; wrong states.
+    a.create("dup", &["sleep", "100"]);
+    let (c, _) = common::code(a.create_spec("dup", &good));
+    assert_eq!(c, Code::ALREADY_EXISTS);
+    let (c, _) = common::code(a.start_c("nope"));
+    assert_eq!(c, Code::NOT_FOUND);
+    let (c, _) = common::code(a.exec("dup", "e", &["true"], false));
+    assert_eq!(
+        c,
+        Code::FAILED_PRECONDITION,
+        "exec into a created container"
+    );
+    a.start_c("dup").unwrap();
+    let (c, _) = common::code(a.start_c("dup"));
+    assert_eq!(c, Code::FAILED_PRECONDITION, "second start");
+    let (c, _) = common::code(a.signal("dup", "", 1000, false));
+    assert_eq!(c, Code::INVALID_ARGUMENT, "bad signal");
+    let mut r = pb::ExecProcessRequest::new();
+    r.container_id = "dup".into();
+    r.exec_id = "e".into();
+    r.process_json = b"[1,2]".to_vec();
+    let (c, _) = common::code(a.client.exec_process(ctx(), &r));
+    assert_eq!(c, Code::INVALID_ARGUMENT, "bad process json");
+    let mut r = pb::UpdateContainerRequest::new();
+    r.container_id = "dup".into();
+    r.resources_json = br#"{"unified":{"../x":"1"}}"#.to_vec();
+    let (c, _) = common::code(a.client.update_container(ctx(), &r));
+    assert_eq!(c, Code::INVALID_ARGUMENT, "bad unified key");
+    a.remove("dup", true).unwrap();
+    assert_clean(&a);
+}
+
+#[test]
+fn sandbox_guest_details_and_copy_file() {
+    let Some(a) = TestAgent::start() else { return };
+    let d = a
+        .client
+        .get_guest_details(ctx(), &pb::Empty::new())
+        .unwrap();
+    assert_eq!(
+        d.kernel_release,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap()
+            .trim()
+    );
+    assert_eq!(d.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(!d.pid1);
+
+    let mut r = pb::CreateSandboxRequest::new();
+    r.hostname = "bad host!".into();
+    assert!(a.client.create_sandbox(ctx(), &r).is_err());
+    r.hostname = "pod-1".into();
+    a.client.create_sandbox(ctx(), &r).unwrap();
+    let (c, _) = common::code(a.client.create_sandbox(ctx(), &r));
+    assert_eq!(c, Code::ALREADY_EXISTS);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_ne!(host.trim(), "pod-1", "the host's hostname is left alone");
+
+    let dir = std::env::temp_dir().join(format!("husk-copy-{}", std::process::id()));
+    let path = dir.join("sub/file");
+    let mut r = pb::CopyFileRequest::new();
+    r.path = path.to_string_lossy().into_owned();
+    r.file_size = 10;
+    r.file_mode = 0o640;
+    r.data = b"hello".to_vec();
+    a.client.copy_file(ctx(), &r).unwrap();
+    r.offset = 5;
+    r.data = b"world".to_vec();
+    a.client.copy_file(ctx(), &r).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"helloworld");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o640
+    );
+    r.offset = 8;
+    assert!(a.client.copy_file(ctx(), &r).is_err(), "beyond file_size");
+    r.offset = 0;
+    r.path = "/tmp/../etc/x".into();
+    assert!(a.client.copy_file(ctx(), &r).is_err(), "dotdot");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn destroy_sandbox_kills_containers_and_ends_the_agent() {
+    let Some(mut a) = TestAgent::start() else {
+        return;
+    };
+    a.create("c", &["sleep", "100"]);
+    a.start_c("c").unwrap();
+    a.client
+        .destroy_sandbox(ctx(), &pb::DestroySandboxRequest::new())
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        if let Some(status) = a.try_exit() {
+            assert!(status.success());
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "agent still running"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!a.cgroup_base().join("c").exists());
+}
+
+#[test]
+fn memory_limit_kills_and_reports_oom() {
+    let Some(a) = TestAgent::start() else { return };
+    let mut s = common::spec(&["tail", "/dev/zero"]);
+    s["linux"]["resources"] = json!({"memory": {"limit": 16 << 20, "swap": 16 << 20}});
+    if !common::has_controller("memory") {
+        let (c, msg) = common::code(a.create_spec("oom", &s));
+        assert_eq!(c, Code::INVALID_ARGUMENT);
+        assert!(msg.contains("controller memory"), "{msg}");
+        eprintln!("SKIP: no cgroup v2 memory controller on this host (checked the clear error)");
+        return;
+    }
+    a.create_spec("oom", &s).unwrap();
+    a.close_stdin("oom", "");
+    a.start_c("oom").unwrap();
+    assert_eq!(a.wait("oom", ""), 137);
+    let ev = a.client.get_oom_event(ctx(), &pb::Empty::new()).unwrap();
+    assert_eq!(ev.container_id, "oom");
+    assert!(a.stats("oom").memory.oom_kills >= 1);
+    a.remove("oom", false).unwrap();
+}
+
+#[test]
+fn pids_limit_stops_forks() {
+    let Some(a) = TestAgent::start() else { return };
+    let mut s = common::spec(&[
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 10 & done; wait",
+    ]);
+    s["linux"]["resources"] = json!({"pids": {"limit": 4}});
+    if !common::has_controller("pids") {
+        let (c, msg) = common::code(a.create_spec("pids", &s));
+        assert_eq!(c, Code::INVALID_ARGUMENT);
+        assert!(msg.contains("controller pids"), "{msg}");
+        eprintln!("SKIP: no cgroup v2 pids controller on this host (checked the clear error)");
+        return;
+    }
+    a.create_spec("pids", &s).unwrap();
+    a.close_stdin("pids", "");
+    a.start_c("pids").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(a.pids("pids").len() <= 4);
+    assert_eq!(a.stats("pids").pids.limit, 4);
+    a.remove("pids", true).unwrap();
+}
+
+#[test]
+fn seccomp_filters_the_container_and_its_execs() {
+    let Some(a) = TestAgent::start() else { return };
+    let profile = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+            // personality(PER_LINUX) is refused, personality(PER_LINUX32) not.
+            {"names": ["personality"], "action": "SCMP_ACT_ERRNO", "errnoRet": 22,
+             "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]}
+        ]
+    });
+    for nnp in [true, false] {
+        let id = format!("sc-{nnp}");
+        let mut s = common::spec(&[
+            "sh",
+            "-c",
+            "mkdir /tmp/x; echo mkdir=$?; linux64 true; echo l64=$?; linux32 true; echo l32=$?; read x || exit 0",
+        ]);
+        s["linux"]["seccomp"] = profile.clone();
+        s["process"]["noNewPrivileges"] = json!(nnp);
+        a.create_spec(&id, &s).unwrap();
+        a.start_c(&id).unwrap();
+        a.exec(
+            &id,
+            "e",
+            &["sh", "-c", "mkdir /tmp/y; echo exec-mkdir=$?"],
+            false,
+        )
+        .unwrap();
+        a.close_stdin(&id, "e");
+        assert_eq!(a.read_all(&id, "e", false), "exec-mkdir=1\n");
+        assert_eq!(a.wait(&id, "e"), 0);
+        // The init's `read` ends, and with it the container.
+        a.close_stdin(&id, "");
+        assert_eq!(
+            a.read_all(&id, "", false),
+            "mkdir=1\nl64=1\nl32=0\n",
+            "nnp={nnp}"
+        );
+        let err = a.read_all(&id, "", true);
+        assert!(err.contains("Operation not permitted"), "{err}");
+        assert!(err.contains("Invalid argument"), "{err}");
+        assert_eq!(a.wait(&id, ""), 0);
+        a.remove(&id, false).unwrap();
+    }
+}
+
+/// PID 1 mode on the host: the agent as PID 1 of new pid, mount, network,
+/// UTS, IPC and cgroup namespaces (unshare(1)), inside a cgroup of the
+/// test's own. It mounts its file systems, serves, runs a container, leaves
+/// no zombie, and ends "the VM" on DestroySandbox: reboot(2) in a pid
+/// namespace kills its init with SIGHUP.
+#[test]
+fn pid1_mode_in_its_own_namespaces() {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    if common::bundle().is_none() {
+        return;
+    }
+    let cg = common::cgroup2_mount().join(format!("husk-pid1-test-{}", std::process::id()));
+    std::fs::create_dir_all(&cg).unwrap();
+    let procs = cg.join("cgroup.procs");
+    let Some(mut a) = TestAgent::start_with(|agent, sock, _| {
+        let mut c = std::process::Command::new("unshare");
+        c.args([
+            "--pid", "--fork", "--mount", "--net", "--uts", "--ipc", "--cgroup",
+        ])
+        .arg(agent)
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .stdout(std::process::Stdio::piped());
+        let procs = procs.clone();
+        // SAFETY: only a write(2) of our pid to a cgroup file, via std's
+        // File, between fork and exec of a test process (no other threads'
+        // locks are needed: the path is owned by the closure).
+        unsafe {
+            c.pre_exec(move || std::fs::write(&procs, std::process::id().to_string()));
+        }
+        c
+    }) else {
+        return;
+    };
+    let d = a
+        .client
+        .get_guest_details(ctx(), &pb::Empty::new())
+        .unwrap();
+    assert!(d.pid1, "the agent is PID 1 of its namespace");
+    let (out, err, status) = a.run("p1", &["sh", "-c", "echo hi"]);
+    assert_eq!(out, "hi\n", "stderr: {err}");
+    assert_eq!(status, 0);
+    let agent_pid = common::children_of(a.pid())[0];
+    assert_eq!(
+        common::children_of(agent_pid),
+        Vec::<i32>::new(),
+        "no zombie left"
+    );
+    a.client
+        .destroy_sandbox(ctx(), &pb::DestroySandboxRequest::new())
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = a.try_exit() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "agent still running"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        status.signal() == Some(libc::SIGHUP) || status.code() == Some(128 + libc::SIGHUP),
+        "ended by reboot(2): {status:?}"
+    );
+    let mut marker = String::new();
+    std::io::Read::read_to_string(&mut a.child.stdout.take().unwrap(), &mut marker).unwrap();
+    assert!(
+        marker.starts_with("HUSK_GUEST_READY release="),
+        "{marker:?}"
+    );
+    drop(a);
+    // The agent's base group, named as the agent saw it.
+    std::fs::remove_dir(cg.join("husk")).unwrap();
+    let _ = std::fs::remove_dir(cg.join("agent"));
+    std::fs::remove_dir(&cg).unwrap();
+}
+
+/// A spec exercising the process settings, and the output they give.
+fn settings_spec() -> serde_json::Value {
+    let mut s = common::spec(&[
+        "sh",
+        "-c",
+        "id -u; id -G; umask; ulimit -n; pwd; echo $FOO; \
+         grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status; \
+         cat /proc/self/oom_score_adj; cat /proc/sys/net/ipv4/ip_forward; \
+         touch /rootfile 2>/dev/null || echo ro-root; \
+         echo 1 > /proc/sys/kernel/domainname 2>/dev/null || echo ro-procsys; \
+         wc -c < /etc/group",
+    ]);
+    s["process"]["user"] =
+        json!({"uid": 65534, "gid": 65534, "additionalGids": [10, 20], "umask": 63});
+    s["process"]["cwd"] = json!("/tmp");
+    s["process"]["env"] = json!(["PATH=/bin", "FOO=bar"]);
+    s["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 123}]);
+    s["process"]["oomScoreAdj"] = json!(500);
+    s["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+    s["linux"]["maskedPaths"] = json!(["/etc/group", "/proc/kcore"]);
+    s
+}
+
+/// The process settings of config.json, as runc applies them.
+#[test]
+fn spec_settings_reach_the_process() {
+    let Some(a) = TestAgent::start() else { return };
+    let s = settings_spec();
+    let (out, err, status) = {
+        a.create_spec("settings", &s).unwrap();
+        a.close_stdin("settings", "");
+        a.start_c("settings").unwrap();
+        let out = a.read_all("settings", "", false);
+        let err = a.read_all("settings", "", true);
+        (out, err, a.wait("settings", ""))
+    };
+    let want = "65534\n65534 10 20\n0077\n123\n/tmp\nbar\n\
+                CapEff:\t0000000000000000\nCapBnd:\t0000000020000420\nNoNewPrivs:\t1\n\
+                500\n1\nro-root\nro-procsys\n0\n";
+    assert_eq!(out, want, "stderr: {err}");
+    assert_eq!(status, 0);
+    a.remove("settings", false).unwrap();
+}
+
+/// Pod containers join the first container's network, IPC and UTS
+/// namespaces; pid and mount namespaces stay their own.
+#[test]
+fn pod_containers_share_the_sandbox_namespaces() {
+    let Some(a) = TestAgent::start() else { return };
+    a.create("pause", &["sleep", "100"]);
+    a.start_c("pause").unwrap();
+    let ns = "for n in net ipc uts pid mnt; do readlink /proc/self/ns/$n; done";
+    a.exec("pause", "ns", &["sh", "-c", ns], false).unwrap();
+    a.close_stdin("pause", "ns");
+    let first: Vec<String> = a
+        .read_all("pause", "ns", false)
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut r = pb::CreateContainerRequest::new();
+    r.container_id = "app".into();
+    r.oci_spec_json = serde_json::to_vec(&common::spec(&["sh", "-c", ns])).unwrap();
+    r.rootfs = common::rootfs();
+    r.join_sandbox_namespaces = true;
+    a.client.create_container(ctx(), &r).unwrap();
+    a.close_stdin("app", "");
+    a.start_c("app").unwrap();
+    let second: Vec<String> = a
+        .read_all("app", "", false)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(first.len(), 5, "{first:?}");
+    assert_eq!(first[..3], second[..3], "net, ipc, uts shared");
+    assert_ne!(first[3], second[3], "own pid namespace");
+    assert_ne!(first[4], second[4], "own mount namespace");
+    assert_eq!(a.wait("app", ""), 0);
+    a.remove("app", false).unwrap();
+    a.remove("pause", true).unwrap();
+}
+
+/// The same config.json through runc (where installed) gives the same
+/// output as through the agent.
+#[test]
+fn settings_match_runc() {
+    let Some(a) = TestAgent::start() else { return };
+    let runc_ok = std::process::Command::new("runc")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !runc_ok {
+        eprintln!("SKIP: runc is not installed");
+        return;
+    }
+    let s = settings_spec();
+    let (agent_out, _, _) = {
+        a.create_spec("cmp", &s).unwrap();
+        a.close_stdin("cmp", "");
+        a.start_c("cmp").unwrap();
+        let out = a.read_all("cmp", "", false);
+        let st = a.wait("cmp", "");
+        a.remove("cmp", false).unwrap();
+        (out, (), st)
+    };
+    let dir = common::scratch().join(format!("husk-runc-bundle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rs = s.clone();
+    rs["root"]["path"] = json!(common::rootfs());
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&rs).unwrap()).unwrap();
+    let out = std::process::Command::new("runc")
+        .args(["run", "--bundle"])
+        .arg(&dir)
+        .arg(format!("husk-cmp-{}", std::process::id()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        out.status.success(),
+        "runc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(agent_out, String::from_utf8_lossy(&out.stdout));
+}
+
+/// A user namespace mapping the container's root to an unprivileged host
+/// range; execs join it.
+#[test]
+fn user_namespace_maps_root() {
+    let Some(a) = TestAgent::start() else { return };
+    let mut s = common::spec(&[
+        "sh",
+        "-c",
+        "id -u; tr -s ' ' < /proc/self/uid_map; tr -s ' ' < /proc/self/gid_map; read x || exit 0",
+    ]);
+    let ns = s["linux"]["namespaces"].as_array_mut().unwrap();
+    ns.push(json!({"type": "user"}));
+    s["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    s["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+    a.create_spec("userns", &s).unwrap();
+    a.start_c("userns").unwrap();
+    a.exec(
+        "userns",
+        "e",
+        &["sh", "-c", "id -u; tr -s ' ' < /proc/self/uid_map"],
+        false,
+    )
+    .unwrap();
+    a.close_stdin("userns", "e");
+    assert_eq!(a.read_all("userns", "e", false), "0\n 0 100000 65536\n");
+    assert_eq!(a.wait("userns", "e"), 0);
+    // The host sees the container's root as the mapped uid.
+    let pid = a.pids("userns")[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("\nUid:\t100000\t"), "{status}");
+    a.close_stdin("userns", "");
+    let out = a.read_all("userns", "", false);
+    let err = a.read_all("userns", "", true);
+    assert_eq!(
+        out, "0\n 0 100000 65536\n 0 100000 65536\n",
+        "stderr: {err}"
+    );
+    assert_eq!(a.wait("userns", ""), 0);
+    a.remove("userns", false).unwrap();
+}
+
+/// The log goes to whoever connects to the log socket.
+#[test]
+fn log_lines_reach_a_connected_listener() {
+    let log_sock = common::scratch().join(format!("husk-agent-log-{}.sock", std::process::id()));
+    let log_arg = format!("unix://{}", log_sock.display());
+    let Some(a) = TestAgent::start_with(|agent, sock, cgroup_parent| {
+        let mut c = std::process::Command::new(agent);
+        c.arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--log-listen", &log_arg])
+            .args(["--cgroup-parent", cgroup_parent])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    }) else {
+        return;
+    };
+    let conn = std::os::unix::net::UnixStream::connect(&log_sock).unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(conn.try_clone().unwrap()));
+    // The agent registers the connection in its own time: log something
+    // until a line arrives.
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = Instant::now();
+    let mut i = 0;
+    loop {
+        a.run(&format!("probe{i}"), &["true"]);
+        i += 1;
+        if let Some(Ok(_)) = lines.next() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no log line");
+    }
+    conn.set_read_timeout(None).unwrap();
+    a.run("logged", &["true"]);
+    let got: Vec<String> = lines
+        .map(|l| l.unwrap())
+        .skip_while(|l| !l.contains("logged"))
+        .take(3)
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "husk-agent: container logged created",
+            "husk-agent: container logged started",
+            "husk-agent: container logged removed"
+        ]
+    );
+    let _ = std::fs::remove_file(&log_sock);
+}

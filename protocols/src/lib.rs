@@ -1,0 +1,35 @@
+//! The husk agent API shared by `husk-agent` and `containerd-shim-husk-v2`:
+//! the messages and the ttrpc service of `protos/agent.proto` (see there for
+//! what each call does), compiled by build.rs.
+
+/// The messages (`husk.agent.v1`).
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    unused_results,
+    unused_mut,
+    non_camel_case_types,
+    non_upper_case_globals,
+    unsafe_code
+)]
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+}
+
+/// The ttrpc client (`AgentServiceClient`) and server side
+/// (`AgentService` trait, `create_agent_service`).
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    unused_imports,
+    unused_results,
+    non_camel_case_types
+)]
+pub mod agent_ttrpc {
+    include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+}
+
+pub use protobuf;
+pub use ttrpc;

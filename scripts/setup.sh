@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what husk's build and tests need on a fresh Debian 12 machine:
+# Debian packages (kernel source and build tools, QEMU, containerd, runc,
+# image tools) and the Rust components. Does nothing that is already there.
+set -euo pipefail
+
+packages=(
+  # guest kernel build (guest-kernel/build.sh)
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils python3
+  # guest image and container images
+  cpio gzip busybox-static erofs-utils e2fsprogs umoci
+  # the test machine and the QEMU peer in benchmarks
+  qemu-system-x86 iproute2
+  # the container stack the shim plugs into, and the runc peer
+  containerd runc
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] apt-get install ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+for c in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >&2
+done
+echo "[setup] ready" >&2

@@ -1,0 +1,59 @@
+#!/bin/busybox sh
+# /init of the VMM test image (rootfs-image/build.sh test). Runs the device
+# checks named by `husk.test=a,b,...` on the kernel command line, printing
+# HUSK_TEST lines the host side asserts on, then resets the VM.
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "HUSK_GUEST_READY release=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+tests=
+for word in $(cat /proc/cmdline); do
+  case "$word" in husk.test=*) tests=$(echo "${word#husk.test=}" | tr , ' ') ;; esac
+done
+
+for t in $tests; do
+  case "$t" in
+    disk)
+      # Write a known pattern at sector 8 of the first disk; the host reads it back.
+      printf 'husk-disk-ok %s\n' "$(uname -r)" | dd of=/dev/vda bs=512 seek=8 conv=fsync,sync 2>/dev/null &&
+        echo "HUSK_TEST disk written" || echo "HUSK_TEST disk FAILED"
+      ;;
+    disk-ro)
+      # The second disk is read-only: a write must fail, a read must see the host's bytes.
+      if printf x | dd of=/dev/vdb bs=512 conv=fsync 2>/dev/null; then
+        echo "HUSK_TEST disk-ro FAILED (write succeeded)"
+      else
+        echo "HUSK_TEST disk-ro read: $(dd if=/dev/vdb bs=512 count=1 2>/dev/null | head -n1)"
+      fi
+      ;;
+    rng)
+      echo "HUSK_TEST rng $(cat /sys/class/misc/hw_random/rng_current) $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \n')"
+      ;;
+    vsock)
+      husk-vsock-probe listen 5000 &
+      listener=$!
+      echo "HUSK_TEST vsock guest->host $(husk-vsock-probe connect 2 6000 hello-from-guest)"
+      wait "$listener" && echo "HUSK_TEST vsock host->guest done"
+      ;;
+    net)
+      # Link-local addresses: the peer is the tap in the machine running the VMM.
+      if ip link set eth0 up && ip addr add 169.254.100.2/24 dev eth0 &&
+        ping -c 3 -W 5 169.254.100.1 >/dev/null; then
+        echo "HUSK_TEST net ping ok $(cat /sys/class/net/eth0/address)"
+      else
+        echo "HUSK_TEST net FAILED"
+      fi
+      ;;
+    idle)
+      # Stay up (for memory measurements); the host ends the VM.
+      echo "HUSK_TEST idle"
+      while :; do sleep 3600; done
+      ;;
+    *) echo "HUSK_TEST $t unknown" ;;
+  esac
+done
+echo "HUSK_GUEST_DONE"
+sync
+reboot -f

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The husk test machine runner: runs end-to-end scenarios (tests/scenarios/*.sh)
+# where real KVM can boot a Linux guest.
+#
+#   tests/run.sh [SCENARIO...]     # names without .sh; default: all of them
+#   tests/run.sh bench/vmm         # a name with a slash is a path under tests/
+#
+# Where the host's /dev/kvm is hardware-backed (vmx or svm in /proc/cpuinfo)
+# a scenario runs directly on the host. Otherwise (as on husk's development
+# machines, whose /dev/kvm is a software hypervisor that cannot boot Linux)
+# it runs inside an L1 test machine: QEMU TCG with `-cpu max` (which presents
+# AMD SVM) on the test-machine kernel, the host's root shared read-only over
+# virtio-9p, and KVM inside it. HUSK_TEST_MODE=direct|nested overrides.
+#
+# A scenario is a bash script; it finds the build outputs in the environment
+# (target/husk-artifacts.env, written by scripts/build.sh) and a folder for
+# results in $HUSK_OUT. Its exit code is the scenario's verdict. Line 2 of
+# the script, "# timeout: N", sets its time limit in seconds (default 600).
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+artifacts="$repo/target/husk-artifacts.env"
+[ -f "$artifacts" ] || { echo "no $artifacts: run scripts/build.sh first" >&2; exit 1; }
+# shellcheck source=/dev/null
+source "$artifacts"
+logdir="$repo/target/test-logs"
+mkdir -p "$logdir"
+say() { echo "[testvm] $*"; }
+
+mode=${HUSK_TEST_MODE:-}
+if [ -z "$mode" ]; then
+  if grep -qwE 'vmx|svm' /proc/cpuinfo && [ -w /dev/kvm ]; then mode=direct; else mode=nested; fi
+fi
+case "$mode" in
+  direct) say "mode: direct (the host's /dev/kvm is hardware-backed)" ;;
+  nested) say "mode: nested (no hardware virtualization here: scenarios run in an L1 QEMU TCG machine with -cpu max and KVM inside)" ;;
+  *) echo "HUSK_TEST_MODE must be direct or nested" >&2; exit 2 ;;
+esac
+
+now_ms() { date +%s%3N; }
+
+# Boots one L1 machine for a scenario, streaming its console to the terminal
+# and to $log. A watchdog ends the machine when the L1's heartbeat (a file
+# l1-init.sh touches every 5 s) goes stale: the L1 itself froze.
+boot_l1() {
+  local script=$1 log=$2 limit=$3 out=$4 start watchdog
+  start=$(now_ms)
+  (
+    while sleep 10; do
+      [ -f "$out/rc" ] && exit 0
+      if [ -f "$out/heartbeat" ] && [ $(( $(date +%s) - $(stat -c %Y "$out/heartbeat") )) -gt 60 ]; then
+        touch "$out/froze"
+        pkill -f -- "path=$out,security_model" || true
+        exit 0
+      fi
+    done
+  ) &
+  watchdog=$!
+  set +e
+  timeout --kill-after=10 "$limit" qemu-system-x86_64 \
+    -accel tcg,thread=multi -M pc -cpu max -smp 2 -m "${HUSK_L1_MEM:-4096}" \
+    -nodefaults -no-user-config -display none -no-reboot \
+    -serial stdio -monitor none \
+    -kernel "$HUSK_TESTVM_KERNEL/bzImage" \
+    -append "console=ttyS0 quiet panic=-1 root=hostroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro init=$repo/tests/l1-init.sh" \
+    -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap \
+    -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot \
+    -fsdev local,id=out,path="$out",security_model=none \
+    -device virtio-9p-pci,fsdev=out,mount_tag=husk-out \
+    </dev/null 2>&1 | while IFS= read -r line; do
+      line=${line%$'\r'}
+      printf '%s\n' "$line"
+      printf '%s\n' "$line" >>"$log"
+      case "$line" in
+        HUSK_L1_READY*) say "L1 booted in $(( $(now_ms) - start )) ms wall clock (${line#HUSK_L1_READY })" ;;
+      esac
+    done
+  set -e
+  kill "$watchdog" 2>/dev/null || true
+  wait "$watchdog" 2>/dev/null || true
+  if [ -f "$out/froze" ]; then
+    say "the L1 machine froze (no heartbeat for 60 s) after $(( ($(now_ms) - start) / 1000 )) s; console tail:"
+  elif [ ! -f "$out/rc" ]; then
+    say "no exit code from the L1 after $(( ($(now_ms) - start) / 1000 )) s (limit ${limit}s): timed out or crashed; console tail:"
+  fi
+  [ -f "$out/rc" ] || tail -n 40 "$log" | sed 's/^/    | /'
+}
+
+# Runs one scenario inside a fresh L1 machine and returns its exit code.
+# A frozen L1 (seen about once in twenty nested boots, see the README) is the
+# test machine failing, not the scenario: it is booted again, up to
+# HUSK_L1_RETRIES (default 1) more times, and the rerun is said loudly.
+run_nested() {
+  local script=$1 log=$2 limit=$3 out rc attempt=0
+  while :; do
+    out=$(mktemp -d /tmp/husk-testvm.XXXXXX)
+    {
+      grep -E '^export ' "$artifacts"
+      env | grep -E '^HUSK_BENCH_[A-Z_]*=' | sed 's/^/export /' || true
+      echo "export HUSK_REPO=$repo HUSK_SCENARIO=$script HUSK_OUT=/tmp/husk-out HUSK_TEST_MODE=nested"
+    } >"$out/env"
+    boot_l1 "$script" "$log" "$limit" "$out"
+    if [ -f "$out/froze" ] && [ "$attempt" -lt "${HUSK_L1_RETRIES:-1}" ]; then
+      attempt=$((attempt + 1))
+      say "RERUN $(basename "$script" .sh): the test machine froze; booting a fresh one (retry $attempt)"
+      rm -rf "$out"
+      continue
+    fi
+    break
+  done
+  if [ -f "$out/rc" ]; then
+    rc=$(cat "$out/rc")
+    # Keep what the scenario left for the host (results, disks) next to the log.
+    mkdir -p "$log.out" && cp -r "$out/." "$log.out/" 2>/dev/null || true
+  else
+    rc=124
+  fi
+  rm -rf "$out"
+  return "$rc"
+}
+
+run_direct() {
+  local script=$1 log=$2 limit=$3 out rc
+  out=$(mktemp -d /tmp/husk-direct.XXXXXX)
+  set +e
+  ( set -a; source "$artifacts"; HUSK_REPO=$repo HUSK_OUT=$out HUSK_TEST_MODE=direct \
+      timeout --kill-after=10 "$limit" bash "$script" ) 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  [ "$rc" = 124 ] && { say "timed out after ${limit}s; log tail:"; tail -n 40 "$log" | sed 's/^/    | /'; }
+  rm -rf "$out"
+  return "$rc"
+}
+
+if [ $# -eq 0 ]; then
+  set -- $(cd "$repo/tests/scenarios" && ls ./*.sh | sed 's|^\./||; s|\.sh$||')
+fi
+passed=0 failed=0 failures=()
+for name in "$@"; do
+  case "$name" in
+    */*) script="$repo/tests/$name.sh" ;;
+    *) script="$repo/tests/scenarios/$name.sh" ;;
+  esac
+  [ -f "$script" ] || { echo "no scenario $script" >&2; exit 2; }
+  limit=$(sed -n '2s/^# timeout: *\([0-9]*\).*/\1/p' "$script")
+  limit=${limit:-600}
+  log="$logdir/${name//\//-}.log"
+  : >"$log"
+  say "=== scenario $name ($mode, limit ${limit}s, log $log)"
+  t0=$(now_ms)
+  if "run_$mode" "$script" "$log" "$limit"; then
+    passed=$((passed + 1)); say "=== PASS $name ($(( ($(now_ms) - t0) / 1000 )) s)"
+  else
+    failed=$((failed + 1)); failures+=("$name"); say "=== FAIL $name ($(( ($(now_ms) - t0) / 1000 )) s)"
+  fi
+done
+[ "$failed" -eq 0 ] || say "failed: ${failures[*]}"
+echo "scenarios: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,202 @@
+//! The 8250 UART at 0x3f8 (COM1), from vm-superio: the guest's console.
+//! Output goes to stdout, a file, or nowhere; its interrupt (IRQ 4) is an
+//! irqfd so KVM injects it without a VMM round trip.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vm_superio::serial::NoEvents;
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::IrqEvt;
+use crate::config::SerialOutput;
+use crate::devices::bus::BusDevice;
+
+/// Where serial output is written.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// Opens the serial output sink the config names.
+pub fn open_output(output: &SerialOutput) -> io::Result<SerialOut> {
+    Ok(match output {
+        SerialOutput::Stdout => Box::new(io::stdout()),
+        SerialOutput::File(path) => Box::new(create_file(path)?),
+        SerialOutput::None => Box::new(io::sink()),
+    })
+}
+
+fn create_file(path: &Path) -> io::Result<File> {
+    File::options()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)
+}
+
+/// The COM1 UART on the port I/O bus.
+pub struct SerialDevice {
+    serial: Serial<IrqEvt, NoEvents, SerialOut>,
+}
+
+impl SerialDevice {
+    /// A UART raising `irq_evt` and writing to `out`.
+    pub fn new(irq_evt: EventFd, out: SerialOut) -> Self {
+        Self {
+            serial: Serial::new(IrqEvt(irq_evt), out),
+        }
+    }
+
+    /// The eventfd to register as irqfd for the UART's IRQ.
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.serial.interrupt_evt().0
+    }
+
+    /// Queues input bytes for the guest to read; returns how many fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("serial input dropped: {e}");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        // The UART's registers are bytes; wider accesses read zero.
+        if let ([b], Ok(offset)) = (data, u8::try_from(offset)) {
+            *b = self.serial.read(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let ([b], Ok(offset)) = (data, u8::try_from(offset)) {
+            if let Err(e) = self.serial.write(offset, *b) {
+                // Losing console output must not stop the guest.
+                tracing::warn!("serial output: {e}");
+            }
+        }
+    }
+}
+
+/// Feeds the VMM's stdin to the guest console, for interactive use (only
+/// set up when stdin is a terminal). Input that finds the UART's FIFO full
+/// is dropped, as on a real serial line.
+pub struct SerialStdin {
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+const STDIN_FD: i32 = libc::STDIN_FILENO;
+
+impl SerialStdin {
+    /// A stdin reader for `serial`, if stdin is a terminal.
+    pub fn for_terminal(serial: Arc<Mutex<SerialDevice>>) -> Option<Self> {
+        // SAFETY: isatty only inspects the file descriptor.
+        let tty = unsafe { libc::isatty(STDIN_FD) } == 1;
+        tty.then_some(Self { serial })
+    }
+}
+
+impl MutEventSubscriber for SerialStdin {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(STDIN_FD, EventSet::IN)) {
+            tracing::warn!("cannot watch stdin for serial input: {e}");
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 64];
+        // SAFETY: reads into a local buffer of the length passed.
+        let n = unsafe { libc::read(STDIN_FD, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0
+            || events
+                .event_set()
+                .intersects(EventSet::HANG_UP | EventSet::ERROR)
+        {
+            let err = io::Error::last_os_error();
+            if n < 0 && err.kind() == io::ErrorKind::Interrupted {
+                return;
+            }
+            // EOF or error: stop watching stdin; the guest keeps running.
+            let _ = ops.remove(Events::new_raw(STDIN_FD, EventSet::IN));
+            return;
+        }
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        serial.enqueue_input(&buf[..n as usize]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn writes_reach_output_and_raise_irq() {
+        let out = Shared::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(evt.try_clone().unwrap(), Box::new(out.clone()));
+        // IER: enable the "transmitter holding register empty" interrupt.
+        dev.write(1, &[0x02]);
+        for b in b"hi\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+        assert!(evt.read().unwrap() >= 1);
+        // Wide accesses are ignored / read zero.
+        dev.write(0, b"xy");
+        assert_eq!(out.0.lock().unwrap().len(), 3);
+        let mut wide = [0xffu8; 2];
+        dev.read(5, &mut wide);
+        assert_eq!(wide, [0, 0]);
+        // LSR: transmitter empty bits set.
+        let mut lsr = [0u8];
+        dev.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 0x60, 0x60);
+    }
+
+    #[test]
+    fn input_is_readable_by_the_guest() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(evt, Box::new(io::sink()));
+        assert_eq!(dev.enqueue_input(b"a"), 1);
+        let mut b = [0u8];
+        dev.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        // A full FIFO drops input instead of failing.
+        let big = vec![b'x'; 1024];
+        let took = dev.enqueue_input(&big);
+        assert!(took > 0 && took < big.len());
+        assert_eq!(dev.enqueue_input(b"y"), 0);
+    }
+
+    #[test]
+    fn file_output_truncates() {
+        let path = std::env::temp_dir().join(format!("husk-serial-{}", std::process::id()));
+        std::fs::write(&path, b"old contents").unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let out = open_output(&SerialOutput::File(path.clone())).unwrap();
+        let mut dev = SerialDevice::new(evt, out);
+        dev.write(0, b"n");
+        assert_eq!(std::fs::read(&path).unwrap(), b"n");
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,824 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x, "modern" only).
+//!
+//! [`MmioTransport`] owns the register file the guest driver programs: feature
+//! negotiation, the device status state machine and the raw queue layout. It
+//! turns the layout into validated [`Queue`]s only at DRIVER_OK, then hands
+//! them to the device; after that the data path never goes through here (queue
+//! notifications arrive as KVM ioeventfds the device polls).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{debug, warn};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_bindings::virtio_mmio as reg;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice, INT_CONFIG,
+    VIRTIO_F_VERSION_1,
+};
+
+/// "virt" in little endian.
+const MAGIC_VALUE: u32 = 0x7472_6976;
+/// The modern (virtio 1.x) register layout.
+const MMIO_VERSION: u32 = 2;
+/// Like Firecracker, we do not claim a PCI vendor id.
+const VENDOR_ID: u32 = 0;
+/// Device-specific config space starts here; everything below is 32-bit registers.
+const CONFIG_SPACE: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
+/// Size of the MMIO window the builder should reserve per device.
+pub const MMIO_LEN: u64 = 0x1000;
+
+/// Errors from creating or activating the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    #[error("creating the notify eventfd of queue {index}: {source}")]
+    NotifyEventFd {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("queue {index}: the device's maximum size {max} is not a valid queue size")]
+    QueueMaxSize { index: usize, max: u16 },
+    #[error("queue {index}: {what} is invalid: {source:?}")]
+    QueueConfig {
+        index: usize,
+        what: &'static str,
+        source: virtio_queue::Error,
+    },
+    #[error("queue {index}: rings are not inside guest memory")]
+    QueueLayout { index: usize },
+    #[error("queue {index} is ready but queue {index_before} is not")]
+    QueueGap { index: usize, index_before: usize },
+    #[error("duplicating the notify eventfd of queue {index}: {source}")]
+    NotifyClone {
+        index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("device activation: {0}")]
+    Activate(#[from] ActivateError),
+}
+
+/// What the driver wrote for one queue; validated only at DRIVER_OK.
+#[derive(Debug, Clone, Copy, Default)]
+struct QueueConfig {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+/// A virtio device behind a virtio-mmio register window.
+pub struct MmioTransport {
+    mem: GuestMemory,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    irq: Arc<IrqTrigger>,
+    // Fixed per device; cached so register reads don't wait on the device
+    // lock while its event thread does I/O.
+    device_type: u32,
+    avail_features: u64,
+    max_sizes: Vec<u16>,
+    queues: Vec<QueueConfig>,
+    notify: Vec<EventFd>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+}
+
+/// Sets the low or high half of a 64-bit register pair.
+fn set_half(reg: &mut u64, value: u32, high: bool) {
+    *reg = if high {
+        (*reg & 0xffff_ffff) | (u64::from(value) << 32)
+    } else {
+        (*reg & !0xffff_ffff) | u64::from(value)
+    };
+}
+
+impl MmioTransport {
+    /// Wraps `device`; creates one notify eventfd per device queue.
+    pub fn new(
+        mem: GuestMemory,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        irq: Arc<IrqTrigger>,
+    ) -> Result<Self, MmioError> {
+        let (device_type, avail_features, max_sizes) = {
+            let d = lock(&device);
+            (
+                d.device_type(),
+                d.avail_features(),
+                d.queue_max_sizes().to_vec(),
+            )
+        };
+        for (index, &max) in max_sizes.iter().enumerate() {
+            if Queue::new(max).is_err() {
+                return Err(MmioError::QueueMaxSize { index, max });
+            }
+        }
+        let notify = (0..max_sizes.len())
+            .map(|index| {
+                EventFd::new(EFD_NONBLOCK)
+                    .map_err(|source| MmioError::NotifyEventFd { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            mem,
+            device,
+            irq,
+            device_type,
+            avail_features,
+            queues: vec![QueueConfig::default(); max_sizes.len()],
+            max_sizes,
+            notify,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+        })
+    }
+
+    /// One eventfd per queue, in queue order. The builder registers each as a
+    /// KVM ioeventfd at base + 0x50 with datamatch = its queue index.
+    pub fn queue_notify_events(&self) -> &[EventFd] {
+        &self.notify
+    }
+
+    /// The device status register (for tests and diagnostics).
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    fn device(&self) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+        lock(&self.device)
+    }
+
+    /// Whether every bit of `set` is set and none of `clear`.
+    fn status_is(&self, set: u32, clear: u32) -> bool {
+        self.status & set == set && self.status & clear == 0
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+        let sel = self.queue_sel as usize;
+        let q = self.queues.get_mut(sel);
+        if q.is_none() {
+            warn!(
+                queue = sel,
+                "virtio-mmio: access to a queue the device does not have"
+            );
+        }
+        q
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset as u32 {
+            reg::VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
+            reg::VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            reg::VIRTIO_MMIO_DEVICE_ID => self.device_type,
+            reg::VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            reg::VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.avail_features as u32,
+                1 => (self.avail_features >> 32) as u32,
+                _ => 0,
+            },
+            reg::VIRTIO_MMIO_QUEUE_NUM_MAX => self
+                .max_sizes
+                .get(self.queue_sel as usize)
+                .copied()
+                .map_or(0, u32::from),
+            reg::VIRTIO_MMIO_QUEUE_READY => self
+                .queues
+                .get(self.queue_sel as usize)
+                .map_or(0, |q| u32::from(q.ready)),
+            reg::VIRTIO_MMIO_INTERRUPT_STATUS => self.irq.status(),
+            reg::VIRTIO_MMIO_STATUS => self.status,
+            // Config space never changes under the driver's feet.
+            reg::VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            _ => {
+                warn!(offset, "virtio-mmio: read of an unknown register");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, v: u32) {
+        // Features are negotiated between DRIVER and FEATURES_OK, queues are
+        // laid out between FEATURES_OK and DRIVER_OK (virtio 1.2, 3.1.1).
+        let features_open = self.status_is(
+            VIRTIO_CONFIG_S_DRIVER,
+            VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED,
+        );
+        let queues_open = self.status_is(
+            VIRTIO_CONFIG_S_FEATURES_OK,
+            VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED,
+        );
+        let bad_state = || {
+            warn!(
+                offset,
+                value = v,
+                "virtio-mmio: register write ignored in this device status"
+            )
+        };
+        match offset as u32 {
+            reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::VIRTIO_MMIO_DRIVER_FEATURES if features_open => match self.driver_features_sel {
+                0 => set_half(&mut self.driver_features, v, false),
+                1 => set_half(&mut self.driver_features, v, true),
+                sel => warn!(sel, "virtio-mmio: driver features write to a page past 1"),
+            },
+            reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            reg::VIRTIO_MMIO_QUEUE_NUM if queues_open => {
+                if let Some(q) = self.selected_queue() {
+                    // Validated at DRIVER_OK; sizes past u16 become 0, which fails there.
+                    q.size = u16::try_from(v).unwrap_or(0);
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_READY if queues_open => {
+                if let Some(q) = self.selected_queue() {
+                    q.ready = v == 1;
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW | reg::VIRTIO_MMIO_QUEUE_DESC_HIGH if queues_open => {
+                let high = offset as u32 == reg::VIRTIO_MMIO_QUEUE_DESC_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    set_half(&mut q.desc, v, high);
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW | reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH if queues_open => {
+                let high = offset as u32 == reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    set_half(&mut q.driver, v, high);
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW | reg::VIRTIO_MMIO_QUEUE_USED_HIGH if queues_open => {
+                let high = offset as u32 == reg::VIRTIO_MMIO_QUEUE_USED_HIGH;
+                if let Some(q) = self.selected_queue() {
+                    set_half(&mut q.device, v, high);
+                }
+            }
+            reg::VIRTIO_MMIO_QUEUE_NOTIFY => self.notify(v),
+            reg::VIRTIO_MMIO_INTERRUPT_ACK => self.irq.ack(v),
+            reg::VIRTIO_MMIO_STATUS => self.set_status(v),
+            reg::VIRTIO_MMIO_DRIVER_FEATURES
+            | reg::VIRTIO_MMIO_QUEUE_NUM
+            | reg::VIRTIO_MMIO_QUEUE_READY
+            | reg::VIRTIO_MMIO_QUEUE_DESC_LOW
+            | reg::VIRTIO_MMIO_QUEUE_DESC_HIGH
+            | reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW
+            | reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+            | reg::VIRTIO_MMIO_QUEUE_USED_LOW
+            | reg::VIRTIO_MMIO_QUEUE_USED_HIGH => bad_state(),
+            _ => warn!(
+                offset,
+                value = v,
+                "virtio-mmio: write to an unknown or read-only register"
+            ),
+        }
+    }
+
+    /// A QueueNotify that KVM did not catch as an ioeventfd (e.g. before the
+    /// builder registered it): forward it to the same eventfd.
+    fn notify(&self, index: u32) {
+        if !self.status_is(VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET) {
+            warn!(index, "virtio-mmio: queue notify before DRIVER_OK ignored");
+            return;
+        }
+        match self.notify.get(index as usize) {
+            Some(evt) => {
+                if let Err(e) = evt.write(1) {
+                    warn!(index, error = %e, "virtio-mmio: signalling the queue notify eventfd");
+                }
+            }
+            None => warn!(
+                index,
+                "virtio-mmio: notify for a queue the device does not have"
+            ),
+        }
+    }
+
+    /// The status state machine of virtio 1.2, 3.1.1: each write adds exactly
+    /// the next bit (or FAILED); 0 resets.
+    fn set_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        if v & old != old {
+            warn!(
+                old,
+                new = v,
+                "virtio-mmio: driver tried to clear status bits without a reset"
+            );
+            return;
+        }
+        let added = v & !old;
+        // NEEDS_RESET is ours to set; the driver echoing it back is harmless.
+        let added = added & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        let base = old & !VIRTIO_CONFIG_S_NEEDS_RESET;
+        const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+        const DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+        const FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+        match (base, added) {
+            (_, 0) => {}
+            (_, VIRTIO_CONFIG_S_FAILED) => self.status |= VIRTIO_CONFIG_S_FAILED,
+            (0, ACK) => self.status = ACK,
+            (ACK, DRIVER) => self.status |= DRIVER,
+            (b, FEATURES_OK) if b == ACK | DRIVER => self.features_ok(),
+            (b, VIRTIO_CONFIG_S_DRIVER_OK) if b == ACK | DRIVER | FEATURES_OK => self.driver_ok(),
+            _ => warn!(
+                old,
+                new = v,
+                "virtio-mmio: invalid device status transition ignored"
+            ),
+        }
+    }
+
+    fn features_ok(&mut self) {
+        let offered = self.avail_features;
+        let acked = self.driver_features;
+        if acked & !offered != 0 {
+            warn!(
+                offered,
+                acked, "virtio-mmio: driver accepted features the device did not offer"
+            );
+        } else if acked & VIRTIO_F_VERSION_1 == 0 {
+            warn!(
+                acked,
+                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1"
+            );
+        } else {
+            self.device().set_acked_features(acked);
+            self.status |= VIRTIO_CONFIG_S_FEATURES_OK;
+        }
+        // Refusing leaves FEATURES_OK clear, which the driver reads back.
+    }
+
+    fn driver_ok(&mut self) {
+        match self.activate() {
+            Ok(()) => self.status |= VIRTIO_CONFIG_S_DRIVER_OK,
+            Err(e) => {
+                warn!(error = %e, "virtio-mmio: activation failed, device needs reset");
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                if let Err(e) = self.irq.trigger(INT_CONFIG) {
+                    warn!(error = %e, "virtio-mmio: raising the config interrupt");
+                }
+            }
+        }
+    }
+
+    /// Builds one validated [`Queue`] per ready queue (the ready ones must be
+    /// a prefix: devices index their queues by position) and activates the
+    /// device with them.
+    fn activate(&mut self) -> Result<(), MmioError> {
+        let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let ready = self.queues.iter().take_while(|q| q.ready).count();
+        if let Some(index) = self.queues.iter().skip(ready).position(|q| q.ready) {
+            return Err(MmioError::QueueGap {
+                index: ready + index,
+                index_before: ready,
+            });
+        }
+        let mut active = Vec::with_capacity(ready);
+        for (index, cfg) in self.queues.iter().take(ready).enumerate() {
+            let max = self.max_sizes[index];
+            let mut queue = Queue::new(max).map_err(|_| MmioError::QueueMaxSize { index, max })?;
+            let config_err = |what| {
+                move |source| MmioError::QueueConfig {
+                    index,
+                    what,
+                    source,
+                }
+            };
+            queue.try_set_size(cfg.size).map_err(config_err("size"))?;
+            queue
+                .try_set_desc_table_address(GuestAddress(cfg.desc))
+                .map_err(config_err("descriptor table address"))?;
+            queue
+                .try_set_avail_ring_address(GuestAddress(cfg.driver))
+                .map_err(config_err("driver area address"))?;
+            queue
+                .try_set_used_ring_address(GuestAddress(cfg.device))
+                .map_err(config_err("device area address"))?;
+            queue.set_event_idx(event_idx);
+            queue.set_ready(true);
+            if !queue.is_valid(&self.mem) {
+                return Err(MmioError::QueueLayout { index });
+            }
+            let notify = self.notify[index]
+                .try_clone()
+                .map_err(|source| MmioError::NotifyClone { index, source })?;
+            active.push(ActiveQueue { queue, notify });
+        }
+        let mem = self.mem.clone();
+        let irq = self.irq.clone();
+        self.device().activate(mem, irq, active)?;
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        debug!("virtio-mmio: driver reset");
+        let was_active = self.device().is_activated();
+        if was_active && !self.device().reset() {
+            warn!("virtio-mmio: device cannot be reset");
+            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            return;
+        }
+        self.status = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.queues.fill(QueueConfig::default());
+        // Clear stale interrupt status so a reset device starts quiet.
+        self.irq.ack(u32::MAX);
+    }
+}
+
+/// Locks a device; a poisoned lock (a panicked device thread) still holds a
+/// memory-safe device, so keep serving rather than take the VMM down.
+fn lock(device: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+    device.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl crate::devices::bus::BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset >= CONFIG_SPACE {
+            self.device().read_config(offset - CONFIG_SPACE, data);
+        } else if data.len() == 4 && offset.is_multiple_of(4) {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: register read of the wrong width"
+            );
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            if self.status_is(VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FAILED) {
+                self.device().write_config(offset - CONFIG_SPACE, data);
+            } else {
+                warn!(offset, "virtio-mmio: config write before DRIVER ignored");
+            }
+        } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        } else {
+            warn!(
+                offset,
+                len = data.len(),
+                "virtio-mmio: register write of the wrong width"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+    use crate::devices::virtio::INT_VRING;
+    use vm_memory::GuestMemoryMmap;
+
+    const MEM_SIZE: usize = 0x10_0000;
+    const FEATURE_A: u64 = 1 << 3;
+
+    #[derive(Default)]
+    struct Dummy {
+        acked: u64,
+        queues: Vec<ActiveQueue>,
+        resets: usize,
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn avail_features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | FEATURE_A
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.acked = features;
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            let cfg: Vec<u8> = (1..=8).collect();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(
+            &mut self,
+            _mem: GuestMemory,
+            _irq: Arc<IrqTrigger>,
+            queues: Vec<ActiveQueue>,
+        ) -> Result<(), ActivateError> {
+            if queues.len() != 2 {
+                return Err(ActivateError::QueueCount {
+                    expected: 2,
+                    got: queues.len(),
+                });
+            }
+            self.queues = queues;
+            Ok(())
+        }
+        fn is_activated(&self) -> bool {
+            !self.queues.is_empty()
+        }
+        fn reset(&mut self) -> bool {
+            self.queues.clear();
+            self.resets += 1;
+            true
+        }
+    }
+
+    struct Fixture {
+        t: MmioTransport,
+        dev: Arc<Mutex<Dummy>>,
+        irq: Arc<IrqTrigger>,
+    }
+
+    fn fixture() -> Fixture {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let dev = Arc::new(Mutex::new(Dummy::default()));
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let t = MmioTransport::new(mem, dev.clone(), irq.clone()).unwrap();
+        Fixture { t, dev, irq }
+    }
+
+    fn r32(t: &mut MmioTransport, offset: u32) -> u32 {
+        let mut b = [0xffu8; 4];
+        t.read(u64::from(offset), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w32(t: &mut MmioTransport, offset: u32, v: u32) {
+        t.write(u64::from(offset), &v.to_le_bytes());
+    }
+
+    const ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    const DRV: u32 = VIRTIO_CONFIG_S_DRIVER;
+    const FOK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+    const DOK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+
+    fn negotiate(t: &mut MmioTransport, features: u64) {
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK);
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK);
+    }
+
+    /// Lays out queue `index` with `size` entries at `base`.
+    fn setup_queue(t: &mut MmioTransport, index: u32, size: u32, base: u64) {
+        w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, index);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_NUM, size);
+        let (desc, avail, used) = (base, base + 0x1000, base + 0x2000);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, desc as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH, (desc >> 32) as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, avail as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH, (avail >> 32) as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, used as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_USED_HIGH, (used >> 32) as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn full_handshake_activates_device_with_queues() {
+        let Fixture { mut t, dev, irq } = fixture();
+        let t = &mut t;
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_VERSION), 2);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_DEVICE_ID), 42);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_STATUS), 0);
+
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK);
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV);
+        w32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES), FEATURE_A as u32);
+        w32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES), 1);
+        w32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES), 0);
+
+        negotiate(t, VIRTIO_F_VERSION_1 | FEATURE_A);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_STATUS), ACK | DRV | FOK);
+        assert_eq!(dev.lock().unwrap().acked, VIRTIO_F_VERSION_1 | FEATURE_A);
+
+        w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, 1);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 8);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, 2);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 0);
+        setup_queue(t, 0, 16, 0x1_0000);
+        setup_queue(t, 1, 4, 0x2_0000);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_QUEUE_READY), 1);
+
+        // Notifies before DRIVER_OK go nowhere.
+        w32(t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+        assert!(t.queue_notify_events()[0].read().is_err());
+
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
+        {
+            let d = dev.lock().unwrap();
+            assert_eq!(d.queues.len(), 2);
+            assert_eq!(d.queues[0].queue.size(), 16);
+            assert_eq!(d.queues[0].queue.desc_table(), 0x1_0000);
+            assert_eq!(d.queues[0].queue.avail_ring(), 0x1_1000);
+            assert_eq!(d.queues[0].queue.used_ring(), 0x1_2000);
+            assert_eq!(d.queues[1].queue.size(), 4);
+            assert!(d.queues[1].queue.ready());
+        }
+
+        // A notify that reaches the transport lands on the queue's eventfd,
+        // which the device holds a duplicate of.
+        w32(t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert_eq!(dev.lock().unwrap().queues[1].notify.read().unwrap(), 1);
+
+        irq.trigger(INT_VRING).unwrap();
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), INT_VRING);
+        w32(t, reg::VIRTIO_MMIO_INTERRUPT_ACK, INT_VRING);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 0);
+
+        // Reset: the device is reset and the register file is back to zero.
+        w32(t, reg::VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_STATUS), 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn features_ok_requires_version_1_and_offered_subset() {
+        let Fixture { mut t, dev, .. } = fixture();
+        negotiate(&mut t, FEATURE_A);
+        assert_eq!(t.status(), ACK | DRV);
+        // Still negotiable: the driver may retry with a valid set.
+        negotiate_retry(&mut t, VIRTIO_F_VERSION_1 | FEATURE_A | (1 << 7));
+        assert_eq!(t.status(), ACK | DRV);
+        assert_eq!(dev.lock().unwrap().acked, 0);
+        negotiate_retry(&mut t, VIRTIO_F_VERSION_1);
+        assert_eq!(t.status(), ACK | DRV | FOK);
+        assert_eq!(dev.lock().unwrap().acked, VIRTIO_F_VERSION_1);
+        // Features are frozen after FEATURES_OK.
+        w32(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w32(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES, FEATURE_A as u32);
+        assert_eq!(t.driver_features, VIRTIO_F_VERSION_1);
+    }
+
+    fn negotiate_retry(t: &mut MmioTransport, features: u64) {
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK);
+    }
+
+    #[test]
+    fn status_bits_must_come_in_order() {
+        let Fixture { mut t, .. } = fixture();
+        w32(&mut t, reg::VIRTIO_MMIO_STATUS, DRV);
+        assert_eq!(t.status(), 0);
+        w32(&mut t, reg::VIRTIO_MMIO_STATUS, ACK);
+        w32(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(t.status(), ACK);
+        w32(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRV);
+        // Clearing a bit without a reset is refused.
+        w32(&mut t, reg::VIRTIO_MMIO_STATUS, DRV);
+        assert_eq!(t.status(), ACK | DRV);
+        w32(
+            &mut t,
+            reg::VIRTIO_MMIO_STATUS,
+            ACK | DRV | VIRTIO_CONFIG_S_FAILED,
+        );
+        assert_eq!(t.status(), ACK | DRV | VIRTIO_CONFIG_S_FAILED);
+    }
+
+    /// Negotiates, lays out both queues with `q0`'s size and base for queue 0,
+    /// sets DRIVER_OK and returns the status.
+    fn activate_with(q0_size: u32, q0_base: u64, desc_low_override: Option<u32>) -> Fixture {
+        let mut f = fixture();
+        negotiate(&mut f.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut f.t, 0, q0_size, q0_base);
+        if let Some(low) = desc_low_override {
+            w32(&mut f.t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+            w32(&mut f.t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, low);
+        }
+        setup_queue(&mut f.t, 1, 8, 0x2_0000);
+        w32(&mut f.t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        f
+    }
+
+    fn assert_needs_reset(f: &Fixture) {
+        assert_eq!(f.t.status(), ACK | DRV | FOK | VIRTIO_CONFIG_S_NEEDS_RESET);
+        assert_eq!(f.irq.status() & INT_CONFIG, INT_CONFIG);
+        assert!(!f.dev.lock().unwrap().is_activated());
+    }
+
+    #[test]
+    fn invalid_queues_fail_activation_with_needs_reset() {
+        // Not a power of two.
+        assert_needs_reset(&activate_with(12, 0x1_0000, None));
+        // Larger than the maximum.
+        assert_needs_reset(&activate_with(32, 0x1_0000, None));
+        // Zero.
+        assert_needs_reset(&activate_with(0, 0x1_0000, None));
+        // Rings outside guest memory.
+        assert_needs_reset(&activate_with(16, MEM_SIZE as u64 - 0x1000, None));
+        assert_needs_reset(&activate_with(16, 1 << 40, None));
+        // Misaligned descriptor table.
+        assert_needs_reset(&activate_with(16, 0x1_0000, Some(0x1_0008)));
+
+        // The driver recovers with a reset and a valid layout.
+        let mut f = activate_with(12, 0x1_0000, None);
+        w32(&mut f.t, reg::VIRTIO_MMIO_STATUS, 0);
+        assert_eq!(f.t.status(), 0);
+        negotiate(&mut f.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut f.t, 0, 16, 0x1_0000);
+        setup_queue(&mut f.t, 1, 8, 0x2_0000);
+        w32(&mut f.t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_eq!(f.t.status(), ACK | DRV | FOK | DOK);
+        assert!(f.dev.lock().unwrap().is_activated());
+    }
+
+    #[test]
+    fn ready_queues_must_be_a_prefix_and_match_the_device() {
+        let mut f = fixture();
+        negotiate(&mut f.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut f.t, 1, 8, 0x2_0000);
+        w32(&mut f.t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_needs_reset(&f);
+
+        // Only queue 0 ready: the device wants two and refuses.
+        let mut f = fixture();
+        negotiate(&mut f.t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut f.t, 0, 8, 0x1_0000);
+        w32(&mut f.t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+        assert_needs_reset(&f);
+    }
+
+    #[test]
+    fn queue_registers_are_ignored_outside_their_window() {
+        let Fixture { mut t, .. } = fixture();
+        let t = &mut t;
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK);
+        w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV);
+        // Before FEATURES_OK.
+        w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
+        // Out-of-range queue selector.
+        negotiate_retry(t, VIRTIO_F_VERSION_1);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, 7);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn config_space_any_width_registers_only_32_bit() {
+        let Fixture { mut t, .. } = fixture();
+        let mut b1 = [0u8; 1];
+        t.read(0x100 + 2, &mut b1);
+        assert_eq!(b1, [3]);
+        let mut b2 = [0u8; 2];
+        t.read(0x100 + 6, &mut b2);
+        assert_eq!(b2, [7, 8]);
+        let mut b8 = [0u8; 8];
+        t.read(0x100, &mut b8);
+        assert_eq!(b8, [1, 2, 3, 4, 5, 6, 7, 8]);
+        t.read(0x100 + 4, &mut b8);
+        assert_eq!(b8, [5, 6, 7, 8, 0, 0, 0, 0]);
+
+        // Registers: a 2-byte or misaligned read yields zeros, a 1-byte
+        // status write is ignored.
+        let mut b2 = [0xffu8; 2];
+        t.read(u64::from(reg::VIRTIO_MMIO_MAGIC_VALUE), &mut b2);
+        assert_eq!(b2, [0, 0]);
+        let mut b4 = [0xffu8; 4];
+        t.read(1, &mut b4);
+        assert_eq!(b4, [0; 4]);
+        t.write(u64::from(reg::VIRTIO_MMIO_STATUS), &[1]);
+        assert_eq!(t.status(), 0);
+        assert_eq!(r32(&mut t, reg::VIRTIO_MMIO_CONFIG_GENERATION), 0);
+    }
+}

@@ -1,0 +1,342 @@
+//! virtio-net (device type 1) backed by a tap interface.
+//!
+//! Two queues, rx and tx, no offloads and no mergeable rx buffers: each
+//! frame travels with its 12-byte `virtio_net_hdr_v1`, which the tap
+//! (IFF_VNET_HDR) reads and writes as is. The device is driven by the event
+//! manager like vsock: the tap fd and the queue notifications. The tap
+//! wrapper lives in [`tap`].
+
+pub mod tap;
+
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::QueueT;
+
+use self::tap::{Tap, TapError, VNET_HDR_LEN};
+use super::chain::{ChainError, Direction, SgList};
+use super::queue_events::{
+    check_activation, register_notifiers, signal_used, take_notification, ActivateEvt, SignalError,
+};
+use super::{
+    read_config_space, ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice, TYPE_NET,
+    VIRTIO_F_VERSION_1,
+};
+
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const QUEUE_SIZES: [u16; 2] = [256; 2];
+/// Largest frame: 64 KiB of IP packet plus an Ethernet header with a VLAN
+/// tag, after the vnet header.
+const MAX_FRAME: usize = VNET_HDR_LEN + 65_535 + 18;
+/// Frames moved per event before yielding to the event loop.
+const MAX_FRAMES_PER_EVENT: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("creating the activation eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("device is not activated")]
+    NotActivated,
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+}
+
+struct Active {
+    mem: GuestMemory,
+    irq: Arc<IrqTrigger>,
+    queues: Vec<ActiveQueue>,
+}
+
+pub struct Net {
+    tap: Tap,
+    mac: Option<[u8; 6]>,
+    acked_features: u64,
+    activate_evt: ActivateEvt,
+    active: Option<Active>,
+    /// A frame read from the tap that waits for an rx buffer; the tap is
+    /// not polled meanwhile, so the kernel queues the rest.
+    pending_frame: Option<Vec<u8>>,
+    /// Whether the tap fd is currently polled for IN.
+    tap_polled: bool,
+}
+
+impl Net {
+    /// A virtio-net device on tap `tap_name` (created if missing), offering
+    /// `mac` to the guest when given.
+    pub fn new(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+        Ok(Self {
+            tap: Tap::open(tap_name)?,
+            mac,
+            acked_features: 0,
+            activate_evt: ActivateEvt::new().map_err(NetError::EventFd)?,
+            active: None,
+            pending_frame: None,
+            tap_polled: false,
+        })
+    }
+
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// Sends every frame the guest queued on tx to the tap. Returns whether
+    /// any chain was consumed.
+    pub fn process_tx(&mut self) -> Result<bool, NetError> {
+        let active = self.active.as_mut().ok_or(NetError::NotActivated)?;
+        let mem = &active.mem;
+        let queue = &mut active.queues[TXQ].queue;
+        let mut used = false;
+        let mut frame = Vec::new();
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match read_tx_frame(mem, chain, &mut frame) {
+                Ok(()) => match self.tap.write_frame(&frame) {
+                    Ok(_) => {}
+                    // Like a full NIC queue: the frame is lost, TCP resends.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        tracing::debug!("net: tap full, tx frame dropped");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "net: tap write failed, frame dropped"),
+                },
+                Err(e) => tracing::warn!(error = %e, "net: dropping malformed tx chain"),
+            }
+            queue.add_used(mem, head, 0)?;
+            used = true;
+        }
+        if used {
+            signal_used(mem, queue, &active.irq)?;
+        }
+        Ok(used)
+    }
+
+    /// Moves frames from the tap into rx buffers until either runs out.
+    /// Returns whether any buffer was used.
+    pub fn process_rx(&mut self) -> Result<bool, NetError> {
+        let active = self.active.as_mut().ok_or(NetError::NotActivated)?;
+        let mem = &active.mem;
+        let queue = &mut active.queues[RXQ].queue;
+        let mut used = false;
+        for _ in 0..MAX_FRAMES_PER_EVENT {
+            let frame = match self.pending_frame.take() {
+                Some(f) => f,
+                None => match read_tap_frame(&self.tap) {
+                    Some(f) => f,
+                    None => break,
+                },
+            };
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                self.pending_frame = Some(frame);
+                break;
+            };
+            let head = chain.head_index();
+            let sg = match SgList::from_chain(mem, chain, Direction::DeviceWritable, usize::MAX) {
+                Ok(sg) => sg,
+                Err(e) => {
+                    tracing::warn!(error = %e, "net: unusable rx buffer");
+                    queue.add_used(mem, head, 0)?;
+                    used = true;
+                    self.pending_frame = Some(frame);
+                    continue;
+                }
+            };
+            if frame.len() > sg.len() {
+                // Without mergeable buffers a frame must fit one chain.
+                tracing::warn!(
+                    frame = frame.len(),
+                    buffer = sg.len(),
+                    "net: rx frame larger than the guest buffer, dropped"
+                );
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                continue;
+            }
+            let len = match sg.write_at(mem, 0, &frame) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "net: writing an rx frame failed, dropped");
+                    0
+                }
+            };
+            // Cannot truncate: len is at most MAX_FRAME.
+            queue.add_used(mem, head, len as u32)?;
+            used = true;
+        }
+        if used {
+            signal_used(mem, queue, &active.irq)?;
+        }
+        Ok(used)
+    }
+
+    /// Both directions once (what any event triggers).
+    pub fn process_queues(&mut self) -> Result<(), NetError> {
+        self.process_tx()?;
+        self.process_rx()?;
+        Ok(())
+    }
+
+    fn handle_activate(&mut self, ops: &mut EventOps) {
+        self.activate_evt.consume("net");
+        self.activate_evt.unregister(ops, "net");
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        register_notifiers(ops, &active.queues, "net");
+        match ops.add(Events::new(&self.tap, EventSet::IN)) {
+            Ok(()) => self.tap_polled = true,
+            Err(e) => tracing::error!(error = ?e, "net: registering the tap"),
+        }
+    }
+
+    /// Polls the tap only while no frame waits for an rx buffer.
+    fn update_tap_interest(&mut self, ops: &mut EventOps) {
+        let want = self.pending_frame.is_none();
+        if want == self.tap_polled {
+            return;
+        }
+        let ev = if want {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        match ops.modify(Events::new(&self.tap, ev)) {
+            Ok(()) => self.tap_polled = want,
+            Err(e) => tracing::error!(error = ?e, "net: changing tap interest"),
+        }
+    }
+}
+
+/// Gathers a tx chain (vnet header + frame, all device-readable) into
+/// `frame`.
+fn read_tx_frame<M>(
+    mem: &GuestMemory,
+    chain: virtio_queue::DescriptorChain<M>,
+    frame: &mut Vec<u8>,
+) -> Result<(), TxError>
+where
+    M: std::ops::Deref<Target = GuestMemory>,
+{
+    let sg = SgList::from_chain(mem, chain, Direction::DeviceReadable, MAX_FRAME)?;
+    if sg.len() < VNET_HDR_LEN {
+        return Err(TxError::Short(sg.len()));
+    }
+    frame.resize(sg.len(), 0);
+    sg.read_at(mem, 0, frame)?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TxError {
+    #[error("bad descriptor chain: {0}")]
+    Chain(#[from] ChainError),
+    #[error("chain of {0} bytes is shorter than the vnet header")]
+    Short(usize),
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// One frame from the tap, or None when none waits (or the read failed).
+fn read_tap_frame(tap: &Tap) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    match tap.read_frame(&mut buf) {
+        Ok(n) if n >= VNET_HDR_LEN => {
+            buf.truncate(n);
+            // num_buffers: one chain per frame without VIRTIO_NET_F_MRG_RXBUF.
+            buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            Some(buf)
+        }
+        Ok(n) => {
+            tracing::warn!(n, "net: short read from the tap");
+            None
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "net: tap read failed");
+            None
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_STATUS;
+        if self.mac.is_some() {
+            f |= 1 << VIRTIO_NET_F_MAC;
+        }
+        f
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    /// `struct virtio_net_config` up to `status`: mac[6], status (le16).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac.unwrap_or_default());
+        // Cannot truncate: the link-up bit is 1.
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        read_config_space(&config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // The mac is writable only for legacy drivers, which husk does not
+        // serve.
+        tracing::warn!(offset, "net: guest wrote the read-only config space");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        irq: Arc<IrqTrigger>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        check_activation(self.active.is_some(), &queues, QUEUE_SIZES.len())?;
+        self.active = Some(Active { mem, irq, queues });
+        self.activate_evt.signal().map_err(ActivateError::Backend)?;
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.activate_evt.register(ops, "net");
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if self.activate_evt.is(fd) {
+            self.handle_activate(ops);
+            return;
+        }
+        let Some(active) = self.active.as_ref() else {
+            tracing::warn!(fd, "net: event before activation");
+            return;
+        };
+        take_notification(&active.queues, fd, "net");
+        // The tap's readiness needs no bookkeeping: process_rx reads it.
+        if let Err(e) = self.process_queues() {
+            tracing::error!(error = %e, "net: processing queues");
+        }
+        self.update_tap_interest(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,353 @@
+//! virtio-vsock (device type 19) with a Unix-socket host side.
+//!
+//! The device owns the three queues (rx, tx, event), moves packets between
+//! them and the [`muxer::Muxer`], and is driven by the event manager: queue
+//! notifications, the host listener and each connection's stream are
+//! registered as they appear. Packet format lives in [`packet`], per
+//! connection state and flow control in [`connection`].
+
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+
+use std::collections::HashMap;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::QueueT;
+use vmm_sys_util::timerfd::TimerFd;
+
+use self::muxer::{Muxer, MuxerError};
+use self::packet::{PacketError, RxBuffer};
+use super::queue_events::{
+    check_activation, register_notifiers, signal_used, take_notification, ActivateEvt, SignalError,
+};
+use super::{
+    read_config_space, ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice,
+    TYPE_VSOCK, VIRTIO_F_VERSION_1,
+};
+
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("guest cid {0} is reserved (must be >= 3)")]
+    BadCid(u64),
+    #[error(transparent)]
+    Muxer(#[from] MuxerError),
+    #[error("creating the activation eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("creating the connection timer: {0}")]
+    Timer(#[source] vmm_sys_util::errno::Error),
+    #[error("device is not activated")]
+    NotActivated,
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+}
+
+/// What `activate` hands over.
+struct Active {
+    mem: GuestMemory,
+    irq: Arc<IrqTrigger>,
+    queues: Vec<ActiveQueue>,
+}
+
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: Muxer,
+    acked_features: u64,
+    activate_evt: ActivateEvt,
+    active: Option<Active>,
+    /// fds currently registered with the event manager, and for what.
+    registered: HashMap<RawFd, EventSet>,
+    /// Wakes the device when a closing connection's wait for the guest's
+    /// RST runs out, and the deadline it is armed for.
+    kill_timer: TimerFd,
+    kill_deadline: Option<Instant>,
+}
+
+impl Vsock {
+    /// A vsock device for guest `guest_cid`, listening for host connections
+    /// at `uds_path` (removed again when the device is dropped).
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, VsockError> {
+        // 0-2 are reserved (hypervisor, local, host); u32::MAX is VMADDR_CID_ANY.
+        if guest_cid < 3 || guest_cid >= u64::from(u32::MAX) {
+            return Err(VsockError::BadCid(guest_cid));
+        }
+        Ok(Self {
+            guest_cid,
+            muxer: Muxer::new(guest_cid, uds_path)?,
+            acked_features: 0,
+            activate_evt: ActivateEvt::new().map_err(VsockError::EventFd)?,
+            active: None,
+            registered: HashMap::new(),
+            kill_timer: TimerFd::new().map_err(VsockError::Timer)?,
+            kill_deadline: None,
+        })
+    }
+
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    pub fn uds_path(&self) -> &Path {
+        self.muxer.uds_path()
+    }
+
+    /// Drains the tx queue: every chain is parsed and handed to the muxer,
+    /// malformed ones are logged and returned to the guest unused. Returns
+    /// whether any chain was consumed.
+    pub fn process_tx(&mut self) -> Result<bool, VsockError> {
+        let active = self.active.as_mut().ok_or(VsockError::NotActivated)?;
+        let mem = &active.mem;
+        let queue = &mut active.queues[TXQ].queue;
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            match packet::parse_tx(mem, chain, self.guest_cid) {
+                Ok(pkt) => self.muxer.send_pkt(&pkt),
+                Err(PacketError::Unsupported(hdr)) => {
+                    tracing::warn!(
+                        op = hdr.op,
+                        type_ = hdr.type_,
+                        "vsock: unsupported packet, resetting"
+                    );
+                    self.muxer.reset_reply(&hdr);
+                }
+                Err(e) => tracing::warn!(error = %e, "vsock: dropping malformed tx packet"),
+            }
+            queue.add_used(mem, head, 0)?;
+            used = true;
+        }
+        if used {
+            signal_used(mem, queue, &active.irq)?;
+        }
+        Ok(used)
+    }
+
+    /// Fills rx buffers with whatever the muxer has for the guest. Returns
+    /// whether any buffer was used.
+    pub fn process_rx(&mut self) -> Result<bool, VsockError> {
+        let active = self.active.as_mut().ok_or(VsockError::NotActivated)?;
+        let mem = &active.mem;
+        let queue = &mut active.queues[RXQ].queue;
+        let mut used = false;
+        while self.muxer.has_pending_rx() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let buf = match RxBuffer::new(mem, chain) {
+                Ok(buf) => buf,
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock: unusable rx buffer");
+                    queue.add_used(mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
+            };
+            let Some((hdr, data)) = self.muxer.recv_pkt(buf.data_capacity()) else {
+                // Nothing to send after all (e.g. the stream had no data):
+                // give the buffer back for later.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                break;
+            };
+            let len = match buf.write(mem, &hdr, &data) {
+                Ok(len) => len,
+                Err(e) => {
+                    tracing::warn!(error = %e, "vsock: writing rx packet failed, packet lost");
+                    0
+                }
+            };
+            queue.add_used(mem, head, len)?;
+            used = true;
+        }
+        if used {
+            signal_used(mem, queue, &active.irq)?;
+        }
+        Ok(used)
+    }
+
+    /// Handles readiness `ev` on a host fd (listener or stream) the muxer
+    /// asked for, then moves packets both ways.
+    pub fn process_host_event(&mut self, fd: RawFd, ev: EventSet) -> Result<(), VsockError> {
+        self.muxer.handle_event(fd, ev);
+        self.process_queues()
+    }
+
+    /// One round of both queues; rx again after tx because guest packets
+    /// (REQUEST, CREDIT_REQUEST...) often need an answer.
+    pub fn process_queues(&mut self) -> Result<(), VsockError> {
+        self.muxer.sweep_expired(Instant::now());
+        self.process_rx()?;
+        self.process_tx()?;
+        self.process_rx()?;
+        Ok(())
+    }
+
+    /// The fds the muxer wants polled and their events (for callers driving
+    /// the device without an event manager, e.g. tests).
+    pub fn host_interests(&self) -> Vec<(RawFd, EventSet)> {
+        self.muxer.interests()
+    }
+
+    /// Drops finished host streams without an event manager to update.
+    pub fn drop_finished_streams(&mut self) {
+        self.muxer.take_graveyard();
+    }
+
+    fn handle_activate(&mut self, ops: &mut EventOps) {
+        self.activate_evt.consume("vsock");
+        self.activate_evt.unregister(ops, "vsock");
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        register_notifiers(ops, &active.queues, "vsock");
+        if let Err(e) = ops.add(Events::new(&self.kill_timer, EventSet::IN)) {
+            tracing::error!(error = ?e, "vsock: registering the connection timer");
+        }
+        self.sync_registrations(ops);
+    }
+
+    /// Arms the timer for the earliest closing connection, so it is reset
+    /// on time even when nothing else happens.
+    fn arm_kill_timer(&mut self) {
+        let Some(deadline) = self.muxer.next_expiry() else {
+            return;
+        };
+        if self.kill_deadline.is_some_and(|d| d <= deadline) {
+            return;
+        }
+        // A zero duration would disarm the timer.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        match self.kill_timer.reset(wait, None) {
+            Ok(()) => self.kill_deadline = Some(deadline),
+            Err(e) => tracing::error!(error = %e, "vsock: arming the connection timer"),
+        }
+    }
+
+    /// Brings the event manager's view of host fds in line with what the
+    /// muxer wants, then closes streams that are no longer registered.
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        let wanted: HashMap<RawFd, EventSet> = self.muxer.interests().into_iter().collect();
+        self.registered.retain(|fd, ev| {
+            if wanted.contains_key(fd) {
+                return true;
+            }
+            if let Err(e) = ops.remove(Events::with_data_raw(*fd, 0, *ev)) {
+                tracing::warn!(fd, error = ?e, "vsock: unregistering a host fd");
+            }
+            false
+        });
+        for (fd, ev) in wanted {
+            let result = match self.registered.get(&fd) {
+                Some(old) if *old == ev => continue,
+                Some(_) => ops.modify(Events::with_data_raw(fd, 0, ev)),
+                None => ops.add(Events::with_data_raw(fd, 0, ev)),
+            };
+            match result {
+                Ok(()) => {
+                    self.registered.insert(fd, ev);
+                }
+                Err(e) => tracing::error!(fd, error = ?e, "vsock: registering a host fd"),
+            }
+        }
+        self.muxer.take_graveyard();
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.guest_cid.to_le_bytes();
+        read_config_space(&config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::warn!(offset, "vsock: guest wrote the read-only config space");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        irq: Arc<IrqTrigger>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        check_activation(self.active.is_some(), &queues, QUEUE_SIZES.len())?;
+        self.active = Some(Active { mem, irq, queues });
+        self.activate_evt.signal().map_err(ActivateError::Backend)?;
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        // Queues only exist after activation; until then only watch for it.
+        self.activate_evt.register(ops, "vsock");
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        let ev = events.event_set();
+        if self.activate_evt.is(fd) {
+            self.handle_activate(ops);
+        } else if fd == self.kill_timer.as_raw_fd() {
+            // Readable, so this does not block; process_queues sweeps.
+            if let Err(e) = self.kill_timer.wait() {
+                tracing::warn!(error = %e, "vsock: reading the connection timer");
+            }
+            self.kill_deadline = None;
+        } else if let Some(active) = self.active.as_ref() {
+            if let Some(i) = take_notification(&active.queues, fd, "vsock") {
+                // The event queue carries only device-to-driver transport
+                // events, which husk never sends: nothing to do for it.
+                if i == EVQ {
+                    return;
+                }
+            } else {
+                self.muxer.handle_event(fd, ev);
+            }
+        } else {
+            tracing::warn!(fd, "vsock: event before activation");
+            return;
+        }
+        if let Err(e) = self.process_queues() {
+            tracing::error!(error = %e, "vsock: processing queues");
+        }
+        self.sync_registrations(ops);
+        self.arm_kill_timer();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,101 @@
+//! `husk-vmm`: the KVM micro-VM monitor.
+//!
+//! `husk-vmm --config vm.json [--log-format text|json] [--log-level info]`
+//! runs the VM the config describes until the guest resets or powers off
+//! (exit 0), a control-socket shutdown completes (exit 0), or something
+//! fails (exit 1, with the reason logged).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use husk_vmm::builder::build_vm;
+use husk_vmm::config::VmConfig;
+use husk_vmm::vstate::vcpu::ExitReason;
+use husk_vmm::{signals, vmm};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Parser)]
+#[command(name = "husk-vmm", version, about = "husk's KVM micro-VM monitor")]
+struct Args {
+    /// The VM description (JSON).
+    #[arg(long)]
+    config: PathBuf,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log level or tracing filter (e.g. "info", "husk_vmm=debug").
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn init_logging(args: &Args) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("bad --log-level {:?}", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_thread_names(true);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn run(args: &Args) -> anyhow::Result<ExitReason> {
+    let config = VmConfig::from_file(&args.config)?;
+    signals::install_termination_handler()?;
+    let mut built = build_vm(&config).context("cannot start the VM")?;
+    let reason = vmm::run(&built.vmm, &mut built.event_manager)?;
+    // Dropping the VMM removes the control socket.
+    drop(built);
+    Ok(reason)
+}
+
+/// The error and its causes on one line. The VMM's errors already name
+/// their source in their message, so causes already shown are skipped.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut prev = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if prev.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+        prev = msg;
+    }
+    out
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(e) = init_logging(&args) {
+        eprintln!("husk-vmm: {e:#}");
+        return ExitCode::from(2);
+    }
+    match run(&args) {
+        Ok(ExitReason::Error(e)) => {
+            tracing::error!("VM stopped on an error: {e}");
+            ExitCode::from(1)
+        }
+        Ok(reason) => {
+            tracing::info!("VM stopped: {reason:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

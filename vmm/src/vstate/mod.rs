@@ -1,0 +1,5 @@
+//! KVM state of a VM: guest memory, the VM file descriptor and its vCPUs.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
