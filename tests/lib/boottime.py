@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times a VM monitor from process start to its guest's console output.
 
-    boottime.py [--marker TEXT] [--console FILE] [--log FILE] -- COMMAND...
+    boottime.py [--marker TEXT] [--console FILE] [--log FILE] [--timeout S] [--stall S] -- COMMAND...
 
 Starts COMMAND with its stdout (the guest's serial console) on a pipe and
 prints one JSON object: milliseconds from the spawn to the first console byte,
@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--console", help="also write the console here")
     ap.add_argument("--log", help="the command's stderr")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--stall", type=float, default=None,
+                    help="stop the monitor if the guest printed nothing after this many seconds")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -43,6 +45,13 @@ def main():
     # monitor (SIGTERM, so it can log where its vCPUs were) at the timeout.
     killer = threading.Timer(args.timeout, proc.terminate)
     killer.start()
+    staller = None
+    if args.stall:
+        def stop_if_silent():
+            if first_byte is None:
+                proc.terminate()
+        staller = threading.Timer(args.stall, stop_if_silent)
+        staller.start()
     while True:
         chunk = os.read(fd, 65536)
         if not chunk:
@@ -58,6 +67,8 @@ def main():
                 marker = now
             buf = buf[-len(args.marker) :]
     killer.cancel()
+    if staller:
+        staller.cancel()
     rc = proc.wait()
     end = time.monotonic()
     ms = lambda t: None if t is None else round((t - t0) * 1000, 1)

@@ -10,6 +10,7 @@
 #   cargo build --release -p husk-agent --example agent-client
 #   tests/run.sh agent-vsock
 set -euo pipefail
+source "$HUSK_REPO/tests/lib/common.sh"
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 client="$repo/target/release/examples/agent-client"
 [ -x "$client" ] || { echo "FAIL: no $client"; exit 1; }
@@ -19,13 +20,24 @@ client="$repo/target/release/examples/agent-client"
 out=${HUSK_OUT:-$(mktemp -d)}
 console="$out/guest-vsock.console"
 cid=3
-qemu-system-x86_64 -accel kvm -M microvm,acpi=off -cpu host -smp 1 -m 256 \
-  -nodefaults -no-user-config -display none -no-reboot -serial "file:$console" \
-  -kernel "$HUSK_GUEST_KERNEL/vmlinux" -initrd "$HUSK_INITRD" \
-  -append "console=ttyS0 panic=-1 reboot=t husk.agent_port=1024" \
-  -device "vhost-vsock-device,guest-cid=$cid" </dev/null &
-qemu=$!
-trap 'kill $qemu 2>/dev/null || true' EXIT
+boot() {
+  exec qemu-system-x86_64 -accel kvm -M microvm,acpi=off -cpu host -smp 1 -m 256 \
+    -nodefaults -no-user-config -display none -no-reboot -serial "file:$console" \
+    -kernel "$HUSK_GUEST_KERNEL/vmlinux" -initrd "$HUSK_INITRD" \
+    -append "console=ttyS0 panic=-1 reboot=t husk.agent_port=1024" \
+    -device "vhost-vsock-device,guest-cid=$cid" </dev/null
+}
+for attempt in 1 2 3; do
+  rm -f "$console"
+  boot &
+  qemu=$!
+  trap 'kill $qemu 2>/dev/null || true' EXIT
+  rc=0
+  await_console "$qemu" "$console" || rc=$?
+  [ "$rc" -eq "$STALLED" ] || break
+  echo "RETRY: boot attempt $attempt stalled"
+done
+[ "$rc" -eq 0 ] || { echo "FAIL: the VM did not start (await_console $rc)"; exit 1; }
 set +e
 timeout 600 "$client" "vsock://$cid:1024" /bin/busybox
 rc=$?

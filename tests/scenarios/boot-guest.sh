@@ -4,6 +4,7 @@
 # boots husk's guest kernel and initramfs to the init's marker line, whose
 # kernel release must be the one guest-kernel/build.sh produced.
 set -euo pipefail
+source "$HUSK_REPO/tests/lib/common.sh"
 
 [ -c /dev/kvm ] || { echo "FAIL: no /dev/kvm"; exit 1; }
 want=$(cat "$HUSK_GUEST_KERNEL/kernel.release")
@@ -11,25 +12,22 @@ console="$HUSK_OUT/boot-guest.console"
 
 # QEMU's microvm has no i8042 and the guest kernel no ACPI: reboot=t makes the
 # guest's reset a triple fault, which -no-reboot turns into QEMU's exit.
-start=$(date +%s%3N)
-set +e
-timeout 300 qemu-system-x86_64 -accel kvm -M microvm -cpu host -smp 1 -m 256 \
-  -nodefaults -no-user-config -display none -no-reboot -serial stdio \
-  -kernel "$HUSK_GUEST_KERNEL/vmlinux" -initrd "$HUSK_INITRD" \
-  -append "console=ttyS0 panic=-1 reboot=t" </dev/null >"$console" 2>&1 &
-qemu=$!
+boot() {
+  exec timeout 300 qemu-system-x86_64 -accel kvm -M microvm -cpu host -smp 1 -m 256 \
+    -nodefaults -no-user-config -display none -no-reboot -serial stdio \
+    -kernel "$HUSK_GUEST_KERNEL/vmlinux" -initrd "$HUSK_INITRD" \
+    -append "console=ttyS0 panic=-1 reboot=t" </dev/null >"$console" 2>&1
+}
 # Watch the console for the marker to time it while the guest runs on.
-marker_ms=
-while kill -0 "$qemu" 2>/dev/null; do
+vm_tick() {
   if [ -z "$marker_ms" ] && grep -q '^HUSK_GUEST_READY' "$console"; then
-    marker_ms=$(( $(date +%s%3N) - start ))
+    marker_ms=$(( $(now_ms) - boot_start ))
   fi
-  sleep 0.05
-done
-wait "$qemu"
-rc=$?
-set -e
-total_ms=$(( $(date +%s%3N) - start ))
+}
+marker_ms=
+rc=0
+boot_retrying "$console" boot || rc=$?
+total_ms=$(( $(now_ms) - boot_start ))
 sed 's/^/    guest| /' "$console"
 
 line=$(grep -a '^HUSK_GUEST_READY' "$console" | tr -d '\r' || true)

@@ -24,12 +24,10 @@ for image in vmlinux bzImage; do
   "control_socket": "$work/control.sock"
 }
 JSON
-  start=$(now_ms)
-  set +e
-  timeout 300 "$HUSK_VMM" --config "$work/vm.json" 2>"$work/vmm.log"
-  rc=$?
-  set -e
-  total=$(( $(now_ms) - start ))
+  boot() { exec timeout 300 "$HUSK_VMM" --config "$work/vm.json" 2>"$work/vmm.log"; }
+  rc=0
+  boot_retrying "$console" boot || rc=$?
+  total=$(( $(now_ms) - boot_start ))
   sed 's/^/    guest| /' "$console"
   [ "$rc" -eq 0 ] || { sed 's/^/    vmm| /' "$work/vmm.log"; fail "$image: husk-vmm exited $rc (expected 0 after the guest reset)"; }
   line=$(expect_line "$console" '^HUSK_GUEST_READY')

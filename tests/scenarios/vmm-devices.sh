@@ -5,7 +5,8 @@
 # reads entropy from virtio-rng, and host and guest programs talk over vsock
 # both ways (Firecracker's hybrid vsock: CONNECT on the VMM's Unix socket for
 # host-to-guest, <socket>_PORT for guest-to-host), and the guest pings the
-# host through virtio-net on a tap. Nothing is left behind.
+# host through virtio-net on a tap. Nothing is left behind. The bzImage
+# boots here (vmm-boot covers the PVH entry, which can stall when nested).
 set -euo pipefail
 source "$HUSK_REPO/tests/lib/common.sh"
 [ -c /dev/kvm ] || fail "no /dev/kvm"
@@ -26,7 +27,7 @@ cat >"$work/vm.json" <<JSON
   "vcpus": 1,
   "memory_mib": 128,
   "kernel": {
-    "path": "$HUSK_GUEST_KERNEL/vmlinux",
+    "path": "$HUSK_GUEST_KERNEL/bzImage",
     "initrd": "$HUSK_TEST_INITRD",
     "cmdline": "console=ttyS0 panic=-1 husk.test=disk,disk-ro,rng,vsock,net"
   },
