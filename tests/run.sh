@@ -39,6 +39,14 @@ esac
 
 now_ms() { date +%s%3N; }
 
+# One test machine at a time on a host: two L1s of TCG share the cores, run
+# each other's guests many times slower, and turn timing into failures.
+exec 9>/tmp/husk-testvm.lock
+if ! flock -n 9; then
+  say "waiting for another tests/run.sh on this host to finish"
+  flock 9
+fi
+
 # Boots one L1 machine for a scenario, streaming its console to the terminal
 # and to $log. A watchdog ends the machine when the L1's heartbeat (a file
 # l1-init.sh touches every 5 s) goes stale: the L1 itself froze.
