@@ -10,11 +10,12 @@
 #   hctr ARGS...               ctr against it
 #   husk_ctrd_import_busybox   build (tests/shim/make-image.sh, cached) and
 #                              import localhost/husk-busybox:latest
+#   husk_ctrd_clean            kill and delete every task and container
 #   husk_ctrd_stop             kill and delete every task and container, remove
 #                              the images, stop containerd, end the shims it
 #                              left, unmount and remove the folder
 # As a command (the same, state kept in $HUSK_CTRD_DIR/env between calls):
-#   tests/shim/containerd.sh start | stop | import | ctr ARGS... | env
+#   tests/shim/containerd.sh start | stop | clean | import | ctr ARGS... | env
 #
 # Settings (environment):
 #   HUSK_CTRD_DIR       the folder (default /var/lib/husk-test/containerd).
@@ -162,6 +163,24 @@ husk_ctrd_shim_pids() {
   pgrep -f -- "-address $HUSK_CTRD_ADDR( |$)" || true
 }
 
+# Kills (SIGKILL) and deletes every task, removes every container and its
+# snapshot: a clean slate between tests. Fails if something stays.
+husk_ctrd_clean() {
+  local id rc=0
+  for id in $(hctr tasks ls -q 2>/dev/null); do
+    timeout 60 ctr --address "$HUSK_CTRD_ADDR" --namespace "$HUSK_CTRD_NS" tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+  done
+  for id in $(hctr tasks ls -q 2>/dev/null); do
+    timeout 60 ctr --address "$HUSK_CTRD_ADDR" --namespace "$HUSK_CTRD_NS" tasks delete -f "$id" >/dev/null 2>&1 ||
+      { husk_ctrd__say "could not delete task $id"; rc=1; }
+  done
+  for id in $(hctr containers ls -q 2>/dev/null); do
+    timeout 60 ctr --address "$HUSK_CTRD_ADDR" --namespace "$HUSK_CTRD_NS" containers rm "$id" >/dev/null 2>&1 ||
+      { husk_ctrd__say "could not remove container $id"; rc=1; }
+  done
+  return "$rc"
+}
+
 husk_ctrd_stop() {
   husk_ctrd__init
   local d=$HUSK_CTRD_DIR id pid i m rc=0 left
@@ -170,17 +189,7 @@ husk_ctrd_stop() {
     source "$d/env"
   fi
   if [ -n "${HUSK_CTRD_PID:-}" ] && kill -0 "$HUSK_CTRD_PID" 2>/dev/null && hctr version >/dev/null 2>&1; then
-    for id in $(hctr tasks ls -q 2>/dev/null); do
-      timeout 60 ctr --address "$HUSK_CTRD_ADDR" --namespace "$HUSK_CTRD_NS" tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
-    done
-    for id in $(hctr tasks ls -q 2>/dev/null); do
-      timeout 60 ctr --address "$HUSK_CTRD_ADDR" --namespace "$HUSK_CTRD_NS" tasks delete -f "$id" >/dev/null 2>&1 ||
-        { husk_ctrd__say "could not delete task $id"; rc=1; }
-    done
-    for id in $(hctr containers ls -q 2>/dev/null); do
-      timeout 60 ctr --address "$HUSK_CTRD_ADDR" --namespace "$HUSK_CTRD_NS" containers rm "$id" >/dev/null 2>&1 ||
-        { husk_ctrd__say "could not remove container $id"; rc=1; }
-    done
+    husk_ctrd_clean || rc=1
     for id in $(hctr images ls -q 2>/dev/null); do
       hctr images rm "$id" >/dev/null 2>&1 || true
     done
@@ -223,6 +232,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   case "$cmd" in
     start) husk_ctrd_start ;;
     stop) husk_ctrd_stop ;;
+    clean) husk_ctrd_clean ;;
     import) husk_ctrd_import_busybox ;;
     ctr) hctr "$@" ;;
     env) cat "$HUSK_CTRD_DIR/env"; echo "export CONTAINERD_ADDRESS=$HUSK_CTRD_ADDR CONTAINERD_NAMESPACE=$HUSK_CTRD_NS" ;;
