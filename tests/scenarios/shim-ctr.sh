@@ -214,7 +214,7 @@ check_husk_config_path() {
     [ "${o:-0}" -gt 262144 -a "${o:-0}" -le 393216 ]
 }
 check_husk_exec_kill() {
-  local id=husk-exec bg bgrc pid
+  local id=husk-exec-kill bg bgrc pid
   # The init traps SIGTERM (an init without a handler ignores it, as under runc).
   timeout "$limit" ctr run --rm "${husk[@]}" "$img" "$id" sh -c \
     'trap "echo got-term; exit 143" TERM; echo ready; while :; do sleep 0.2; done' \
