@@ -15,7 +15,9 @@
 #     `ctr task kill` with SIGTERM and SIGKILL (143, 137) for an exec'd
 #     process and the container's init; `ctr run -t` on a pseudo-terminal;
 #     two containers in one sandbox (CRI's annotations) share one VM and one
-#     shim; a command that does not exist fails cleanly;
+#     shim; a command that does not exist, a bad configuration (vcpus = 0, a
+#     kernel_path that is no kernel) fail cleanly; a VMM killed under a
+#     running container ends it; a shim killed under one ends its VM;
 #   - after every check: no husk-vmm and no containerd-shim-husk-v2 process,
 #     no mounts under and no files in the husk state folder, no tasks or
 #     containers left.
@@ -338,9 +340,59 @@ check_husk_bad_command() {
   want "the error names the program" grep -q /no/such/program <<<"$e$o"
 }
 
+check_husk_bad_config() {
+  husk_shim_config "$work/configuration-bad-vcpus.toml" "$state" vcpus=0
+  run_ctr husk-bad-config-1 run --rm "${husk[@]}" --runtime-config-path "$work/configuration-bad-vcpus.toml" "$img" husk-bad-config true
+  want "vcpus = 0: ctr run fails (exit $rc)" [ "$rc" != 0 ]
+  want "... and the error names vcpus" grep -q vcpus <<<"$e"
+  husk_ctrd_clean >/dev/null 2>&1
+  # A file that exists but is no kernel: the VMM fails to load it.
+  husk_shim_config "$work/configuration-bad-kernel.toml" "$state" "kernel_path=\"$HUSK_INITRD\""
+  run_ctr husk-bad-config-2 run --rm "${husk[@]}" --runtime-config-path "$work/configuration-bad-kernel.toml" "$img" husk-bad-config true
+  want "kernel_path is not a kernel: ctr run fails (exit $rc)" [ "$rc" != 0 ]
+}
+# task_status ID: RUNNING, STOPPED, ... or nothing (no task).
+task_status() { hctr tasks ls 2>/dev/null | awk -v id="$1" '$1 == id { print $3 }'; }
+# vmm_of ID: the pid of the husk-vmm of sandbox ID (its vm.json is in STATE/ID/).
+vmm_of() { husk_procs | awk -v p="/$1/" 'index($0, p) && $2 ~ /husk-vmm$/ { print $1; exit }'; }
+shim_of() { husk_procs | awk -v p="-id $1 " 'index($0 " ", p) && $2 ~ /containerd-shim-husk-v2$/ { print $1; exit }'; }
+check_husk_vm_dies() {
+  local id=husk-vm-dies bg bgrc vmm t0 i
+  timeout "$limit" ctr run --rm "${husk[@]}" "$img" "$id" sleep 1000 >"$work/$id.stdout" 2>"$work/$id.stderr" </dev/null &
+  bg=$!
+  want "the container runs" husk_wait_task "$id" "$limit"
+  vmm=$(vmm_of "$id")
+  want "its husk-vmm found (${vmm:-none})" [ -n "$vmm" ]
+  [ -n "$vmm" ] || return
+  kill -KILL "$vmm"
+  t0=$(now_ms)
+  for i in $(seq 600); do kill -0 "$bg" 2>/dev/null || break; sleep 0.1; done
+  want "ctr run returns within 60 s of the VMM's death ($(( ($(now_ms) - t0) / 1000 )) s)" not kill -0 "$bg" 2>/dev/null
+  kill "$bg" 2>/dev/null
+  wait "$bg"
+  bgrc=$?
+  echo "    ctr run -> exit $bgrc"; sed 's/^/      err| /' "$work/$id.stderr"
+  want "ctr run exits non-zero (got $bgrc)" [ "$bgrc" != 0 ]
+}
+check_husk_shim_dies() {
+  local id=husk-shim-dies shim t0 i
+  run_ctr husk-shim-dies run -d "${husk[@]}" "$img" "$id" sleep 1000
+  want "the container runs" husk_wait_task "$id" "$limit"
+  shim=$(shim_of "$id")
+  want "its shim found (${shim:-none})" [ -n "$shim" ]
+  [ -n "$shim" ] || return
+  kill -KILL "$shim"
+  t0=$(now_ms)
+  for i in $(seq 600); do [ "$(husk_count husk-vmm)" = 0 ] && break; sleep 0.1; done
+  want "the VM ends within 60 s of the shim's death ($(( ($(now_ms) - t0) / 1000 )) s)" [ "$(husk_count husk-vmm)" = 0 ]
+  for i in $(seq 300); do [ "$(task_status "$id")" != RUNNING ] && break; sleep 0.1; done
+  want "containerd no longer reports the task running (status: $(task_status "$id"))" [ "$(task_status "$id")" != RUNNING ]
+}
+
 t_all=$(now_ms)
 checks=(runc-uname runc-exit husk-uname husk-in-vm husk-exit husk-config-path
-  husk-exec-kill husk-sigkill husk-tty husk-pod husk-bad-command)
+  husk-exec-kill husk-sigkill husk-tty husk-pod husk-bad-command husk-bad-config
+  husk-vm-dies husk-shim-dies)
 [ -z "${HUSK_SHIM_CHECKS:-}" ] || read -r -a checks <<<"$HUSK_SHIM_CHECKS"
 for c in "${checks[@]}"; do check "$c"; done
 
