@@ -94,7 +94,13 @@ impl ServiceError {
 
 impl From<ServiceError> for ttrpc::Error {
     fn from(e: ServiceError) -> ttrpc::Error {
-        log::warn!("{e}");
+        // containerd asks about processes that are gone as a matter of
+        // course: not worth a warning.
+        if e.code() == Code::NOT_FOUND {
+            log::debug!("{e}");
+        } else {
+            log::warn!("{e}");
+        }
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
     }
 }
@@ -247,7 +253,14 @@ impl Inner {
 
     /// The VMM ended: every process still running is reported exited.
     fn vm_ended(&self, sandbox_id: &str, status: &str, diagnostics: &str) {
-        log::warn!("sandbox {sandbox_id}: the VMM exited ({status}){diagnostics}");
+        let expected = lock(&self.state).containers.is_empty();
+        if expected {
+            log::debug!("sandbox {sandbox_id}: the VMM exited ({status})");
+            return;
+        }
+        log::warn!(
+            "sandbox {sandbox_id}: the VMM exited ({status}) under running containers{diagnostics}"
+        );
         let deadline = std::time::Instant::now() + VM_EXIT_GRACE;
         for p in self.all_processes() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
