@@ -301,7 +301,8 @@ check_husk_pod() {
     "$img" "$c1" sleep 100000
   want "second container started" [ "$rc" = 0 ]
   want "second container runs" husk_wait_task "$c1" "$limit"
-  echo "    husk processes now:"; husk_procs | sed 's/^/      /'
+  echo "    husk processes now (pid, resident KiB, command):"
+  husk_procs | while read -r p _; do ps -o pid=,rss=,args= -p "$p"; done | cut -c1-200 | sed 's/^ */      /'
   want "one husk-vmm process for the pod" [ "$(husk_count husk-vmm)" = 1 ]
   want "one containerd-shim-husk-v2 process for the pod" [ "$(husk_count containerd-shim-husk-v2)" = 1 ]
   run_ctr pod-boot1 task exec --exec-id b "$sandbox" cat /proc/sys/kernel/random/boot_id
@@ -310,6 +311,9 @@ check_husk_pod() {
   b2=$o
   want "both containers see one kernel (boot ids equal)" [ -n "$b1" -a "$b1" = "$b2" ]
   want "... and it is not this machine's" [ "$b1" != "$l1_boot" ]
+  run_ctr pod-mem task exec --exec-id m "$sandbox" sh -c \
+    'awk "/^MemTotal|^MemAvailable/ { v[\$1] = \$2 } END { print (v[\"MemTotal:\"] - v[\"MemAvailable:\"]) / 1024 }" /proc/meminfo'
+  say "pod of two busybox containers: guest memory in use (MemTotal - MemAvailable): ${o:-?} MiB"
   run_ctr pod-ns1 task exec --exec-id n "$sandbox" readlink /proc/1/ns/mnt
   b1=$o
   run_ctr pod-ns2 task exec --exec-id n "$c1" readlink /proc/1/ns/mnt
