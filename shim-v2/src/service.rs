@@ -50,7 +50,7 @@ pub enum ServiceError {
     Precondition(String),
     #[error("{0} is not supported by husk")]
     Unsupported(&'static str),
-    #[error("husk configuration: {0}")]
+    #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Spec(#[from] SpecError),

@@ -29,6 +29,9 @@ pub enum VsockError {
     Refused(u32),
     #[error("vsock handshake: unexpected answer {0:?}")]
     Malformed(String),
+    /// No answer in time: the guest's vsock driver is not up yet.
+    #[error("vsock handshake: no answer from the guest in {0:?}")]
+    Timeout(Duration),
 }
 
 /// Parses the VMM's answer line (without the newline): `OK <port>`.
@@ -44,7 +47,7 @@ pub fn parse_ok(line: &[u8]) -> Result<u32, VsockError> {
 
 /// Reads one `\n`-terminated line a byte at a time (nothing after the line
 /// is consumed: it belongs to the guest's stream).
-fn read_line(stream: &mut UnixStream, port: u32) -> Result<Vec<u8>, VsockError> {
+fn read_line(stream: &mut UnixStream, port: u32, timeout: Duration) -> Result<Vec<u8>, VsockError> {
     let mut line = Vec::new();
     loop {
         let mut byte = [0u8; 1];
@@ -62,6 +65,11 @@ fn read_line(stream: &mut UnixStream, port: u32) -> Result<Vec<u8>, VsockError> 
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
                 return Err(VsockError::Refused(port))
             }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                return Err(VsockError::Timeout(timeout))
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -78,7 +86,7 @@ pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<(UnixStream, 
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let line = read_line(&mut stream, port)?;
+    let line = read_line(&mut stream, port, timeout)?;
     let host_port = parse_ok(&line)?;
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
@@ -192,7 +200,7 @@ mod tests {
             drop(s);
         });
         let e = connect(&path, 1024, Duration::from_millis(100)).unwrap_err();
-        assert!(matches!(e, VsockError::Io(_)), "{e}");
+        assert!(matches!(e, VsockError::Timeout(_)), "{e}");
         t.join().unwrap();
         let _ = std::fs::remove_file(&path);
     }
