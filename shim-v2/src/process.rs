@@ -69,6 +69,9 @@ pub struct Process {
     /// reported before its start.
     pub starting: Mutex<()>,
     pumps: Mutex<Option<Arc<Pumps>>>,
+    /// CloseIO(stdin) came before the stdio threads existed (an exec not
+    /// started yet): stdin is closed as soon as they start.
+    stdin_close_requested: std::sync::atomic::AtomicBool,
 }
 
 impl Process {
@@ -86,6 +89,7 @@ impl Process {
             cv: Condvar::new(),
             starting: Mutex::new(()),
             pumps: Mutex::new(None),
+            stdin_close_requested: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -147,7 +151,24 @@ impl Process {
     }
 
     pub fn set_pumps(&self, p: Pumps) {
-        *self.pumps.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(p));
+        let mut g = self.pumps.lock().unwrap_or_else(|e| e.into_inner());
+        if self
+            .stdin_close_requested
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            p.close_stdin();
+        }
+        *g = Some(Arc::new(p));
+    }
+
+    /// CloseIO(stdin): now, or as soon as the stdio threads start.
+    pub fn close_stdin(&self) {
+        let g = self.pumps.lock().unwrap_or_else(|e| e.into_inner());
+        self.stdin_close_requested
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(p) = g.as_ref() {
+            p.close_stdin();
+        }
     }
 
     pub fn pumps(&self) -> Option<Arc<Pumps>> {

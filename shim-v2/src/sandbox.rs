@@ -20,6 +20,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -246,6 +247,7 @@ impl Sandbox {
         cfg: &Config,
         slots: usize,
         hostname: &str,
+        cancel: &AtomicBool,
     ) -> Result<Sandbox, SandboxError> {
         for n in 1..=slots {
             rootfs::create_sparse(&dir.path.join(format!("slot{n}")), cfg.slot_bytes())?;
@@ -328,11 +330,13 @@ impl Sandbox {
                 source,
             })?;
         log::info!("sandbox {id}: VMM pid {vmm_pid} started");
+        // For `shim delete`, should this shim die during the boot.
+        let _ = fs::write(dir.path.join("vmm.pid"), vmm_pid.to_string());
         let mut sandbox = Sandbox {
             id: id.to_string(),
             dir: dir.path.clone(),
             vmm_pid,
-            agent: match Self::connect(&dir.path, cfg, &vmm) {
+            agent: match Self::connect(&dir.path, cfg, &vmm, cancel) {
                 Ok(a) => a,
                 Err(reason) => {
                     let s = PartialVm {
@@ -371,12 +375,21 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// Waits for the agent to answer, until the boot timeout.
-    fn connect(dir: &Path, cfg: &Config, vmm: &VmmState) -> Result<Agent, String> {
+    /// Waits for the agent to answer, until the boot timeout (or until
+    /// `cancel` is set: the shim is told to shut down).
+    fn connect(
+        dir: &Path,
+        cfg: &Config,
+        vmm: &VmmState,
+        cancel: &AtomicBool,
+    ) -> Result<Agent, String> {
         let start = Instant::now();
         let uds = dir.join("vsock");
         let mut last = String::from("the VMM's vsock socket never appeared");
         loop {
+            if cancel.load(Ordering::SeqCst) {
+                return Err("cancelled: the shim is shutting down".into());
+            }
             if let Some(status) = vmm.exit.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                 return Err(format!("the VMM exited ({status}) while the guest booted"));
             }
@@ -655,7 +668,9 @@ mod tests {
         let mut c = cfg("boot_timeout_secs = 5");
         c.vmm_path = "/nonexistent/husk-vmm".into();
         let dir = StateDir::create(&root, "sb").unwrap();
-        let e = Sandbox::boot("sb", dir, &c, 1, "h").err().unwrap();
+        let e = Sandbox::boot("sb", dir, &c, 1, "h", &AtomicBool::new(false))
+            .err()
+            .unwrap();
         assert!(matches!(e, SandboxError::Spawn { .. }), "{e}");
         assert!(!root.join("sb").exists());
 
@@ -670,7 +685,7 @@ mod tests {
         fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
         c.vmm_path = script;
         let dir = StateDir::create(&root, "sb").unwrap();
-        let e = Sandbox::boot("sb", dir, &c, 0, "h")
+        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(false))
             .err()
             .unwrap()
             .to_string();
@@ -686,11 +701,23 @@ mod tests {
         c.boot_timeout = Duration::from_secs(1);
         let dir = StateDir::create(&root, "sb").unwrap();
         let t = Instant::now();
-        let e = Sandbox::boot("sb", dir, &c, 0, "h")
+        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(false))
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("did not answer within boot_timeout_secs"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(8));
+        assert!(!root.join("sb").exists());
+
+        // Shutdown during the boot: it stops at once, and cleans up.
+        c.boot_timeout = Duration::from_secs(600);
+        let dir = StateDir::create(&root, "sb").unwrap();
+        let t = Instant::now();
+        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(true))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cancelled"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(8));
         assert!(!root.join("sb").exists());
         fs::remove_dir_all(&root).unwrap();

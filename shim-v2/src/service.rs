@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -157,6 +158,8 @@ struct Inner {
     exit: Arc<ExitSignal>,
     /// Serialises Create (it may boot a VM) without blocking the rest.
     creating: Mutex<()>,
+    /// Set by Shutdown: a Create that boots a VM gives up.
+    cancel: AtomicBool,
     state: Mutex<Shared>,
     config: Mutex<Option<Arc<Config>>>,
 }
@@ -177,6 +180,7 @@ impl Service {
                 events,
                 exit,
                 creating: Mutex::new(()),
+                cancel: AtomicBool::new(false),
                 state: Mutex::new(Shared::default()),
                 config: Mutex::new(None),
             }),
@@ -388,6 +392,14 @@ fn copy_host_files(sb: &Sandbox, copies: &[spec::HostCopy]) -> Result<()> {
     Ok(())
 }
 
+/// Writes the bundle marker for `shim delete` (see [`BUNDLE_MARKER`]).
+fn write_marker(bundle: &Path, state: &Path, owner: bool) -> Result<()> {
+    let marker = bundle.join(BUNDLE_MARKER);
+    let owner_word = if owner { "owner" } else { "member" };
+    std::fs::write(&marker, format!("{}\n{owner_word}\n", state.display()))
+        .map_err(|e| ServiceError::Internal(format!("writing {}: {e}", marker.display())))
+}
+
 /// Undoes a failed Create.
 struct CreateGuard<'a> {
     mounted: Option<&'a Path>,
@@ -482,6 +494,10 @@ impl Service {
             }
             None => {
                 let dir = StateDir::create(&cfg.state_dir, &sandbox_id)?;
+                // From now on `shim delete` can clean up, should this
+                // shim die in the middle of the boot.
+                write_marker(&bundle, &dir.path, true)?;
+                guard.marker = Some(bundle.join(BUNDLE_MARKER));
                 rootfs::build_erofs(&cfg.mkfs_erofs_path, &root, &dir.path.join(ROOT_IMAGE))?;
                 let slots = if role == Role::PodSandbox {
                     cfg.pod_disk_slots as usize
@@ -494,8 +510,8 @@ impl Service {
                     &cfg,
                     slots,
                     &spec::hostname(&oci),
+                    &inner.cancel,
                 )?);
-                let _ = std::fs::write(sb.dir.join("vmm.pid"), sb.vmm_pid.to_string());
                 guard.sandbox = Some(sb.clone());
                 (sb, rootfs::ROOT_SERIAL.to_string())
             }
@@ -981,9 +997,7 @@ impl containerd_shim::Task for Service {
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         let (_c, p) = self.inner.process(&req.id, &req.exec_id)?;
         if req.stdin {
-            if let Some(pumps) = p.pumps() {
-                pumps.close_stdin();
-            }
+            p.close_stdin();
         }
         Ok(api::Empty::new())
     }
@@ -1045,6 +1059,16 @@ impl containerd_shim::Task for Service {
         if busy && !req.now {
             return Ok(api::Empty::new());
         }
+        // A Create still booting a VM (containerd gave up on it) stops and
+        // cleans up before the shim exits.
+        self.inner.cancel.store(true, Ordering::SeqCst);
+        let creating = lock(&self.inner.creating);
+        let busy = !lock(&self.inner.state).containers.is_empty();
+        if busy && !req.now {
+            self.inner.cancel.store(false, Ordering::SeqCst);
+            return Ok(api::Empty::new());
+        }
+        drop(creating);
         self.teardown();
         log::info!("shim shutting down");
         self.inner.exit.signal();
