@@ -41,7 +41,7 @@ img=localhost/husk-busybox:latest
 # check of the checks (those about the VM must then fail).
 husk=(--runtime "${HUSK_SHIM_RUNTIME:-io.containerd.husk.v2}")
 runc=(--runtime io.containerd.runc.v2)
-limit=${HUSK_SHIM_TIMEOUT:-300} # one ctr command
+limit=${HUSK_SHIM_TIMEOUT:-240} # one ctr command (a boot here takes ~10 s)
 now_ms() { date +%s%3N; }
 say() { echo "[shim-ctr] $*"; }
 
@@ -58,8 +58,9 @@ say "guest kernel $guest_release; this machine: kernel $l1_release, boot id $l1_
 mkdir -p "$state"
 
 export HUSK_CONFIG=$work/configuration.toml
-# Boots in the nested test machine take tens of seconds: generous timeouts.
-tmo=(boot_timeout_secs=600 request_timeout_secs=120)
+# Boots in the nested test machine take ~10 s; the boot timeout stays under
+# the ctr command's, so that a VM that does not boot is the shim's error.
+tmo=(boot_timeout_secs=120 request_timeout_secs=120)
 husk_shim_config "$HUSK_CONFIG" "$state" memory_mib=256 "${tmo[@]}"
 husk_shim_config "$work/configuration-384m.toml" "$state" memory_mib=384 "${tmo[@]}"
 say "husk configuration $HUSK_CONFIG:"
@@ -73,10 +74,9 @@ mkdir -p "$work/vm-logs"
 (
   while :; do
     husk_procs | sed "s/^/$(now_ms) /" >>"$procs"
-    for f in "$state"/*/console.log "$state"/*/vmm.log; do
+    for f in "$state"/*/console.log "$state"/*/vmm.log "$state"/*/vm.json; do
       [ -f "$f" ] || continue
-      b=$(basename "$f" .log)
-      cp -f "$f" "$work/vm-logs/$(basename "$(dirname "$f")").$b.log" 2>/dev/null
+      cp -f "$f" "$work/vm-logs/$(basename "$(dirname "$f")").$(basename "$f")" 2>/dev/null
     done
     sleep 0.5
   done
@@ -135,6 +135,9 @@ show_failure() {
     [ -f "$f" ] || continue
     echo "    ---- $(basename "$f") (last 30 lines):"
     tail -n 30 "$f" | cut -c1-300 | sed 's/^/    vm| /'
+    case "$f" in
+      *.console.log) [ -s "$f" ] || { echo "    (the guest console is empty: the guest kernel never printed a line)"; silent=$((silent + 1)); } ;;
+    esac
   done
 }
 check() { # check NAME: runs check_NAME, then demands that nothing is left
@@ -398,7 +401,19 @@ checks=(runc-uname runc-exit husk-uname husk-in-vm husk-exit husk-config-path
   husk-exec-kill husk-sigkill husk-tty husk-pod husk-bad-command husk-bad-config
   husk-vm-dies husk-shim-dies)
 [ -z "${HUSK_SHIM_CHECKS:-}" ] || read -r -a checks <<<"$HUSK_SHIM_CHECKS"
-for c in "${checks[@]}"; do check "$c"; done
+# Two checks whose VMs never printed a line: the guests do not boot in this
+# machine at all; the remaining husk checks would each only wait for their
+# timeout.
+silent=0
+for c in "${checks[@]}"; do
+  if [ "$silent" -ge 2 ] && [ "${c#husk-}" != "$c" ]; then
+    echo "==== $c"
+    echo "FAIL $c (skipped: the VMs of two checks never printed on their console)"
+    failed+=("$c(skipped)")
+    continue
+  fi
+  check "$c"
+done
 
 echo "==== summary ($(( ($(now_ms) - t_all) / 1000 )) s)"
 if [ ${#failed[@]} -eq 0 ]; then
