@@ -26,13 +26,29 @@ say() { echo "[e2e-extra] $*"; }
 mkdir -p "$state"
 
 export HUSK_CONFIG=$work/configuration.toml
-tmo=(boot_timeout_secs=600 request_timeout_secs=120)
+# Under the ctr timeout ($limit), so that a VM that does not boot fails
+# Create with its console rather than a killed ctr.
+tmo=(boot_timeout_secs=240 request_timeout_secs=120)
 husk_shim_config "$HUSK_CONFIG" "$state" "${tmo[@]}"
 husk_shim_config "$work/one-slot.toml" "$state" pod_disk_slots=1 "${tmo[@]}"
 husk_shim_config "$work/no-boot.toml" "$state" boot_timeout_secs=2
 husk_shim_config "$work/bad.toml" "$state" vcpus=0
 
+# Copies of the sandboxes' console and VMM logs (the shim removes them with
+# the sandbox), shown when a check fails.
+mkdir -p "$work/vm-logs"
+(
+  while :; do
+    for f in "$state"/*/console.log "$state"/*/vmm.log; do
+      [ -f "$f" ] && cp -f "$f" "$work/vm-logs/$(basename "$(dirname "$f")").$(basename "$f")" 2>/dev/null
+    done
+    sleep 0.5
+  done
+) 2>/dev/null &
+sampler=$!
+
 cleanup() {
+  kill "$sampler" 2>/dev/null
   husk_ctrd_stop || say "the containerd teardown found leftovers"
   for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; done
 }
@@ -45,7 +61,11 @@ cfail=0
 want() {
   local d=$1
   shift
-  if "$@"; then echo "    ok   $d"; else echo "    FAIL $d"; cfail=1; fi
+  if "$@"; then echo "    ok   $d"; else
+    echo "    FAIL $d"
+    cfail=1
+    return 1
+  fi
 }
 run_ctr() {
   local name=$1
@@ -63,8 +83,11 @@ check() {
   echo "==== $name"
   cfail=0
   t0=$(date +%s)
+  touch "$work/.check-start"
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
   "check_${name//-/_}"
+  # Background helpers of a check that stopped early (ctr events, ctr run).
+  for j in $(jobs -p); do [ "$j" = "$sampler" ] || kill "$j" 2>/dev/null; done
   husk_ctrd_clean >/dev/null 2>&1
   if left=$(husk_wait_clean "$state" 30); then
     echo "    ok   nothing left behind"
@@ -82,6 +105,11 @@ check() {
     echo "    ---- shim/containerd log:"
     tail -n +"$from" "$HUSK_CTRD_LOG" | grep -a -v -E 'event (forwarded|published)|snapshot|garbage' |
       tail -n 60 | cut -c1-600 | sed 's/^/    log| /'
+    for f in "$work"/vm-logs/*; do
+      [ -f "$f" ] && [ "$f" -nt "$work/.check-start" ] || continue
+      echo "    ---- $(basename "$f") (last 15 lines):"
+      tail -n 15 "$f" | cut -c1-300 | sed 's/^/    vm| /'
+    done
     echo "FAIL $name ($(($(date +%s) - t0)) s)"
   fi
 }
@@ -92,8 +120,8 @@ check_lifecycle() {
   hctr events >"$work/events.log" 2>&1 &
   local ev=$!
   run_ctr life-run run -d "${husk[@]}" "$img" "$id" sh -c 'i=0; while :; do i=$((i+1)); echo $i >/tmp/n; sleep 0.1; done'
-  want "run -d: exit 0" [ "$rc" = 0 ]
-  want "the container runs" husk_wait_task "$id" "$limit"
+  want "run -d: exit 0" [ "$rc" = 0 ] || return
+  want "the container runs" husk_wait_task "$id" "$limit" || return
   run_ctr life-ps task ps "$id"
   want "ps: exit 0" [ "$rc" = 0 ]
   want "ps lists guest pids" grep -qE '^[0-9]+' <<<"$(tail -n +2 <<<"$o")"
@@ -153,7 +181,7 @@ check_output_at_exit() {
   want "all 50000 stderr lines" [ "$(wc -l <"$work/out-init.stderr")" -ge 50000 ]
   timeout "$limit" ctr run --rm "${husk[@]}" "$img" "$id-2" sleep 1000 >/dev/null 2>&1 </dev/null &
   bg=$!
-  want "a container runs" husk_wait_task "$id-2" "$limit"
+  want "a container runs" husk_wait_task "$id-2" "$limit" || return
   run_ctr out-exec task exec --exec-id big "$id-2" sh -c 'seq 1 100000; exit 6'
   want "exec: exit 6" [ "$rc" = 6 ]
   want "exec: all 100000 lines" [ "$(wc -l <"$work/out-exec.stdout")" = 100000 ]
@@ -184,7 +212,7 @@ check_vmm_death() {
   local id=x-die bg bgrc vmm
   timeout "$limit" ctr run --rm "${husk[@]}" "$img" "$id" sleep 1000 >/dev/null 2>"$work/die.stderr" </dev/null &
   bg=$!
-  want "the container runs" husk_wait_task "$id" "$limit"
+  want "the container runs" husk_wait_task "$id" "$limit" || return
   vmm=$(husk_procs | awk '{ n = split($2, p, "/"); if (p[n] == "husk-vmm") print $1 }' | head -n 1)
   want "a VMM runs (pid ${vmm:-none})" [ -n "$vmm" ]
   kill -KILL "$vmm"
@@ -198,8 +226,8 @@ check_slots() {
   run_ctr slot-sb run -d "${husk[@]}" --runtime-config-path "$work/one-slot.toml" \
     --annotation io.kubernetes.cri.container-type=sandbox --annotation io.kubernetes.cri.sandbox-id="$sandbox" \
     "$img" "$sandbox" sleep 100000
-  want "the sandbox starts" [ "$rc" = 0 ]
-  want "the sandbox runs" husk_wait_task "$sandbox" "$limit"
+  want "the sandbox starts" [ "$rc" = 0 ] || return
+  want "the sandbox runs" husk_wait_task "$sandbox" "$limit" || return
   run_ctr slot-c1 run -d "${husk[@]}" --runtime-config-path "$work/one-slot.toml" \
     --annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id="$sandbox" \
     "$img" "$sandbox-c1" sleep 100000
