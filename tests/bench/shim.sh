@@ -49,6 +49,13 @@ mem=$(cfg memory_mib)
 params=$(cfg kernel_params)
 say "husk configuration: vcpus=${vcpus:-?} memory_mib=${mem:-?} (from $HUSK_CONFIG)"
 
+husk_kvm_probe "$work/kvm-probe"
+case $? in
+  0) ;;
+  75) echo "bench-shim: the test machine runs no KVM guest (exit 75: rerun on a fresh test machine)" >&2; exit 75 ;;
+  *) die "a bare husk-vmm guest does not boot (QEMU's does): see $work/kvm-probe" ;;
+esac
+
 cleanup() { husk_ctrd_stop >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 husk_ctrd_start || die "containerd did not start"
