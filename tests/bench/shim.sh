@@ -28,6 +28,8 @@ out=${HUSK_OUT:-$(mktemp -d)}
 work=$out/bench-shim
 mkdir -p "$work"
 state=/run/husk-bench
+export HUSK_SHIM_STATE_DIR=$state # husk_procs: only this test's VMs
+husk_ctrd__init # HUSK_CTRD_ADDR and the rest, before anything samples processes
 img=localhost/husk-busybox:latest
 now_ms() { date +%s%3N; }
 say() { echo "[bench-shim] $*"; }

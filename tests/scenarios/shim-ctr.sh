@@ -36,6 +36,8 @@ out=${HUSK_OUT:-$(mktemp -d)}
 work=$out/shim-ctr
 mkdir -p "$work"
 state=${HUSK_SHIM_STATE:-/run/husk-test}
+export HUSK_SHIM_STATE_DIR=$state # husk_procs: only this test's VMs
+husk_ctrd__init # HUSK_CTRD_ADDR and the rest, before anything samples processes
 img=localhost/husk-busybox:latest
 # HUSK_SHIM_RUNTIME=io.containerd.runc.v2 runs the husk checks with runc: a
 # check of the checks (those about the VM must then fail).

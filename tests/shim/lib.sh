@@ -42,12 +42,16 @@ PY
 }
 
 # husk_procs: "PID ARGS" of every live (not zombie) husk-vmm and
-# containerd-shim-husk-v2 process. (pgrep -x cannot see the shim: the kernel
-# keeps only 15 characters of a process name.)
+# containerd-shim-husk-v2 process of this test: VMMs whose VM description is
+# under $HUSK_SHIM_STATE_DIR, shims of the containerd on $HUSK_CTRD_ADDR (all
+# of them where those are unset), so that a husk the host runs for real is
+# neither counted nor killed. (pgrep -x cannot see the shim: the kernel keeps
+# only 15 characters of a process name.)
 husk_procs() {
-  ps -eo pid=,stat=,args= | awk '$2 !~ /^Z/ {
-    n = split($3, p, "/"); b = p[n];
-    if (b == "husk-vmm" || b == "containerd-shim-husk-v2") { $2 = ""; print }
+  ps -eo pid=,stat=,args= | awk -v state="${HUSK_SHIM_STATE_DIR:-}" -v addr="${HUSK_CTRD_ADDR:-}" '$2 !~ /^Z/ {
+    n = split($3, p, "/"); b = p[n]; a = $0 " ";
+    if ((b == "husk-vmm" && (state == "" || index(a, state "/"))) ||
+        (b == "containerd-shim-husk-v2" && (addr == "" || index(a, "-address " addr " ")))) { $2 = ""; print }
   }'
 }
 
