@@ -79,15 +79,17 @@ run_ctr() {
   [ -z "$e" ] || head -c 3000 <<<"$e" | sed 's/^/      err| /'
 }
 check() {
-  local name=$1 t0 left from
+  local name=$1 t0 left from before j
   echo "==== $name"
   cfail=0
   t0=$(date +%s)
   touch "$work/.check-start"
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
+  before=" $(jobs -p | tr '\n' ' ') "
   "check_${name//-/_}"
-  # Background helpers of a check that stopped early (ctr events, ctr run).
-  for j in $(jobs -p); do [ "$j" = "$sampler" ] || kill "$j" 2>/dev/null; done
+  # Background helpers of a check that stopped early (ctr events, ctr run);
+  # not the sampler, not containerd.
+  for j in $(jobs -p); do [[ "$before" == *" $j "* ]] || kill "$j" 2>/dev/null; done
   husk_ctrd_clean >/dev/null 2>&1
   if left=$(husk_wait_clean "$state" 30); then
     echo "    ok   nothing left behind"
