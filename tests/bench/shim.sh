@@ -130,4 +130,7 @@ print(f"| {'husk overhead / runc total':<46} | {med(over) / med(runc):>8.2f} x |
       f"{min(ratio):>8.2f} x | {max(ratio):>8.2f} x |")
 print(f"| {'husk total / runc total':<46} | {med(husk) / med(runc):>8.2f} x | "
       f"{min(h / r for h, r in zip(husk, runc)):>8.2f} x | {max(h / r for h, r in zip(husk, runc)):>8.2f} x |")
+print(f"(overhead and ratios per run, then their median; the difference of the medians, "
+      f"{med(husk) - med(boot):,.0f} ms, is steadier: boot times vary from run to run, "
+      f"more than the overhead itself in a nested test machine)")
 PY
