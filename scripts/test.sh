@@ -16,4 +16,6 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 source "$repo/target/husk-artifacts.env"
 echo "[test] cargo test"
 cargo test --locked --workspace
+echo "[test] configs/install.sh (tests/shim/install-test.sh)"
+"$repo/tests/shim/install-test.sh"
 "$repo/tests/run.sh"

@@ -1,9 +1,35 @@
 //! `containerd-shim-husk-v2`: containerd's runtime `io.containerd.husk.v2`.
+//! Runs each container (or each Kubernetes pod) in a husk micro-VM: one VM
+//! per sandbox, the container's root file system as a read-only erofs disk,
+//! the agent in the guest driven over vsock. See README.md.
 //!
-//! Not implemented yet (see the shim issue); it refuses to run rather than
-//! pretending to be a shim.
+//! Modules: `config` (configuration file), `spec` (bundle, CRI grouping,
+//! spec for the guest), `rootfs` (mounts, erofs images, pod disk slots),
+//! `sandbox` (the VM: vm.json, husk-vmm, teardown), `vsock` (hybrid vsock
+//! handshake), `agent` (the agent client), `io` (stdio threads), `process`
+//! (process state), `events` (events to containerd), `service` (the task
+//! API), `shim` (start/delete and the shim lifecycle).
+
+mod agent;
+mod config;
+mod events;
+mod io;
+mod process;
+mod rootfs;
+mod sandbox;
+mod service;
+mod shim;
+mod spec;
+mod vsock;
 
 fn main() {
-    eprintln!("containerd-shim-husk-v2: not implemented yet");
-    std::process::exit(1);
+    let cfg = containerd_shim::Config {
+        // Every child of the shim (the VMMs, mkfs.erofs) is waited for by
+        // whoever started it: the framework's reaper would steal their
+        // exit statuses.
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::run::<shim::HuskShim>("io.containerd.husk.v2", Some(cfg));
 }

@@ -1,0 +1,405 @@
+//! The shim's client of husk-agent (protocols/protos/agent.proto): one ttrpc
+//! connection over the VMM's hybrid vsock, a timeout on every call that
+//! does not wait for the guest by design, and errors that keep the agent's
+//! status code.
+//!
+//! The guest is untrusted: its error messages are cut to a bounded length
+//! and stripped of control characters before they reach a log or an error,
+//! and nothing it returns is used as more than a value.
+
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use husk_protocols::agent as pb;
+use husk_protocols::agent_ttrpc::AgentServiceClient;
+use husk_protocols::ttrpc::{self, context, Code};
+
+/// Longest text taken from the guest into an error or a log line.
+const MAX_GUEST_TEXT: usize = 512;
+/// Bytes asked for by each ReadStdout/ReadStderr.
+pub const READ_CHUNK: u32 = 64 * 1024;
+/// CopyFile chunk (ttrpc messages are at most 4 MiB).
+pub const COPY_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent answered with an error status.
+    #[error("agent {call}: {message}")]
+    Rpc {
+        call: &'static str,
+        code: Code,
+        message: String,
+    },
+    /// The request did not get an answer: timeout, connection lost.
+    #[error("agent {call}: {message}")]
+    Transport { call: &'static str, message: String },
+}
+
+impl AgentError {
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            AgentError::Rpc { code, .. } => Some(*code),
+            AgentError::Transport { .. } => None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.code() == Some(Code::NOT_FOUND)
+    }
+}
+
+/// Text from the guest made safe to log: at most [`MAX_GUEST_TEXT`] bytes,
+/// control characters replaced.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() + c.len_utf8() > MAX_GUEST_TEXT {
+            out.push_str("...");
+            break;
+        }
+        out.push(if c.is_control() { ' ' } else { c });
+    }
+    out
+}
+
+fn map_err(call: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
+    move |e| match e {
+        ttrpc::Error::RpcStatus(s) => AgentError::Rpc {
+            call,
+            code: s.code(),
+            message: sanitize(s.message()),
+        },
+        other => AgentError::Transport {
+            call,
+            message: sanitize(&other.to_string()),
+        },
+    }
+}
+
+pub type Result<T> = std::result::Result<T, AgentError>;
+
+/// A connection to the agent. Cloning shares the connection.
+#[derive(Clone)]
+pub struct Agent {
+    client: AgentServiceClient,
+    timeout: Duration,
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+impl Agent {
+    /// Takes over a connected stream; `timeout` bounds every call that is
+    /// not a wait by design.
+    pub fn new(stream: UnixStream, timeout: Duration) -> Result<Agent> {
+        let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(map_err("connect"))?;
+        Ok(Agent {
+            client: AgentServiceClient::new(client),
+            timeout,
+        })
+    }
+
+    fn ctx(&self) -> context::Context {
+        context::with_timeout(nanos(self.timeout))
+    }
+
+    /// No timeout: for calls that wait on the guest's processes.
+    fn wait_ctx() -> context::Context {
+        context::with_timeout(0)
+    }
+
+    /// The health check, with its own timeout (used while the VM boots).
+    pub fn check(&self, timeout: Duration) -> Result<bool> {
+        let r = self
+            .client
+            .check(
+                context::with_timeout(nanos(timeout)),
+                &pb::CheckRequest::new(),
+            )
+            .map_err(map_err("Check"))?;
+        Ok(r.status.value() == pb::health_check_response::ServingStatus::SERVING as i32)
+    }
+
+    /// (kernel release, agent version), sanitized.
+    pub fn guest_details(&self) -> Result<(String, String)> {
+        let r = self
+            .client
+            .get_guest_details(self.ctx(), &pb::Empty::new())
+            .map_err(map_err("GetGuestDetails"))?;
+        Ok((sanitize(&r.kernel_release), sanitize(&r.agent_version)))
+    }
+
+    pub fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<()> {
+        let mut r = pb::CreateSandboxRequest::new();
+        r.sandbox_id = sandbox_id.into();
+        r.hostname = hostname.into();
+        r.clock_unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, nanos);
+        self.client
+            .create_sandbox(self.ctx(), &r)
+            .map_err(map_err("CreateSandbox"))?;
+        Ok(())
+    }
+
+    /// Powers the VM off (the VMM exits).
+    pub fn destroy_sandbox(&self, timeout: Duration) -> Result<()> {
+        self.client
+            .destroy_sandbox(
+                context::with_timeout(nanos(timeout)),
+                &pb::DestroySandboxRequest::new(),
+            )
+            .map_err(map_err("DestroySandbox"))?;
+        Ok(())
+    }
+
+    pub fn create_container(
+        &self,
+        id: &str,
+        spec_json: Vec<u8>,
+        rootfs: &str,
+        join_sandbox_namespaces: bool,
+        disk_serial: &str,
+    ) -> Result<()> {
+        let mut s = pb::Storage::new();
+        s.serial = disk_serial.into();
+        s.fstype = "erofs".into();
+        let mut r = pb::CreateContainerRequest::new();
+        r.container_id = id.into();
+        r.oci_spec_json = spec_json;
+        r.rootfs = rootfs.into();
+        r.join_sandbox_namespaces = join_sandbox_namespaces;
+        r.rootfs_storage = Some(s).into();
+        self.client
+            .create_container(self.ctx(), &r)
+            .map_err(map_err("CreateContainer"))?;
+        Ok(())
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<()> {
+        let mut r = pb::ContainerRequest::new();
+        r.container_id = id.into();
+        self.client
+            .start_container(self.ctx(), &r)
+            .map_err(map_err("StartContainer"))?;
+        Ok(())
+    }
+
+    pub fn remove_container(&self, id: &str) -> Result<()> {
+        let mut r = pb::RemoveContainerRequest::new();
+        r.container_id = id.into();
+        r.force = true;
+        self.client
+            .remove_container(self.ctx(), &r)
+            .map_err(map_err("RemoveContainer"))?;
+        Ok(())
+    }
+
+    pub fn exec_process(&self, id: &str, exec_id: &str, process_json: Vec<u8>) -> Result<()> {
+        let mut r = pb::ExecProcessRequest::new();
+        r.container_id = id.into();
+        r.exec_id = exec_id.into();
+        r.process_json = process_json;
+        self.client
+            .exec_process(self.ctx(), &r)
+            .map_err(map_err("ExecProcess"))?;
+        Ok(())
+    }
+
+    pub fn signal(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let mut r = pb::SignalProcessRequest::new();
+        r.container_id = id.into();
+        r.exec_id = exec_id.into();
+        r.signal = signal;
+        r.all = all;
+        self.client
+            .signal_process(self.ctx(), &r)
+            .map_err(map_err("SignalProcess"))?;
+        Ok(())
+    }
+
+    fn process_request(id: &str, exec_id: &str) -> pb::ProcessRequest {
+        let mut r = pb::ProcessRequest::new();
+        r.container_id = id.into();
+        r.exec_id = exec_id.into();
+        r
+    }
+
+    /// Waits (without limit) for a process to exit; its raw status.
+    pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<i32> {
+        let r = self
+            .client
+            .wait_process(Self::wait_ctx(), &Self::process_request(id, exec_id))
+            .map_err(map_err("WaitProcess"))?;
+        Ok(r.status)
+    }
+
+    /// Writes to stdin; how many bytes the agent took (never more than
+    /// given, whatever the guest says).
+    pub fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<usize> {
+        let mut r = pb::WriteStreamRequest::new();
+        r.container_id = id.into();
+        r.exec_id = exec_id.into();
+        r.data = data.to_vec();
+        let resp = self
+            .client
+            .write_stdin(Self::wait_ctx(), &r)
+            .map_err(map_err("WriteStdin"))?;
+        Ok((resp.len as usize).min(data.len()))
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        self.client
+            .close_stdin(self.ctx(), &Self::process_request(id, exec_id))
+            .map_err(map_err("CloseStdin"))?;
+        Ok(())
+    }
+
+    /// Reads some output (blocking); empty at the end of the stream. At
+    /// most [`READ_CHUNK`] bytes are kept, whatever the guest sends.
+    pub fn read(&self, id: &str, exec_id: &str, stderr: bool) -> Result<Vec<u8>> {
+        let mut r = pb::ReadStreamRequest::new();
+        r.container_id = id.into();
+        r.exec_id = exec_id.into();
+        r.len = READ_CHUNK;
+        let mut data = if stderr {
+            self.client
+                .read_stderr(Self::wait_ctx(), &r)
+                .map_err(map_err("ReadStderr"))?
+                .data
+        } else {
+            self.client
+                .read_stdout(Self::wait_ctx(), &r)
+                .map_err(map_err("ReadStdout"))?
+                .data
+        };
+        data.truncate(READ_CHUNK as usize);
+        Ok(data)
+    }
+
+    pub fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let mut r = pb::TtyWinResizeRequest::new();
+        r.container_id = id.into();
+        r.exec_id = exec_id.into();
+        r.row = rows;
+        r.column = cols;
+        self.client
+            .tty_win_resize(self.ctx(), &r)
+            .map_err(map_err("TtyWinResize"))?;
+        Ok(())
+    }
+
+    fn container_request(id: &str) -> pb::ContainerRequest {
+        let mut r = pb::ContainerRequest::new();
+        r.container_id = id.into();
+        r
+    }
+
+    /// Guest pids of the container's processes (positive values only, at
+    /// most 65536 of them).
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        let r = self
+            .client
+            .list_processes(self.ctx(), &Self::container_request(id))
+            .map_err(map_err("ListProcesses"))?;
+        Ok(r.pids
+            .iter()
+            .filter_map(|&p| u32::try_from(p).ok().filter(|&p| p > 0))
+            .take(65536)
+            .collect())
+    }
+
+    pub fn stats(&self, id: &str) -> Result<pb::StatsContainerResponse> {
+        self.client
+            .stats_container(self.ctx(), &Self::container_request(id))
+            .map_err(map_err("StatsContainer"))
+    }
+
+    pub fn pause(&self, id: &str, pause: bool) -> Result<()> {
+        let r = Self::container_request(id);
+        if pause {
+            self.client
+                .pause_container(self.ctx(), &r)
+                .map_err(map_err("PauseContainer"))?;
+        } else {
+            self.client
+                .resume_container(self.ctx(), &r)
+                .map_err(map_err("ResumeContainer"))?;
+        }
+        Ok(())
+    }
+
+    pub fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let mut r = pb::UpdateContainerRequest::new();
+        r.container_id = id.into();
+        r.resources_json = resources_json;
+        self.client
+            .update_container(self.ctx(), &r)
+            .map_err(map_err("UpdateContainer"))?;
+        Ok(())
+    }
+
+    /// Writes a whole file into the guest, in chunks.
+    pub fn copy_file(&self, path: &str, data: &[u8], mode: u32, uid: u32, gid: u32) -> Result<()> {
+        let size = i64::try_from(data.len()).unwrap_or(i64::MAX);
+        let mut offset = 0usize;
+        loop {
+            let end = (offset + COPY_CHUNK).min(data.len());
+            let mut r = pb::CopyFileRequest::new();
+            r.path = path.into();
+            r.file_size = size;
+            r.file_mode = mode & 0o7777;
+            r.uid = uid;
+            r.gid = gid;
+            r.offset = i64::try_from(offset).unwrap_or(i64::MAX);
+            r.data = data[offset..end].to_vec();
+            self.client
+                .copy_file(self.ctx(), &r)
+                .map_err(map_err("CopyFile"))?;
+            offset = end;
+            if offset >= data.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Blocks until a container of the guest records an OOM kill.
+    pub fn oom_event(&self) -> Result<String> {
+        let r = self
+            .client
+            .get_oom_event(Self::wait_ctx(), &pb::Empty::new())
+            .map_err(map_err("GetOOMEvent"))?;
+        Ok(r.container_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_text_is_bounded_and_clean() {
+        assert_eq!(sanitize("a\nb\x1b[31mc"), "a b [31mc");
+        let long = "x".repeat(10_000);
+        let s = sanitize(&long);
+        assert!(s.len() <= MAX_GUEST_TEXT + 3);
+        assert!(s.ends_with("..."));
+        // Multi-byte characters are not cut in half.
+        let s = sanitize(&"é".repeat(1000));
+        assert!(s.is_char_boundary(s.len()));
+    }
+
+    #[test]
+    fn errors_keep_the_code() {
+        let e = map_err("X")(ttrpc::Error::RpcStatus(ttrpc::get_status(
+            Code::NOT_FOUND,
+            "container \"a\" not found",
+        )));
+        assert!(e.is_not_found());
+        assert_eq!(e.to_string(), "agent X: container \"a\" not found");
+        let e = map_err("Y")(ttrpc::Error::Socket("broken pipe".into()));
+        assert_eq!(e.code(), None);
+    }
+}

@@ -1,0 +1,386 @@
+//! The husk runtime configuration (configs/configuration.toml documents
+//! every key): where the shim finds it, parsing and validation into
+//! [`Config`]. Every error names the key it is about.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The configuration file when neither the runtime options nor the
+/// environment name one.
+pub const DEFAULT_PATH: &str = "/etc/husk/configuration.toml";
+/// The environment variable that names the configuration file.
+pub const ENV_VAR: &str = "HUSK_CONFIG";
+/// Largest configuration file read.
+const MAX_FILE: u64 = 1 << 20;
+/// Longest `kernel_params`: the VMM takes 1024 bytes of command line, the
+/// shim's own parameters use the rest.
+const MAX_KERNEL_PARAMS: usize = 512;
+/// The VMM has 19 virtio devices; the first disk, vsock and rng take three.
+pub const MAX_POD_DISK_SLOTS: u32 = 16;
+/// Longest `state_dir`: `<state_dir>/<64-byte id>/ctl.sock` fits the 107
+/// bytes of a Unix socket path.
+const MAX_STATE_DIR: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the husk configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("husk configuration {path} is larger than 1 MiB")]
+    TooLarge { path: PathBuf },
+    #[error("husk configuration {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("husk configuration {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The file as written: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    vmm_path: Option<PathBuf>,
+    kernel_path: Option<PathBuf>,
+    initrd_path: Option<PathBuf>,
+    kernel_params: Option<String>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+    boot_timeout_secs: Option<u64>,
+    request_timeout_secs: Option<u64>,
+    log_level: Option<String>,
+    debug_console: Option<bool>,
+    state_dir: Option<PathBuf>,
+    mkfs_erofs_path: Option<PathBuf>,
+    pod_disk_slots: Option<u32>,
+    pod_disk_slot_size_mib: Option<u64>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where it was read from (for messages).
+    pub source: PathBuf,
+    pub vmm_path: PathBuf,
+    pub kernel_path: PathBuf,
+    pub initrd_path: PathBuf,
+    pub kernel_params: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub boot_timeout: Duration,
+    pub request_timeout: Duration,
+    pub log_level: log::LevelFilter,
+    pub debug_console: bool,
+    pub state_dir: PathBuf,
+    pub mkfs_erofs_path: PathBuf,
+    pub pod_disk_slots: u32,
+    pub pod_disk_slot_size_mib: u64,
+}
+
+/// Picks the configuration file: the runtime option's path, else the
+/// environment's, else the default.
+pub fn choose_path(option_path: Option<&str>, env_path: Option<&str>) -> PathBuf {
+    option_path
+        .filter(|p| !p.is_empty())
+        .or(env_path.filter(|p| !p.is_empty()))
+        .unwrap_or(DEFAULT_PATH)
+        .into()
+}
+
+/// Reads and validates the configuration at `path`, checking that the files
+/// it names exist.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let read = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
+    if meta.len() > MAX_FILE {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    let cfg = parse(&text, path)?;
+    cfg.check_files()?;
+    Ok(cfg)
+}
+
+/// Parses and validates the text of a configuration (no file checks).
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })?;
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key,
+        message,
+    };
+    let abs = |key: &'static str, v: Option<PathBuf>, default: &str| {
+        let p = v.unwrap_or_else(|| default.into());
+        if p.is_absolute() {
+            Ok(p)
+        } else {
+            Err(invalid(
+                key,
+                format!(
+                    "must be an absolute path, got {:?}",
+                    p.display().to_string()
+                ),
+            ))
+        }
+    };
+    let range = |key: &'static str, v: u64, lo: u64, hi: u64| {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(
+                key,
+                format!("must be between {lo} and {hi}, got {v}"),
+            ))
+        }
+    };
+    let kernel_params = raw.kernel_params.unwrap_or_default();
+    if kernel_params.len() > MAX_KERNEL_PARAMS {
+        return Err(invalid(
+            "kernel_params",
+            format!(
+                "at most {MAX_KERNEL_PARAMS} bytes, got {}",
+                kernel_params.len()
+            ),
+        ));
+    }
+    if !kernel_params.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(invalid(
+            "kernel_params",
+            "must be printable ASCII on one line".into(),
+        ));
+    }
+    let log_level = match raw.log_level.as_deref().unwrap_or("info") {
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        other => {
+            return Err(invalid(
+                "log_level",
+                format!("must be error, warn, info, debug or trace, got {other:?}"),
+            ))
+        }
+    };
+    let state_dir = abs("state_dir", raw.state_dir, "/run/husk")?;
+    // <state_dir>/<64-hex sandbox id>/ctl.sock must fit sun_path.
+    if state_dir.as_os_str().len() > MAX_STATE_DIR {
+        return Err(invalid(
+            "state_dir",
+            format!(
+                "at most {MAX_STATE_DIR} bytes (the VMM's socket paths under it must fit 107), got {}",
+                state_dir.as_os_str().len()
+            ),
+        ));
+    }
+    Ok(Config {
+        source: path.to_path_buf(),
+        vmm_path: abs("vmm_path", raw.vmm_path, "/usr/local/bin/husk-vmm")?,
+        kernel_path: abs("kernel_path", raw.kernel_path, "/usr/share/husk/bzImage")?,
+        initrd_path: abs(
+            "initrd_path",
+            raw.initrd_path,
+            "/usr/share/husk/husk-agent.initrd",
+        )?,
+        kernel_params,
+        vcpus: range("vcpus", raw.vcpus.unwrap_or(1).into(), 1, 64)? as u32,
+        memory_mib: range("memory_mib", raw.memory_mib.unwrap_or(256), 64, 1 << 20)?,
+        boot_timeout: Duration::from_secs(range(
+            "boot_timeout_secs",
+            raw.boot_timeout_secs.unwrap_or(60),
+            1,
+            3600,
+        )?),
+        request_timeout: Duration::from_secs(range(
+            "request_timeout_secs",
+            raw.request_timeout_secs.unwrap_or(30),
+            1,
+            3600,
+        )?),
+        log_level,
+        debug_console: raw.debug_console.unwrap_or(false),
+        state_dir,
+        mkfs_erofs_path: abs(
+            "mkfs_erofs_path",
+            raw.mkfs_erofs_path,
+            "/usr/bin/mkfs.erofs",
+        )?,
+        pod_disk_slots: range(
+            "pod_disk_slots",
+            raw.pod_disk_slots.unwrap_or(4).into(),
+            0,
+            MAX_POD_DISK_SLOTS.into(),
+        )? as u32,
+        pod_disk_slot_size_mib: range(
+            "pod_disk_slot_size_mib",
+            raw.pod_disk_slot_size_mib.unwrap_or(2048),
+            16,
+            1 << 20,
+        )?,
+    })
+}
+
+impl Config {
+    /// Checks that the files the configuration names are there.
+    fn check_files(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let files: [(&'static str, &Path, bool); 4] = [
+            ("vmm_path", &self.vmm_path, true),
+            ("kernel_path", &self.kernel_path, false),
+            ("initrd_path", &self.initrd_path, false),
+            ("mkfs_erofs_path", &self.mkfs_erofs_path, true),
+        ];
+        for (key, path, exec) in files {
+            let message = match std::fs::metadata(path) {
+                Ok(m) if !m.is_file() => "is not a regular file".to_string(),
+                Ok(m) if exec && m.permissions().mode() & 0o111 == 0 => {
+                    "is not executable".to_string()
+                }
+                Ok(_) => continue,
+                Err(e) => e.to_string(),
+            };
+            return Err(ConfigError::Invalid {
+                path: self.source.clone(),
+                key,
+                message: format!("{}: {message}", path.display()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Size of a pod disk slot in bytes.
+    pub fn slot_bytes(&self) -> u64 {
+        self.pod_disk_slot_size_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/husk/configuration.toml"))
+    }
+
+    fn err(text: &str) -> String {
+        p(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let c = p("").unwrap();
+        assert_eq!(c.vmm_path, Path::new("/usr/local/bin/husk-vmm"));
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!(c.boot_timeout, Duration::from_secs(60));
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+        assert!(!c.debug_console);
+        assert_eq!(c.state_dir, Path::new("/run/husk"));
+        assert_eq!(c.pod_disk_slots, 4);
+        assert_eq!(c.slot_bytes(), 2 << 30);
+    }
+
+    #[test]
+    fn the_shipped_file_parses_to_the_defaults() {
+        let text = include_str!("../../configs/configuration.toml");
+        let mut shipped = p(text).unwrap();
+        let defaults = p("").unwrap();
+        shipped.source = defaults.source.clone();
+        assert_eq!(shipped, defaults);
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = p(r#"
+            vmm_path = "/opt/husk/husk-vmm"
+            kernel_params = "loglevel=7"
+            vcpus = 2
+            memory_mib = 512
+            boot_timeout_secs = 300
+            log_level = "debug"
+            debug_console = true
+            state_dir = "/tmp/h"
+            pod_disk_slots = 0
+        "#)
+        .unwrap();
+        assert_eq!(c.vmm_path, Path::new("/opt/husk/husk-vmm"));
+        assert_eq!(c.kernel_params, "loglevel=7");
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert_eq!(c.boot_timeout, Duration::from_secs(300));
+        assert_eq!(c.log_level, log::LevelFilter::Debug);
+        assert!(c.debug_console);
+        assert_eq!(c.pod_disk_slots, 0);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err("vcpus = 0");
+        assert!(e.contains("vcpus: must be between 1 and 64, got 0"), "{e}");
+        let e = err("memory_mib = 16");
+        assert!(e.contains("memory_mib: must be between 64"), "{e}");
+        let e = err("kernel_path = \"bzImage\"");
+        assert!(e.contains("kernel_path: must be an absolute path"), "{e}");
+        let e = err("log_level = \"loud\"");
+        assert!(e.contains("log_level: must be error"), "{e}");
+        let e = err("pod_disk_slots = 17");
+        assert!(
+            e.contains("pod_disk_slots: must be between 0 and 16"),
+            "{e}"
+        );
+        let e = err("kernel_params = \"a\\nb\"");
+        assert!(e.contains("kernel_params: must be printable"), "{e}");
+        let e = err("state_dir = \"/a/very/long/state/directory/path\"");
+        assert!(e.contains("state_dir: at most 32 bytes"), "{e}");
+        let e = err("boot_timeout_secs = 0");
+        assert!(e.contains("boot_timeout_secs"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        let e = err("vcpu = 2");
+        assert!(e.contains("vcpu"), "{e}");
+        let e = err("vcpus = \"two\"");
+        assert!(e.contains("vcpus"), "{e}");
+        let e = err("debug_console = 1");
+        assert!(e.contains("debug_console"), "{e}");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("husk-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "vmm_path = \"/nonexistent/husk-vmm\"\n").unwrap();
+        let e = load(&file).unwrap_err().to_string();
+        assert!(e.contains("vmm_path: /nonexistent/husk-vmm"), "{e}");
+        let e = load(&dir.join("missing.toml")).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn path_precedence() {
+        assert_eq!(
+            choose_path(Some("/a.toml"), Some("/b.toml")),
+            Path::new("/a.toml")
+        );
+        assert_eq!(choose_path(Some(""), Some("/b.toml")), Path::new("/b.toml"));
+        assert_eq!(choose_path(None, None), Path::new(DEFAULT_PATH));
+    }
+}

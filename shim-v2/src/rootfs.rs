@@ -1,0 +1,519 @@
+//! A container's root file system on its way to the guest: containerd's
+//! rootfs mounts (usually one overlay of the image's snapshots) are mounted
+//! at `<bundle>/rootfs`, as runc's shim does; `mkfs.erofs` turns that tree
+//! into a read-only image; the guest sees the image as a virtio-blk disk
+//! and the agent mounts it under a tmpfs overlay.
+//!
+//! Why a block device with erofs (and not virtio-fs or 9p): no file server
+//! process per pod on the host (virtiofsd), no host directory exposed to an
+//! untrusted guest (the guest reads an image, not the host's file system,
+//! and cannot write it: the disk is read-only), small images and a fast,
+//! simple read-only file system in the guest; the container's writes go to
+//! a tmpfs in guest memory and vanish with the container.
+//!
+//! The VMM has no disk hot-plug, so a pod's later containers use *slots*:
+//! sparse files attached read-only when the VM boots. A container's image
+//! is written into the next unused slot file, in place (same inode, so the
+//! VMM's open file sees it); the guest has never read that disk (its
+//! partition scan at boot read it while it was all zeros, but the kernel
+//! drops a block device's cached pages when its last opener closes it, and
+//! nothing keeps a slot open), and erofs does not mind a disk larger than
+//! its image. A slot is never used twice: after a container used it, the
+//! guest may cache its pages.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use containerd_shim::protos::api::Mount;
+
+/// Bytes of mount data a single mount(2) takes (one page, with a margin).
+const MAX_MOUNT_DATA: usize = 4000;
+/// Longest mkfs.erofs output kept for an error.
+const MAX_TOOL_OUTPUT: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("rootfs mount {index} (type {fstype:?}) on {target}: {source}")]
+    Mount {
+        index: usize,
+        fstype: String,
+        target: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("rootfs mount {index}: {message}")]
+    BadMount { index: usize, message: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("running {tool}: {source}")]
+    Spawn {
+        tool: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{tool} failed ({status}): {output}")]
+    Tool {
+        tool: PathBuf,
+        status: String,
+        output: String,
+    },
+    #[error(
+        "the pod's {total} disk slots are all used: raise pod_disk_slots in the husk configuration"
+    )]
+    SlotsExhausted { total: usize },
+    #[error("the container's root file system image is {size} bytes, larger than a pod disk slot ({slot} bytes): raise pod_disk_slot_size_mib in the husk configuration")]
+    ImageTooLarge { size: u64, slot: u64 },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RootfsError {
+    let path = path.to_path_buf();
+    move |source| RootfsError::Io { what, path, source }
+}
+
+fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))
+}
+
+/// A mount(2) call made from one containerd mount: flags and data.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MountPlan {
+    pub flags: libc::c_ulong,
+    pub data: String,
+    /// Remount read-only after a bind (a bind ignores MS_RDONLY).
+    pub bind_ro: bool,
+}
+
+/// Splits mount options into flags and file system data, as mount(8) and
+/// containerd's mount package do.
+pub fn plan_options(options: &[String]) -> MountPlan {
+    let mut flags: libc::c_ulong = 0;
+    let mut data = Vec::new();
+    for o in options {
+        let (set, clear) = match o.as_str() {
+            "ro" => (libc::MS_RDONLY, 0),
+            "rw" => (0, libc::MS_RDONLY),
+            "bind" => (libc::MS_BIND, 0),
+            "rbind" => (libc::MS_BIND | libc::MS_REC, 0),
+            "nosuid" => (libc::MS_NOSUID, 0),
+            "suid" => (0, libc::MS_NOSUID),
+            "nodev" => (libc::MS_NODEV, 0),
+            "dev" => (0, libc::MS_NODEV),
+            "noexec" => (libc::MS_NOEXEC, 0),
+            "exec" => (0, libc::MS_NOEXEC),
+            "noatime" => (libc::MS_NOATIME, 0),
+            "atime" => (0, libc::MS_NOATIME),
+            "nodiratime" => (libc::MS_NODIRATIME, 0),
+            "relatime" => (libc::MS_RELATIME, 0),
+            "strictatime" => (libc::MS_STRICTATIME, 0),
+            "sync" => (libc::MS_SYNCHRONOUS, 0),
+            "async" => (0, libc::MS_SYNCHRONOUS),
+            "dirsync" => (libc::MS_DIRSYNC, 0),
+            "mand" => (libc::MS_MANDLOCK, 0),
+            "nomand" => (0, libc::MS_MANDLOCK),
+            "remount" => (libc::MS_REMOUNT, 0),
+            "defaults" => (0, 0),
+            // Propagation is the bundle's business, not the image's.
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
+            | "runbindable" => (0, 0),
+            _ => {
+                data.push(o.clone());
+                (0, 0)
+            }
+        };
+        flags = (flags | set) & !clear;
+    }
+    let bind_ro = flags & libc::MS_BIND != 0 && flags & libc::MS_RDONLY != 0;
+    MountPlan {
+        flags,
+        data: data.join(","),
+        bind_ro,
+    }
+}
+
+/// For overlay data too long for one page: the longest common directory
+/// of the lowerdirs and the data with lowerdirs relative to it (the mount
+/// is then made from that directory). None when there is nothing to gain.
+pub fn compact_overlay_data(data: &str) -> Option<(PathBuf, String)> {
+    let mut parts: Vec<String> = data.split(',').map(str::to_string).collect();
+    let idx = parts.iter().position(|p| p.starts_with("lowerdir="))?;
+    let lowers: Vec<&str> = parts[idx]["lowerdir=".len()..].split(':').collect();
+    if lowers.len() < 2 || lowers.iter().any(|l| !l.starts_with('/')) {
+        return None;
+    }
+    let first = Path::new(lowers[0]);
+    let mut common: PathBuf = first.parent()?.to_path_buf();
+    while !lowers.iter().all(|l| Path::new(l).starts_with(&common)) {
+        common = common.parent()?.to_path_buf();
+    }
+    if common == Path::new("/") {
+        return None;
+    }
+    let rel: Vec<String> = lowers
+        .iter()
+        .map(|l| {
+            Path::new(l)
+                .strip_prefix(&common)
+                .map(|p| p.display().to_string())
+        })
+        .collect::<Result<_, _>>()
+        .ok()?;
+    parts[idx] = format!("lowerdir={}", rel.join(":"));
+    Some((common, parts.join(",")))
+}
+
+fn sys_mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let src = source.map(cstr).transpose()?;
+    let tgt = cstr(target)?;
+    let fst = fstype
+        .map(|t| CString::new(t).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput)))
+        .transpose()?;
+    let dat = data
+        .map(|d| CString::new(d).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput)))
+        .transpose()?;
+    // SAFETY: every pointer is a NUL-terminated string alive for the call,
+    // or null where mount(2) allows it.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            tgt.as_ptr(),
+            fst.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            dat.as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr().cast::<libc::c_void>()),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` in a thread of its own whose working directory is `dir` (the
+/// thread unshares its fs attributes, so the process's stays).
+fn in_directory<T: Send>(dir: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask.
+            if unsafe { libc::unshare(libc::CLONE_FS) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            std::env::set_current_dir(dir)?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("mount thread panicked")))
+    })
+}
+
+/// Mounts containerd's rootfs mounts, in order, at `target`.
+pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), RootfsError> {
+    for (index, m) in mounts.iter().enumerate() {
+        if m.type_.is_empty() && m.source.is_empty() {
+            return Err(RootfsError::BadMount {
+                index,
+                message: "neither type nor source".into(),
+            });
+        }
+        let plan = plan_options(&m.options);
+        let fstype = if m.type_.is_empty() || m.type_ == "bind" {
+            None
+        } else {
+            Some(m.type_.as_str())
+        };
+        let source = (!m.source.is_empty()).then(|| Path::new(&m.source));
+        let err = |source: io::Error| RootfsError::Mount {
+            index,
+            fstype: m.type_.clone(),
+            target: target.to_path_buf(),
+            source,
+        };
+        let mut flags = plan.flags;
+        if m.type_ == "bind" {
+            flags |= libc::MS_BIND;
+        }
+        let result = if fstype == Some("overlay") && plan.data.len() > MAX_MOUNT_DATA {
+            let (dir, data) =
+                compact_overlay_data(&plan.data).ok_or_else(|| RootfsError::BadMount {
+                    index,
+                    message: format!("overlay options are {} bytes, too long", plan.data.len()),
+                })?;
+            if data.len() > MAX_MOUNT_DATA {
+                return Err(RootfsError::BadMount {
+                    index,
+                    message: format!("overlay options are {} bytes, too long", data.len()),
+                });
+            }
+            in_directory(&dir, || {
+                sys_mount(source, target, fstype, flags, Some(&data))
+            })
+        } else {
+            let data = (!plan.data.is_empty()).then_some(plan.data.as_str());
+            sys_mount(source, target, fstype, flags, data)
+        };
+        result.map_err(err)?;
+        if plan.bind_ro {
+            sys_mount(
+                None,
+                target,
+                None,
+                flags | libc::MS_REMOUNT | libc::MS_RDONLY,
+                None,
+            )
+            .map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts everything mounted at `target` (stacked mounts included);
+/// nothing mounted is not an error.
+pub fn unmount(target: &Path) -> Result<(), RootfsError> {
+    let c = cstr(target).map_err(io_err("unmounting", target))?;
+    for _ in 0..64 {
+        // SAFETY: umount2 with a NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+                _ => Err(io_err("unmounting", target)(e)),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Output of a tool, cut for an error message.
+fn tool_output(out: &[u8]) -> String {
+    let text = String::from_utf8_lossy(out);
+    let text = text.trim();
+    let start = text.len().saturating_sub(MAX_TOOL_OUTPUT);
+    let start = (start..=text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    text[start..].replace('\n', " | ")
+}
+
+/// Builds an uncompressed erofs image of `dir` at `image`; its size.
+pub fn build_erofs(mkfs: &Path, dir: &Path, image: &Path) -> Result<u64, RootfsError> {
+    let out = Command::new(mkfs)
+        .arg("--quiet")
+        .arg(image)
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| RootfsError::Spawn {
+            tool: mkfs.to_path_buf(),
+            source,
+        })?;
+    if !out.status.success() {
+        let _ = fs::remove_file(image);
+        let mut all = out.stderr;
+        all.extend_from_slice(&out.stdout);
+        return Err(RootfsError::Tool {
+            tool: mkfs.to_path_buf(),
+            status: out.status.to_string(),
+            output: tool_output(&all),
+        });
+    }
+    Ok(fs::metadata(image).map_err(io_err("reading", image))?.len())
+}
+
+/// A sparse file of `size` bytes (a pod disk slot).
+pub fn create_sparse(path: &Path, size: u64) -> Result<(), RootfsError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err("creating", path))?;
+    f.set_len(size).map_err(io_err("sizing", path))
+}
+
+/// Copies `image` over the start of `slot` without truncating or
+/// replacing it (the VMM holds it open).
+pub fn write_into_slot(image: &Path, slot: &Path) -> Result<(), RootfsError> {
+    let mut src = File::open(image).map_err(io_err("opening", image))?;
+    let mut dst = OpenOptions::new()
+        .write(true)
+        .open(slot)
+        .map_err(io_err("opening", slot))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("reading", image)(e)),
+        };
+        dst.write_all(&buf[..n]).map_err(io_err("writing", slot))?;
+    }
+    dst.sync_data().map_err(io_err("syncing", slot))
+}
+
+/// A pod's disk slots: which is next. Slots are numbered from 1; a used
+/// slot is never handed out again.
+#[derive(Debug)]
+pub struct Slots {
+    total: usize,
+    used: usize,
+    slot_bytes: u64,
+}
+
+/// The virtio-blk serial of the first container's disk.
+pub const ROOT_SERIAL: &str = "husk-root";
+
+/// The virtio-blk serial of slot `n` (from 1).
+pub fn slot_serial(n: usize) -> String {
+    format!("husk-slot{n}")
+}
+
+impl Slots {
+    pub fn new(total: usize, slot_bytes: u64) -> Slots {
+        Slots {
+            total,
+            used: 0,
+            slot_bytes,
+        }
+    }
+
+    /// Takes the next slot for an image of `size` bytes; its number.
+    pub fn take(&mut self, size: u64) -> Result<usize, RootfsError> {
+        if size > self.slot_bytes {
+            return Err(RootfsError::ImageTooLarge {
+                size,
+                slot: self.slot_bytes,
+            });
+        }
+        if self.used >= self.total {
+            return Err(RootfsError::SlotsExhausted { total: self.total });
+        }
+        self.used += 1;
+        Ok(self.used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(o: &[&str]) -> Vec<String> {
+        o.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let p = plan_options(&opts(&[
+            "index=off",
+            "workdir=/w",
+            "upperdir=/u",
+            "lowerdir=/a:/b",
+        ]));
+        assert_eq!(p.flags, 0);
+        assert_eq!(p.data, "index=off,workdir=/w,upperdir=/u,lowerdir=/a:/b");
+        let p = plan_options(&opts(&["rbind", "ro", "nosuid", "rprivate"]));
+        assert_eq!(
+            p.flags,
+            libc::MS_BIND | libc::MS_REC | libc::MS_RDONLY | libc::MS_NOSUID
+        );
+        assert!(p.bind_ro);
+        assert_eq!(p.data, "");
+        let p = plan_options(&opts(&["ro", "rw"]));
+        assert_eq!(p.flags, 0);
+        assert!(!p.bind_ro);
+    }
+
+    #[test]
+    fn long_overlay_lowerdirs_are_made_relative() {
+        let base = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots";
+        let data = format!("index=off,lowerdir={base}/3/fs:{base}/2/fs:{base}/1/fs,upperdir=/u");
+        let (dir, short) = compact_overlay_data(&data).unwrap();
+        assert_eq!(dir, Path::new(base));
+        assert_eq!(short, "index=off,lowerdir=3/fs:2/fs:1/fs,upperdir=/u");
+        assert!(compact_overlay_data("lowerdir=/a/x:/b/y").is_none());
+        assert!(compact_overlay_data("lowerdir=/a/x").is_none());
+        assert!(compact_overlay_data("upperdir=/u").is_none());
+    }
+
+    #[test]
+    fn slots_run_out_and_refuse_large_images() {
+        let mut s = Slots::new(2, 1000);
+        assert_eq!(s.take(10).unwrap(), 1);
+        assert!(matches!(
+            s.take(1001),
+            Err(RootfsError::ImageTooLarge {
+                size: 1001,
+                slot: 1000
+            })
+        ));
+        assert_eq!(s.take(1000).unwrap(), 2);
+        let e = s.take(1).unwrap_err();
+        assert!(matches!(e, RootfsError::SlotsExhausted { total: 2 }));
+        assert!(e.to_string().contains("pod_disk_slots"));
+        assert!(matches!(
+            Slots::new(0, 1000).take(1),
+            Err(RootfsError::SlotsExhausted { total: 0 })
+        ));
+        assert_eq!(slot_serial(3), "husk-slot3");
+    }
+
+    #[test]
+    fn slot_writes_keep_the_inode_and_size() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("husk-slot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let slot = dir.join("slot1");
+        create_sparse(&slot, 1 << 20).unwrap();
+        let before = fs::metadata(&slot).unwrap();
+        let image = dir.join("img");
+        fs::write(&image, b"erofs image bytes").unwrap();
+        write_into_slot(&image, &slot).unwrap();
+        let after = fs::metadata(&slot).unwrap();
+        assert_eq!(before.ino(), after.ino());
+        assert_eq!(after.len(), 1 << 20);
+        let data = fs::read(&slot).unwrap();
+        assert_eq!(&data[..17], b"erofs image bytes");
+        assert!(data[17..].iter().all(|&b| b == 0));
+        assert!(create_sparse(&slot, 1).is_err(), "never reuses a file");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn erofs_images_build_when_the_tool_is_there() {
+        let mkfs = Path::new("/usr/bin/mkfs.erofs");
+        let dir = std::env::temp_dir().join(format!("husk-erofs-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("tree/bin")).unwrap();
+        fs::write(dir.join("tree/bin/hello"), b"hi").unwrap();
+        let image = dir.join("img.erofs");
+        if mkfs.exists() {
+            let size = build_erofs(mkfs, &dir.join("tree"), &image).unwrap();
+            assert!(size >= 4096);
+            let e = build_erofs(mkfs, &dir.join("missing"), &dir.join("x")).unwrap_err();
+            assert!(matches!(e, RootfsError::Tool { .. }), "{e}");
+        }
+        let e = build_erofs(Path::new("/nonexistent/mkfs"), &dir, &image).unwrap_err();
+        assert!(matches!(e, RootfsError::Spawn { .. }));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unmount_of_nothing_is_fine() {
+        unmount(Path::new("/nonexistent/husk/rootfs")).unwrap();
+    }
+}

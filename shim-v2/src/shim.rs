@@ -1,0 +1,193 @@
+//! The shim binary's lifecycle for containerd (containerd-shim's `Shim`):
+//! `start` (launch or find the shim that serves the container's sandbox),
+//! `delete` (clean up after a shim that is gone), and the task service.
+//!
+//! Grouping, as runc's shim v2 does it: a container whose CRI annotations
+//! name a sandbox is served by that sandbox's shim. The shim's socket
+//! address is derived from the sandbox id, so `start` for a pod's later
+//! container finds the running pod shim's socket and returns its address.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::util::write_address;
+use containerd_shim::{Config, DeleteResponse, Error, ExitSignal, Flags, StartOpts};
+
+use crate::events::{timestamp, Events};
+use crate::service::{Service, BUNDLE_MARKER};
+use crate::spec::{self, Role};
+
+pub struct HuskShim {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    id: String,
+}
+
+/// The sandbox (and so the shim) a bundle's container belongs to.
+pub fn grouping(id: &str, bundle: &Path) -> Result<String, spec::SpecError> {
+    let s = spec::read(bundle)?;
+    let role = Role::of(id, &s);
+    let g = role.sandbox_id(id).to_string();
+    spec::check_id("sandbox", &g)?;
+    Ok(g)
+}
+
+/// Reads the bundle marker: (state folder, whether the container owned it).
+fn read_marker(bundle: &Path) -> Option<(PathBuf, bool)> {
+    let mut text = String::new();
+    std::fs::File::open(bundle.join(BUNDLE_MARKER))
+        .ok()?
+        .take(4096)
+        .read_to_string(&mut text)
+        .ok()?;
+    let mut lines = text.lines();
+    let dir = PathBuf::from(lines.next()?);
+    let owner = lines.next()? == "owner";
+    dir.is_absolute().then_some((dir, owner))
+}
+
+/// Kills the VMM recorded in a state folder, if it still runs and really
+/// is that folder's VMM (its command line names the folder's vm.json).
+fn kill_recorded_vmm(dir: &Path) {
+    let Ok(pid) = std::fs::read_to_string(dir.join("vmm.pid")) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return;
+    };
+    if pid <= 1 {
+        return;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let want = dir.join("vm.json");
+    let matches = cmdline
+        .split(|&b| b == 0)
+        .any(|arg| Path::new(std::ffi::OsStr::new(std::str::from_utf8(arg).unwrap_or(""))) == want);
+    if matches {
+        log::warn!("killing leftover VMM pid {pid} of {}", dir.display());
+        // SAFETY: kill(2) with a pid checked above to run our VM.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+/// What `shim delete` does for a container whose shim is gone: unmount its
+/// rootfs, and if it owned a sandbox, end that sandbox's VM and remove its
+/// state folder.
+pub fn cleanup_bundle(id: &str, bundle: &Path) {
+    if let Ok(s) = spec::read(bundle) {
+        let root = spec::root_path(bundle, &s);
+        if let Err(e) = crate::rootfs::unmount(&root) {
+            log::warn!("{id}: {e}");
+        }
+    }
+    if let Some((dir, owner)) = read_marker(bundle) {
+        if owner {
+            kill_recorded_vmm(&dir);
+            // The folder holds only files and sockets (nothing mounted).
+            crate::sandbox::remove_state_dir(&dir);
+        }
+        let _ = std::fs::remove_file(bundle.join(BUNDLE_MARKER));
+    }
+}
+
+impl containerd_shim::Shim for HuskShim {
+    type T = Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        HuskShim {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
+        let group =
+            grouping(&opts.id, &bundle).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let (_pid, address) = containerd_shim::spawn(opts, &group, Vec::new())?;
+        write_address(&address)?;
+        Ok(address)
+    }
+
+    fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        let bundle = std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?;
+        cleanup_bundle(&self.id, &bundle);
+        Ok(DeleteResponse {
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: Some(timestamp(SystemTime::now())).into(),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Service {
+        let events = Events::start(publisher, self.namespace.clone());
+        Service::new(events, self.exit.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouping_follows_the_sandbox_id() {
+        let dir = std::env::temp_dir().join(format!("husk-shim-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"ociVersion":"1.0.2"}"#).unwrap();
+        assert_eq!(grouping("c1", &dir).unwrap(), "c1");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"annotations":{"io.kubernetes.cri.container-type":"container",
+                "io.kubernetes.cri.sandbox-id":"pod1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(grouping("c1", &dir).unwrap(), "pod1");
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"annotations":{"io.kubernetes.cri.container-type":"container",
+                "io.kubernetes.cri.sandbox-id":"../etc"}}"#,
+        )
+        .unwrap();
+        assert!(grouping("c1", &dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cleanup_removes_an_owned_state_folder() {
+        let root = std::env::temp_dir().join(format!("husk-cleanup-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let bundle = root.join("bundle");
+        let state = root.join("state/sb");
+        std::fs::create_dir_all(&bundle).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("vmm.pid"), "999999999").unwrap();
+        std::fs::write(bundle.join("config.json"), "{}").unwrap();
+        std::fs::write(
+            bundle.join(BUNDLE_MARKER),
+            format!("{}\nmember\n", state.display()),
+        )
+        .unwrap();
+        cleanup_bundle("c", &bundle);
+        assert!(state.exists(), "a member leaves the sandbox alone");
+        assert!(!bundle.join(BUNDLE_MARKER).exists());
+        std::fs::write(
+            bundle.join(BUNDLE_MARKER),
+            format!("{}\nowner\n", state.display()),
+        )
+        .unwrap();
+        cleanup_bundle("c", &bundle);
+        assert!(!state.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,581 @@
+//! The OCI bundle as the shim reads it: which sandbox a container belongs
+//! to (CRI annotations), and the spec rewritten for the guest.
+//!
+//! The spec is handled as JSON (serde_json::Value), so that fields the shim
+//! does not know pass to the agent untouched.
+//!
+//! What changes on the way into the guest:
+//! - `root.path` becomes the guest path where the agent mounts the image;
+//! - namespace `path`s are dropped: they name host namespaces (CRI's
+//!   network namespace, the pause container's /proc/<pid>/ns/...), which
+//!   mean nothing in the guest. A pod's containers join the pod's first
+//!   container's network, IPC and UTS namespaces in the guest instead;
+//! - `hooks` are dropped: they are host programs, and the container runs
+//!   in the guest (husk does not run OCI hooks);
+//! - bind mounts from the host cannot be shared with the guest (no shared
+//!   file system, by design). Their sources are copied into the guest
+//!   instead ([`HostCopy`]), once per sandbox, and the mount's source is
+//!   rewritten to the copy: files up to 16 MiB, directories of up to 1024
+//!   entries and 16 MiB (files and subfolders; symlinks inside are
+//!   skipped). That covers what CRI and kubelet bind (/etc/hosts,
+//!   /etc/hostname, /etc/resolv.conf, /dev/termination-log, secrets and
+//!   config maps). It is a one-way snapshot taken at create time: later
+//!   host changes are not seen, guest writes do not reach the host. The
+//!   CRI /dev/shm bind becomes a tmpfs; an empty host directory becomes
+//!   a tmpfs of the container's own. Anything else (sockets, devices,
+//!   larger trees) fails Create with an error naming the mount.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+/// CRI: "sandbox" or "container".
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI: the pod's sandbox (pause) container id.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Largest config.json read.
+const MAX_SPEC: u64 = 16 << 20;
+/// Largest bind-mounted file or directory tree copied into the guest.
+pub const MAX_COPY_BYTES: u64 = 16 << 20;
+/// Most entries of a bind-mounted directory copied into the guest.
+pub const MAX_COPY_ENTRIES: usize = 1024;
+/// Where host files land in the guest.
+pub const GUEST_HOST_FILES: &str = "/run/husk/host";
+/// Where the agent mounts container root file systems in the guest.
+pub const GUEST_CONTAINERS: &str = "/run/husk/containers";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: larger than 16 MiB")]
+    TooLarge { path: PathBuf },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {what} {id:?}: 1 to 76 of [A-Za-z0-9_.-], starting with a letter or digit")]
+    Id { what: &'static str, id: String },
+    #[error("the spec: {0}")]
+    Malformed(String),
+    #[error("bind mount of {host:?} on {destination:?}: {reason} (husk copies host files into the VM: files and small directories only)")]
+    UnsupportedMount {
+        host: String,
+        destination: String,
+        reason: String,
+    },
+}
+
+/// Checks a container or sandbox id before it becomes part of a path.
+pub fn check_id(what: &'static str, id: &str) -> Result<(), SpecError> {
+    let ok = !id.is_empty()
+        && id.len() <= 76
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::Id {
+            what,
+            id: id.to_string(),
+        })
+    }
+}
+
+/// Reads `<bundle>/config.json`.
+pub fn read(bundle: &Path) -> Result<Value, SpecError> {
+    let path = bundle.join("config.json");
+    let read = |source| SpecError::Read {
+        path: path.clone(),
+        source,
+    };
+    if fs::metadata(&path).map_err(read)?.len() > MAX_SPEC {
+        return Err(SpecError::TooLarge { path });
+    }
+    let text = fs::read(&path).map_err(read)?;
+    let v: Value = serde_json::from_slice(&text).map_err(|e| SpecError::Parse {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    if !v.is_object() {
+        return Err(SpecError::Parse {
+            path,
+            message: "not a JSON object".into(),
+        });
+    }
+    Ok(v)
+}
+
+/// A container's place: alone in its VM, a pod's first (sandbox) container,
+/// or a later container of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Standalone,
+    PodSandbox,
+    PodContainer { sandbox_id: String },
+}
+
+impl Role {
+    /// From the spec's CRI annotations.
+    pub fn of(id: &str, spec: &Value) -> Role {
+        let ann = |k: &str| {
+            spec.pointer("/annotations")
+                .and_then(|a| a.get(k))
+                .and_then(Value::as_str)
+        };
+        match (ann(CONTAINER_TYPE), ann(SANDBOX_ID)) {
+            (Some("sandbox"), _) => Role::PodSandbox,
+            (Some("container"), Some(s)) if !s.is_empty() && s != id => Role::PodContainer {
+                sandbox_id: s.to_string(),
+            },
+            _ => Role::Standalone,
+        }
+    }
+
+    /// The sandbox (and shim, and VM) the container belongs to.
+    pub fn sandbox_id<'a>(&'a self, id: &'a str) -> &'a str {
+        match self {
+            Role::PodContainer { sandbox_id } => sandbox_id,
+            _ => id,
+        }
+    }
+}
+
+/// The spec's root path, resolved against the bundle.
+pub fn root_path(bundle: &Path, spec: &Value) -> PathBuf {
+    let p = spec
+        .pointer("/root/path")
+        .and_then(Value::as_str)
+        .unwrap_or("rootfs");
+    bundle.join(p)
+}
+
+/// The spec's hostname (empty if none).
+pub fn hostname(spec: &Value) -> String {
+    spec.get("hostname")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The guest path of a container's root file system.
+pub fn guest_rootfs(id: &str) -> String {
+    format!("{GUEST_CONTAINERS}/{id}/rootfs")
+}
+
+/// What a host path is, for the bind-mount policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostKind {
+    File {
+        size: u64,
+    },
+    Dir {
+        files: Vec<(PathBuf, u64)>,
+        total: u64,
+    },
+    EmptyDir,
+    Other(String),
+}
+
+/// Looks at a bind mount source on the host (following symlinks).
+pub fn inspect_host(path: &Path) -> HostKind {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return HostKind::Other(e.to_string()),
+    };
+    if meta.is_file() {
+        return HostKind::File { size: meta.len() };
+    }
+    if !meta.is_dir() {
+        return HostKind::Other("not a regular file or directory".into());
+    }
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    let mut entries = 0usize;
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let rd = match fs::read_dir(path.join(&rel)) {
+            Ok(rd) => rd,
+            Err(e) => return HostKind::Other(e.to_string()),
+        };
+        for entry in rd.flatten() {
+            entries += 1;
+            if entries > MAX_COPY_ENTRIES {
+                return HostKind::Other(format!(
+                    "a directory of more than {MAX_COPY_ENTRIES} entries"
+                ));
+            }
+            let r = rel.join(entry.file_name());
+            // Kubernetes' atomic-writer volumes are symlinks to a
+            // timestamped folder: follow them, skip anything that is not
+            // a file or folder.
+            let Ok(m) = fs::metadata(path.join(&r)) else {
+                continue;
+            };
+            if m.is_dir() {
+                if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                    // ..data -> ..2024_xx: its files are reached through
+                    // the top-level symlinks; do not copy them twice.
+                    continue;
+                }
+                stack.push(r);
+            } else if m.is_file() {
+                total += m.len();
+                if total > MAX_COPY_BYTES {
+                    return HostKind::Other("a directory of more than 16 MiB".into());
+                }
+                files.push((r, m.len()));
+            }
+        }
+    }
+    if files.is_empty() {
+        HostKind::EmptyDir
+    } else {
+        HostKind::Dir { files, total }
+    }
+}
+
+/// A host file or tree to copy into the guest before the container is
+/// created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCopy {
+    pub host: PathBuf,
+    pub guest: String,
+    /// For a directory: the files under it (relative paths).
+    pub files: Option<Vec<PathBuf>>,
+}
+
+/// A stable short name for a host path in the guest (FNV-1a).
+fn guest_name(host: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let base: String = Path::new(host)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
+        .take(40)
+        .collect();
+    format!("{GUEST_HOST_FILES}/{h:016x}-{base}")
+}
+
+fn is_bind(m: &Value) -> bool {
+    m.get("type").and_then(Value::as_str) == Some("bind")
+        || m.get("options").and_then(Value::as_array).is_some_and(|o| {
+            o.iter()
+                .any(|o| o.as_str() == Some("bind") || o.as_str() == Some("rbind"))
+        })
+}
+
+/// The result of rewriting a spec for the guest.
+#[derive(Debug)]
+pub struct GuestSpec {
+    pub json: Vec<u8>,
+    pub copies: Vec<HostCopy>,
+}
+
+/// Rewrites `spec` for the guest (see the module's comment); `inspect`
+/// tells what a host path is.
+pub fn for_guest(
+    spec: &Value,
+    id: &str,
+    terminal: bool,
+    inspect: impl Fn(&Path) -> HostKind,
+) -> Result<GuestSpec, SpecError> {
+    let mut spec = spec.clone();
+    let obj = spec
+        .as_object_mut()
+        .ok_or_else(|| SpecError::Malformed("not an object".into()))?;
+    obj.remove("hooks");
+    let root = obj.entry("root").or_insert_with(|| json!({}));
+    if let Some(r) = root.as_object_mut() {
+        r.insert("path".into(), Value::String(guest_rootfs(id)));
+    }
+    if let Some(p) = obj.get_mut("process").and_then(Value::as_object_mut) {
+        p.insert("terminal".into(), Value::Bool(terminal));
+    }
+    if let Some(nss) = obj
+        .get_mut("linux")
+        .and_then(|l| l.get_mut("namespaces"))
+        .and_then(Value::as_array_mut)
+    {
+        for ns in nss.iter_mut().filter_map(Value::as_object_mut) {
+            ns.remove("path");
+        }
+    }
+    let mut copies: BTreeMap<String, HostCopy> = BTreeMap::new();
+    if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
+        for m in mounts.iter_mut() {
+            if !is_bind(m) {
+                continue;
+            }
+            let source = m
+                .get("source")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let destination = m
+                .get("destination")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let unsupported = |reason: String| SpecError::UnsupportedMount {
+                host: source.clone(),
+                destination: destination.clone(),
+                reason,
+            };
+            if !source.starts_with('/') {
+                return Err(unsupported("the source is not an absolute path".into()));
+            }
+            let tmpfs = |m: &mut Value, opts: Value| {
+                *m = json!({
+                    "destination": destination,
+                    "type": "tmpfs",
+                    "source": "tmpfs",
+                    "options": opts,
+                });
+            };
+            if destination == "/dev/shm" {
+                tmpfs(
+                    m,
+                    json!(["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+                );
+                continue;
+            }
+            let guest = guest_name(&source);
+            match inspect(Path::new(&source)) {
+                HostKind::File { size } if size <= MAX_COPY_BYTES => {
+                    copies.entry(source.clone()).or_insert(HostCopy {
+                        host: source.clone().into(),
+                        guest: guest.clone(),
+                        files: None,
+                    });
+                }
+                HostKind::File { size } => {
+                    return Err(unsupported(format!(
+                        "a file of {size} bytes, more than 16 MiB"
+                    )))
+                }
+                HostKind::Dir { files, .. } => {
+                    copies.entry(source.clone()).or_insert(HostCopy {
+                        host: source.clone().into(),
+                        guest: guest.clone(),
+                        files: Some(files.into_iter().map(|(p, _)| p).collect()),
+                    });
+                }
+                HostKind::EmptyDir => {
+                    let ro = m
+                        .get("options")
+                        .and_then(Value::as_array)
+                        .is_some_and(|o| o.iter().any(|o| o.as_str() == Some("ro")));
+                    let mut opts = vec!["nosuid", "nodev", "mode=755"];
+                    if ro {
+                        opts.push("ro");
+                    }
+                    tmpfs(m, json!(opts));
+                    continue;
+                }
+                HostKind::Other(reason) => return Err(unsupported(reason)),
+            }
+            if let Some(o) = m.as_object_mut() {
+                o.insert("source".into(), Value::String(guest));
+            }
+        }
+    }
+    let json = serde_json::to_vec(&spec).map_err(|e| SpecError::Malformed(e.to_string()))?;
+    Ok(GuestSpec {
+        json,
+        copies: copies.into_values().collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cri(kind: &str, sandbox: &str) -> Value {
+        json!({"annotations": {CONTAINER_TYPE: kind, SANDBOX_ID: sandbox}})
+    }
+
+    #[test]
+    fn roles_from_cri_annotations() {
+        assert_eq!(Role::of("c1", &json!({})), Role::Standalone);
+        assert_eq!(Role::of("p1", &cri("sandbox", "p1")), Role::PodSandbox);
+        let r = Role::of("c1", &cri("container", "p1"));
+        assert_eq!(
+            r,
+            Role::PodContainer {
+                sandbox_id: "p1".into()
+            }
+        );
+        assert_eq!(r.sandbox_id("c1"), "p1");
+        assert_eq!(Role::PodSandbox.sandbox_id("p1"), "p1");
+        assert_eq!(Role::of("c1", &cri("container", "")), Role::Standalone);
+        assert_eq!(Role::of("c1", &cri("container", "c1")), Role::Standalone);
+        assert_eq!(
+            Role::of("c1", &json!({"annotations": {SANDBOX_ID: "p1"}})),
+            Role::Standalone
+        );
+        assert_eq!(Role::of("c1", &json!({"annotations": 3})), Role::Standalone);
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        check_id("container", "abc-1.2_3").unwrap();
+        check_id("container", &"a".repeat(76)).unwrap();
+        for bad in ["", "..", "-a", "a/b", "a b", &"a".repeat(77)] {
+            assert!(check_id("container", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    fn base_spec() -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "terminal": false},
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "h",
+            "hooks": {"prestart": [{"path": "/usr/bin/nvidia-hook"}]},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/c/hosts",
+                 "options": ["rbind", "rprivate", "rw"]},
+                {"destination": "/etc/resolv.conf", "source": "/var/lib/c/resolv.conf",
+                 "options": ["rbind", "ro"]},
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/c/shm",
+                 "options": ["rbind"]},
+                {"destination": "/var/empty", "type": "bind", "source": "/var/lib/k/empty",
+                 "options": ["rbind", "ro"]},
+                {"destination": "/var/secret", "type": "bind", "source": "/var/lib/k/secret",
+                 "options": ["rbind", "ro"]},
+                {"destination": "/etc/hosts2", "type": "bind", "source": "/var/lib/c/hosts"}
+            ],
+            "linux": {
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "network", "path": "/var/run/netns/cni-1"},
+                    {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                    {"type": "mount"}
+                ]
+            },
+            "x-unknown": {"kept": true}
+        })
+    }
+
+    fn fake_inspect(p: &Path) -> HostKind {
+        match p.to_str().unwrap() {
+            "/var/lib/c/hosts" | "/var/lib/c/resolv.conf" => HostKind::File { size: 100 },
+            "/var/lib/k/empty" => HostKind::EmptyDir,
+            "/var/lib/k/secret" => HostKind::Dir {
+                files: vec![("token".into(), 10), ("ca/ca.crt".into(), 20)],
+                total: 30,
+            },
+            "/var/lib/big" => HostKind::File { size: 1 << 30 },
+            _ => HostKind::Other("a socket".into()),
+        }
+    }
+
+    #[test]
+    fn spec_is_rewritten_for_the_guest() {
+        let g = for_guest(&base_spec(), "c1", true, fake_inspect).unwrap();
+        let v: Value = serde_json::from_slice(&g.json).unwrap();
+        assert_eq!(v["root"]["path"], "/run/husk/containers/c1/rootfs");
+        assert_eq!(v["root"]["readonly"], true);
+        assert_eq!(v["process"]["terminal"], true);
+        assert!(v.get("hooks").is_none());
+        assert_eq!(v["x-unknown"]["kept"], true);
+        for ns in v["linux"]["namespaces"].as_array().unwrap() {
+            assert!(ns.get("path").is_none(), "{ns}");
+        }
+        let m = v["mounts"].as_array().unwrap();
+        assert_eq!(m[0]["source"], "proc");
+        let hosts = m[1]["source"].as_str().unwrap();
+        assert!(hosts.starts_with("/run/husk/host/") && hosts.ends_with("-hosts"));
+        assert_eq!(m[1]["options"], json!(["rbind", "rprivate", "rw"]));
+        assert!(m[2]["source"].as_str().unwrap().ends_with("-resolv.conf"));
+        assert_eq!(m[3]["type"], "tmpfs");
+        assert_eq!(m[3]["destination"], "/dev/shm");
+        assert_eq!(m[4]["type"], "tmpfs");
+        assert!(m[4]["options"].as_array().unwrap().contains(&json!("ro")));
+        assert!(m[5]["source"].as_str().unwrap().ends_with("-secret"));
+        // The same host file twice: one copy, one guest path.
+        assert_eq!(m[6]["source"], m[1]["source"]);
+        assert_eq!(g.copies.len(), 3);
+        let secret = g
+            .copies
+            .iter()
+            .find(|c| c.host == Path::new("/var/lib/k/secret"))
+            .unwrap();
+        assert_eq!(secret.files.as_ref().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn unsupported_binds_name_the_mount() {
+        let mut s = base_spec();
+        s["mounts"] = json!([{"destination": "/var/run/docker.sock", "type": "bind",
+                               "source": "/var/run/docker.sock"}]);
+        let e = for_guest(&s, "c1", false, fake_inspect)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/var/run/docker.sock") && e.contains("a socket"),
+            "{e}"
+        );
+        s["mounts"] = json!([{"destination": "/big", "type": "bind", "source": "/var/lib/big"}]);
+        let e = for_guest(&s, "c1", false, fake_inspect)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 16 MiB"), "{e}");
+        s["mounts"] = json!([{"destination": "/rel", "type": "bind", "source": "rel"}]);
+        assert!(for_guest(&s, "c1", false, fake_inspect).is_err());
+    }
+
+    #[test]
+    fn inspects_real_trees() {
+        let dir = std::env::temp_dir().join(format!("husk-spec-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("vol/..2024/sub")).unwrap();
+        fs::write(dir.join("vol/..2024/token"), b"abc").unwrap();
+        fs::write(dir.join("vol/..2024/sub/x"), b"de").unwrap();
+        std::os::unix::fs::symlink("..2024", dir.join("vol/..data")).unwrap();
+        std::os::unix::fs::symlink("..data/token", dir.join("vol/token")).unwrap();
+        fs::create_dir_all(dir.join("empty")).unwrap();
+        fs::write(dir.join("f"), b"12345").unwrap();
+        assert_eq!(inspect_host(&dir.join("f")), HostKind::File { size: 5 });
+        assert_eq!(inspect_host(&dir.join("empty")), HostKind::EmptyDir);
+        match inspect_host(&dir.join("vol")) {
+            HostKind::Dir { mut files, total } => {
+                files.sort();
+                assert_eq!(
+                    files,
+                    vec![
+                        ("..2024/sub/x".into(), 2),
+                        ("..2024/token".into(), 3),
+                        ("token".into(), 3)
+                    ]
+                );
+                assert_eq!(total, 8);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            inspect_host(&dir.join("missing")),
+            HostKind::Other(_)
+        ));
+        assert!(matches!(
+            inspect_host(Path::new("/dev/null")),
+            HostKind::Other(_)
+        ));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

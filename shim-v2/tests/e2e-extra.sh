@@ -1,0 +1,267 @@
+#!/usr/bin/env bash
+# timeout: 2700
+# More of containerd-shim-husk-v2 end to end, beyond tests/scenarios/shim-ctr.sh:
+# pause/resume, ps, metrics, update, OOM events, no output lost at exit
+# (init and exec), host bind mounts copied into the guest, a VMM that dies
+# under its container, pod disk slots running out, a VM that does not boot
+# in time, a bad configuration. After each check nothing may be left.
+#
+#   cargo build --release -p containerd-shim-husk-v2 --example shim-client
+#   tests/run.sh ../shim-v2/tests/e2e-extra   (in the test machine)
+set -uo pipefail
+repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source=../../tests/shim/containerd.sh
+source "$repo/tests/shim/containerd.sh"
+# shellcheck source=../../tests/shim/lib.sh
+source "$repo/tests/shim/lib.sh"
+
+out=${HUSK_OUT:-$(mktemp -d)}
+work=$out/e2e-extra
+mkdir -p "$work"
+state=/run/husk-x
+img=localhost/husk-busybox:latest
+husk=(--runtime io.containerd.husk.v2)
+limit=300
+say() { echo "[e2e-extra] $*"; }
+mkdir -p "$state"
+
+export HUSK_CONFIG=$work/configuration.toml
+# Under the ctr timeout ($limit), so that a VM that does not boot fails
+# Create with its console rather than a killed ctr.
+tmo=(boot_timeout_secs=240 request_timeout_secs=120)
+husk_shim_config "$HUSK_CONFIG" "$state" "${tmo[@]}"
+husk_shim_config "$work/one-slot.toml" "$state" pod_disk_slots=1 "${tmo[@]}"
+husk_shim_config "$work/no-boot.toml" "$state" boot_timeout_secs=2
+husk_shim_config "$work/bad.toml" "$state" vcpus=0
+
+# Copies of the sandboxes' console and VMM logs (the shim removes them with
+# the sandbox), shown when a check fails.
+mkdir -p "$work/vm-logs"
+(
+  while :; do
+    for f in "$state"/*/console.log "$state"/*/vmm.log; do
+      [ -f "$f" ] && cp -f "$f" "$work/vm-logs/$(basename "$(dirname "$f")").$(basename "$f")" 2>/dev/null
+    done
+    sleep 0.5
+  done
+) 2>/dev/null &
+sampler=$!
+
+cleanup() {
+  kill "$sampler" 2>/dev/null
+  husk_ctrd_stop || say "the containerd teardown found leftovers"
+  for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; done
+}
+trap cleanup EXIT
+husk_ctrd_start || { echo "FAIL containerd did not start"; exit 1; }
+husk_ctrd_import_busybox || { echo "FAIL image import"; exit 1; }
+
+failed=()
+cfail=0
+want() {
+  local d=$1
+  shift
+  if "$@"; then echo "    ok   $d"; else
+    echo "    FAIL $d"
+    cfail=1
+    return 1
+  fi
+}
+run_ctr() {
+  local name=$1
+  shift
+  timeout --kill-after=10 "$limit" ctr "$@" >"$work/$name.stdout" 2>"$work/$name.stderr" </dev/null
+  rc=$?
+  o=$(tr -d '\r' <"$work/$name.stdout")
+  e=$(tr -d '\r' <"$work/$name.stderr")
+  echo "    \$ ctr $* -> exit $rc"
+  [ -z "$o" ] || head -c 2000 <<<"$o" | sed 's/^/      out| /'
+  [ -z "$e" ] || head -c 3000 <<<"$e" | sed 's/^/      err| /'
+}
+check() {
+  local name=$1 t0 left from before j
+  echo "==== $name"
+  cfail=0
+  t0=$(date +%s)
+  touch "$work/.check-start"
+  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
+  before=" $(jobs -p | tr '\n' ' ') "
+  "check_${name//-/_}"
+  # Background helpers of a check that stopped early (ctr events, ctr run);
+  # not the sampler, not containerd.
+  for j in $(jobs -p); do [[ "$before" == *" $j "* ]] || kill "$j" 2>/dev/null; done
+  husk_ctrd_clean >/dev/null 2>&1
+  if left=$(husk_wait_clean "$state" 30); then
+    echo "    ok   nothing left behind"
+  else
+    echo "    FAIL $left"
+    cfail=1
+    for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; done
+    findmnt -rn -o TARGET | awk -v d="$state" 'index($0, d) == 1' | sort -r | xargs -r -n1 umount -l
+    rm -rf "${state:?}"/*
+  fi
+  if [ "$cfail" = 0 ]; then
+    echo "PASS $name ($(($(date +%s) - t0)) s)"
+  else
+    failed+=("$name")
+    echo "    ---- shim/containerd log:"
+    tail -n +"$from" "$HUSK_CTRD_LOG" | grep -a -v -E 'event (forwarded|published)|snapshot|garbage' |
+      tail -n 60 | cut -c1-600 | sed 's/^/    log| /'
+    for f in "$work"/vm-logs/*; do
+      [ -f "$f" ] && [ "$f" -nt "$work/.check-start" ] || continue
+      echo "    ---- $(basename "$f") (last 15 lines):"
+      tail -n 15 "$f" | cut -c1-300 | sed 's/^/    vm| /'
+    done
+    echo "FAIL $name ($(($(date +%s) - t0)) s)"
+  fi
+}
+task_status() { hctr tasks ls | awk -v id="$1" '$1 == id { print $3 }'; }
+
+check_lifecycle() {
+  local id=x-life n1 n2
+  hctr events >"$work/events.log" 2>&1 &
+  local ev=$!
+  run_ctr life-run run -d "${husk[@]}" "$img" "$id" sh -c 'i=0; while :; do i=$((i+1)); echo $i >/tmp/n; sleep 0.1; done'
+  want "run -d: exit 0" [ "$rc" = 0 ] || return
+  want "the container runs" husk_wait_task "$id" "$limit" || return
+  run_ctr life-ps task ps "$id"
+  want "ps: exit 0" [ "$rc" = 0 ]
+  want "ps lists guest pids" grep -qE '^[0-9]+' <<<"$(tail -n +2 <<<"$o")"
+  run_ctr life-pause task pause "$id"
+  want "pause: exit 0" [ "$rc" = 0 ]
+  want "the task is PAUSED" [ "$(task_status "$id")" = PAUSED ]
+  run_ctr life-resume task resume "$id"
+  want "resume: exit 0" [ "$rc" = 0 ]
+  want "the task is RUNNING" [ "$(task_status "$id")" = RUNNING ]
+  run_ctr life-n1 task exec --exec-id n1 "$id" cat /tmp/n
+  n1=$o
+  sleep 2
+  run_ctr life-n2 task exec --exec-id n2 "$id" cat /tmp/n
+  n2=$o
+  want "it goes on after resume ($n1 -> $n2)" [ "${n2:-0}" -gt "${n1:-0}" ]
+  # ctr 1.6 has no `task update`: the shim's Update straight over its socket.
+  local addr
+  addr=$(cat "$HUSK_CTRD_DIR/state/io.containerd.runtime.v2.task/$HUSK_CTRD_NS/$id/address")
+  echo "    \$ shim-client $addr update $id 134217728"
+  "${HUSK_BIN:-$repo/target/release}/examples/shim-client" "$addr" update "$id" 134217728 2>&1 | sed 's/^/      | /'
+  want "Update (memory limit 128 MiB): ok" [ "${PIPESTATUS[0]}" = 0 ]
+  run_ctr life-metrics task metrics "$id"
+  want "metrics: exit 0" [ "$rc" = 0 ]
+  want "metrics show the new memory limit" grep -qE 'memory.limit_in_bytes +134217728' <<<"$o"
+  want "metrics show a memory usage" grep -qE 'memory.usage_in_bytes +[1-9]' <<<"$o"
+  want "metrics show pids" grep -qE 'pids.current +[1-9]' <<<"$o"
+  run_ctr life-kill task kill -s SIGKILL "$id"
+  for _ in $(seq 100); do [ "$(task_status "$id")" = STOPPED ] && break; sleep 0.2; done
+  run_ctr life-rm task delete "$id"
+  want "delete: exit 0" [ "$rc" = 0 ]
+  want "... reports 137" grep -q "exit code 137" <<<"$e"
+  kill "$ev" 2>/dev/null
+  wait "$ev" 2>/dev/null
+  for t in create start exec-added exec-started paused resumed exit delete; do
+    want "event /tasks/$t for $id" grep -q "/tasks/$t.*$id" "$work/events.log"
+  done
+}
+
+check_oom() {
+  local id=x-oom
+  hctr events >"$work/oom-events.log" 2>&1 &
+  local ev=$!
+  run_ctr oom-run run --rm --memory-limit 33554432 "${husk[@]}" "$img" "$id" sh -c 'tail /dev/zero'
+  want "the OOM-killed container exits 137" [ "$rc" = 137 ]
+  sleep 1
+  kill "$ev" 2>/dev/null
+  wait "$ev" 2>/dev/null
+  want "event /tasks/oom for $id" grep -q "/tasks/oom.*$id" "$work/oom-events.log"
+}
+
+check_output_at_exit() {
+  local id=x-out bg
+  run_ctr out-init run --rm "${husk[@]}" "$img" "$id" sh -c 'seq 1 100000; seq 1 50000 >&2; exit 4'
+  want "exit 4" [ "$rc" = 4 ]
+  want "all 100000 stdout lines" [ "$(wc -l <"$work/out-init.stdout")" = 100000 ]
+  want "... ending with 100000" [ "$(tail -n 1 "$work/out-init.stdout")" = 100000 ]
+  want "all 50000 stderr lines" [ "$(wc -l <"$work/out-init.stderr")" -ge 50000 ]
+  timeout "$limit" ctr run --rm "${husk[@]}" "$img" "$id-2" sleep 1000 >/dev/null 2>&1 </dev/null &
+  bg=$!
+  want "a container runs" husk_wait_task "$id-2" "$limit" || return
+  run_ctr out-exec task exec --exec-id big "$id-2" sh -c 'seq 1 100000; exit 6'
+  want "exec: exit 6" [ "$rc" = 6 ]
+  want "exec: all 100000 lines" [ "$(wc -l <"$work/out-exec.stdout")" = 100000 ]
+  hctr tasks kill -s SIGKILL "$id-2" >/dev/null 2>&1
+  wait "$bg"
+}
+
+check_bind_mounts() {
+  local id=x-bind d=$work/binds
+  mkdir -p "$d/dir/sub"
+  echo "host-file-content" >"$d/file.txt"
+  echo "in-dir" >"$d/dir/a"
+  echo "in-sub" >"$d/dir/sub/b"
+  run_ctr bind-run run --rm "${husk[@]}" \
+    --mount "type=bind,src=$d/file.txt,dst=/etc/husk-file,options=rbind:ro" \
+    --mount "type=bind,src=$d/dir,dst=/mnt/dir,options=rbind:rw" \
+    "$img" "$id" sh -c 'cat /etc/husk-file /mnt/dir/a /mnt/dir/sub/b; echo x >/etc/husk-file || echo ro-ok'
+  want "exit 0" [ "$rc" = 0 ]
+  want "the files' contents reached the guest" [ "$(head -n 3 <<<"$o")" = $'host-file-content\nin-dir\nin-sub' ]
+  want "the ro file bind is read-only" grep -q ro-ok <<<"$o"
+  run_ctr bind-sock run --rm "${husk[@]}" \
+    --mount "type=bind,src=$HUSK_CTRD_ADDR,dst=/run/c.sock,options=rbind" "$img" "$id-s" true
+  want "a socket bind fails" [ "$rc" != 0 ]
+  want "... naming the mount" grep -q "containerd.sock" <<<"$e"
+}
+
+check_vmm_death() {
+  local id=x-die bg bgrc vmm
+  timeout "$limit" ctr run --rm "${husk[@]}" "$img" "$id" sleep 1000 >/dev/null 2>"$work/die.stderr" </dev/null &
+  bg=$!
+  want "the container runs" husk_wait_task "$id" "$limit" || return
+  vmm=$(husk_procs | awk '{ n = split($2, p, "/"); if (p[n] == "husk-vmm") print $1 }' | head -n 1)
+  want "a VMM runs (pid ${vmm:-none})" [ -n "$vmm" ]
+  kill -KILL "$vmm"
+  wait "$bg"
+  bgrc=$?
+  want "ctr run reports the container exited 255 (got $bgrc)" [ "$bgrc" = 255 ]
+}
+
+check_slots() {
+  local sandbox=x-pod
+  run_ctr slot-sb run -d "${husk[@]}" --runtime-config-path "$work/one-slot.toml" \
+    --annotation io.kubernetes.cri.container-type=sandbox --annotation io.kubernetes.cri.sandbox-id="$sandbox" \
+    "$img" "$sandbox" sleep 100000
+  want "the sandbox starts" [ "$rc" = 0 ] || return
+  want "the sandbox runs" husk_wait_task "$sandbox" "$limit" || return
+  run_ctr slot-c1 run -d "${husk[@]}" --runtime-config-path "$work/one-slot.toml" \
+    --annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id="$sandbox" \
+    "$img" "$sandbox-c1" sleep 100000
+  want "the first pod container takes the one slot" [ "$rc" = 0 ]
+  run_ctr slot-c2 run -d "${husk[@]}" --runtime-config-path "$work/one-slot.toml" \
+    --annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id="$sandbox" \
+    "$img" "$sandbox-c2" sleep 100000
+  want "the second fails" [ "$rc" != 0 ]
+  want "... saying the slots are used up" grep -q "pod_disk_slots" <<<"$e"
+  run_ctr slot-exec task exec --exec-id e "$sandbox-c1" echo still-fine
+  want "the pod goes on" [ "$o" = still-fine ]
+}
+
+check_no_boot() {
+  run_ctr noboot run --rm "${husk[@]}" --runtime-config-path "$work/no-boot.toml" "$img" x-noboot true
+  want "create fails" [ "$rc" != 0 ]
+  want "... saying the agent did not answer in time" grep -q "boot_timeout_secs" <<<"$e"
+  want "... with the guest console" grep -q "guest console" <<<"$e"
+}
+
+check_bad_config() {
+  run_ctr badcfg run --rm "${husk[@]}" --runtime-config-path "$work/bad.toml" "$img" x-bad true
+  want "create fails" [ "$rc" != 0 ]
+  want "... naming the key" grep -q "vcpus: must be between 1 and 64, got 0" <<<"$e"
+}
+
+checks=(lifecycle oom output-at-exit bind-mounts vmm-death slots no-boot bad-config)
+[ -z "${HUSK_SHIM_CHECKS:-}" ] || read -r -a checks <<<"$HUSK_SHIM_CHECKS"
+for c in "${checks[@]}"; do check "$c"; done
+if [ ${#failed[@]} -eq 0 ]; then
+  echo "PASS e2e-extra: ${#checks[@]} checks"
+  exit 0
+fi
+echo "FAIL e2e-extra: ${failed[*]}"
+exit 1

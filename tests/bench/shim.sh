@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# timeout: 2400
+# Benchmark, not a test: what a container costs through containerd with husk
+# against runc, in one run on one machine. Run it where KVM boots Linux:
+# `tests/run.sh bench/shim` (nested here). HUSK_BENCH_RUNS (default 5) runs
+# of each, interleaved, after one unmeasured warm-up of each:
+#
+#   husk total   `ctr run --rm --runtime io.containerd.husk.v2 busybox true`,
+#                wall clock of the ctr process: VM boot, container, teardown
+#   bare boot    husk-vmm alone, same kernel, initramfs, vCPUs and memory as
+#                the shim's VMs: spawn -> the agent answers Check over vsock
+#                (tests/bench/agent-ready.py)
+#   husk overhead  husk total - bare boot: what the shim, containerd and the
+#                agent's container work add to booting the VM
+#   runc total   `ctr run --rm --runtime io.containerd.runc.v2 busybox true`
+#
+# Prints a table of medians (and min/max); the raw numbers go to
+# $HUSK_OUT/bench-shim/.
+set -uo pipefail
+repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source=../shim/containerd.sh
+source "$repo/tests/shim/containerd.sh"
+# shellcheck source=../shim/lib.sh
+source "$repo/tests/shim/lib.sh"
+
+runs=${HUSK_BENCH_RUNS:-5}
+out=${HUSK_OUT:-$(mktemp -d)}
+work=$out/bench-shim
+mkdir -p "$work"
+state=/run/husk-bench
+export HUSK_SHIM_STATE_DIR=$state # husk_procs: only this test's VMs
+husk_ctrd__init # HUSK_CTRD_ADDR and the rest, before anything samples processes
+img=localhost/husk-busybox:latest
+now_ms() { date +%s%3N; }
+say() { echo "[bench-shim] $*"; }
+die() { echo "bench-shim: $*" >&2; exit 1; }
+
+shim=${HUSK_BIN:-}/containerd-shim-husk-v2
+for f in "$shim" "${HUSK_VMM:-}" "${HUSK_GUEST_KERNEL:-}/bzImage" "${HUSK_INITRD:-}" /dev/kvm; do
+  [ -e "$f" ] || die "no $f (scripts/build.sh writes target/husk-artifacts.env)"
+done
+mkdir -p "$state"
+
+# The shipped defaults (configs/configuration.toml) for vCPUs, memory, log
+# level and console; only paths and the (nested-machine) boot timeout differ.
+export HUSK_CONFIG=$work/configuration.toml
+husk_shim_config "$HUSK_CONFIG" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120
+cfg() { sed -n "s/^$1 *= *//p" "$HUSK_CONFIG" | head -n1 | tr -d '"'; }
+vcpus=$(cfg vcpus)
+mem=$(cfg memory_mib)
+params=$(cfg kernel_params)
+say "husk configuration: vcpus=${vcpus:-?} memory_mib=${mem:-?} (from $HUSK_CONFIG)"
+
+husk_kvm_probe "$work/kvm-probe"
+case $? in
+  0) ;;
+  75) echo "bench-shim: the test machine runs no KVM guest (exit 75: rerun on a fresh test machine)" >&2; exit 75 ;;
+  *) die "a bare husk-vmm guest does not boot (QEMU's does): see $work/kvm-probe" ;;
+esac
+
+cleanup() { husk_ctrd_stop >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+husk_ctrd_start || die "containerd did not start"
+husk_ctrd_import_busybox || die "image import failed"
+
+# ctr_run RUNTIME ID: one `ctr run --rm ... true`; prints its wall ms.
+ctr_run() {
+  local t0 t1 rc
+  t0=$(now_ms)
+  timeout 600 ctr run --rm --runtime "$1" "$img" "$2" true >"$work/$2.out" 2>&1 </dev/null
+  rc=$?
+  t1=$(now_ms)
+  [ "$rc" = 0 ] || { cat "$work/$2.out" >&2; die "ctr run $2 with $1: exit $rc"; }
+  echo $((t1 - t0))
+}
+# The bare VM's folder holds its vsock socket: not on $HUSK_OUT (9p in the
+# test machine cannot hold sockets).
+bare_boot() {
+  local r d=$state-bare/$1
+  r=$(python3 "$repo/tests/bench/agent-ready.py" --vmm "$HUSK_VMM" --kernel "$HUSK_GUEST_KERNEL/bzImage" \
+    --initrd "$HUSK_INITRD" --vcpus "${vcpus:-1}" --memory-mib "${mem:-256}" \
+    --cmdline "console=ttyS0 reboot=k panic=-1 husk.agent_port=1024 quiet${params:+ $params}" \
+    --dir "$d") || { cp -r "$d" "$work/" 2>/dev/null; die "bare boot $1 failed"; }
+  rm -rf "$d"
+  echo "$r" >>"$work/bare.jsonl"
+  python3 -c 'import json, sys; print(round(json.loads(sys.argv[1])["ready_ms"]))' "$r"
+}
+settle() { husk_wait_clean "$state" 60 >/dev/null || say "warning: leftovers after a husk run"; sync; sleep 1; }
+
+say "warm-up (unmeasured): one run of each"
+ctr_run io.containerd.runc.v2 warm-runc >/dev/null
+ctr_run io.containerd.husk.v2 warm-husk >/dev/null
+settle
+bare_boot warm >/dev/null
+: >"$work/bare.jsonl"
+
+: >"$work/samples.tsv"
+for i in $(seq "$runs"); do
+  h=$(ctr_run io.containerd.husk.v2 "husk-$i")
+  settle
+  b=$(bare_boot "$i")
+  settle
+  r=$(ctr_run io.containerd.runc.v2 "runc-$i")
+  settle
+  printf '%s\t%s\t%s\t%s\n' "$i" "$h" "$b" "$r" >>"$work/samples.tsv"
+  say "run $i/$runs: husk total $h ms, bare boot $b ms, runc total $r ms"
+done
+
+python3 - "$work/samples.tsv" "$runs" "${vcpus:-1}" "${mem:-256}" "${HUSK_TEST_MODE:-?}" <<'PY'
+import statistics, sys
+path, runs, vcpus, mem, mode = sys.argv[1:]
+rows = [list(map(int, l.split("\t"))) for l in open(path) if l.strip()]
+husk = [r[1] for r in rows]
+boot = [r[2] for r in rows]
+runc = [r[3] for r in rows]
+over = [h - b for h, b in zip(husk, boot)]
+med = statistics.median
+print(f"\nctr run --rm busybox true: husk vs runc, median of {runs} runs "
+      f"(husk VM: {vcpus} vCPU, {mem} MiB; environment: {mode})")
+print(f"| {'metric':<46} | {'median':>10} | {'min':>10} | {'max':>10} |")
+print(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+def row(label, xs):
+    print(f"| {label:<46} | {med(xs):>7,.0f} ms | {min(xs):>7,.0f} ms | {max(xs):>7,.0f} ms |")
+row("husk total (ctr run --rm ... true)", husk)
+row("bare boot (husk-vmm spawn -> agent Check)", boot)
+row("husk overhead (husk total - bare boot)", over)
+row("runc total (ctr run --rm ... true)", runc)
+ratio = [o / r for o, r in zip(over, runc)]
+print(f"| {'husk overhead / runc total':<46} | {med(over) / med(runc):>8.2f} x | "
+      f"{min(ratio):>8.2f} x | {max(ratio):>8.2f} x |")
+print(f"| {'husk total / runc total':<46} | {med(husk) / med(runc):>8.2f} x | "
+      f"{min(h / r for h, r in zip(husk, runc)):>8.2f} x | {max(h / r for h, r in zip(husk, runc)):>8.2f} x |")
+print(f"(overhead and ratios per run, then their median; the difference of the medians, "
+      f"{med(husk) - med(boot):,.0f} ms, is steadier: boot times vary from run to run, "
+      f"more than the overhead itself in a nested test machine)")
+PY

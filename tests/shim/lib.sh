@@ -1,0 +1,150 @@
+# Helpers for the shim scenario and benchmark (source it after
+# tests/shim/containerd.sh).
+
+# husk_shim_config OUT STATE_DIR [KEY=TOML_VALUE...]: writes the husk
+# configuration the shim reads. It starts from configs/configuration.toml
+# (the documented defaults) and points it at the build outputs (the static
+# VMM, the guest bzImage, the agent initramfs) and at STATE_DIR; then applies
+# the KEY=VALUE overrides (VALUE as TOML: 256, "text", true). The nested test
+# machine needs the bzImage: PVH boots of vmlinux stall there now and then.
+husk_shim_config() {
+  local out=$1 state=$2
+  shift 2
+  local base
+  base="$(husk_ctrd__repo)/configs/configuration.toml"
+  [ -f "$base" ] || base=/dev/null
+  python3 - "$base" "$out" \
+    "vmm_path=\"$HUSK_VMM\"" \
+    "kernel_path=\"$HUSK_GUEST_KERNEL/bzImage\"" \
+    "initrd_path=\"$HUSK_INITRD\"" \
+    "state_dir=\"$state\"" \
+    "log_level=\"debug\"" \
+    "debug_console=true" \
+    "$@" <<'PY'
+import re, sys
+base, out, *sets = sys.argv[1:]
+lines = open(base).read().splitlines()
+# Top-level keys live before the first [table].
+top = next((i for i, l in enumerate(lines) if re.match(r"\s*\[", l)), len(lines))
+for kv in sets:
+    key, value = kv.split("=", 1)
+    line = f"{key} = {value}"
+    pat = re.compile(rf"\s*#?\s*{re.escape(key)}\s*=")
+    hit = next((i for i in range(top) if pat.match(lines[i])), None)
+    if hit is None:
+        lines.insert(top, line)
+        top += 1
+    else:
+        lines[hit] = line
+with open(out, "w") as f:
+    f.write("# Written by tests/shim/lib.sh for a test run.\n" + "\n".join(lines) + "\n")
+PY
+}
+
+# husk_procs: "PID ARGS" of every live (not zombie) husk-vmm and
+# containerd-shim-husk-v2 process of this test: VMMs whose VM description is
+# under $HUSK_SHIM_STATE_DIR, shims of the containerd on $HUSK_CTRD_ADDR (all
+# of them where those are unset), so that a husk the host runs for real is
+# neither counted nor killed. (pgrep -x cannot see the shim: the kernel keeps
+# only 15 characters of a process name.)
+husk_procs() {
+  ps -eo pid=,stat=,args= | awk -v state="${HUSK_SHIM_STATE_DIR:-}" -v addr="${HUSK_CTRD_ADDR:-}" '$2 !~ /^Z/ {
+    n = split($3, p, "/"); b = p[n]; a = $0 " ";
+    if ((b == "husk-vmm" && (state == "" || index(a, state "/"))) ||
+        (b == "containerd-shim-husk-v2" && (addr == "" || index(a, "-address " addr " ")))) { $2 = ""; print }
+  }'
+}
+
+# husk_count NAME: how many live processes NAME (husk-vmm or the shim) run.
+husk_count() {
+  husk_procs | awk -v n="$1" '{ m = split($2, p, "/"); if (p[m] == n) c++ } END { print c + 0 }'
+}
+
+# husk_leftovers STATE_DIR: prints what a finished test left behind (live
+# husk processes, mounts under STATE_DIR, entries in STATE_DIR, containerd
+# tasks and containers); prints nothing when all is clean.
+husk_leftovers() {
+  local state=$1 p
+  p=$(husk_procs)
+  [ -z "$p" ] || sed 's/^ */process: /' <<<"$p"
+  findmnt -rn -o TARGET | awk -v d="$state" 'index($0, d) == 1 { print "mount: " $0 }'
+  [ ! -d "$state" ] || find "$state" -mindepth 1 | sed 's/^/file: /'
+  hctr tasks ls -q 2>/dev/null | sed 's/^/task: /'
+  hctr containers ls -q 2>/dev/null | sed 's/^/container: /'
+}
+
+# husk_wait_clean STATE_DIR [SECONDS]: waits (default 20 s) until nothing is
+# left behind; prints the leftovers and fails if something stays.
+husk_wait_clean() {
+  local state=$1 limit=${2:-20} t0 left
+  t0=$(date +%s)
+  while :; do
+    left=$(husk_leftovers "$state")
+    [ -n "$left" ] || return 0
+    [ $(( $(date +%s) - t0 )) -lt "$limit" ] || break
+    sleep 0.2
+  done
+  echo "left behind after ${limit} s:"
+  printf '%s\n' "$left" | sed 's/^/    /'
+  return 1
+}
+
+# husk_wait_task ID [SECONDS]: waits (default 300 s) until task ID runs.
+husk_wait_task() {
+  local id=$1 limit=${2:-300} t0
+  t0=$(date +%s)
+  until hctr tasks ls 2>/dev/null | awk -v id="$1" '$1 == id && $3 == "RUNNING" { f = 1 } END { exit !f }'; do
+    [ $(( $(date +%s) - t0 )) -lt "$limit" ] || return 1
+    sleep 0.2
+  done
+}
+
+# husk_wait_file_line FILE REGEX [SECONDS]: waits until FILE has a line
+# matching REGEX.
+husk_wait_file_line() {
+  local f=$1 re=$2 limit=${3:-300} t0
+  t0=$(date +%s)
+  until grep -aqE "$re" "$f" 2>/dev/null; do
+    [ $(( $(date +%s) - t0 )) -lt "$limit" ] || return 1
+    sleep 0.2
+  done
+}
+
+# husk_kvm_probe DIR: can this machine run a KVM guest at all? Boots the guest
+# (bzImage, agent initramfs, vsock) with a bare husk-vmm until the agent
+# answers (tests/bench/agent-ready.py, 60 s). If that fails, boots the same
+# kernel (vmlinux) and initramfs with QEMU -accel kvm (the agent ends that VM
+# by itself: it has no vsock device). Returns 0 when husk-vmm's guest is
+# ready; 75 when neither guest printed a line on its console (the test
+# machine's nested KVM runs no guest: not husk's failure; seen in about one
+# L1 boot in four here); 1 when only husk-vmm's guest failed. Logs in DIR.
+husk_kvm_probe() {
+  local d=$1 n q vm rc
+  mkdir -p "$d/husk-vmm"
+  # The VM's folder holds its vsock socket: local (DIR may be 9p).
+  vm=$(mktemp -d /tmp/husk-probe.XXXXXX)
+  python3 "$(husk_ctrd__repo)/tests/bench/agent-ready.py" --vmm "$HUSK_VMM" \
+    --kernel "$HUSK_GUEST_KERNEL/bzImage" --initrd "$HUSK_INITRD" \
+    --cmdline "console=ttyS0 reboot=k panic=-1 husk.agent_port=1024" \
+    --timeout 60 --dir "$vm" >"$d/husk-vmm.out" 2>&1
+  rc=$?
+  n=$(wc -l <"$vm/console.log" 2>/dev/null || echo 0)
+  find "$vm" -maxdepth 1 -type f -exec cp {} "$d/husk-vmm/" \;
+  rm -rf "$vm"
+  if [ "$rc" = 0 ]; then
+    echo "kvm probe: a bare husk-vmm guest answers: $(tail -n 1 "$d/husk-vmm.out")"
+    return 0
+  fi
+  echo "kvm probe: a bare husk-vmm guest did not answer in 60 s ($n console lines; $(grep -m1 '^agent-ready:' "$d/husk-vmm.out"))"
+  timeout 90 qemu-system-x86_64 -accel kvm -M microvm,acpi=off -cpu host -smp 1 -m 256 \
+    -nodefaults -no-user-config -display none -no-reboot -serial "file:$d/qemu.console" \
+    -kernel "$HUSK_GUEST_KERNEL/vmlinux" -initrd "$HUSK_INITRD" \
+    -append "console=ttyS0 panic=-1 reboot=t" </dev/null >"$d/qemu.out" 2>&1
+  q=$(wc -l <"$d/qemu.console" 2>/dev/null || echo 0)
+  echo "kvm probe: QEMU -accel kvm, same guest: $q console lines$(grep -q HUSK_GUEST_READY "$d/qemu.console" 2>/dev/null && echo ', agent ready')"
+  if [ "$n" = 0 ] && [ "$q" = 0 ]; then
+    echo "kvm probe: no KVM guest prints anything in this machine: its nested KVM is broken (not husk's failure)"
+    return 75
+  fi
+  return 1
+}
