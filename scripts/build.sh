@@ -12,6 +12,8 @@ echo "[build] cargo build --release" >&2
 cargo build --release --locked --workspace >&2
 # The agent's vsock client, used by the agent-vsock scenario.
 cargo build --release --locked -p husk-agent --example agent-client >&2
+# The shim's task-API client, used by the shim-extra scenario (Update).
+cargo build --release --locked -p containerd-shim-husk-v2 --example shim-client >&2
 # The VMM runs once per pod: linked statically, it maps no shared libraries,
 # which keeps its resident memory (per-pod overhead) under 3 MiB. Same flags
 # as the guest image's static build, so the two share compiled dependencies.

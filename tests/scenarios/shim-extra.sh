@@ -6,13 +6,13 @@
 # under its container, pod disk slots running out, a VM that does not boot
 # in time, a bad configuration. After each check nothing may be left.
 #
-#   cargo build --release -p containerd-shim-husk-v2 --example shim-client
-#   tests/run.sh ../shim-v2/tests/e2e-extra   (in the test machine)
+#   tests/run.sh shim-extra   (after scripts/build.sh, which builds the
+#                              shim-client example it uses)
 set -uo pipefail
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
-# shellcheck source=../../tests/shim/containerd.sh
+# shellcheck source=../shim/containerd.sh
 source "$repo/tests/shim/containerd.sh"
-# shellcheck source=../../tests/shim/lib.sh
+# shellcheck source=../shim/lib.sh
 source "$repo/tests/shim/lib.sh"
 
 out=${HUSK_OUT:-$(mktemp -d)}
