@@ -99,18 +99,22 @@ boot_l1() {
 # test machine failing, not the scenario: it is booted again, up to
 # HUSK_L1_RETRIES (default 1) more times, and the rerun is said loudly.
 run_nested() {
-  local script=$1 log=$2 limit=$3 out rc attempt=0
+  local script=$1 log=$2 limit=$3 out rc attempt=0 why
   while :; do
     out=$(mktemp -d /tmp/husk-testvm.XXXXXX)
     {
       grep -E '^export ' "$artifacts"
-      env | grep -E '^HUSK_BENCH_[A-Z_]*=' | sed 's/^/export /' || true
+      env | grep -E '^HUSK_(BENCH|SHIM)_[A-Z_]*=' | sed 's/^/export /' || true
       echo "export HUSK_REPO=$repo HUSK_SCENARIO=$script HUSK_OUT=/tmp/husk-out HUSK_TEST_MODE=nested"
     } >"$out/env"
     boot_l1 "$script" "$log" "$limit" "$out"
-    if [ -f "$out/froze" ] && [ "$attempt" -lt "${HUSK_L1_RETRIES:-1}" ]; then
+    # Exit 75: the scenario found that this L1 runs no KVM guest at all
+    # (every boot stalled; tests/lib/common.sh).
+    if { [ -f "$out/froze" ] || [ "$(cat "$out/rc" 2>/dev/null)" = 75 ]; } &&
+      [ "$attempt" -lt "${HUSK_L1_RETRIES:-1}" ]; then
       attempt=$((attempt + 1))
-      say "RERUN $(basename "$script" .sh): the test machine froze; booting a fresh one (retry $attempt)"
+      if [ -f "$out/froze" ]; then why="froze"; else why="ran no KVM guest"; fi
+      say "RERUN $(basename "$script" .sh): the test machine $why; booting a fresh one (retry $attempt)"
       rm -rf "$out"
       continue
     fi

@@ -37,6 +37,7 @@ for attempt in 1 2 3; do
   [ "$rc" -eq "$STALLED" ] || break
   echo "RETRY: boot attempt $attempt stalled"
 done
+[ "$rc" -ne "$STALLED" ] || { echo "FAIL: every boot stalled"; exit "$STALLED"; }
 [ "$rc" -eq 0 ] || { echo "FAIL: the VM did not start (await_console $rc)"; exit 1; }
 set +e
 timeout 600 "$client" "vsock://$cid:1024" /bin/busybox

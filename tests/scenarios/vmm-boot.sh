@@ -27,6 +27,7 @@ JSON
   boot() { exec timeout 300 "$HUSK_VMM" --config "$work/vm.json" 2>"$work/vmm.log"; }
   rc=0
   boot_retrying "$console" boot || rc=$?
+  [ "$rc" -ne "$STALLED" ] || exit "$STALLED"
   total=$(( $(now_ms) - boot_start ))
   sed 's/^/    guest| /' "$console"
   [ "$rc" -eq 0 ] || { sed 's/^/    vmm| /' "$work/vmm.log"; fail "$image: husk-vmm exited $rc (expected 0 after the guest reset)"; }
