@@ -104,7 +104,9 @@ run_nested() {
     out=$(mktemp -d /tmp/husk-testvm.XXXXXX)
     {
       grep -E '^export ' "$artifacts"
-      env | grep -E '^HUSK_(BENCH|SHIM)_[A-Z_]*=' | sed 's/^/export /' || true
+      env | grep -E '^HUSK_(BENCH|SHIM)_[A-Z_]*=' | while IFS='=' read -r k v; do
+        printf 'export %s=%q\n' "$k" "$v"
+      done || true
       echo "export HUSK_REPO=$repo HUSK_SCENARIO=$script HUSK_OUT=/tmp/husk-out HUSK_TEST_MODE=nested"
     } >"$out/env"
     boot_l1 "$script" "$log" "$limit" "$out"
