@@ -95,9 +95,10 @@ boot_l1() {
 }
 
 # Runs one scenario inside a fresh L1 machine and returns its exit code.
-# A frozen L1 (seen about once in twenty nested boots, see the README) is the
-# test machine failing, not the scenario: it is booted again, up to
-# HUSK_L1_RETRIES (default 1) more times, and the rerun is said loudly.
+# A frozen L1, or one that runs no nested guest (scenario exit 75; see the
+# README), is the test machine failing, not the scenario: it is booted
+# again, up to HUSK_L1_RETRIES (default 2) more times, and the rerun is said
+# loudly.
 run_nested() {
   local script=$1 log=$2 limit=$3 out rc attempt=0 why
   while :; do
@@ -113,7 +114,7 @@ run_nested() {
     # Exit 75: the scenario found that this L1 runs no KVM guest at all
     # (every boot stalled; tests/lib/common.sh).
     if { [ -f "$out/froze" ] || [ "$(cat "$out/rc" 2>/dev/null)" = 75 ]; } &&
-      [ "$attempt" -lt "${HUSK_L1_RETRIES:-1}" ]; then
+      [ "$attempt" -lt "${HUSK_L1_RETRIES:-2}" ]; then
       attempt=$((attempt + 1))
       if [ -f "$out/froze" ]; then why="froze"; else why="ran no KVM guest"; fi
       say "RERUN $(basename "$script" .sh): the test machine $why; booting a fresh one (retry $attempt)"

@@ -27,7 +27,7 @@ boot() {
     -append "console=ttyS0 panic=-1 reboot=t husk.agent_port=1024" \
     -device "vhost-vsock-device,guest-cid=$cid" </dev/null
 }
-for attempt in 1 2 3; do
+for attempt in $(seq "${HUSK_STALL_ATTEMPTS:-1}"); do
   rm -f "$console"
   boot &
   qemu=$!
