@@ -34,23 +34,17 @@ STALLED=75
 
 # vm_wait PID CONSOLE: waits for the VM process PID (a `timeout` wrapper or
 # the VM itself: it gets SIGTERM), returning its exit status, or $STALLED
-# after stopping it when CONSOLE is still empty after HUSK_STALL_SECS
-# (default 60) seconds. A function `vm_tick`, if defined, runs every 50 ms
-# while the VM does.
+# when await_console stopped it. A function `vm_tick`, if defined, runs
+# every 50 ms while the VM does.
 vm_wait() {
-  local pid=$1 console=$2 start limit rc=0
-  start=$(now_ms)
-  limit=$(( ${HUSK_STALL_SECS:-60} * 1000 ))
+  local pid=$1 console=$2 rc=0
+  await_console "$pid" "$console" || rc=$?
+  [ "$rc" -ne "$STALLED" ] || return "$STALLED"
   while kill -0 "$pid" 2>/dev/null; do
     if declare -F vm_tick >/dev/null; then vm_tick; fi
-    if [ ! -s "$console" ] && [ $(( $(now_ms) - start )) -gt "$limit" ]; then
-      echo "STALL: the guest printed nothing in ${HUSK_STALL_SECS:-60} s (the nested-boot stall, tests/lib/common.sh); stopping it"
-      kill -TERM "$pid" 2>/dev/null || true
-      wait "$pid" 2>/dev/null || true
-      return "$STALLED"
-    fi
     sleep 0.05
   done
+  rc=0
   wait "$pid" || rc=$?
   return "$rc"
 }
@@ -78,13 +72,14 @@ boot_retrying() {
 
 # await_console PID CONSOLE: returns 0 once the VM process PID has printed
 # to CONSOLE, or $STALLED after stopping it when it printed nothing in
-# HUSK_STALL_SECS (default 60) seconds (1 if it exited first). For VMs that
-# a scenario drives while they run.
+# HUSK_STALL_SECS (default 60) seconds (1 if it exited first). Runs
+# `vm_tick`, if defined, every 50 ms meanwhile.
 await_console() {
   local pid=$1 console=$2 start
   start=$(now_ms)
   until [ -s "$console" ]; do
     kill -0 "$pid" 2>/dev/null || return 1
+    if declare -F vm_tick >/dev/null; then vm_tick; fi
     if [ $(( $(now_ms) - start )) -gt $(( ${HUSK_STALL_SECS:-60} * 1000 )) ]; then
       echo "STALL: the guest printed nothing in ${HUSK_STALL_SECS:-60} s (the nested-boot stall, tests/lib/common.sh); stopping it"
       kill -TERM "$pid" 2>/dev/null || true
