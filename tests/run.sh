@@ -16,6 +16,14 @@
 # (target/husk-artifacts.env, written by scripts/build.sh) and a folder for
 # results in $HUSK_OUT. Its exit code is the scenario's verdict. Line 2 of
 # the script, "# timeout: N", sets its time limit in seconds (default 600).
+#
+# The test machine's shape (for the stall investigation, tests/soak/stall.sh;
+# the defaults are what CI runs): HUSK_L1_ACCEL (QEMU -accel), HUSK_L1_CPU
+# (-cpu), HUSK_L1_SMP, HUSK_L1_MEM (MiB), HUSK_L1_APPEND (the L1 kernel's
+# command line beyond what the runner needs).
+#
+# At the end it prints the stall census: nested boots, stalled boots, and L1
+# machines booted again (tests/lib/common.sh counts the boots).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,6 +46,15 @@ case "$mode" in
 esac
 
 now_ms() { date +%s%3N; }
+
+l1_accel=${HUSK_L1_ACCEL:-tcg,thread=multi}
+l1_cpu=${HUSK_L1_CPU:-max}
+l1_smp=${HUSK_L1_SMP:-2}
+l1_append=${HUSK_L1_APPEND-}
+# Census over the whole run: "SCENARIO ATTEMPT boot|stall WHAT" lines.
+census=$(mktemp /tmp/husk-census.XXXXXX)
+l1_boots=0 l1_froze=0 l1_stalled=0
+trap 'rm -f "$census"' EXIT
 
 # One test machine at a time on a host: two L1s of TCG share the cores, run
 # each other's guests many times slower, and turn timing into failures.
@@ -66,11 +83,11 @@ boot_l1() {
   watchdog=$!
   set +e
   timeout --kill-after=10 "$limit" qemu-system-x86_64 \
-    -accel tcg,thread=multi -M pc -cpu max -smp 2 -m "${HUSK_L1_MEM:-4096}" \
+    -accel "$l1_accel" -M pc -cpu "$l1_cpu" -smp "$l1_smp" -m "${HUSK_L1_MEM:-4096}" \
     -nodefaults -no-user-config -display none -no-reboot \
     -serial stdio -monitor none \
     -kernel "$HUSK_TESTVM_KERNEL/bzImage" \
-    -append "console=ttyS0 quiet panic=-1 root=hostroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro init=$repo/tests/l1-init.sh" \
+    -append "console=ttyS0 quiet panic=-1 $l1_append root=hostroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro init=$repo/tests/l1-init.sh" \
     -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap \
     -device virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot \
     -fsdev local,id=out,path="$out",security_model=none \
@@ -98,38 +115,52 @@ boot_l1() {
 # A frozen L1, or one that runs no nested guest (scenario exit 75; see the
 # README), is the test machine failing, not the scenario: it is booted
 # again, up to HUSK_L1_RETRIES (default 2) more times, and the rerun is said
-# loudly.
+# loudly. What the failed L1 left (logs, partial results) is kept beside the
+# scenario's log as NAME.log.l1-N.out; the checks that passed in it
+# ($HUSK_OUT/passed) are carried over, so the rerun does only the rest.
 run_nested() {
-  local script=$1 log=$2 limit=$3 out rc attempt=0 why
+  local script=$1 log=$2 limit=$3 out rc attempt=0 why name prev=
+  name=$(basename "$log" .log)
   while :; do
     out=$(mktemp -d /tmp/husk-testvm.XXXXXX)
+    [ -z "$prev" ] || [ ! -f "$prev/passed" ] || cp "$prev/passed" "$out/passed"
     {
       grep -E '^export ' "$artifacts"
-      env | grep -E '^HUSK_(BENCH|SHIM)_[A-Z_]*=' | while IFS='=' read -r k v; do
+      env | grep -E '^HUSK_(BENCH|SHIM|SOAK|STALL)_[A-Z_]*=' | while IFS='=' read -r k v; do
         printf 'export %s=%q\n' "$k" "$v"
       done || true
       echo "export HUSK_REPO=$repo HUSK_SCENARIO=$script HUSK_OUT=/tmp/husk-out HUSK_TEST_MODE=nested"
     } >"$out/env"
+    l1_boots=$((l1_boots + 1))
     boot_l1 "$script" "$log" "$limit" "$out"
+    [ ! -f "$out/census" ] || sed "s/^/$name $attempt /" "$out/census" >>"$census"
     # Exit 75: the scenario found that this L1 runs no KVM guest at all
     # (every boot stalled; tests/lib/common.sh).
+    if [ -f "$out/froze" ]; then l1_froze=$((l1_froze + 1)); fi
+    if [ "$(cat "$out/rc" 2>/dev/null)" = 75 ]; then l1_stalled=$((l1_stalled + 1)); fi
     if { [ -f "$out/froze" ] || [ "$(cat "$out/rc" 2>/dev/null)" = 75 ]; } &&
       [ "$attempt" -lt "${HUSK_L1_RETRIES:-2}" ]; then
       attempt=$((attempt + 1))
       if [ -f "$out/froze" ]; then why="froze"; else why="ran no KVM guest"; fi
-      say "RERUN $(basename "$script" .sh): the test machine $why; booting a fresh one (retry $attempt)"
-      rm -rf "$out"
+      rm -rf "$log.l1-$attempt.out"
+      mkdir -p "$log.l1-$attempt.out"
+      cp -r "$out/." "$log.l1-$attempt.out/" 2>/dev/null || true
+      say "RERUN $name: the test machine $why; its results are kept in $log.l1-$attempt.out; booting a fresh one (retry $attempt)"
+      [ -z "$prev" ] || rm -rf "$prev"
+      prev=$out
       continue
     fi
     break
   done
+  [ -z "$prev" ] || rm -rf "$prev"
   if [ -f "$out/rc" ]; then
     rc=$(cat "$out/rc")
-    # Keep what the scenario left for the host (results, disks) next to the log.
-    mkdir -p "$log.out" && cp -r "$out/." "$log.out/" 2>/dev/null || true
   else
     rc=124
   fi
+  # Keep what the scenario left for the host (results, disks) next to the log.
+  rm -rf "$log.out"
+  mkdir -p "$log.out" && cp -r "$out/." "$log.out/" 2>/dev/null || true
   rm -rf "$out"
   return "$rc"
 }
@@ -143,6 +174,7 @@ run_direct() {
   rc=${PIPESTATUS[0]}
   set -e
   [ "$rc" = 124 ] && { say "timed out after ${limit}s; log tail:"; tail -n 40 "$log" | sed 's/^/    | /'; }
+  [ ! -f "$out/census" ] || sed "s/^/$(basename "$log" .log) 0 /" "$out/census" >>"$census"
   rm -rf "$out"
   return "$rc"
 }
@@ -170,5 +202,13 @@ for name in "$@"; do
   fi
 done
 [ "$failed" -eq 0 ] || say "failed: ${failures[*]}"
+boots=$(awk '$3 == "boot" || $3 == "stall"' "$census" | wc -l)
+stalls=$(awk '$3 == "stall"' "$census" | wc -l)
+if [ "$mode" = nested ]; then
+  say "stall census: $boots nested boots, $stalls stalled; $l1_boots L1 machines for $# scenarios ($l1_stalled ran no nested guest, $l1_froze froze)"
+else
+  say "stall census: $boots boots, $stalls stalled"
+fi
+awk '$3 == "stall" { print "[testvm]   stalled: " $1 " (L1 attempt " $2 "): " $4 }' "$census"
 echo "scenarios: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

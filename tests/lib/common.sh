@@ -24,13 +24,50 @@ no_leftovers() {
 }
 
 # The nested-boot stall: now and then an L1 test machine comes up in which
-# no nested guest ever executes an instruction (QEMU's and husk's alike; the
-# emulated SVM of the outer QEMU TCG does not resume it), and a loaded host
-# makes it more likely. The guest prints nothing, ever, and every later boot
-# in that L1 stalls too, while a fresh L1 boots them. So a boot whose console
-# stays empty is stopped and the scenario exits $STALLED, which tests/run.sh
+# no nested guest ever prints a byte (QEMU's and husk's alike), while a fresh
+# L1 boots them (README, "The test machine"). Every boot-and-wait of every
+# scenario goes through the helpers below, so a silent guest is called a
+# stall within HUSK_STALL_SECS (default 60) seconds, its evidence is kept in
+# $HUSK_OUT/stalls/, and the scenario exits $STALLED, which tests/run.sh
 # answers with a fresh L1. A guest that printed anything is never retried.
 STALLED=75
+
+# census_add boot|stall [WHAT]: counts one nested boot for the runner's stall
+# census (tests/run.sh adds them up over every scenario and L1).
+census_add() {
+  [ -z "${HUSK_OUT:-}" ] || echo "$1 ${2:-}" >>"$HUSK_OUT/census"
+}
+
+# stall_evidence PID NAME: keeps what tells a stalled guest apart, in
+# $HUSK_OUT/stalls/NAME.txt: the monitor's threads (state, wait channel, and
+# the user, system and guest CPU seconds each used in 2 s: a guest that runs
+# but prints nothing spins, one that waits on an interrupt does not), and the
+# L1's clocksource and kvm_amd settings.
+stall_evidence() {
+  local pid=$1 name=$2 dir=${HUSK_OUT:-/tmp}/stalls
+  mkdir -p "$dir"
+  {
+    echo "stalled: $name (pid $pid, $(date -u +%FT%TZ))"
+    echo "L1 clocksource: $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)"
+    echo "L1 cmdline: $(cat /proc/cmdline)"
+    echo "kvm_amd: $(grep -H . /sys/module/kvm_amd/parameters/* 2>/dev/null | sed 's|.*/||' | tr '\n' ' ')"
+    _threads() {
+      local t f
+      for t in /proc/"$pid"/task/*; do
+        f=$(sed 's/^.*) //' "$t/stat" 2>/dev/null) || continue
+        # state utime stime guest_time (fields 3, 14, 15, 43 of stat).
+        echo "$(basename "$t") $(cat "$t/comm" 2>/dev/null) $(awk '{ print $1, $12, $13, $41 }' <<<"$f") $(cat "$t/wchan" 2>/dev/null)"
+      done
+    }
+    echo "threads (tid comm state utime stime guest_time wchan; clock ticks), then 2 s later:"
+    _threads
+    sleep 2
+    _threads
+    echo "L1 dmesg (clock, kvm):"
+    dmesg 2>/dev/null | grep -iE 'tsc|clocksource|kvm|svm' | tail -n 20
+  } >"$dir/$name.txt" 2>&1
+  sed 's/^/    stall| /' "$dir/$name.txt"
+}
 
 # vm_wait PID CONSOLE: waits for the VM process PID (a `timeout` wrapper or
 # the VM itself: it gets SIGTERM), returning its exit status, or $STALLED
@@ -75,17 +112,90 @@ boot_retrying() {
 # HUSK_STALL_SECS (default 60) seconds (1 if it exited first). Runs
 # `vm_tick`, if defined, every 50 ms meanwhile.
 await_console() {
-  local pid=$1 console=$2 start
+  local pid=$1 console=$2 start vmm
   start=$(now_ms)
   until [ -s "$console" ]; do
     kill -0 "$pid" 2>/dev/null || return 1
     if declare -F vm_tick >/dev/null; then vm_tick; fi
     if [ $(( $(now_ms) - start )) -gt $(( ${HUSK_STALL_SECS:-60} * 1000 )) ]; then
       echo "STALL: the guest printed nothing in ${HUSK_STALL_SECS:-60} s (the nested-boot stall, tests/lib/common.sh); stopping it"
+      census_add stall "$(basename "$console")"
+      # PID may be a `timeout` wrapper: the evidence is the monitor's.
+      vmm=$(pgrep -P "$pid" | head -n 1)
+      stall_evidence "${vmm:-$pid}" "$(basename "$console")"
       kill -TERM "$pid" 2>/dev/null || true
       wait "$pid" 2>/dev/null || true
       return "$STALLED"
     fi
     sleep 0.05
   done
+  census_add boot "$(basename "$console")"
 }
+
+# stall_watch STATE_DIR: for scenarios whose VMs the shim boots. In the
+# background, watches every sandbox console (STATE_DIR/*/console.log, so the
+# shim must run with debug_console on): a console that stays empty for
+# HUSK_STALL_SECS while its VMM (STATE_DIR/*/vmm.pid) lives is a stall: its
+# evidence is kept, $HUSK_OUT/stalled is written and the VMM is killed, so
+# the shim fails that sandbox at once instead of waiting out its boot
+# timeout, and the scenario gets SIGUSR1, on which it exits $STALLED (as
+# soon as its current command returns; its EXIT trap cleans up). A scenario
+# may also call stall_exit after each step. The watcher ends with the
+# scenario, or at stall_unwatch.
+stall_watch() {
+  local dir=$1 main=$$
+  rm -f "${HUSK_OUT:?}/stalled"
+  trap stall_exit USR1
+  (
+    declare -A first done_
+    while kill -0 "$main" 2>/dev/null; do
+      for c in "$dir"/*/console.log; do
+        [ -f "$c" ] || continue
+        key="$c:$(stat -c %i "$c" 2>/dev/null)"
+        [ -z "${done_[$key]:-}" ] || continue
+        sb=$(basename "$(dirname "$c")")
+        if [ -s "$c" ]; then
+          census_add boot "$sb"
+          done_[$key]=1
+          continue
+        fi
+        pid=$(cat "$(dirname "$c")/vmm.pid" 2>/dev/null || true)
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+          done_[$key]=1 # the VMM ended before printing: not a stall (a bad config, a kill)
+          continue
+        fi
+        first[$key]=${first[$key]:-$(date +%s)}
+        t0=${first[$key]}
+        if [ $(( $(date +%s) - t0 )) -ge "${HUSK_STALL_SECS:-60}" ] && [ -n "$pid" ]; then
+          echo "STALL: sandbox $sb printed nothing in ${HUSK_STALL_SECS:-60} s (the nested-boot stall, tests/lib/common.sh); killing its VMM"
+          census_add stall "$sb"
+          stall_evidence "$pid" "$sb"
+          echo "$sb" >>"$HUSK_OUT/stalled"
+          kill -KILL "$pid" 2>/dev/null
+          kill -USR1 "$main" 2>/dev/null
+          done_[$key]=1
+        fi
+      done
+      sleep 1
+    done
+  ) &
+  stall_watcher=$!
+}
+stall_unwatch() {
+  [ -z "${stall_watcher:-}" ] || kill "$stall_watcher" 2>/dev/null || true
+  stall_watcher=
+}
+
+# stall_exit: ends the scenario with $STALLED when the watcher saw a stall.
+stall_exit() {
+  [ -f "${HUSK_OUT:?}/stalled" ] || return 0
+  trap - USR1
+  echo "STALL: this test machine runs no nested guest (sandbox $(head -n 1 "$HUSK_OUT/stalled")); exit $STALLED: the runner boots a fresh one and reruns what did not pass"
+  exit "$STALLED"
+}
+
+# Checks that passed in an earlier L1 of this run (tests/run.sh carries
+# $HUSK_OUT/passed over to the rerun), so a rerun does only the rest.
+# check_passed NAME: true if NAME passed before; check_record NAME: it passed.
+check_passed() { grep -qxF "$1" "${HUSK_OUT:?}/passed" 2>/dev/null; }
+check_record() { echo "$1" >>"${HUSK_OUT:?}/passed"; }

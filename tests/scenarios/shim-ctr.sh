@@ -31,8 +31,11 @@ repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 source "$repo/tests/shim/containerd.sh"
 # shellcheck source=../shim/lib.sh
 source "$repo/tests/shim/lib.sh"
+# shellcheck source=../lib/common.sh
+source "$repo/tests/lib/common.sh"
 
 out=${HUSK_OUT:-$(mktemp -d)}
+export HUSK_OUT=$out
 work=$out/shim-ctr
 mkdir -p "$work"
 state=${HUSK_SHIM_STATE:-/run/husk-test}
@@ -44,7 +47,6 @@ img=localhost/husk-busybox:latest
 husk=(--runtime "${HUSK_SHIM_RUNTIME:-io.containerd.husk.v2}")
 runc=(--runtime io.containerd.runc.v2)
 limit=${HUSK_SHIM_TIMEOUT:-240} # one ctr command (a boot here takes ~10 s)
-now_ms() { date +%s%3N; }
 say() { echo "[shim-ctr] $*"; }
 
 # ---- preflight -------------------------------------------------------------
@@ -86,6 +88,7 @@ mkdir -p "$work/vm-logs"
 sampler=$!
 
 cleanup() {
+  stall_unwatch
   kill "$sampler" 2>/dev/null
   wait "$sampler" 2>/dev/null
   husk_ctrd_stop || say "the containerd teardown found leftovers (see above)"
@@ -94,23 +97,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# First: do KVM guests boot in this machine at all? Some nested test
-# machines run none (exit 75: the machine failed, not husk; see
-# husk_kvm_probe in tests/shim/lib.sh).
-if [ -n "${HUSK_SHIM_RUNTIME:-}" ]; then
-  probe=0 # a check of the checks with another runtime: no VM needed
-else
-  husk_kvm_probe "$work/kvm-probe"
-  probe=$?
-fi
-case $probe in
-  0) ;;
-  75) echo "FAIL the test machine runs no KVM guest (exit 75: rerun on a fresh test machine)"; touch "$out/kvm-broken"; exit 75 ;;
-  *) echo "FAIL a bare husk-vmm guest does not boot (QEMU's does): see $work/kvm-probe"; exit 1 ;;
-esac
-
 husk_ctrd_start || { echo "FAIL containerd did not start"; exit 1; }
 husk_ctrd_import_busybox || { echo "FAIL image import"; exit 1; }
+# A sandbox whose guest stays silent is the nested machine's stall, not
+# husk's failure: the scenario ends with 75 and the runner reruns the checks
+# that did not pass on a fresh test machine (tests/lib/common.sh).
+stall_watch "$state"
 
 # ---- check machinery -------------------------------------------------------
 failed=()
@@ -152,9 +144,6 @@ show_failure() {
     [ -f "$f" ] || continue
     echo "    ---- $(basename "$f") (last 30 lines):"
     tail -n 30 "$f" | cut -c1-300 | sed 's/^/    vm| /'
-    case "$f" in
-      *.console.log) [ -s "$f" ] || { echo "    (the guest console is empty: the guest kernel never printed a line)"; silent=$((silent + 1)); } ;;
-    esac
   done
 }
 check() { # check NAME: runs check_NAME, then demands that nothing is left
@@ -164,6 +153,7 @@ check() { # check NAME: runs check_NAME, then demands that nothing is left
   t0=$(now_ms)
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
   "check_${name//-/_}"
+  stall_exit
   [ "$cfail" = 0 ] || failed+=("$name")
   husk_ctrd_clean >/dev/null 2>&1
   if left=$(husk_wait_clean "$state" 30); then
@@ -418,26 +408,14 @@ checks=(runc-uname runc-exit husk-uname husk-in-vm husk-exit husk-config-path
   husk-exec-kill husk-sigkill husk-tty husk-pod husk-bad-command husk-bad-config
   husk-vm-dies husk-shim-dies)
 [ -z "${HUSK_SHIM_CHECKS:-}" ] || read -r -a checks <<<"$HUSK_SHIM_CHECKS"
-# A VM that never printed a line: do guests boot in this machine at all?
-diagnose_silent() {
-  echo "---- diagnosis: a guest console stayed empty; booting the same guest without the shim"
-  husk_kvm_probe "$work/diagnosis" | sed 's/^/    /'
-}
-
-# Two checks whose VMs never printed a line: the guests do not boot in this
-# machine at all; the remaining husk checks would each only wait for their
-# timeout.
-silent=0
 for c in "${checks[@]}"; do
-  if [ "$silent" -ge 2 ] && [ "${c#husk-}" != "$c" ]; then
+  if check_passed "$c"; then
     echo "==== $c"
-    echo "FAIL $c (skipped: the VMs of two checks never printed on their console)"
-    failed+=("$c(skipped)")
+    echo "PASS $c (passed on an earlier test machine of this run)"
     continue
   fi
-  before=$silent
   check "$c"
-  [ "$before" != 0 ] || [ "$silent" = 0 ] || diagnose_silent
+  [ "$cfail" != 0 ] || check_record "$c"
 done
 
 echo "==== summary ($(( ($(now_ms) - t_all) / 1000 )) s)"

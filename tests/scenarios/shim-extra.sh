@@ -14,8 +14,11 @@ repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 source "$repo/tests/shim/containerd.sh"
 # shellcheck source=../shim/lib.sh
 source "$repo/tests/shim/lib.sh"
+# shellcheck source=../lib/common.sh
+source "$repo/tests/lib/common.sh"
 
 out=${HUSK_OUT:-$(mktemp -d)}
+export HUSK_OUT=$out
 work=$out/e2e-extra
 mkdir -p "$work"
 state=/run/husk-x
@@ -48,6 +51,7 @@ mkdir -p "$work/vm-logs"
 sampler=$!
 
 cleanup() {
+  stall_unwatch
   kill "$sampler" 2>/dev/null
   husk_ctrd_stop || say "the containerd teardown found leftovers"
   for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; done
@@ -55,6 +59,9 @@ cleanup() {
 trap cleanup EXIT
 husk_ctrd_start || { echo "FAIL containerd did not start"; exit 1; }
 husk_ctrd_import_busybox || { echo "FAIL image import"; exit 1; }
+# A silent guest is the nested machine's stall: exit 75, and the runner
+# reruns what did not pass on a fresh test machine (tests/lib/common.sh).
+stall_watch "$state"
 
 failed=()
 cfail=0
@@ -87,6 +94,7 @@ check() {
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
   before=" $(jobs -p | tr '\n' ' ') "
   "check_${name//-/_}"
+  stall_exit
   # Background helpers of a check that stopped early (ctr events, ctr run);
   # not the sampler, not containerd.
   for j in $(jobs -p); do [[ "$before" == *" $j "* ]] || kill "$j" 2>/dev/null; done
@@ -258,7 +266,15 @@ check_bad_config() {
 
 checks=(lifecycle oom output-at-exit bind-mounts vmm-death slots no-boot bad-config)
 [ -z "${HUSK_SHIM_CHECKS:-}" ] || read -r -a checks <<<"$HUSK_SHIM_CHECKS"
-for c in "${checks[@]}"; do check "$c"; done
+for c in "${checks[@]}"; do
+  if check_passed "$c"; then
+    echo "==== $c"
+    echo "PASS $c (passed on an earlier test machine of this run)"
+    continue
+  fi
+  check "$c"
+  [ "$cfail" != 0 ] || check_record "$c"
+done
 if [ ${#failed[@]} -eq 0 ]; then
   echo "PASS e2e-extra: ${#checks[@]} checks"
   exit 0

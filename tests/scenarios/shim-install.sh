@@ -14,7 +14,10 @@ repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 source "$repo/tests/shim/containerd.sh"
 # shellcheck source=../shim/lib.sh
 source "$repo/tests/shim/lib.sh"
+# shellcheck source=../lib/common.sh
+source "$repo/tests/lib/common.sh"
 out=${HUSK_OUT:-$(mktemp -d)}
+export HUSK_OUT=$out
 img=localhost/husk-busybox:latest
 fails=0
 want() { local d=$1; shift; if "$@"; then echo "    ok   $d"; else echo "    FAIL $d"; fails=$((fails + 1)); fi; }
@@ -45,6 +48,7 @@ env -u HUSK_CONFIG PATH=$path containerd --config /etc/containerd/config.toml --
   --address "$d/containerd.sock" </dev/null >"$out/containerd.log" 2>&1 &
 ctrd=$!
 cleanup() {
+  stall_unwatch
   for id in $(ctr tasks ls -q 2>/dev/null); do ctr tasks kill -s SIGKILL "$id" >/dev/null 2>&1; ctr tasks delete -f "$id" >/dev/null 2>&1; done
   kill "$ctrd" 2>/dev/null
   wait "$ctrd" 2>/dev/null
@@ -62,6 +66,10 @@ ctr images import "$tar" >/dev/null
 want "busybox image imported" bash -c "ctr images ls -q | grep -qx $img"
 
 export HUSK_SHIM_STATE_DIR=/run/husk
+# The guest console, so that a silent guest (the nested machine's stall) is
+# told from a failure: exit 75 and a fresh test machine (tests/lib/common.sh).
+sed -i 's/^#* *debug_console *=.*/debug_console = true/' /etc/husk/configuration.toml
+stall_watch /run/husk
 for rt in io.containerd.husk.v2 io.containerd.kata.v2; do
   echo "==== ctr run --rm --runtime $rt"
   o=$(timeout 240 ctr run --rm --runtime "$rt" "$img" "t-${rt//./-}" sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id' 2>&1)

@@ -45,9 +45,20 @@ JSON
 python3 "$HUSK_REPO/tests/lib/vsock_host.py" serve "$uds" 6000 >"$work/serve.out" 2>&1 &
 server=$!
 start=$(now_ms)
+: >"$console"
 "$HUSK_VMM" --config "$work/vm.json" 2>"$work/vmm.log" &
 vmm=$!
 set +e
+# A guest that stays silent is the nested machine's stall (exit 75: the
+# runner boots a fresh test machine).
+await_console "$vmm" "$console"
+rc=$?
+if [ "$rc" -ne 0 ]; then
+  kill "$server" 2>/dev/null
+  [ "$rc" -eq "$STALLED" ] && exit "$STALLED"
+  sed 's/^/    vmm| /' "$work/vmm.log"
+  fail "husk-vmm ended before its guest printed anything"
+fi
 timeout 300 python3 "$HUSK_REPO/tests/lib/vsock_host.py" connect "$uds" 5000 ping >"$work/connect.out" 2>&1
 connect_rc=$?
 timeout 300 tail --pid="$vmm" -f /dev/null

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The nested-boot stall soak: boots the guest BOOTS times in each of L1S
+# fresh test machines (default 20 x 10 = 200 nested boots) and prints the
+# stalls per L1 and in all, with each L1's clocksource.
+#
+#   tests/soak/stall.sh [L1S] [BOOTS]         # after scripts/build.sh
+#   HUSK_L1_APPEND="kvm_amd.vgif=0" tests/soak/stall.sh 5 20   # a hypothesis
+#
+# The test machine's shape comes from the HUSK_L1_* variables (tests/run.sh);
+# HUSK_SOAK_STALL_SECS (default 20) is the silence that makes a stall (a
+# healthy guest prints within about 1 s). Results: target/test-logs/soak/.
+set -uo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+l1s=${1:-10}
+boots=${2:-20}
+res="$repo/target/test-logs/soak/$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$res"
+echo "[soak] $l1s L1s x $boots boots; L1: accel ${HUSK_L1_ACCEL:-tcg,thread=multi} cpu ${HUSK_L1_CPU:-max} smp ${HUSK_L1_SMP:-2} append '${HUSK_L1_APPEND-}'; results in $res"
+t0=$(date +%s)
+for i in $(seq "$l1s"); do
+  HUSK_L1_RETRIES=0 HUSK_SOAK_BOOTS=$boots "$repo/tests/run.sh" soak/nested-boot >"$res/l1-$i.log" 2>&1
+  src="$repo/target/test-logs/soak-nested-boot.log.out/soak"
+  if [ -f "$src/summary.json" ]; then
+    cp -r "$src" "$res/l1-$i"
+    grep -a '^SOAK_RESULT' "$res/l1-$i.log" | tr -d '\r' | sed "s/^/[soak] L1 $i: /"
+  else
+    echo "[soak] L1 $i: no result (the L1 froze or timed out; see $res/l1-$i.log)"
+  fi
+done
+python3 - "$res" "$l1s" <<'PY'
+import glob, json, os, sys
+res, l1s = sys.argv[1], int(sys.argv[2])
+rows = []
+for i in range(1, l1s + 1):
+    p = os.path.join(res, f"l1-{i}", "summary.json")
+    rows.append(json.load(open(p)) if os.path.exists(p) else None)
+print(f"\n| L1 | clocksource | boots | stalled | other failures | broken | median boot-to-marker ms |")
+print("|---|---|---|---|---|---|---|")
+tb = ts = tf = nb = missing = 0
+for i, r in enumerate(rows, 1):
+    if r is None:
+        missing += 1
+        print(f"| {i} | - | - | - | - | no result | - |")
+        continue
+    tb += r["boots"]; ts += r["stalls"]; tf += r["failed"]; nb += r["broken"]
+    print(f"| {i} | {r['clocksource']} | {r['boots']} | {r['stalls']} | {r['failed']} | {'yes' if r['broken'] else 'no'} | {r['marker_median_ms']} |")
+print(f"\nSOAK_TOTAL l1s={l1s} boots={tb} stalls={ts} other_failures={tf} broken_l1s={nb} no_result={missing}")
+PY
+echo "[soak] done in $(( $(date +%s) - t0 )) s"
