@@ -25,14 +25,18 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# KVM's exit counters and tracepoints: the evidence of a stalled nested guest.
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /tmp/husk-out
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 husk-out /tmp/husk-out
 hostname husk-testvm
 ip link set lo up
 # The runner's watchdog takes a stale heartbeat for a frozen machine.
-(while :; do touch /tmp/husk-out/heartbeat; sleep 5; done) &
-echo "HUSK_L1_READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+# It holds the uptime and load, the last known state of a machine that froze.
+(while :; do cat /proc/uptime /proc/loadavg >/tmp/husk-out/heartbeat; sleep 5; done) &
+echo "HUSK_L1_READY uptime=$(cut -d' ' -f1 /proc/uptime) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 
 # shellcheck source=/dev/null
 source /tmp/husk-out/env

@@ -68,13 +68,18 @@ fi
 # and to $log. A watchdog ends the machine when the L1's heartbeat (a file
 # l1-init.sh touches every 5 s) goes stale: the L1 itself froze.
 boot_l1() {
-  local script=$1 log=$2 limit=$3 out=$4 start watchdog
+  local script=$1 log=$2 limit=$3 out=$4 start watchdog qmp
   start=$(now_ms)
+  qmp=$(mktemp -u /tmp/husk-qmp.XXXXXX)
   (
     while sleep 10; do
       [ -f "$out/rc" ] && exit 0
       if [ -f "$out/heartbeat" ] && [ $(( $(date +%s) - $(stat -c %Y "$out/heartbeat") )) -gt 60 ]; then
         touch "$out/froze"
+        # Where the frozen machine's CPUs are (in the L1 kernel, or in a
+        # nested guest), for the evidence kept with its results.
+        python3 "$repo/tests/lib/qmp_hmp.py" "$qmp" "info cpus" "info registers -a" \
+          >"$out/froze-cpus.txt" 2>&1 || true
         pkill -f -- "path=$out,security_model" || true
         exit 0
       fi
@@ -85,7 +90,7 @@ boot_l1() {
   timeout --kill-after=10 "$limit" qemu-system-x86_64 \
     -accel "$l1_accel" -M pc -cpu "$l1_cpu" -smp "$l1_smp" -m "${HUSK_L1_MEM:-4096}" \
     -nodefaults -no-user-config -display none -no-reboot \
-    -serial stdio -monitor none \
+    -serial stdio -monitor none -qmp "unix:$qmp,server=on,wait=off" \
     -kernel "$HUSK_TESTVM_KERNEL/bzImage" \
     -append "console=ttyS0 quiet panic=-1 $l1_append root=hostroot rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro init=$repo/tests/l1-init.sh" \
     -fsdev local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap \
@@ -103,8 +108,9 @@ boot_l1() {
   set -e
   kill "$watchdog" 2>/dev/null || true
   wait "$watchdog" 2>/dev/null || true
+  rm -f "$qmp"
   if [ -f "$out/froze" ]; then
-    say "the L1 machine froze (no heartbeat for 60 s) after $(( ($(now_ms) - start) / 1000 )) s; console tail:"
+    say "the L1 machine froze (no heartbeat for 60 s) after $(( ($(now_ms) - start) / 1000 )) s; last heartbeat: $(tr '\n' ' ' <"$out/heartbeat"); its CPUs are in froze-cpus.txt of the kept results; console tail:"
   elif [ ! -f "$out/rc" ]; then
     say "no exit code from the L1 after $(( ($(now_ms) - start) / 1000 )) s (limit ${limit}s): timed out or crashed; console tail:"
   fi

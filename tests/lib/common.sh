@@ -59,10 +59,35 @@ stall_evidence() {
         echo "$(basename "$t") $(cat "$t/comm" 2>/dev/null) $(awk '{ print $1, $12, $13, $41 }' <<<"$f") $(cat "$t/wchan" 2>/dev/null)"
       done
     }
-    echo "threads (tid comm state utime stime guest_time wchan; clock ticks), then 2 s later:"
+    _kvm_stats() {
+      local d
+      for d in /sys/kernel/debug/kvm/"$pid"-*; do
+        [ -d "$d" ] || continue
+        echo "$(basename "$d"): $(for s in exits halt_exits io_exits mmio_exits irq_exits irq_injections nmi_injections request_irq_exits pf_taken halt_wakeup signal_exits; do
+          [ -f "$d/$s" ] && printf '%s=%s ' "$s" "$(cat "$d/$s")"; done)"
+      done
+    }
+    echo "threads (tid comm state utime stime guest_time wchan; clock ticks) and KVM's exit counters, then 2 s later:"
     _threads
+    _kvm_stats
+    local tr=/sys/kernel/tracing
+    if [ -w "$tr/events/kvm/enable" ]; then
+      : >"$tr/trace"
+      echo 1 >"$tr/events/kvm/enable"
+    fi
     sleep 2
     _threads
+    _kvm_stats
+    if [ -w "$tr/events/kvm/enable" ]; then
+      echo 0 >"$tr/events/kvm/enable"
+      echo "KVM trace events in those 2 s: $(grep -vc '^#' "$tr/trace"); the first 40:"
+      grep -v '^#' "$tr/trace" | head -n 40
+    fi
+    local t
+    for t in /proc/"$pid"/task/*; do
+      echo "stack of $(basename "$t") $(cat "$t/comm" 2>/dev/null):"
+      cat "$t/stack" 2>/dev/null | head -n 12
+    done
     echo "L1 dmesg (clock, kvm):"
     dmesg 2>/dev/null | grep -iE 'tsc|clocksource|kvm|svm' | tail -n 20
   } >"$dir/$name.txt" 2>&1

@@ -4,12 +4,12 @@
     nested-boot.py OUT_DIR [--boots N] [--stall S] [--vcpus N]
 
 Runs inside an L1 test machine. Records what the L1 is (clocksource, TSC
-messages, kvm_amd parameters, SVM features) in OUT_DIR/l1-info.txt, then
+messages, kvm_amd parameters, SVM features) in OUT_DIR/l1-info.json, then
 boots husk-vmm with the guest bzImage and the test initramfs N times, each to
 the init's marker and the guest's reset. A boot whose console stays empty
-for S seconds is a stall. At the first stall the VMM's threads are sampled
-(scheduler state, wait channel, user/system/guest CPU time, 2 s apart) to
-tell a guest that spins from one that waits, and then the L1 is probed: a
+for S seconds is a stall. At the first stall its evidence is kept
+(tests/lib/common.sh stall_evidence: the VMM's threads, KVM's exit counters
+and trace, in $HUSK_OUT/stalls/), and then the L1 is probed: a
 boot with the vCPU thread pinned to CPU 0, one pinned to CPU 1, and one with
 QEMU -accel kvm. After three stalls in a row the L1 is called broken and its
 remaining boots are not run. Writes one JSON line per boot to
@@ -19,13 +19,11 @@ import argparse
 import glob
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def sh(cmd):
@@ -80,24 +78,14 @@ def vm_json(work, console, vcpus):
     return path
 
 
-def thread_sample(pid):
-    """{tid: (comm, state, wchan, utime_s, stime_s, guest_s)} of process pid."""
-    out = {}
-    for d in glob.glob(f"/proc/{pid}/task/*"):
-        try:
-            raw = open(f"{d}/stat").read()
-            comm = raw[raw.index("(") + 1:raw.rindex(")")]
-            f = raw[raw.rindex(")") + 2:].split()
-            # Fields after "(comm) ": state=0, utime=11, stime=12, guest_time=40.
-            wchan = open(f"{d}/wchan").read().strip()
-            out[os.path.basename(d)] = (comm, f[0], wchan, int(f[11]) / CLK_TCK,
-                                        int(f[12]) / CLK_TCK, int(f[40]) / CLK_TCK)
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
+def evidence(pid, name):
+    """The shared stall evidence (tests/lib/common.sh stall_evidence): the
+    monitor's threads, KVM's exit counters and trace, the L1's clock."""
+    common = os.path.join(os.environ["HUSK_REPO"], "tests/lib/common.sh")
+    subprocess.run(["bash", "-c", 'source "$0"; stall_evidence "$1" "$2"', common, str(pid), name])
 
 
-def boot(work, vcpus, stall_s, limit_s, pin=None, sample=False):
+def boot(work, vcpus, stall_s, limit_s, pin=None, sample=False, name="boot"):
     """One husk-vmm boot; returns its record."""
     console = os.path.join(work, "console.log")
     open(console, "w").close()
@@ -109,7 +97,6 @@ def boot(work, vcpus, stall_s, limit_s, pin=None, sample=False):
     log = open(os.path.join(work, "vmm.log"), "wb")
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     first = marker = None
-    samples = []
     while proc.poll() is None:
         now = time.monotonic() - t0
         size = os.path.getsize(console)
@@ -121,9 +108,7 @@ def boot(work, vcpus, stall_s, limit_s, pin=None, sample=False):
                     marker = now
         if first is None and now > stall_s:
             if sample:
-                samples.append(thread_sample(proc.pid))
-                time.sleep(2)
-                samples.append(thread_sample(proc.pid))
+                evidence(proc.pid, name)
             break
         if now > limit_s:
             break
@@ -147,14 +132,7 @@ def boot(work, vcpus, stall_s, limit_s, pin=None, sample=False):
         "console_lines": len(lines),
         "last_line": lines[-1][:200] if lines else "",
     }
-    if samples:
-        rec["threads"] = {
-            tid: {"comm": a[0], "state": a[1], "wchan": a[2],
-                  "utime_s": round(samples[1][tid][3] - a[3], 2),
-                  "stime_s": round(samples[1][tid][4] - a[4], 2),
-                  "guest_s": round(samples[1][tid][5] - a[5], 2)}
-            for tid, a in samples[0].items() if tid in samples[1]
-        }
+    if stalled:
         rec["vmm_log_tail"] = sh(f"tail -n 5 {work}/vmm.log").splitlines()
     return rec
 
@@ -209,7 +187,7 @@ def main():
     marker_ms = []
     with open(os.path.join(args.out, "boots.jsonl"), "w") as log:
         for i in range(1, args.boots + 1):
-            rec = boot(work, args.vcpus, args.stall, args.limit, sample=(stalls == 0))
+            rec = boot(work, args.vcpus, args.stall, args.limit, sample=(stalls == 0), name=f"soak-{i}")
             rec["boot"] = i
             boots += 1
             census(("stall" if rec["stalled"] else "boot") + f" soak-{i}")
@@ -219,11 +197,6 @@ def main():
                 stalls += 1
                 in_a_row += 1
                 print(f"soak: boot {i}: STALL (no console byte in {args.stall:.0f} s)", flush=True)
-                if "threads" in rec:
-                    for tid, t in rec["threads"].items():
-                        print(f"soak:   thread {tid} {t['comm']}: state {t['state']} wchan {t['wchan']} "
-                              f"in 2 s: user {t['utime_s']} s, system {t['stime_s']} s, guest {t['guest_s']} s",
-                              flush=True)
                 if stalls == 1:
                     for pin in range(min(2, os.cpu_count() or 1)):
                         p = boot(work, args.vcpus, args.stall, args.limit, pin=pin)
