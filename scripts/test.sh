@@ -2,20 +2,39 @@
 # husk's whole test suite: formatting and lints, the build, the unit and host
 # integration tests (some boot the real guest kernel on the host's /dev/kvm,
 # so they run after the build), then every end-to-end scenario on real KVM
-# (tests/run.sh). CI runs exactly this (.ci/run).
+# (tests/run.sh). CI runs exactly this (.ci/run). Each stage's time is
+# printed at the end, with the test machine's stall census (tests/run.sh).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
-"$repo/scripts/setup.sh"
-echo "[test] cargo fmt --check"
-cargo fmt --all --check
-echo "[test] cargo clippy"
-cargo clippy --locked --workspace --all-targets -- -D warnings
-"$repo/scripts/build.sh"
+
+times=()
+t_start=$(date +%s)
+report() {
+  local rc=$?
+  echo "[test] stage times:"
+  printf '[test]   %s\n' "${times[@]}"
+  echo "[test]   total $(( $(date +%s) - t_start )) s; exit $rc"
+}
+trap report EXIT
+# stage NAME COMMAND...: runs one stage and records its time.
+stage() {
+  local name=$1 t0 rc=0
+  shift
+  echo "[test] $name"
+  t0=$(date +%s)
+  "$@" || rc=$?
+  times+=("$(printf '%-28s %5d s%s' "$name" $(( $(date +%s) - t0 )) "$([ "$rc" = 0 ] || echo "  FAILED ($rc)")")")
+  return "$rc"
+}
+
+stage "setup" "$repo/scripts/setup.sh"
+stage "cargo fmt --check" cargo fmt --all --check
+stage "cargo clippy" cargo clippy --locked --workspace --all-targets -- -D warnings
+stage "build (kernels, images)" "$repo/scripts/build.sh"
 # shellcheck source=/dev/null
 source "$repo/target/husk-artifacts.env"
-echo "[test] cargo test"
-cargo test --locked --workspace
-echo "[test] configs/install.sh (tests/shim/install-test.sh)"
-"$repo/tests/shim/install-test.sh"
-"$repo/tests/run.sh"
+stage "cargo test" cargo test --locked --workspace
+stage "install test" "$repo/tests/shim/install-test.sh"
+stage "test machinery self-test" "$repo/tests/selftest/helpers.sh"
+stage "scenarios (tests/run.sh)" "$repo/tests/run.sh"

@@ -168,7 +168,7 @@ await_console() {
 # may also call stall_exit after each step. The watcher ends with the
 # scenario, or at stall_unwatch.
 stall_watch() {
-  local dir=$1 main=$$
+  local dir=$1 main=$BASHPID
   rm -f "${HUSK_OUT:?}/stalled"
   trap stall_exit USR1
   (

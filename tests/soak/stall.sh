@@ -19,12 +19,14 @@ echo "[soak] $l1s L1s x $boots boots; L1: accel ${HUSK_L1_ACCEL:-tcg,thread=mult
 t0=$(date +%s)
 for i in $(seq "$l1s"); do
   HUSK_L1_RETRIES=0 HUSK_SOAK_BOOTS=$boots "$repo/tests/run.sh" soak/nested-boot >"$res/l1-$i.log" 2>&1
-  src="$repo/target/test-logs/soak-nested-boot.log.out/soak"
-  if [ -f "$src/summary.json" ]; then
-    cp -r "$src" "$res/l1-$i"
+  # Everything the L1 left (its soak results, stall evidence, a frozen
+  # machine's CPU state) is kept per L1.
+  src="$repo/target/test-logs/soak-nested-boot.log.out"
+  [ ! -d "$src" ] || cp -r "$src" "$res/l1-$i"
+  if [ -f "$res/l1-$i/soak/summary.json" ]; then
     grep -a '^SOAK_RESULT' "$res/l1-$i.log" | tr -d '\r' | sed "s/^/[soak] L1 $i: /"
   else
-    echo "[soak] L1 $i: no result (the L1 froze or timed out; see $res/l1-$i.log)"
+    echo "[soak] L1 $i: no result: $(grep -a -m1 -oE 'the L1 machine froze[^;]*|timed out or crashed' "$res/l1-$i.log" || echo 'see the log'); $(grep -ac '^soak: boot' "$res/l1-$i.log") boots before ($res/l1-$i.log)"
   fi
 done
 python3 - "$res" "$l1s" <<'PY'
@@ -32,7 +34,7 @@ import glob, json, os, sys
 res, l1s = sys.argv[1], int(sys.argv[2])
 rows = []
 for i in range(1, l1s + 1):
-    p = os.path.join(res, f"l1-{i}", "summary.json")
+    p = os.path.join(res, f"l1-{i}", "soak", "summary.json")
     rows.append(json.load(open(p)) if os.path.exists(p) else None)
 print(f"\n| L1 | clocksource | boots | stalled | other failures | broken | median boot-to-marker ms |")
 print("|---|---|---|---|---|---|---|")
