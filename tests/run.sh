@@ -64,6 +64,24 @@ if ! flock -n 9; then
   flock 9
 fi
 
+# qemu_threads PID: each thread of QEMU process PID (state, CPU seconds, wait
+# channel, the syscall it sits in), twice 2 s apart, and their stacks where
+# gdb is installed: the evidence of a frozen test machine.
+qemu_threads() {
+  local pid=$1 t
+  [ -n "$pid" ] || { echo "no QEMU process"; return; }
+  for _ in 1 2; do
+    echo "QEMU $pid threads (tid comm state utime stime wchan syscall), $(date +%T):"
+    for t in /proc/"$pid"/task/*; do
+      echo "$(basename "$t") $(cat "$t/comm") $(sed 's/^.*) //' "$t/stat" | awk '{ print $1, $12, $13 }') $(cat "$t/wchan") $(cut -d' ' -f1-3 "$t/syscall")"
+    done 2>/dev/null
+    sleep 2
+  done
+  if command -v gdb >/dev/null; then
+    timeout 60 gdb -p "$pid" -batch -ex "thread apply all bt 12" 2>&1 | grep -vE '^\[New LWP|^warning:' | head -n 300
+  fi
+}
+
 # Boots one L1 machine for a scenario, streaming its console to the terminal
 # and to $log. A watchdog ends the machine when the L1's heartbeat (a file
 # l1-init.sh touches every 5 s) goes stale: the L1 itself froze.
@@ -83,6 +101,8 @@ boot_l1() {
           python3 "$repo/tests/lib/qmp_hmp.py" "$qmp" "info cpus" "info registers -a" || true
           sleep 1
         done >"$out/froze-cpus.txt" 2>&1
+        # And QEMU's own threads on this host: which one runs, which waits on what.
+        qemu_threads "$(pgrep -f -- "path=$out,security_model" | head -n 1)" >"$out/froze-qemu-threads.txt" 2>&1
         pkill -f -- "path=$out,security_model" || true
         exit 0
       fi

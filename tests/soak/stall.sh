@@ -29,23 +29,5 @@ for i in $(seq "$l1s"); do
     echo "[soak] L1 $i: no result: $(grep -a -m1 -oE 'the L1 machine froze[^;]*|timed out or crashed' "$res/l1-$i.log" || echo 'see the log'); $(grep -ac '^soak: boot' "$res/l1-$i.log") boots before ($res/l1-$i.log)"
   fi
 done
-python3 - "$res" "$l1s" <<'PY'
-import glob, json, os, sys
-res, l1s = sys.argv[1], int(sys.argv[2])
-rows = []
-for i in range(1, l1s + 1):
-    p = os.path.join(res, f"l1-{i}", "soak", "summary.json")
-    rows.append(json.load(open(p)) if os.path.exists(p) else None)
-print(f"\n| L1 | clocksource | boots | stalled | other failures | broken | median boot-to-marker ms |")
-print("|---|---|---|---|---|---|---|")
-tb = ts = tf = nb = missing = 0
-for i, r in enumerate(rows, 1):
-    if r is None:
-        missing += 1
-        print(f"| {i} | - | - | - | - | no result | - |")
-        continue
-    tb += r["boots"]; ts += r["stalls"]; tf += r["failed"]; nb += r["broken"]
-    print(f"| {i} | {r['clocksource']} | {r['boots']} | {r['stalls']} | {r['failed']} | {'yes' if r['broken'] else 'no'} | {r['marker_median_ms']} |")
-print(f"\nSOAK_TOTAL l1s={l1s} boots={tb} stalls={ts} other_failures={tf} broken_l1s={nb} no_result={missing}")
-PY
+python3 "$repo/tests/soak/summary.py" "$res"
 echo "[soak] done in $(( $(date +%s) - t0 )) s"
