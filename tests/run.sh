@@ -50,7 +50,26 @@ now_ms() { date +%s%3N; }
 l1_accel=${HUSK_L1_ACCEL:-tcg,thread=multi}
 l1_cpu=${HUSK_L1_CPU:-max}
 l1_smp=${HUSK_L1_SMP:-2}
-l1_append=${HUSK_L1_APPEND-}
+# The L1 kernel's clock, which decides whether nested guests run at all
+# (README, "The test machine"; tests/soak/stall.sh measures it):
+# - tsc_early_khz: the L1's TSC is the host's (QEMU TCG reads the host's), so
+#   its frequency is given, not calibrated. Calibrating it against the
+#   emulated PIT fails now and then on a busy host; the L1 then has no TSC
+#   frequency, and its KVM spins in KVM_RUN without ever entering a guest
+#   (kvm_guest_time_update: no tsc_khz): every nested boot in it stalls.
+# - nohz=off highres=off: a periodic local-APIC tick, re-armed by the APIC
+#   itself. QEMU's TCG updates a vCPU's pending-interrupt bits without a lock
+#   on every nested VMRUN and #VMEXIT, racing the timer thread, so now and
+#   then the L1's timer interrupt is lost; a one-shot tick is then never
+#   re-armed and the L1 freezes. A periodic tick raises it again.
+host_tsc_khz() {
+  awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo
+}
+l1_clock="nohz=off highres=off"
+tsc_khz=$(host_tsc_khz)
+[ -z "$tsc_khz" ] || [ "$tsc_khz" -le 0 ] || l1_clock="tsc_early_khz=$tsc_khz $l1_clock"
+l1_append=${HUSK_L1_APPEND-$l1_clock}
+[ "$mode" != nested ] || say "L1 kernel clock: ${l1_append:-(none)}"
 # Census over the whole run: "SCENARIO ATTEMPT boot|stall WHAT" lines.
 census=$(mktemp /tmp/husk-census.XXXXXX)
 l1_boots=0 l1_froze=0 l1_stalled=0
@@ -98,7 +117,7 @@ boot_l1() {
         # nested guest), for the evidence kept with its results.
         # Three snapshots a second apart tell a CPU that loops from one that moves on.
         for _ in 1 2 3; do
-          python3 "$repo/tests/lib/qmp_hmp.py" "$qmp" "info cpus" "info registers -a" || true
+          python3 "$repo/tests/lib/qmp_hmp.py" "$qmp" "info cpus" "info registers -a" "info lapic 0" "info lapic 1" || true
           sleep 1
         done >"$out/froze-cpus.txt" 2>&1
         # And QEMU's own threads on this host: which one runs, which waits on what.

@@ -70,6 +70,9 @@ stall_evidence() {
     echo "threads (tid comm state utime stime guest_time wchan; clock ticks) and KVM's exit counters, then 2 s later:"
     _threads
     _kvm_stats
+    # The L1's own interrupts (its local timer, virtio, serial) before and after.
+    local irq0
+    irq0=$(grep -E '^ *(LOC|[0-9]+):' /proc/interrupts 2>/dev/null)
     local tr=/sys/kernel/tracing
     if [ -w "$tr/events/kvm/enable" ]; then
       : >"$tr/trace"
@@ -78,6 +81,9 @@ stall_evidence() {
     sleep 2
     _threads
     _kvm_stats
+    echo "L1 interrupts, then 2 s later:"
+    echo "$irq0"
+    grep -E '^ *(LOC|[0-9]+):' /proc/interrupts 2>/dev/null
     if [ -w "$tr/events/kvm/enable" ]; then
       echo 0 >"$tr/events/kvm/enable"
       echo "KVM trace events in those 2 s: $(grep -vc '^#' "$tr/trace"); the first 40:"

@@ -114,6 +114,11 @@ def boot(work, vcpus, stall_s, limit_s, pin=None, sample=False, name="boot"):
             break
         time.sleep(0.05)
     stalled = first is None
+    if marker is None and os.path.getsize(console):
+        # The guest may have printed the marker and reset between two looks.
+        with open(console, "rb") as f:
+            if b"HUSK_GUEST_READY" in f.read():
+                marker = time.monotonic() - t0
     if proc.poll() is None:
         proc.terminate()
         try:
