@@ -15,7 +15,7 @@ l1s=${1:-10}
 boots=${2:-20}
 res="$repo/target/test-logs/soak/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$res"
-echo "[soak] $l1s L1s x $boots boots; L1: accel ${HUSK_L1_ACCEL:-tcg,thread=multi} cpu ${HUSK_L1_CPU:-max} smp ${HUSK_L1_SMP:-2} append '${HUSK_L1_APPEND-(the runner's default clock settings)}'; results in $res"
+echo "[soak] $l1s L1s x $boots boots; L1: accel ${HUSK_L1_ACCEL:-tcg,thread=multi} cpu ${HUSK_L1_CPU:-max} smp ${HUSK_L1_SMP:-2} append '${HUSK_L1_APPEND-(default: the runner clock settings)}'; results in $res"
 t0=$(date +%s)
 for i in $(seq "$l1s"); do
   HUSK_L1_RETRIES=0 HUSK_SOAK_BOOTS=$boots "$repo/tests/run.sh" soak/nested-boot >"$res/l1-$i.log" 2>&1
