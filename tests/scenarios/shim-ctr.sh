@@ -408,15 +408,7 @@ checks=(runc-uname runc-exit husk-uname husk-in-vm husk-exit husk-config-path
   husk-exec-kill husk-sigkill husk-tty husk-pod husk-bad-command husk-bad-config
   husk-vm-dies husk-shim-dies)
 [ -z "${HUSK_SHIM_CHECKS:-}" ] || read -r -a checks <<<"$HUSK_SHIM_CHECKS"
-for c in "${checks[@]}"; do
-  if check_passed "$c"; then
-    echo "==== $c"
-    echo "PASS $c (passed on an earlier test machine of this run)"
-    continue
-  fi
-  check "$c"
-  [ "$cfail" != 0 ] || check_record "$c"
-done
+for c in "${checks[@]}"; do check_once "$c"; done
 
 echo "==== summary ($(( ($(now_ms) - t_all) / 1000 )) s)"
 if [ ${#failed[@]} -eq 0 ]; then
