@@ -14,7 +14,7 @@ use crate::arch::x86_64::layout::{
     VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{mptable, BootProtocol};
-use crate::config::{SerialOutput, VmConfig};
+use husk_vm_config::{SerialOutput, VmConfig};
 use crate::control::{ControlError, ControlServer};
 use crate::devices::bus::{Bus, BusError, SharedBusDevice};
 use crate::devices::legacy::i8042::I8042Device;

@@ -1,9 +1,6 @@
-//! The control socket: a Unix stream socket taking one JSON request per line
-//! and answering one JSON reply per line.
-//!
-//! `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`,
-//! `{"op":"shutdown","timeout_ms":N}`. Replies are `{"ok":true,...}` or
-//! `{"ok":false,"error":"..."}`; a bad request only earns an error reply.
+//! The control socket's server: accepts clients, reads their request lines
+//! and writes the replies (the protocol is `husk_vm_config::control`). A bad
+//! request only earns an error reply.
 //! The socket file is removed when the server is dropped.
 
 use std::collections::HashMap;
@@ -13,14 +10,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events};
-use serde::{Deserialize, Serialize};
+use husk_vm_config::control::{parse_request, reply_line, Request, Response, MAX_LINE};
 
-/// Longest request line; a client sending more is disconnected.
-const MAX_LINE: usize = 4096;
 /// Most clients connected at once.
 const MAX_CONNECTIONS: usize = 16;
-/// Graceful shutdown wait when the request does not say.
-pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 5000;
 
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -33,74 +26,6 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// A control request.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Request {
-    // Braces, not unit variants: serde only applies deny_unknown_fields to
-    // struct variants of an internally tagged enum.
-    Status {},
-    Pause {},
-    Resume {},
-    Shutdown {
-        #[serde(default = "default_timeout")]
-        timeout_ms: u64,
-    },
-}
-
-fn default_timeout() -> u64 {
-    DEFAULT_SHUTDOWN_TIMEOUT_MS
-}
-
-/// A control reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-impl Response {
-    pub fn ok() -> Self {
-        Self {
-            ok: true,
-            state: None,
-            error: None,
-        }
-    }
-
-    pub fn state(state: &'static str) -> Self {
-        Self {
-            state: Some(state),
-            ..Self::ok()
-        }
-    }
-
-    pub fn error(error: impl Into<String>) -> Self {
-        Self {
-            ok: false,
-            state: None,
-            error: Some(error.into()),
-        }
-    }
-}
-
-/// Parses one request line.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
-}
-
-fn reply_line(response: &Response) -> Vec<u8> {
-    // Serializing a struct of strings and bools cannot fail; fall back to a
-    // fixed error line rather than panic.
-    let mut line = serde_json::to_vec(response)
-        .unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec());
-    line.push(b'\n');
-    line
 }
 
 struct Connection {
@@ -282,52 +207,6 @@ fn send(stream: &mut UnixStream, response: &Response) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_requests() {
-        assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status {}));
-        assert_eq!(parse_request(br#"{"op":"pause"}"#), Ok(Request::Pause {}));
-        assert_eq!(parse_request(br#"{"op":"resume"}"#), Ok(Request::Resume {}));
-        assert_eq!(
-            parse_request(br#"{"op":"shutdown","timeout_ms":250}"#),
-            Ok(Request::Shutdown { timeout_ms: 250 })
-        );
-        assert_eq!(
-            parse_request(br#"{"op":"shutdown"}"#),
-            Ok(Request::Shutdown {
-                timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS
-            })
-        );
-    }
-
-    #[test]
-    fn rejects_bad_requests() {
-        for bad in [
-            &br#"{"op":"reboot"}"#[..],
-            br#"{"op":"shutdown","timeout_ms":-1}"#,
-            br#"{"op":"shutdown","timeout":5}"#,
-            br#"{"op":"status","extra":1}"#,
-            br#"{}"#,
-            b"not json",
-            b"\xff\xfe",
-        ] {
-            let e = parse_request(bad).unwrap_err();
-            assert!(e.starts_with("bad request: "), "{e}");
-        }
-    }
-
-    #[test]
-    fn replies_are_one_json_line() {
-        assert_eq!(
-            reply_line(&Response::state("paused")),
-            b"{\"ok\":true,\"state\":\"paused\"}\n"
-        );
-        assert_eq!(reply_line(&Response::ok()), b"{\"ok\":true}\n");
-        assert_eq!(
-            reply_line(&Response::error("x \"y\"")),
-            b"{\"ok\":false,\"error\":\"x \\\"y\\\"\"}\n"
-        );
-    }
 
     #[test]
     fn socket_file_removed_on_drop_and_not_reused() {

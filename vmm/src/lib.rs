@@ -1,15 +1,14 @@
 //! husk-vmm: a KVM micro-VM monitor on the rust-vmm crates.
 //!
-//! Configuration flows one way: a VM description ([`config`]) is validated,
-//! the [`builder`] turns it into guest memory, vCPUs and devices, and the
-//! running VM ([`vmm`]) serves them until the guest resets or the control
+//! Configuration flows one way: a VM description (`husk_vm_config`, the
+//! crate the shim shares) is validated, the [`builder`] turns it into guest
+//! memory, vCPUs and devices, and the running VM ([`vmm`]) serves them until the guest resets or the control
 //! socket ([`control`]) asks it to stop. The [`loader`] places the kernel,
 //! initrd and command line; [`arch`] and [`vstate`] hold the x86-64 and KVM
 //! specifics.
 
 pub mod arch;
 pub mod builder;
-pub mod config;
 pub mod control;
 pub mod devices;
 pub mod loader;

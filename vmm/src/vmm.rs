@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::{ControlServer, Request, Response};
+use husk_vm_config::control::{Request, Response, VmState};
+
+use crate::control::ControlServer;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::I8042Device;
 use crate::devices::virtio::GuestMemory;
@@ -27,22 +29,6 @@ pub type EventManager = event_manager::EventManager<Subscriber>;
 pub enum VmmError {
     #[error("event loop: {0}")]
     EventLoop(#[from] event_manager::Error),
-}
-
-/// Whether the vCPUs run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmState {
-    Running,
-    Paused,
-}
-
-impl VmState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmState::Running => "running",
-            VmState::Paused => "paused",
-        }
-    }
 }
 
 /// What the VMM keeps alive while the guest runs; the vCPU threads use
@@ -146,14 +132,14 @@ impl Vmm {
     fn handle_request(&mut self, request: Request) -> Response {
         tracing::debug!("control request {request:?}");
         match request {
-            Request::Status {} => Response::state(self.state.as_str()),
+            Request::Status {} => Response::state(self.state),
             Request::Pause {} => match self.pause() {
-                Ok(()) => Response::state(self.state.as_str()),
+                Ok(()) => Response::state(self.state),
                 Err(e) => Response::error(e),
             },
             Request::Resume {} => {
                 self.resume();
-                Response::state(self.state.as_str())
+                Response::state(self.state)
             }
             Request::Shutdown { timeout_ms } => {
                 self.shutdown(timeout_ms);

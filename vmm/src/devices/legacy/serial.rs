@@ -13,7 +13,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqEvt;
-use crate::config::SerialOutput;
+use husk_vm_config::SerialOutput;
 use crate::devices::bus::BusDevice;
 
 /// Where serial output is written.

@@ -1,33 +1,13 @@
-//! The VM description: JSON parsed with serde (unknown fields rejected) and
-//! validated into [`VmConfig`], whose fields the builder can trust.
-//!
-//! Every validation error names the field it is about, e.g.
+//! A [`VmSpec`] validated into a [`VmConfig`], whose fields the VMM can
+//! trust. Every error names the field it is about, e.g.
 //! `vcpus: must be between 1 and 64, got 0` or `kernel.path: /x: No such file`.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
-/// Most vCPUs a VM may have (the guest kernel's NR_CPUS, and well below the
-/// 8-bit APIC id space the MP table uses).
-pub const MAX_VCPUS: u32 = 64;
-/// Smallest guest RAM: room for the kernel, the initrd and early allocations.
-pub const MIN_MEMORY_MIB: u64 = 32;
-/// Largest guest RAM (1 TiB).
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
-/// Longest kernel command line the VMM accepts (x86 COMMAND_LINE_SIZE is 2048
-/// with the NUL; the rest is headroom for the devices the VMM appends).
-pub const MAX_CMDLINE_LEN: usize = 1024;
-/// Virtio-mmio devices get IRQs 5..=23 (the IOAPIC has 24 pins).
-pub const MAX_VIRTIO_DEVICES: usize = 19;
-/// Longest virtio-blk serial (VIRTIO_BLK_ID_BYTES).
-pub const MAX_BLOCK_SERIAL_LEN: usize = 20;
-/// Longest tap interface name (IFNAMSIZ - 1).
-pub const MAX_TAP_NAME_LEN: usize = 15;
-/// Longest device id.
-pub const MAX_ID_LEN: usize = 32;
+use crate::limits::*;
+use crate::spec::{BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec};
 
 /// An error in the VM description.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +94,7 @@ impl VmConfig {
 
     /// Parses and validates a VM description.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let raw: raw::Config = serde_json::from_str(text)?;
-        raw.validate()
+        serde_json::from_str::<VmSpec>(text)?.validate()
     }
 
     /// How many virtio-mmio devices the description asks for.
@@ -127,287 +106,210 @@ impl VmConfig {
     }
 }
 
-/// The JSON schema, as written by the user; only [`raw::Config::validate`]
-/// turns it into a [`VmConfig`].
-mod raw {
-    use super::*;
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Config {
-        pub vcpus: u32,
-        pub memory_mib: u64,
-        #[serde(default)]
-        pub hugepages: bool,
-        pub kernel: Kernel,
-        #[serde(default)]
-        pub serial: Option<Serial>,
-        #[serde(default)]
-        pub block: Vec<Block>,
-        #[serde(default)]
-        pub vsock: Option<Vsock>,
-        #[serde(default)]
-        pub net: Vec<Net>,
-        #[serde(default)]
-        pub rng: bool,
-        #[serde(default)]
-        pub control_socket: Option<PathBuf>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Kernel {
-        pub path: PathBuf,
-        #[serde(default)]
-        pub cmdline: String,
-        #[serde(default)]
-        pub initrd: Option<PathBuf>,
-    }
-
-    #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
-    #[serde(rename_all = "lowercase")]
-    pub enum SerialKind {
-        Stdout,
-        File,
-        None,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Serial {
-        pub output: SerialKind,
-        #[serde(default)]
-        pub path: Option<PathBuf>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Block {
-        pub id: String,
-        pub path: PathBuf,
-        #[serde(default)]
-        pub read_only: bool,
-        #[serde(default)]
-        pub serial: Option<String>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Vsock {
-        pub guest_cid: u64,
-        pub uds_path: PathBuf,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub struct Net {
-        pub id: String,
-        pub tap: String,
-        #[serde(default)]
-        pub mac: Option<String>,
-    }
-
-    impl Config {
-        pub fn validate(self) -> Result<VmConfig, ConfigError> {
-            if !(1..=MAX_VCPUS).contains(&self.vcpus) {
-                return Err(invalid(
+impl VmSpec {
+    /// Checks every field, naming the first bad one.
+    pub fn validate(self) -> Result<VmConfig, ConfigError> {
+        let vcpus = u8::try_from(self.vcpus)
+            .ok()
+            .filter(|n| (1..=MAX_VCPUS).contains(&u32::from(*n)))
+            .ok_or_else(|| {
+                invalid(
                     "vcpus",
                     format!("must be between 1 and {MAX_VCPUS}, got {}", self.vcpus),
-                ));
-            }
-            if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
-                return Err(invalid(
-                    "memory_mib",
-                    format!(
-                        "must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {}",
-                        self.memory_mib
-                    ),
-                ));
-            }
-            if self.hugepages && !self.memory_mib.is_multiple_of(2) {
-                return Err(invalid(
-                    "memory_mib",
-                    format!(
-                        "must be a multiple of 2 with hugepages (2 MiB pages), got {}",
-                        self.memory_mib
-                    ),
-                ));
-            }
-
-            let kernel = self.kernel.validate()?;
-            let serial = validate_serial(self.serial)?;
-
-            let mut ids = HashSet::new();
-            let mut unique_id = |field: String, id: &str| -> Result<(), ConfigError> {
-                validate_id(&field, id)?;
-                if !ids.insert(id.to_owned()) {
-                    return Err(invalid(field, format!("duplicate device id {id:?}")));
-                }
-                Ok(())
-            };
-
-            let mut block = Vec::with_capacity(self.block.len());
-            for (i, b) in self.block.into_iter().enumerate() {
-                unique_id(format!("block[{i}].id"), &b.id)?;
-                block.push(b.validate(i)?);
-            }
-            let mut net = Vec::with_capacity(self.net.len());
-            for (i, n) in self.net.into_iter().enumerate() {
-                unique_id(format!("net[{i}].id"), &n.id)?;
-                net.push(n.validate(i)?);
-            }
-            let vsock = self.vsock.map(Vsock::validate).transpose()?;
-            let control_socket = self
-                .control_socket
-                .map(|p| new_file_path("control_socket", p))
-                .transpose()?;
-
-            let config = VmConfig {
-                vcpus: self.vcpus as u8,
-                memory_mib: self.memory_mib,
-                hugepages: self.hugepages,
-                kernel,
-                serial,
-                block,
-                vsock,
-                net,
-                rng: self.rng,
-                control_socket,
-            };
-            let devices = config.virtio_device_count();
-            if devices > MAX_VIRTIO_DEVICES {
-                return Err(invalid(
-                    "block",
-                    format!(
-                        "{devices} virtio devices (block + net + vsock + rng), at most {MAX_VIRTIO_DEVICES}"
-                    ),
-                ));
-            }
-            Ok(config)
+                )
+            })?;
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(invalid(
+                "memory_mib",
+                format!(
+                    "must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {}",
+                    self.memory_mib
+                ),
+            ));
         }
-    }
-
-    impl Kernel {
-        fn validate(self) -> Result<KernelConfig, ConfigError> {
-            let path = existing_file("kernel.path", self.path)?;
-            if self.cmdline.len() > MAX_CMDLINE_LEN {
-                return Err(invalid(
-                    "kernel.cmdline",
-                    format!("{} bytes, at most {MAX_CMDLINE_LEN}", self.cmdline.len()),
-                ));
-            }
-            if let Some(c) = self
-                .cmdline
-                .chars()
-                .find(|c| !c.is_ascii() || c.is_ascii_control())
-            {
-                return Err(invalid(
-                    "kernel.cmdline",
-                    format!("must be printable ASCII, found {c:?}"),
-                ));
-            }
-            let initrd = self
-                .initrd
-                .map(|p| existing_file("kernel.initrd", p))
-                .transpose()?;
-            Ok(KernelConfig {
-                path,
-                cmdline: self.cmdline,
-                initrd,
-            })
+        if self.hugepages && !self.memory_mib.is_multiple_of(2) {
+            return Err(invalid(
+                "memory_mib",
+                format!(
+                    "must be a multiple of 2 with hugepages (2 MiB pages), got {}",
+                    self.memory_mib
+                ),
+            ));
         }
-    }
 
-    fn validate_serial(serial: Option<Serial>) -> Result<SerialOutput, ConfigError> {
-        let Some(serial) = serial else {
-            return Ok(SerialOutput::Stdout);
+        let kernel = self.kernel.validate()?;
+        let serial = validate_serial(self.serial)?;
+
+        let mut ids = HashSet::new();
+        let mut unique_id = |field: String, id: &str| -> Result<(), ConfigError> {
+            validate_id(&field, id)?;
+            if !ids.insert(id.to_owned()) {
+                return Err(invalid(field, format!("duplicate device id {id:?}")));
+            }
+            Ok(())
         };
-        match (serial.output, serial.path) {
-            (SerialKind::File, Some(p)) => Ok(SerialOutput::File(new_file_path("serial.path", p)?)),
-            (SerialKind::File, None) => {
-                Err(invalid("serial.path", "required with output \"file\""))
-            }
-            (_, Some(_)) => Err(invalid("serial.path", "only allowed with output \"file\"")),
-            (SerialKind::Stdout, None) => Ok(SerialOutput::Stdout),
-            (SerialKind::None, None) => Ok(SerialOutput::None),
-        }
-    }
 
-    impl Block {
-        fn validate(self, i: usize) -> Result<BlockConfig, ConfigError> {
-            let path = existing_file(format!("block[{i}].path"), self.path)?;
-            if let Some(s) = &self.serial {
-                if s.len() > MAX_BLOCK_SERIAL_LEN {
-                    return Err(invalid(
-                        format!("block[{i}].serial"),
-                        format!("{} bytes, at most {MAX_BLOCK_SERIAL_LEN}", s.len()),
-                    ));
-                }
-                if !s.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(invalid(
-                        format!("block[{i}].serial"),
-                        "must be printable ASCII without spaces",
-                    ));
-                }
-            }
-            Ok(BlockConfig {
-                id: self.id,
-                path,
-                read_only: self.read_only,
-                serial: self.serial,
-            })
+        let mut block = Vec::with_capacity(self.block.len());
+        for (i, b) in self.block.into_iter().enumerate() {
+            unique_id(format!("block[{i}].id"), &b.id)?;
+            block.push(b.validate(i)?);
         }
-    }
-
-    impl Vsock {
-        fn validate(self) -> Result<VsockConfig, ConfigError> {
-            // 0-2 are the hypervisor, local and host CIDs; u32::MAX is VMADDR_CID_ANY.
-            let guest_cid = u32::try_from(self.guest_cid)
-                .ok()
-                .filter(|cid| (3..u32::MAX).contains(cid))
-                .ok_or_else(|| {
-                    invalid(
-                        "vsock.guest_cid",
-                        format!(
-                            "must be between 3 and {}, got {}",
-                            u32::MAX - 1,
-                            self.guest_cid
-                        ),
-                    )
-                })?;
-            let uds_path = new_file_path("vsock.uds_path", self.uds_path)?;
-            Ok(VsockConfig {
-                guest_cid,
-                uds_path,
-            })
+        let mut net = Vec::with_capacity(self.net.len());
+        for (i, n) in self.net.into_iter().enumerate() {
+            unique_id(format!("net[{i}].id"), &n.id)?;
+            net.push(n.validate(i)?);
         }
-    }
+        let vsock = self.vsock.map(VsockSpec::validate).transpose()?;
+        let control_socket = self
+            .control_socket
+            .map(|p| socket_path("control_socket", p))
+            .transpose()?;
 
-    impl Net {
-        fn validate(self, i: usize) -> Result<NetConfig, ConfigError> {
-            let tap_ok = !self.tap.is_empty()
-                && self.tap.len() <= MAX_TAP_NAME_LEN
-                && !self.tap.contains(['/', ' ', '\0', ':']);
-            if !tap_ok {
+        let config = VmConfig {
+            vcpus,
+            memory_mib: self.memory_mib,
+            hugepages: self.hugepages,
+            kernel,
+            serial,
+            block,
+            vsock,
+            net,
+            rng: self.rng,
+            control_socket,
+        };
+        let devices = config.virtio_device_count();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(invalid(
+                "block",
+                format!(
+                    "{devices} virtio devices (block + net + vsock + rng), at most {MAX_VIRTIO_DEVICES}"
+                ),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+impl KernelSpec {
+    fn validate(self) -> Result<KernelConfig, ConfigError> {
+        let path = existing_file("kernel.path", self.path)?;
+        if self.cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(invalid(
+                "kernel.cmdline",
+                format!("{} bytes, at most {MAX_CMDLINE_LEN}", self.cmdline.len()),
+            ));
+        }
+        if let Some(c) = self
+            .cmdline
+            .chars()
+            .find(|c| !c.is_ascii() || c.is_ascii_control())
+        {
+            return Err(invalid(
+                "kernel.cmdline",
+                format!("must be printable ASCII, found {c:?}"),
+            ));
+        }
+        let initrd = self
+            .initrd
+            .map(|p| existing_file("kernel.initrd", p))
+            .transpose()?;
+        Ok(KernelConfig {
+            path,
+            cmdline: self.cmdline,
+            initrd,
+        })
+    }
+}
+
+fn validate_serial(serial: Option<SerialSpec>) -> Result<SerialOutput, ConfigError> {
+    let Some(serial) = serial else {
+        return Ok(SerialOutput::Stdout);
+    };
+    match (serial.output, serial.path) {
+        (SerialKind::File, Some(p)) => Ok(SerialOutput::File(new_file_path("serial.path", p)?)),
+        (SerialKind::File, None) => {
+            Err(invalid("serial.path", "required with output \"file\""))
+        }
+        (_, Some(_)) => Err(invalid("serial.path", "only allowed with output \"file\"")),
+        (SerialKind::Stdout, None) => Ok(SerialOutput::Stdout),
+        (SerialKind::None, None) => Ok(SerialOutput::None),
+    }
+}
+
+impl BlockSpec {
+    fn validate(self, i: usize) -> Result<BlockConfig, ConfigError> {
+        let path = existing_file(format!("block[{i}].path"), self.path)?;
+        if let Some(s) = &self.serial {
+            if s.len() > MAX_BLOCK_SERIAL_LEN {
                 return Err(invalid(
-                    format!("net[{i}].tap"),
-                    format!(
-                        "{:?} is not an interface name (1 to {MAX_TAP_NAME_LEN} bytes, no '/', ':' or spaces)",
-                        self.tap
-                    ),
+                    format!("block[{i}].serial"),
+                    format!("{} bytes, at most {MAX_BLOCK_SERIAL_LEN}", s.len()),
                 ));
             }
-            let mac = self
-                .mac
-                .as_deref()
-                .map(|m| parse_mac(m).map_err(|r| invalid(format!("net[{i}].mac"), r)))
-                .transpose()?;
-            Ok(NetConfig {
-                id: self.id,
-                tap: self.tap,
-                mac,
-            })
+            if !s.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(invalid(
+                    format!("block[{i}].serial"),
+                    "must be printable ASCII without spaces",
+                ));
+            }
         }
+        Ok(BlockConfig {
+            id: self.id,
+            path,
+            read_only: self.read_only,
+            serial: self.serial,
+        })
+    }
+}
+
+impl VsockSpec {
+    fn validate(self) -> Result<VsockConfig, ConfigError> {
+        // 0-2 are the hypervisor, local and host CIDs; u32::MAX is VMADDR_CID_ANY.
+        let guest_cid = u32::try_from(self.guest_cid)
+            .ok()
+            .filter(|cid| (MIN_GUEST_CID..u32::MAX).contains(cid))
+            .ok_or_else(|| {
+                invalid(
+                    "vsock.guest_cid",
+                    format!(
+                        "must be between {MIN_GUEST_CID} and {}, got {}",
+                        u32::MAX - 1,
+                        self.guest_cid
+                    ),
+                )
+            })?;
+        let uds_path = socket_path("vsock.uds_path", self.uds_path)?;
+        Ok(VsockConfig {
+            guest_cid,
+            uds_path,
+        })
+    }
+}
+
+impl NetSpec {
+    fn validate(self, i: usize) -> Result<NetConfig, ConfigError> {
+        let tap_ok = !self.tap.is_empty()
+            && self.tap.len() <= MAX_TAP_NAME_LEN
+            && !self.tap.contains(['/', ' ', '\0', ':']);
+        if !tap_ok {
+            return Err(invalid(
+                format!("net[{i}].tap"),
+                format!(
+                    "{:?} is not an interface name (1 to {MAX_TAP_NAME_LEN} bytes, no '/', ':' or spaces)",
+                    self.tap
+                ),
+            ));
+        }
+        let mac = self
+            .mac
+            .as_deref()
+            .map(|m| parse_mac(m).map_err(|r| invalid(format!("net[{i}].mac"), r)))
+            .transpose()?;
+        Ok(NetConfig {
+            id: self.id,
+            tap: self.tap,
+            mac,
+        })
     }
 }
 
@@ -461,6 +363,18 @@ fn new_file_path(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
     Ok(path)
 }
 
+/// A socket the VMM binds: a new file whose path fits sun_path.
+fn socket_path(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH_LEN {
+        return Err(invalid(
+            field,
+            format!("{}: {len} bytes, a socket path has at most {MAX_SOCKET_PATH_LEN}", path.display()),
+        ));
+    }
+    new_file_path(field, path)
+}
+
 /// "No such file" rather than "No such file or directory (os error 2)".
 fn io_reason(e: &std::io::Error) -> String {
     match e.kind() {
@@ -500,6 +414,7 @@ impl fmt::Display for SerialOutput {
         }
     }
 }
+
 
 #[cfg(test)]
 mod tests {

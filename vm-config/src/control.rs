@@ -1,0 +1,181 @@
+//! The VMM's control socket protocol: a Unix stream socket taking one JSON
+//! request per line and answering one JSON reply per line.
+//!
+//! `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`,
+//! `{"op":"shutdown","timeout_ms":N}`. Replies are `{"ok":true,...}` or
+//! `{"ok":false,"error":"..."}`; a bad request only earns an error reply.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest request line; a client sending more is disconnected.
+pub const MAX_LINE: usize = 4096;
+/// Graceful shutdown wait when the request does not say.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 5000;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    // Braces, not unit variants: serde only applies deny_unknown_fields to
+    // struct variants of an internally tagged enum.
+    Status {},
+    Pause {},
+    Resume {},
+    /// Ctrl-Alt-Del to the guest, then a forced stop after `timeout_ms`.
+    Shutdown {
+        #[serde(default = "default_timeout")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_timeout() -> u64 {
+    DEFAULT_SHUTDOWN_TIMEOUT_MS
+}
+
+/// Whether the guest's vCPUs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Paused,
+}
+
+/// A control reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            state: None,
+            error: None,
+        }
+    }
+
+    pub fn state(state: VmState) -> Self {
+        Self {
+            state: Some(state),
+            ..Self::ok()
+        }
+    }
+
+    pub fn error(error: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            state: None,
+            error: Some(error.into()),
+        }
+    }
+}
+
+/// Parses one request line (without its newline).
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+}
+
+/// A reply as one JSON line, newline included.
+pub fn reply_line(response: &Response) -> Vec<u8> {
+    let mut line = serde_json::to_vec(response)
+        .unwrap_or_else(|_| br#"{"ok":false,"error":"internal error"}"#.to_vec());
+    line.push(b'\n');
+    line
+}
+
+/// A request as one JSON line, newline included.
+pub fn request_line(request: &Request) -> Vec<u8> {
+    // A Request is plain data: serializing it cannot fail.
+    let mut line = serde_json::to_vec(request).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
+/// Parses one reply line; an `ok: false` reply becomes its error.
+pub fn parse_reply(line: &[u8]) -> Result<Response, String> {
+    let r: Response = serde_json::from_slice(line).map_err(|e| format!("bad reply: {e}"))?;
+    if r.ok {
+        Ok(r)
+    } else {
+        Err(r.error.unwrap_or_else(|| "failed, no reason given".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_requests() {
+        assert_eq!(parse_request(br#"{"op":"status"}"#), Ok(Request::Status {}));
+        assert_eq!(parse_request(br#"{"op":"pause"}"#), Ok(Request::Pause {}));
+        assert_eq!(parse_request(br#"{"op":"resume"}"#), Ok(Request::Resume {}));
+        assert_eq!(
+            parse_request(br#"{"op":"shutdown","timeout_ms":250}"#),
+            Ok(Request::Shutdown { timeout_ms: 250 })
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"shutdown"}"#),
+            Ok(Request::Shutdown {
+                timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_bad_requests() {
+        for bad in [
+            &br#"{"op":"reboot"}"#[..],
+            br#"{"op":"shutdown","timeout_ms":-1}"#,
+            br#"{"op":"shutdown","timeout":5}"#,
+            br#"{"op":"status","extra":1}"#,
+            br#"{}"#,
+            b"not json",
+            b"\xff\xfe",
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.starts_with("bad request: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn replies_are_one_json_line() {
+        assert_eq!(
+            reply_line(&Response::state(VmState::Paused)),
+            b"{\"ok\":true,\"state\":\"paused\"}\n"
+        );
+        assert_eq!(reply_line(&Response::ok()), b"{\"ok\":true}\n");
+        assert_eq!(
+            reply_line(&Response::error("x \"y\"")),
+            b"{\"ok\":false,\"error\":\"x \\\"y\\\"\"}\n"
+        );
+    }
+
+    #[test]
+    fn requests_and_replies_round_trip() {
+        for req in [
+            Request::Status {},
+            Request::Pause {},
+            Request::Shutdown { timeout_ms: 7 },
+        ] {
+            let line = request_line(&req);
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert_eq!(parse_request(&line[..line.len() - 1]), Ok(req));
+        }
+        let line = reply_line(&Response::state(VmState::Running));
+        assert_eq!(
+            parse_reply(&line[..line.len() - 1]),
+            Ok(Response::state(VmState::Running))
+        );
+        assert_eq!(
+            parse_reply(br#"{"ok":false,"error":"no"}"#),
+            Err("no".to_string())
+        );
+        assert!(parse_reply(b"{").unwrap_err().starts_with("bad reply"));
+    }
+}

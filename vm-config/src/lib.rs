@@ -1,0 +1,19 @@
+//! What husk's VMM is told, shared by `husk-vmm` and the shim so that the
+//! seam between the two processes is a type, not a string.
+//!
+//! - [`spec`]: the VM description (`vm.json`) as written: the shim builds a
+//!   [`VmSpec`] and serializes it, the VMM parses it.
+//! - [`VmConfig`]: a [`VmSpec`] validated; the only form the VMM builds from.
+//! - [`limits`]: the bounds both sides check against (vCPUs, memory, device
+//!   counts, name lengths).
+//! - [`control`]: the control socket's requests and replies.
+
+pub mod control;
+pub mod limits;
+pub mod spec;
+mod validate;
+
+pub use spec::{BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec};
+pub use validate::{
+    BlockConfig, ConfigError, KernelConfig, NetConfig, SerialOutput, VmConfig, VsockConfig,
+};

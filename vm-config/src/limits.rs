@@ -1,0 +1,26 @@
+//! The VMM's limits. The shim sizes what it asks for from these, so a
+//! configuration the VMM would refuse is refused when it is read.
+
+/// Most vCPUs a VM may have (the guest kernel's NR_CPUS, and well below the
+/// 8-bit APIC id space the MP table uses).
+pub const MAX_VCPUS: u32 = 64;
+/// Smallest guest RAM: room for the kernel, the initrd and early allocations.
+pub const MIN_MEMORY_MIB: u64 = 32;
+/// Largest guest RAM (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Longest kernel command line the VMM accepts (x86 COMMAND_LINE_SIZE is 2048
+/// with the NUL; the rest is headroom for the devices the VMM appends).
+pub const MAX_CMDLINE_LEN: usize = 1024;
+/// Virtio-mmio devices get IRQs 5..=23 (the IOAPIC has 24 pins).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Longest virtio-blk serial (VIRTIO_BLK_ID_BYTES).
+pub const MAX_BLOCK_SERIAL_LEN: usize = 20;
+/// Longest tap interface name (IFNAMSIZ - 1).
+pub const MAX_TAP_NAME_LEN: usize = 15;
+/// Longest device id.
+pub const MAX_ID_LEN: usize = 32;
+/// Longest path of a Unix socket the VMM binds (sun_path is 108 bytes with
+/// the NUL).
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+/// Smallest guest vsock context id: 0-2 are the hypervisor, local and host.
+pub const MIN_GUEST_CID: u32 = 3;

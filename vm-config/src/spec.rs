@@ -1,0 +1,116 @@
+//! The VM description as written (`vm.json`): what the shim serializes and
+//! the VMM parses. Unknown fields are refused; absent optional fields take
+//! the defaults below, and are left out when serialized. Nothing here is
+//! checked: [`VmSpec::validate`](crate::VmSpec::validate) does that.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// A VM: its size, kernel and devices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub hugepages: bool,
+    pub kernel: KernelSpec,
+    /// Where the guest's serial console goes; stdout if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<SerialSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block: Vec<BlockSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetSpec>,
+    /// A virtio-rng device fed from the host's getrandom(2).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub rng: bool,
+    /// Where the VMM serves its control socket ([`crate::control`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelSpec {
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialKind {
+    Stdout,
+    File,
+    None,
+}
+
+/// `{"output": "file", "path": ...}`, `{"output": "stdout"}` or
+/// `{"output": "none"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSpec {
+    pub output: SerialKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+impl SerialSpec {
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            output: SerialKind::File,
+            path: Some(path.into()),
+        }
+    }
+
+    pub fn none() -> Self {
+        Self {
+            output: SerialKind::None,
+            path: None,
+        }
+    }
+}
+
+/// A virtio-blk disk backed by a host file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockSpec {
+    pub id: String,
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (VIRTIO_BLK_T_GET_ID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// A virtio-vsock device, served on the host as a hybrid vsock Unix socket
+/// (Firecracker's: `CONNECT <port>\n` to reach a guest port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockSpec {
+    /// u64 so that a value out of u32's range gets a clear error.
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+/// A virtio-net device on a host tap interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSpec {
+    pub id: String,
+    pub tap: String,
+    /// `xx:xx:xx:xx:xx:xx`; the guest picks one if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
