@@ -9,7 +9,8 @@ use std::path::Path;
 use crate::sys;
 
 /// The vsock port when the kernel command line names none.
-pub const DEFAULT_PORT: u32 = 1024;
+pub use husk_protocols::guest::AGENT_PORT as DEFAULT_PORT;
+use husk_protocols::guest::AGENT_PORT_PARAM;
 
 /// Set in the environment of the agent once it runs from its own tmpfs.
 const REROOTED: &str = "HUSK_AGENT_REROOTED";
@@ -145,12 +146,12 @@ pub fn has_vsock_device() -> bool {
 pub fn port_from_cmdline(cmdline: &str) -> Result<u32, String> {
     match cmdline
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("husk.agent_port="))
+        .find_map(|w| w.strip_prefix(AGENT_PORT_PARAM)?.strip_prefix('='))
     {
         None => Ok(DEFAULT_PORT),
         Some(v) => v
             .parse()
-            .map_err(|_| format!("husk.agent_port={v:?} is not a port number")),
+            .map_err(|_| format!("{AGENT_PORT_PARAM}={v:?} is not a port number")),
     }
 }
 

@@ -1,6 +1,7 @@
-//! The husk agent API shared by `husk-agent` and `containerd-shim-husk-v2`:
-//! the messages and the ttrpc service of `protos/agent.proto` (see there for
-//! what each call does), compiled by build.rs.
+//! What `husk-agent` and `containerd-shim-husk-v2` agree on: the messages
+//! and the ttrpc service of `protos/agent.proto` (see there for what each
+//! call does), compiled by build.rs, and the constants of the guest's
+//! layout ([`guest`]).
 
 /// The messages (`husk.agent.v1`).
 #[allow(
@@ -30,6 +31,8 @@ pub mod agent {
 pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
+
+pub mod guest;
 
 pub use protobuf;
 pub use ttrpc;

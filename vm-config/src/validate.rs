@@ -227,9 +227,7 @@ fn validate_serial(serial: Option<SerialSpec>) -> Result<SerialOutput, ConfigErr
     };
     match (serial.output, serial.path) {
         (SerialKind::File, Some(p)) => Ok(SerialOutput::File(new_file_path("serial.path", p)?)),
-        (SerialKind::File, None) => {
-            Err(invalid("serial.path", "required with output \"file\""))
-        }
+        (SerialKind::File, None) => Err(invalid("serial.path", "required with output \"file\"")),
         (_, Some(_)) => Err(invalid("serial.path", "only allowed with output \"file\"")),
         (SerialKind::Stdout, None) => Ok(SerialOutput::Stdout),
         (SerialKind::None, None) => Ok(SerialOutput::None),
@@ -369,7 +367,10 @@ fn socket_path(field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
     if len > MAX_SOCKET_PATH_LEN {
         return Err(invalid(
             field,
-            format!("{}: {len} bytes, a socket path has at most {MAX_SOCKET_PATH_LEN}", path.display()),
+            format!(
+                "{}: {len} bytes, a socket path has at most {MAX_SOCKET_PATH_LEN}",
+                path.display()
+            ),
         ));
     }
     new_file_path(field, path)
@@ -414,7 +415,6 @@ impl fmt::Display for SerialOutput {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
