@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers shared by scenarios (source it).
 
 # fail MSG: prints a FAIL line and exits 1.
@@ -5,6 +6,9 @@ fail() { echo "FAIL: $*"; exit 1; }
 
 # now_ms: wall clock in milliseconds.
 now_ms() { date +%s%3N; }
+
+# indent PREFIX: copies stdin to stdout with PREFIX before every line.
+indent() { awk -v p="$1" '{ print p $0 }'; }
 
 # expect_line FILE PATTERN: the first line of FILE matching the extended
 # regex PATTERN, or a failure naming it.
@@ -92,7 +96,7 @@ stall_evidence() {
     local t
     for t in /proc/"$pid"/task/*; do
       echo "stack of $(basename "$t") $(cat "$t/comm" 2>/dev/null):"
-      cat "$t/stack" 2>/dev/null | head -n 12
+      head -n 12 "$t/stack" 2>/dev/null
     done
     echo "L1 dmesg (clock, kvm):"
     dmesg 2>/dev/null | grep -iE 'tsc|clocksource|kvm|svm' | tail -n 20
@@ -127,6 +131,8 @@ boot_retrying() {
   for attempt in $(seq "${HUSK_STALL_ATTEMPTS:-1}"); do
     rm -f "$console"
     : >"$console"
+    # Read by the scenarios that call this.
+    # shellcheck disable=SC2034
     boot_start=$(now_ms)
     "$fn" &
     rc=0
@@ -240,5 +246,7 @@ check_once() {
     return
   fi
   check "$1"
+  # cfail is the scenario's (tests/shim/lib.sh, want).
+  # shellcheck disable=SC2154
   [ "$cfail" != 0 ] || check_record "$1"
 }

@@ -24,155 +24,23 @@
 #
 # Each check prints PASS or FAIL; any FAIL makes the scenario fail, after
 # the shim's and containerd's log and the guest consoles are shown.
+# The frame (containerd, sampler, check machinery, verdict) is
+# tests/shim/ctr.sh; this file holds the checks.
 #   tests/run.sh shim-ctr            (logs: target/test-logs/shim-ctr.log{,.out/})
+# check_* functions are called by name (check in tests/shim/ctr.sh).
+# shellcheck disable=SC2317
 set -uo pipefail
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
-# shellcheck source=../shim/containerd.sh
-source "$repo/tests/shim/containerd.sh"
-# shellcheck source=../shim/lib.sh
-source "$repo/tests/shim/lib.sh"
-# shellcheck source=../lib/common.sh
-source "$repo/tests/lib/common.sh"
+# shellcheck source=../shim/ctr.sh
+source "$repo/tests/shim/ctr.sh"
 
-out=${HUSK_OUT:-$(mktemp -d)}
-export HUSK_OUT=$out
-work=$out/shim-ctr
-mkdir -p "$work"
-state=${HUSK_SHIM_STATE:-/run/husk-test}
-export HUSK_SHIM_STATE_DIR=$state # husk_procs: only this test's VMs
-husk_ctrd__init # HUSK_CTRD_ADDR and the rest, before anything samples processes
-img=localhost/husk-busybox:latest
-# HUSK_SHIM_RUNTIME=io.containerd.runc.v2 runs the husk checks with runc: a
-# check of the checks (those about the VM must then fail).
-husk=(--runtime "${HUSK_SHIM_RUNTIME:-io.containerd.husk.v2}")
-runc=(--runtime io.containerd.runc.v2)
-limit=${HUSK_SHIM_TIMEOUT:-240} # one ctr command (a boot here takes ~10 s)
-say() { echo "[shim-ctr] $*"; }
-
-# ---- preflight -------------------------------------------------------------
-shim=${HUSK_BIN:-}/containerd-shim-husk-v2
-for f in "$shim" "${HUSK_VMM:-}" "${HUSK_GUEST_KERNEL:-}/bzImage" \
-  "${HUSK_GUEST_KERNEL:-}/kernel.release" "${HUSK_INITRD:-}" /dev/kvm; do
-  [ -e "$f" ] || { echo "FAIL preflight: no $f (scripts/build.sh writes target/husk-artifacts.env)"; exit 1; }
-done
-guest_release=$(cat "$HUSK_GUEST_KERNEL/kernel.release")
-l1_release=$(uname -r)
-l1_boot=$(cat /proc/sys/kernel/random/boot_id)
-say "guest kernel $guest_release; this machine: kernel $l1_release, boot id $l1_boot"
-mkdir -p "$state"
-
-export HUSK_CONFIG=$work/configuration.toml
+ctr_setup shim-ctr "${HUSK_SHIM_STATE:-/run/husk-test}" "${HUSK_SHIM_TIMEOUT:-240}" # a boot here takes ~10 s
 # Boots in the nested test machine take ~10 s; the boot timeout stays under
 # the ctr command's, so that a VM that does not boot is the shim's error.
 tmo=(boot_timeout_secs=120 request_timeout_secs=120)
 husk_shim_config "$HUSK_CONFIG" "$state" memory_mib=256 "${tmo[@]}"
 husk_shim_config "$work/configuration-384m.toml" "$state" memory_mib=384 "${tmo[@]}"
-say "husk configuration $HUSK_CONFIG:"
-grep -vE '^\s*(#|$)' "$HUSK_CONFIG" | sed 's/^/    /'
-
-# Twice a second: which husk processes run (the proof that a VM was there),
-# and a copy of every sandbox's console.log and vmm.log (debug_console is on;
-# the shim removes them with the sandbox) into vm-logs/SANDBOX.{console,vmm}.log.
-procs=$work/procs.log
-mkdir -p "$work/vm-logs"
-(
-  while :; do
-    husk_procs | sed "s/^/$(now_ms) /" >>"$procs"
-    for f in "$state"/*/console.log "$state"/*/vmm.log "$state"/*/vm.json; do
-      [ -f "$f" ] || continue
-      cp -f "$f" "$work/vm-logs/$(basename "$(dirname "$f")").$(basename "$f")" 2>/dev/null
-    done
-    sleep 0.5
-  done
-) 2>/dev/null &
-sampler=$!
-
-cleanup() {
-  stall_unwatch
-  kill "$sampler" 2>/dev/null
-  wait "$sampler" 2>/dev/null
-  husk_ctrd_stop || say "the containerd teardown found leftovers (see above)"
-  # Should a test have lost a VM, end it: these are this test's processes.
-  for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; done
-}
-trap cleanup EXIT
-
-husk_ctrd_start || { echo "FAIL containerd did not start"; exit 1; }
-husk_ctrd_import_busybox || { echo "FAIL image import"; exit 1; }
-# A sandbox whose guest stays silent is the nested machine's stall, not
-# husk's failure: the scenario ends with 75 and the runner reruns the checks
-# that did not pass on a fresh test machine (tests/lib/common.sh).
-stall_watch "$state"
-
-# ---- check machinery -------------------------------------------------------
-failed=()
-cfail=0
-want() { # want DESCRIPTION TEST...: one expectation of the current check
-  local d=$1
-  shift
-  if "$@"; then echo "    ok   $d"; else echo "    FAIL $d"; cfail=1; fi
-}
-not() { ! "$@"; }
-# run_ctr NAME ARGS...: `ctr ARGS`, stdout in $o, stderr in $e, exit code in $rc.
-run_ctr() {
-  local name=$1
-  shift
-  timeout --kill-after=10 "$limit" ctr "$@" >"$work/$name.stdout" 2>"$work/$name.stderr" </dev/null
-  rc=$?
-  o=$(tr -d '\r' <"$work/$name.stdout")
-  e=$(tr -d '\r' <"$work/$name.stderr")
-  echo "    \$ ctr $* -> exit $rc"
-  [ -z "$o" ] || sed 's/^/      out| /' <<<"$o"
-  [ -z "$e" ] || sed 's/^/      err| /' <<<"$e"
-}
-# vms_between T0 T1: distinct husk-vmm pids the sampler saw in [T0, T1].
-vms_between() {
-  awk -v a="$1" -v b="$2" '$1 >= a && $1 <= b { n = split($3, p, "/"); if (p[n] == "husk-vmm") s[$2] = 1 }
-    END { for (k in s) c++; print c + 0 }' "$procs"
-}
-# The shim's and containerd's log lines from line $1 on, without the noise.
-log_since() {
-  tail -n +"$1" "$HUSK_CTRD_LOG" | grep -a -v -E 'event (forwarded|published)|snapshot|level=debug msg="(get|prepare|remove)' |
-    tail -n "${2:-80}" | cut -c1-800 | sed 's/^/    log| /'
-}
-# What a failed check shows: its log lines and the consoles of its VMs.
-show_failure() {
-  local name=$1 from=$2 f
-  echo "    ---- containerd/shim log during $name:"
-  log_since "$from"
-  for f in "$work/vm-logs/$name".*.log "$work/vm-logs/$name"-*.log; do
-    [ -f "$f" ] || continue
-    echo "    ---- $(basename "$f") (last 30 lines):"
-    tail -n 30 "$f" | cut -c1-300 | sed 's/^/    vm| /'
-  done
-}
-check() { # check NAME: runs check_NAME, then demands that nothing is left
-  local name=$1 t0 left from
-  echo "==== $name"
-  cfail=0
-  t0=$(now_ms)
-  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
-  "check_${name//-/_}"
-  stall_exit
-  [ "$cfail" = 0 ] || failed+=("$name")
-  husk_ctrd_clean >/dev/null 2>&1
-  if left=$(husk_wait_clean "$state" 30); then
-    echo "    ok   nothing left behind"
-  else
-    echo "    FAIL $left"
-    failed+=("$name(leftovers)")
-    cfail=1
-    for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; done
-    findmnt -rn -o TARGET | awk -v d="$state" 'index($0, d) == 1' | sort -r | xargs -r -n1 umount -l
-    rm -rf "${state:?}"/*
-  fi
-  if [ "$cfail" = 0 ]; then
-    echo "PASS $name ($(( ($(now_ms) - t0) / 1000 )) s)"
-  else
-    show_failure "$name" "$from"
-    echo "FAIL $name ($(( ($(now_ms) - t0) / 1000 )) s)"
-  fi
-}
+ctr_start
 
 # ---- runc: the peer, and a check of the checks ----------------------------
 check_runc_uname() {
@@ -244,7 +112,8 @@ check_husk_exec_kill() {
   timeout "$limit" ctr task exec --exec-id e2 "$id" sh -c 'cat; echo eof' <"$work/stdin.txt" >"$work/husk-exec-2.stdout" 2>&1
   rc=$?
   o=$(tr -d '\r' <"$work/husk-exec-2.stdout")
-  echo "    \$ ctr task exec --exec-id e2 $id sh -c 'cat; echo eof' <stdin.txt -> exit $rc"; sed 's/^/      out| /' <<<"$o"
+  echo "    \$ ctr task exec --exec-id e2 $id sh -c 'cat; echo eof' <stdin.txt -> exit $rc"
+  indent '      out| ' <<<"$o"
   want "exec: stdin reaches the process, and its end too" [ "$o" = $'line-1\nline-2\neof' ]
   want "exec: exit 0" [ "$rc" = 0 ]
 
@@ -268,7 +137,8 @@ check_husk_exec_kill() {
   want "kill (SIGTERM) of the init: exit 0" [ "$rc" = 0 ]
   wait "$bg"
   bgrc=$?
-  echo "    ctr run of $id -> exit $bgrc"; sed 's/^/      out| /' "$work/$id.stdout"
+  echo "    ctr run of $id -> exit $bgrc"
+  indent '      out| ' <"$work/$id.stdout"
   want "the init's SIGTERM trap ran" grep -qx got-term "$work/$id.stdout"
   want "ctr run exits 143 (the trap's exit)" [ "$bgrc" = 143 ]
 }
@@ -285,12 +155,15 @@ check_husk_sigkill() {
   want "ctr run exits 137 (got $bgrc)" [ "$bgrc" = 137 ]
 }
 check_husk_tty() {
+  # The shell in the container expands $((1+2)).
+  # shellcheck disable=SC2016
   python3 "$repo/tests/shim/pty-run.py" --timeout "$limit" \
     --input 'tty; [ -t 0 ] && echo is-a-tty; echo hi-$((1+2)); exit 3\n' -- \
     ctr run -t --rm "${husk[@]}" "$img" husk-tty sh >"$work/husk-tty.out" 2>&1
   rc=$?
   o=$(tr -d '\r' <"$work/husk-tty.out" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g')
-  echo "    ctr run -t ... sh on a pty, typed 'tty; ...; exit 3' -> exit $rc"; sed 's/^/      tty| /' <<<"$o"
+  echo "    ctr run -t ... sh on a pty, typed 'tty; ...; exit 3' -> exit $rc"
+  indent '      tty| ' <<<"$o"
   want "exit 3" [ "$rc" = 3 ]
   want "the shell computed hi-3" grep -qx hi-3 <<<"$o"
   want "stdin is a terminal in the container" grep -qx is-a-tty <<<"$o"
@@ -321,6 +194,8 @@ check_husk_pod() {
   b2=$o
   want "both containers see one kernel (boot ids equal)" [ -n "$b1" -a "$b1" = "$b2" ]
   want "... and it is not this machine's" [ "$b1" != "$l1_boot" ]
+  # awk in the container reads its fields.
+  # shellcheck disable=SC2016
   run_ctr pod-mem task exec --exec-id m "$sandbox" sh -c \
     'awk "/^MemTotal|^MemAvailable/ { v[\$1] = \$2 } END { print (v[\"MemTotal:\"] - v[\"MemAvailable:\"]) / 1024 }" /proc/meminfo'
   say "pod of two busybox containers: guest memory in use (MemTotal - MemAvailable): ${o:-?} MiB"
@@ -330,8 +205,7 @@ check_husk_pod() {
   want "... but each has its own mount namespace" [ -n "$b1" -a "$b1" != "$o" ]
   # The second container goes; the sandbox and its VM stay.
   run_ctr pod-kill-c1 task kill -s SIGKILL "$c1"
-  local i
-  for i in $(seq 100); do hctr tasks ls | awk -v id="$c1" '$1 == id && $3 == "STOPPED" { f = 1 } END { exit !f }' && break; sleep 0.2; done
+  wait_until 20 task_is "$c1" STOPPED
   run_ctr pod-rm-c1 task delete "$c1"
   want "task $c1 deleted" [ "$rc" = 0 ]
   run_ctr pod-rmc-c1 containers rm "$c1"
@@ -341,7 +215,7 @@ check_husk_pod() {
   b3=$o
   want "the sandbox still answers, same kernel" [ "$rc" = 0 -a "$b3" = "$b2" ]
   run_ctr pod-kill-sandbox task kill -s SIGKILL "$sandbox"
-  for i in $(seq 100); do hctr tasks ls | awk -v id="$sandbox" '$1 == id && $3 == "STOPPED" { f = 1 } END { exit !f }' && break; sleep 0.2; done
+  wait_until 20 task_is "$sandbox" STOPPED
   run_ctr pod-rm-sandbox task delete "$sandbox"
   want "task $sandbox deleted" [ "$rc" = 0 ]
   run_ctr pod-rmc-sandbox containers rm "$sandbox"
@@ -365,13 +239,8 @@ check_husk_bad_config() {
   run_ctr husk-bad-config-2 run --rm "${husk[@]}" --runtime-config-path "$work/configuration-bad-kernel.toml" "$img" husk-bad-config true
   want "kernel_path is not a kernel: ctr run fails (exit $rc)" [ "$rc" != 0 ]
 }
-# task_status ID: RUNNING, STOPPED, ... or nothing (no task).
-task_status() { hctr tasks ls 2>/dev/null | awk -v id="$1" '$1 == id { print $3 }'; }
-# vmm_of ID: the pid of the husk-vmm of sandbox ID (its vm.json is in STATE/ID/).
-vmm_of() { husk_procs | awk -v p="/$1/" 'index($0, p) && $2 ~ /husk-vmm$/ { print $1; exit }'; }
-shim_of() { husk_procs | awk -v p="-id $1 " 'index($0 " ", p) && $2 ~ /containerd-shim-husk-v2$/ { print $1; exit }'; }
 check_husk_vm_dies() {
-  local id=husk-vm-dies bg bgrc vmm t0 i
+  local id=husk-vm-dies bg bgrc vmm t0
   timeout "$limit" ctr run --rm "${husk[@]}" "$img" "$id" sleep 1000 >"$work/$id.stdout" 2>"$work/$id.stderr" </dev/null &
   bg=$!
   want "the container runs" husk_wait_task "$id" "$limit"
@@ -380,16 +249,18 @@ check_husk_vm_dies() {
   [ -n "$vmm" ] || return
   kill -KILL "$vmm"
   t0=$(now_ms)
-  for i in $(seq 600); do kill -0 "$bg" 2>/dev/null || break; sleep 0.1; done
+  wait_until 60 not kill -0 "$bg" 2>/dev/null
   want "ctr run returns within 60 s of the VMM's death ($(( ($(now_ms) - t0) / 1000 )) s)" not kill -0 "$bg" 2>/dev/null
   kill "$bg" 2>/dev/null
   wait "$bg"
   bgrc=$?
-  echo "    ctr run -> exit $bgrc"; sed 's/^/      err| /' "$work/$id.stderr"
+  echo "    ctr run -> exit $bgrc"
+  indent '      err| ' <"$work/$id.stderr"
   want "ctr run exits non-zero (got $bgrc)" [ "$bgrc" != 0 ]
 }
+no_vmm() { [ "$(husk_count husk-vmm)" = 0 ]; }
 check_husk_shim_dies() {
-  local id=husk-shim-dies shim t0 i
+  local id=husk-shim-dies shim t0
   run_ctr husk-shim-dies run -d "${husk[@]}" "$img" "$id" sleep 1000
   want "the container runs" husk_wait_task "$id" "$limit"
   shim=$(shim_of "$id")
@@ -397,25 +268,12 @@ check_husk_shim_dies() {
   [ -n "$shim" ] || return
   kill -KILL "$shim"
   t0=$(now_ms)
-  for i in $(seq 600); do [ "$(husk_count husk-vmm)" = 0 ] && break; sleep 0.1; done
-  want "the VM ends within 60 s of the shim's death ($(( ($(now_ms) - t0) / 1000 )) s)" [ "$(husk_count husk-vmm)" = 0 ]
-  for i in $(seq 300); do [ "$(task_status "$id")" != RUNNING ] && break; sleep 0.1; done
+  wait_until 60 no_vmm
+  want "the VM ends within 60 s of the shim's death ($(( ($(now_ms) - t0) / 1000 )) s)" no_vmm
+  wait_until 30 not task_is "$id" RUNNING
   want "containerd no longer reports the task running (status: $(task_status "$id"))" [ "$(task_status "$id")" != RUNNING ]
 }
 
-t_all=$(now_ms)
-checks=(runc-uname runc-exit husk-uname husk-in-vm husk-exit husk-config-path
-  husk-exec-kill husk-sigkill husk-tty husk-pod husk-bad-command husk-bad-config
-  husk-vm-dies husk-shim-dies)
-[ -z "${HUSK_SHIM_CHECKS:-}" ] || read -r -a checks <<<"$HUSK_SHIM_CHECKS"
-for c in "${checks[@]}"; do check_once "$c"; done
-
-echo "==== summary ($(( ($(now_ms) - t_all) / 1000 )) s)"
-if [ ${#failed[@]} -eq 0 ]; then
-  echo "PASS shim-ctr: ${#checks[@]} checks"
-  exit 0
-fi
-echo "(each failed check shows its log above; the whole containerd log with the shim's is"
-echo " $HUSK_CTRD_LOG, the VMs' consoles and VMM logs are in $work/vm-logs)"
-echo "FAIL shim-ctr: ${failed[*]}"
-exit 1
+ctr_run_checks runc-uname runc-exit husk-uname husk-in-vm husk-exit husk-config-path \
+  husk-exec-kill husk-sigkill husk-tty husk-pod husk-bad-command husk-bad-config \
+  husk-vm-dies husk-shim-dies

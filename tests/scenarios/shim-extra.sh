@@ -8,27 +8,16 @@
 #
 #   tests/run.sh shim-extra   (after scripts/build.sh, which builds the
 #                              shim-client example it uses)
+# The frame (containerd, sampler, check machinery, verdict) is
+# tests/shim/ctr.sh; this file holds the checks.
+# check_* functions are called by name (check in tests/shim/ctr.sh).
+# shellcheck disable=SC2317
 set -uo pipefail
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
-# shellcheck source=../shim/containerd.sh
-source "$repo/tests/shim/containerd.sh"
-# shellcheck source=../shim/lib.sh
-source "$repo/tests/shim/lib.sh"
-# shellcheck source=../lib/common.sh
-source "$repo/tests/lib/common.sh"
+# shellcheck source=../shim/ctr.sh
+source "$repo/tests/shim/ctr.sh"
 
-out=${HUSK_OUT:-$(mktemp -d)}
-export HUSK_OUT=$out
-work=$out/e2e-extra
-mkdir -p "$work"
-state=/run/husk-x
-img=localhost/husk-busybox:latest
-husk=(--runtime io.containerd.husk.v2)
-limit=300
-say() { echo "[e2e-extra] $*"; }
-mkdir -p "$state"
-
-export HUSK_CONFIG=$work/configuration.toml
+ctr_setup shim-extra /run/husk-x 300
 # Under the ctr timeout ($limit), so that a VM that does not boot fails
 # Create with its console rather than a killed ctr.
 tmo=(boot_timeout_secs=240 request_timeout_secs=120)
@@ -36,99 +25,14 @@ husk_shim_config "$HUSK_CONFIG" "$state" "${tmo[@]}"
 husk_shim_config "$work/one-slot.toml" "$state" pod_disk_slots=1 "${tmo[@]}"
 husk_shim_config "$work/no-boot.toml" "$state" boot_timeout_secs=2
 husk_shim_config "$work/bad.toml" "$state" vcpus=0
-
-# Copies of the sandboxes' console and VMM logs (the shim removes them with
-# the sandbox), shown when a check fails.
-mkdir -p "$work/vm-logs"
-(
-  while :; do
-    for f in "$state"/*/console.log "$state"/*/vmm.log; do
-      [ -f "$f" ] && cp -f "$f" "$work/vm-logs/$(basename "$(dirname "$f")").$(basename "$f")" 2>/dev/null
-    done
-    sleep 0.5
-  done
-) 2>/dev/null &
-sampler=$!
-
-cleanup() {
-  stall_unwatch
-  kill "$sampler" 2>/dev/null
-  husk_ctrd_stop || say "the containerd teardown found leftovers"
-  for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; done
-}
-trap cleanup EXIT
-husk_ctrd_start || { echo "FAIL containerd did not start"; exit 1; }
-husk_ctrd_import_busybox || { echo "FAIL image import"; exit 1; }
-# A silent guest is the nested machine's stall: exit 75, and the runner
-# reruns what did not pass on a fresh test machine (tests/lib/common.sh).
-stall_watch "$state"
-
-failed=()
-cfail=0
-want() {
-  local d=$1
-  shift
-  if "$@"; then echo "    ok   $d"; else
-    echo "    FAIL $d"
-    cfail=1
-    return 1
-  fi
-}
-run_ctr() {
-  local name=$1
-  shift
-  timeout --kill-after=10 "$limit" ctr "$@" >"$work/$name.stdout" 2>"$work/$name.stderr" </dev/null
-  rc=$?
-  o=$(tr -d '\r' <"$work/$name.stdout")
-  e=$(tr -d '\r' <"$work/$name.stderr")
-  echo "    \$ ctr $* -> exit $rc"
-  [ -z "$o" ] || head -c 2000 <<<"$o" | sed 's/^/      out| /'
-  [ -z "$e" ] || head -c 3000 <<<"$e" | sed 's/^/      err| /'
-}
-check() {
-  local name=$1 t0 left from before j
-  echo "==== $name"
-  cfail=0
-  t0=$(date +%s)
-  touch "$work/.check-start"
-  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
-  before=" $(jobs -p | tr '\n' ' ') "
-  "check_${name//-/_}"
-  stall_exit
-  # Background helpers of a check that stopped early (ctr events, ctr run);
-  # not the sampler, not containerd.
-  for j in $(jobs -p); do [[ "$before" == *" $j "* ]] || kill "$j" 2>/dev/null; done
-  husk_ctrd_clean >/dev/null 2>&1
-  if left=$(husk_wait_clean "$state" 30); then
-    echo "    ok   nothing left behind"
-  else
-    echo "    FAIL $left"
-    cfail=1
-    for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; done
-    findmnt -rn -o TARGET | awk -v d="$state" 'index($0, d) == 1' | sort -r | xargs -r -n1 umount -l
-    rm -rf "${state:?}"/*
-  fi
-  if [ "$cfail" = 0 ]; then
-    echo "PASS $name ($(($(date +%s) - t0)) s)"
-  else
-    failed+=("$name")
-    echo "    ---- shim/containerd log:"
-    tail -n +"$from" "$HUSK_CTRD_LOG" | grep -a -v -E 'event (forwarded|published)|snapshot|garbage' |
-      tail -n 60 | cut -c1-600 | sed 's/^/    log| /'
-    for f in "$work"/vm-logs/*; do
-      [ -f "$f" ] && [ "$f" -nt "$work/.check-start" ] || continue
-      echo "    ---- $(basename "$f") (last 15 lines):"
-      tail -n 15 "$f" | cut -c1-300 | sed 's/^/    vm| /'
-    done
-    echo "FAIL $name ($(($(date +%s) - t0)) s)"
-  fi
-}
-task_status() { hctr tasks ls | awk -v id="$1" '$1 == id { print $3 }'; }
+ctr_start
 
 check_lifecycle() {
   local id=x-life n1 n2
   hctr events >"$work/events.log" 2>&1 &
   local ev=$!
+  # The shell in the container counts.
+  # shellcheck disable=SC2016
   run_ctr life-run run -d "${husk[@]}" "$img" "$id" sh -c 'i=0; while :; do i=$((i+1)); echo $i >/tmp/n; sleep 0.1; done'
   want "run -d: exit 0" [ "$rc" = 0 ] || return
   want "the container runs" husk_wait_task "$id" "$limit" || return
@@ -151,7 +55,7 @@ check_lifecycle() {
   local addr
   addr=$(cat "$HUSK_CTRD_DIR/state/io.containerd.runtime.v2.task/$HUSK_CTRD_NS/$id/address")
   echo "    \$ shim-client $addr update $id 134217728"
-  "${HUSK_BIN:-$repo/target/release}/examples/shim-client" "$addr" update "$id" 134217728 2>&1 | sed 's/^/      | /'
+  "${HUSK_BIN:-$repo/target/release}/examples/shim-client" "$addr" update "$id" 134217728 2>&1 | indent '      | '
   want "Update (memory limit 128 MiB): ok" [ "${PIPESTATUS[0]}" = 0 ]
   run_ctr life-metrics task metrics "$id"
   want "metrics: exit 0" [ "$rc" = 0 ]
@@ -159,7 +63,7 @@ check_lifecycle() {
   want "metrics show a memory usage" grep -qE 'memory.usage_in_bytes +[1-9]' <<<"$o"
   want "metrics show pids" grep -qE 'pids.current +[1-9]' <<<"$o"
   run_ctr life-kill task kill -s SIGKILL "$id"
-  for _ in $(seq 100); do [ "$(task_status "$id")" = STOPPED ] && break; sleep 0.2; done
+  wait_until 20 task_is "$id" STOPPED
   run_ctr life-rm task delete "$id"
   want "delete: exit 0" [ "$rc" = 0 ]
   want "... reports 137" grep -q "exit code 137" <<<"$e"
@@ -223,7 +127,7 @@ check_vmm_death() {
   timeout "$limit" ctr run --rm "${husk[@]}" "$img" "$id" sleep 1000 >/dev/null 2>"$work/die.stderr" </dev/null &
   bg=$!
   want "the container runs" husk_wait_task "$id" "$limit" || return
-  vmm=$(husk_procs | awk '{ n = split($2, p, "/"); if (p[n] == "husk-vmm") print $1 }' | head -n 1)
+  vmm=$(vmm_of "$id")
   want "a VMM runs (pid ${vmm:-none})" [ -n "$vmm" ]
   kill -KILL "$vmm"
   wait "$bg"
@@ -264,12 +168,4 @@ check_bad_config() {
   want "... naming the key" grep -q "vcpus: must be between 1 and 64, got 0" <<<"$e"
 }
 
-checks=(lifecycle oom output-at-exit bind-mounts vmm-death slots no-boot bad-config)
-[ -z "${HUSK_SHIM_CHECKS:-}" ] || read -r -a checks <<<"$HUSK_SHIM_CHECKS"
-for c in "${checks[@]}"; do check_once "$c"; done
-if [ ${#failed[@]} -eq 0 ]; then
-  echo "PASS e2e-extra: ${#checks[@]} checks"
-  exit 0
-fi
-echo "FAIL e2e-extra: ${failed[*]}"
-exit 1
+ctr_run_checks lifecycle oom output-at-exit bind-mounts vmm-death slots no-boot bad-config

@@ -8,6 +8,8 @@
 # then run containers with runtime io.containerd.husk.v2 and, through the
 # --kata alias, io.containerd.kata.v2: each must run in a VM with the guest
 # kernel. Nothing may be left behind in the default state folder /run/husk.
+# (Its own containerd, not tests/shim/containerd.sh's; want and
+# husk_wait_clean are tests/shim/lib.sh's.)
 set -uo pipefail
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 # shellcheck source=../shim/containerd.sh
@@ -19,8 +21,6 @@ source "$repo/tests/lib/common.sh"
 out=${HUSK_OUT:-$(mktemp -d)}
 export HUSK_OUT=$out
 img=localhost/husk-busybox:latest
-fails=0
-want() { local d=$1; shift; if "$@"; then echo "    ok   $d"; else echo "    FAIL $d"; fails=$((fails + 1)); fi; }
 
 if [ "${HUSK_TEST_MODE:-}" != nested ] && [ -z "${HUSK_INSTALL_FOR_REAL:-}" ]; then
   # Outside the throwaway test machine this would install into the host.
@@ -74,17 +74,17 @@ for rt in io.containerd.husk.v2 io.containerd.kata.v2; do
   echo "==== ctr run --rm --runtime $rt"
   o=$(timeout 240 ctr run --rm --runtime "$rt" "$img" "t-${rt//./-}" sh -c 'uname -r; cat /proc/sys/kernel/random/boot_id' 2>&1)
   rc=$?
-  sed 's/^/      out| /' <<<"$o"
+  indent '      out| ' <<<"$o"
   want "exit 0" [ "$rc" = 0 ]
   want "uname -r is the guest kernel's ($guest_release)" [ "$(sed -n 1p <<<"$o")" = "$guest_release" ]
   want "boot id is not this machine's: it ran in a VM" [ -n "$(sed -n 2p <<<"$o")" -a "$(sed -n 2p <<<"$o")" != "$l1_boot" ]
   want "nothing left behind" husk_wait_clean /run/husk 30
 done
 
-if [ "$fails" != 0 ]; then
+if [ "$want_failed" != 0 ]; then
   echo "---- containerd log (last 60 lines without debug):"
-  grep -v 'level=debug' "$out/containerd.log" | tail -n 60 | cut -c1-600 | sed 's/^/    log| /'
-  echo "FAIL shim-install: $fails failed"
+  grep -v 'level=debug' "$out/containerd.log" | tail -n 60 | cut -c1-600 | indent '    log| '
+  echo "FAIL shim-install: $want_failed failed"
   exit 1
 fi
 echo "PASS shim-install"

@@ -1,5 +1,9 @@
-# Helpers for the shim scenario and benchmark (source it after
-# tests/shim/containerd.sh).
+# shellcheck shell=bash
+# Helpers for the shim scenarios and the benchmark (source it after
+# tests/shim/containerd.sh): the husk configuration, husk's processes, what
+# a test left behind, waits, expectations, and the KVM probe. The check
+# machinery of the scenarios that drive containerd with `ctr` is
+# tests/shim/ctr.sh (which sources this file).
 
 # husk_shim_config OUT STATE_DIR [KEY=TOML_VALUE...]: writes the husk
 # configuration the shim reads. It starts from configs/configuration.toml
@@ -66,7 +70,7 @@ husk_count() {
 husk_leftovers() {
   local state=$1 p
   p=$(husk_procs)
-  [ -z "$p" ] || sed 's/^ */process: /' <<<"$p"
+  [ -z "$p" ] || awk '{ sub(/^ */, "process: "); print }' <<<"$p"
   findmnt -rn -o TARGET | awk -v d="$state" 'index($0, d) == 1 { print "mount: " $0 }'
   [ ! -d "$state" ] || find "$state" -mindepth 1 | sed 's/^/file: /'
   hctr tasks ls -q 2>/dev/null | sed 's/^/task: /'
@@ -93,11 +97,56 @@ husk_wait_clean() {
 husk_wait_task() {
   local id=$1 limit=${2:-300} t0
   t0=$(date +%s)
-  until hctr tasks ls 2>/dev/null | awk -v id="$1" '$1 == id && $3 == "RUNNING" { f = 1 } END { exit !f }'; do
+  until task_is "$id" RUNNING; do
     [ $(( $(date +%s) - t0 )) -lt "$limit" ] || return 1
     sleep 0.2
   done
 }
+
+# task_status ID: the status containerd reports for task ID (RUNNING,
+# STOPPED, PAUSED, ...), or nothing when there is no such task.
+task_status() { hctr tasks ls 2>/dev/null | awk -v id="$1" '$1 == id { print $3 }'; }
+
+# task_is ID STATUS: true if task ID has STATUS.
+task_is() { [ "$(task_status "$1")" = "$2" ]; }
+
+# vmm_of ID / shim_of ID: the pid of the husk-vmm of sandbox ID (its VM
+# description is in STATE_DIR/ID/) / of the shim of task ID.
+vmm_of() { husk_procs | awk -v p="/$1/" 'index($0, p) && $2 ~ /husk-vmm$/ { print $1; exit }'; }
+shim_of() { husk_procs | awk -v p="-id $1 " 'index($0 " ", p) && $2 ~ /containerd-shim-husk-v2$/ { print $1; exit }'; }
+
+# wait_until SECONDS COMMAND...: runs COMMAND every 0.1 s until it succeeds
+# (0) or SECONDS have passed (1).
+wait_until() {
+  local limit=$1 t0
+  shift
+  t0=$(date +%s%3N)
+  until "$@"; do
+    [ $(( $(date +%s%3N) - t0 )) -lt $(( limit * 1000 )) ] || return 1
+    sleep 0.1
+  done
+}
+
+# want DESCRIPTION TEST...: one expectation. Prints "ok" or "FAIL" with
+# DESCRIPTION; on a failure sets cfail=1 (the current check failed), counts
+# it in want_failed and returns 1 (so `want ... || return` ends a check).
+cfail=0 want_failed=0
+want() {
+  local d=$1
+  shift
+  if "$@"; then
+    echo "    ok   $d"
+  else
+    echo "    FAIL $d"
+    # Read by the scenario's check (tests/shim/ctr.sh, check_once).
+    # shellcheck disable=SC2034
+    cfail=1
+    want_failed=$((want_failed + 1))
+    return 1
+  fi
+}
+# not COMMAND...: true if COMMAND fails (for want).
+not() { ! "$@"; }
 
 # husk_wait_file_line FILE REGEX [SECONDS]: waits until FILE has a line
 # matching REGEX.
