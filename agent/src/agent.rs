@@ -13,8 +13,9 @@ use std::time::Duration;
 use husk_protocols::agent as pb;
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 
-use crate::cgroup::{Cgroup, CgroupError, CgroupRoot};
-use crate::container::{self, Container, IdMaps, Process, SpawnError, Status};
+use crate::cgroup::{Cgroup, CgroupRoot};
+use crate::container::{self, Container, IdMaps, Process, Status};
+use crate::error::{invalid, io_ctx, AgentError, Result};
 use crate::oom::OomWatcher;
 use crate::reaper::{Exit, Reaper};
 use crate::sync::{InitConfig, NsAction, Work};
@@ -24,39 +25,6 @@ use crate::{sandbox, storage, validate};
 const COPY_FILE_MAX: i64 = 64 << 20;
 /// How long a forced remove waits for the init to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("invalid argument: {0}")]
-    Invalid(String),
-    #[error("{0} not found")]
-    NotFound(String),
-    #[error("{0} already exists")]
-    Exists(String),
-    #[error("{0}")]
-    State(String),
-    #[error("{0}")]
-    Spawn(#[from] SpawnError),
-    #[error("cgroup: {0}")]
-    Cgroup(#[from] CgroupError),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-pub type Result<T> = std::result::Result<T, AgentError>;
-
-fn io_ctx(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
-    let context = context.into();
-    move |source| AgentError::Io { context, source }
-}
-
-fn invalid(e: impl std::fmt::Display) -> AgentError {
-    AgentError::Invalid(e.to_string())
-}
 
 /// The agent's shared state.
 pub struct Agent {

@@ -13,6 +13,7 @@
 mod agent;
 mod cgroup;
 mod container;
+mod error;
 mod init;
 #[macro_use]
 mod log;

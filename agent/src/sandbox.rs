@@ -8,15 +8,11 @@ use std::path::Path;
 
 use husk_protocols::agent::CreateSandboxRequest;
 
-use crate::agent::{AgentError, Result};
+use crate::error::{invalid, io_ctx, Result};
 use crate::validate;
 
 /// Longest hostname the kernel takes (HOST_NAME_MAX).
 const HOSTNAME_MAX: usize = 64;
-
-fn invalid(e: impl Into<String>) -> AgentError {
-    AgentError::Invalid(e.into())
-}
 
 pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     if req.hostname.len() > HOSTNAME_MAX {
@@ -39,14 +35,8 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     if req.clock_unix_nanos < 0 {
         return Err(invalid("clock_unix_nanos is negative"));
     }
-    let io = |what: String| {
-        move |source| AgentError::Io {
-            context: what,
-            source,
-        }
-    };
     if !req.hostname.is_empty() {
-        crate::sys::sethostname(&req.hostname).map_err(io("sethostname".into()))?;
+        crate::sys::sethostname(&req.hostname).map_err(io_ctx("sethostname"))?;
     }
     if !pid1 {
         crate::log!("not PID 1: leaving the host's clock and sysctls alone");
@@ -54,7 +44,7 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     }
     for (k, v) in &req.sysctls {
         let path = Path::new("/proc/sys").join(k.replace('.', "/"));
-        fs::write(&path, v).map_err(io(format!("sysctl {k}")))?;
+        fs::write(&path, v).map_err(io_ctx(format!("sysctl {k}")))?;
     }
     if req.clock_unix_nanos > 0 {
         let ts = libc::timespec {
@@ -63,7 +53,7 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
         };
         // SAFETY: a valid timespec for CLOCK_REALTIME.
         if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
-            return Err(io("clock_settime".into())(std::io::Error::last_os_error()));
+            return Err(io_ctx("clock_settime")(std::io::Error::last_os_error()));
         }
     }
     Ok(())

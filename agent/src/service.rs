@@ -9,7 +9,8 @@ use husk_protocols::agent as pb;
 use husk_protocols::agent_ttrpc::AgentService;
 use husk_protocols::ttrpc::{self, Code, TtrpcContext};
 
-use crate::agent::{Agent, AgentError};
+use crate::agent::Agent;
+use crate::error::AgentError;
 use crate::container::SpawnError;
 
 /// What main should do once a call asks the agent to end.
