@@ -10,8 +10,8 @@ use husk_protocols::agent_ttrpc::AgentService;
 use husk_protocols::ttrpc::{self, Code, TtrpcContext};
 
 use crate::agent::Agent;
-use crate::error::AgentError;
 use crate::container::SpawnError;
+use crate::error::AgentError;
 
 /// What main should do once a call asks the agent to end.
 pub enum Shutdown {
