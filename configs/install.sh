@@ -36,7 +36,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
 prefix=/usr/local datadir=/usr/share/husk sysconfdir=/etc destdir=${DESTDIR:-}
-artifacts=$repo/target/husk-artifacts.env kata=0 ctrd_config= force_config=0
+artifacts=$repo/target/husk-artifacts.env kata=0 ctrd_config='' force_config=0
 usage() { sed -n '2,/^$/s/^# \{0,1\}//p' "$0"; exit "${1:-2}"; }
 while [ $# -gt 0 ]; do
   case "$1" in

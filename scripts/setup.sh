@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what husk's build and tests need on a fresh Debian 12 machine:
 # Debian packages (kernel source and build tools, QEMU, containerd, runc,
-# image tools) and the Rust components. Does nothing that is already there.
+# image tools, shellcheck) and the Rust components. Does nothing that is
+# already there.
 set -euo pipefail
 
 packages=(
@@ -13,6 +14,8 @@ packages=(
   qemu-system-x86 iproute2
   # the container stack the shim plugs into, and the runc peer
   containerd runc
+  # the shell scripts' lint (scripts/shellcheck.sh)
+  shellcheck
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# husk's whole test suite: formatting and lints, the build, the unit and host
-# integration tests (some boot the real guest kernel on the host's /dev/kvm,
-# so they run after the build), then every end-to-end scenario on real KVM
+# husk's whole test suite: formatting and lints (rustfmt, shellcheck of every
+# shell script, clippy), the build, the unit and host integration tests (some
+# boot the real guest kernel on the host's /dev/kvm, so they run after the
+# build), then every end-to-end scenario on real KVM
 # (tests/run.sh). CI runs exactly this (.ci/run). Each stage's time is
 # printed at the end, with the test machine's stall census (tests/run.sh).
 set -euo pipefail
@@ -30,6 +31,7 @@ stage() {
 
 stage "setup" "$repo/scripts/setup.sh"
 stage "cargo fmt --check" cargo fmt --all --check
+stage "shellcheck" "$repo/scripts/shellcheck.sh"
 stage "cargo clippy" cargo clippy --locked --workspace --all-targets -- -D warnings
 stage "build (kernels, images)" "$repo/scripts/build.sh"
 # shellcheck source=/dev/null

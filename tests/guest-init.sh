@@ -1,4 +1,6 @@
 #!/bin/busybox sh
+# busybox's ash: checked as dash (the nearest shell shellcheck knows).
+# shellcheck shell=dash
 # /init of the VMM test image (rootfs-image/build.sh test). Runs the device
 # checks named by `husk.test=a,b,...` on the kernel command line, printing
 # HUSK_TEST lines the host side asserts on, then resets the VM.
@@ -9,6 +11,8 @@ mount -t devtmpfs devtmpfs /dev
 echo "HUSK_GUEST_READY release=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 tests=
+# The kernel command line is one line of blank-separated words.
+# shellcheck disable=SC2013
 for word in $(cat /proc/cmdline); do
   case "$word" in husk.test=*) tests=$(echo "${word#husk.test=}" | tr , ' ') ;; esac
 done

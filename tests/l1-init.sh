@@ -11,7 +11,7 @@ if [ "${1:-}" != stage2 ]; then
   mount -t tmpfs -o mode=0755 tmpfs /run
   mkdir -p /run/l1/upper /run/l1/work /run/l1/root
   mount -t overlay overlay -o lowerdir=/,upperdir=/run/l1/upper,workdir=/run/l1/work /run/l1/root
-  cd /run/l1/root
+  cd /run/l1/root || exit 1
   mkdir -p .l1-oldroot
   pivot_root . .l1-oldroot
   exec chroot . /bin/bash "$0" stage2

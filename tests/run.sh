@@ -208,7 +208,7 @@ run_nested() {
   fi
   # Keep what the scenario left for the host (results, disks) next to the log.
   rm -rf "$log.out"
-  mkdir -p "$log.out" && cp -r "$out/." "$log.out/" 2>/dev/null || true
+  if mkdir -p "$log.out"; then cp -r "$out/." "$log.out/" 2>/dev/null || true; fi
   rm -rf "$out"
   return "$rc"
 }
@@ -217,6 +217,7 @@ run_direct() {
   local script=$1 log=$2 limit=$3 out rc
   out=$(mktemp -d /tmp/husk-direct.XXXXXX)
   set +e
+  # shellcheck source=/dev/null
   ( set -a; source "$artifacts"; HUSK_REPO=$repo HUSK_OUT=$out HUSK_TEST_MODE=direct \
       timeout --kill-after=10 "$limit" bash "$script" ) 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
@@ -228,7 +229,7 @@ run_direct() {
 }
 
 if [ $# -eq 0 ]; then
-  set -- $(cd "$repo/tests/scenarios" && ls ./*.sh | sed 's|^\./||; s|\.sh$||')
+  for f in "$repo"/tests/scenarios/*.sh; do f=${f##*/}; set -- "$@" "${f%.sh}"; done
 fi
 passed=0 failed=0 failures=()
 for name in "$@"; do

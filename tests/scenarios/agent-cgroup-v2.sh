@@ -8,11 +8,14 @@
 #   tests/run.sh agent-cgroup-v2          # runs it in the L1
 set -euo pipefail
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
-bin=$(ls -t "$repo"/target/debug/deps/host-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+# The newest host-* test binary (not its .d file).
+bin=$(find "$repo/target/debug/deps" -maxdepth 1 -name 'host-*' ! -name '*.d' -printf '%T@ %p\n' 2>/dev/null |
+  sort -rn | head -n 1 | cut -d' ' -f2- || true)
 [ -x "$bin" ] || { echo "FAIL: no host test binary: run cargo test -p husk-agent --no-run first"; exit 1; }
 echo "cgroup2 controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
 # Delegate every controller to the groups below the root, as an init would.
-for c in $(cat /sys/fs/cgroup/cgroup.controllers); do
+read -r -a controllers </sys/fs/cgroup/cgroup.controllers
+for c in "${controllers[@]}"; do
   echo "+$c" >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null || echo "cannot enable $c"
 done
 echo "delegated: $(cat /sys/fs/cgroup/cgroup.subtree_control)"
