@@ -1,6 +1,7 @@
 //! x86_64 system call numbers by name, for seccomp filters (the table of
 //! Linux's arch/x86/entry/syscalls/syscall_64.tbl, as the libc crate has
 //! it, plus the calls added up to Linux 6.15). Generated; sorted by name.
+//! Regenerate with `agent/scripts/gen-syscalls.sh > agent/src/syscalls_x86_64.rs`.
 
 pub const SYSCALLS: &[(&str, u32)] = &[
     ("_sysctl", 156),
