@@ -2,16 +2,15 @@
 //! request queue.
 //!
 //! Requests are parsed and executed in [`request`], so the part that faces a
-//! hostile guest can be tested on its own; the queue loop, interrupts and
-//! event-manager plumbing are [`SingleQueue`]'s; this module owns the disk's
-//! config space and features.
+//! hostile guest can be tested on its own; features, config space, the queue
+//! loop, interrupts and event-manager plumbing are [`DeviceState`]'s; this
+//! module opens the disk and lays out its features and config space.
 
 mod request;
 
 use std::fs::OpenOptions;
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::warn;
@@ -20,11 +19,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BL
 use request::{handle_chain, Disk, ID_LEN, SECTOR_SIZE};
 pub use request::{DataBuffer, ParseError, Request, RequestError, RequestType};
 
-use super::queue_events::SingleQueue;
-use super::{
-    read_config_space, ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1,
-};
+use super::{DeviceEvent, DeviceState, VirtioDevice, TYPE_BLOCK};
 
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -64,10 +59,7 @@ pub enum BlockError {
 /// A virtio-blk device.
 pub struct Block {
     disk: Disk,
-    avail_features: u64,
-    acked_features: u64,
-    config: [u8; 16],
-    queue: SingleQueue,
+    state: DeviceState,
 }
 
 impl Block {
@@ -100,8 +92,7 @@ impl Block {
             }
             id[..serial.len()].copy_from_slice(serial.as_bytes());
         }
-        let mut avail_features =
-            VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
+        let mut avail_features = (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
         if cfg.read_only {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -109,12 +100,12 @@ impl Block {
         let mut config = [0u8; 16];
         config[..8].copy_from_slice(&capacity.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        let state = DeviceState::new("virtio-blk", TYPE_BLOCK, &[QUEUE_SIZE], avail_features)
+            .map_err(BlockError::EventFd)?
+            .with_config(config.to_vec());
         Ok(Block {
             disk: Disk::new(file, capacity, cfg.read_only, id),
-            avail_features,
-            acked_features: 0,
-            config,
-            queue: SingleQueue::new("virtio-blk").map_err(BlockError::EventFd)?,
+            state,
         })
     }
 
@@ -126,76 +117,35 @@ impl Block {
     /// Processes every available request on queue `index` and interrupts the
     /// guest if it asked for it.
     pub fn process_queue(&mut self, index: usize) {
-        if index != 0 {
-            warn!(
-                index,
-                "virtio-blk: event for a queue the device does not have"
-            );
-            return;
-        }
         let disk = &self.disk;
-        self.queue
-            .process(|chain, mem| handle_chain(disk, chain, mem));
+        self.state
+            .process_queue(index, |chain, mem| handle_chain(disk, chain, mem));
     }
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+    fn state(&self) -> &DeviceState {
+        &self.state
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_space(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(
-            offset,
-            len = data.len(),
-            "virtio-blk: config space is read-only"
-        );
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        irq: Arc<IrqTrigger>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.queue.activate(mem, irq, queues)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.queue.is_activated()
+    fn state_mut(&mut self) -> &mut DeviceState {
+        &mut self.state
     }
 
     fn reset(&mut self) -> bool {
-        self.queue.reset();
-        self.acked_features = 0;
+        self.state.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        self.queue.init(ops);
+        self.state.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.queue.handle_event(events.fd(), ops) {
-            self.process_queue(0);
+        if let DeviceEvent::Queue(index) = self.state.handle_event(events.fd(), ops) {
+            self.process_queue(index);
         }
     }
 }

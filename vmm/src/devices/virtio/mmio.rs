@@ -19,10 +19,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{
-    ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice, INT_CONFIG,
-    VIRTIO_F_VERSION_1,
-};
+use super::device::{check_features, features_page, set_features_page};
+use super::{ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice, INT_CONFIG};
 
 /// "virt" in little endian.
 const MAGIC_VALUE: u32 = 0x7472_6976;
@@ -185,11 +183,9 @@ impl MmioTransport {
             reg::VIRTIO_MMIO_VERSION => MMIO_VERSION,
             reg::VIRTIO_MMIO_DEVICE_ID => self.device_type,
             reg::VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
-            reg::VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.avail_features as u32,
-                1 => (self.avail_features >> 32) as u32,
-                _ => 0,
-            },
+            reg::VIRTIO_MMIO_DEVICE_FEATURES => {
+                features_page(self.avail_features, self.device_features_sel)
+            }
             reg::VIRTIO_MMIO_QUEUE_NUM_MAX => self
                 .max_sizes
                 .get(self.queue_sel as usize)
@@ -231,11 +227,12 @@ impl MmioTransport {
         match offset as u32 {
             reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::VIRTIO_MMIO_DRIVER_FEATURES if features_open => match self.driver_features_sel {
-                0 => set_half(&mut self.driver_features, v, false),
-                1 => set_half(&mut self.driver_features, v, true),
-                sel => warn!(sel, "virtio-mmio: driver features write to a page past 1"),
-            },
+            reg::VIRTIO_MMIO_DRIVER_FEATURES if features_open => {
+                let sel = self.driver_features_sel;
+                if !set_features_page(&mut self.driver_features, sel, v) {
+                    warn!(sel, "virtio-mmio: driver features write to a page past 1");
+                }
+            }
             reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
             reg::VIRTIO_MMIO_QUEUE_NUM if queues_open => {
                 if let Some(q) = self.selected_queue() {
@@ -347,21 +344,14 @@ impl MmioTransport {
     fn features_ok(&mut self) {
         let offered = self.avail_features;
         let acked = self.driver_features;
-        if acked & !offered != 0 {
-            warn!(
-                offered,
-                acked, "virtio-mmio: driver accepted features the device did not offer"
-            );
-        } else if acked & VIRTIO_F_VERSION_1 == 0 {
-            warn!(
-                acked,
-                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1"
-            );
-        } else {
-            self.device().set_acked_features(acked);
-            self.status |= VIRTIO_CONFIG_S_FEATURES_OK;
+        match check_features(offered, acked) {
+            Ok(()) => {
+                self.device().set_acked_features(acked);
+                self.status |= VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+            // Refusing leaves FEATURES_OK clear, which the driver reads back.
+            Err(e) => warn!(offered, acked, "virtio-mmio: features refused: {e}"),
         }
-        // Refusing leaves FEATURES_OK clear, which the driver reads back.
     }
 
     fn driver_ok(&mut self) {
@@ -490,59 +480,43 @@ impl crate::devices::bus::BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::bus::BusDevice;
-    use crate::devices::virtio::INT_VRING;
+    use crate::devices::virtio::{DeviceState, INT_VRING, VIRTIO_F_VERSION_1};
     use vm_memory::GuestMemoryMmap;
 
     const MEM_SIZE: usize = 0x10_0000;
     const FEATURE_A: u64 = 1 << 3;
 
-    #[derive(Default)]
     struct Dummy {
-        acked: u64,
-        queues: Vec<ActiveQueue>,
+        state: DeviceState,
         resets: usize,
     }
 
+    impl Dummy {
+        fn new() -> Self {
+            let state = DeviceState::new("dummy", 42, &[16, 8], FEATURE_A)
+                .unwrap()
+                .with_config((1..=8).collect());
+            Self { state, resets: 0 }
+        }
+
+        fn acked(&self) -> u64 {
+            self.state.acked_features()
+        }
+
+        fn queues(&self) -> &[ActiveQueue] {
+            self.state.active().map_or(&[], |a| &a.queues)
+        }
+    }
+
     impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            42
+        fn state(&self) -> &DeviceState {
+            &self.state
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 8]
-        }
-        fn avail_features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | FEATURE_A
-        }
-        fn set_acked_features(&mut self, features: u64) {
-            self.acked = features;
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            let cfg: Vec<u8> = (1..=8).collect();
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = cfg.get(offset as usize + i).copied().unwrap_or(0);
-            }
-        }
-        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-        fn activate(
-            &mut self,
-            _mem: GuestMemory,
-            _irq: Arc<IrqTrigger>,
-            queues: Vec<ActiveQueue>,
-        ) -> Result<(), ActivateError> {
-            if queues.len() != 2 {
-                return Err(ActivateError::QueueCount {
-                    expected: 2,
-                    got: queues.len(),
-                });
-            }
-            self.queues = queues;
-            Ok(())
-        }
-        fn is_activated(&self) -> bool {
-            !self.queues.is_empty()
+        fn state_mut(&mut self) -> &mut DeviceState {
+            &mut self.state
         }
         fn reset(&mut self) -> bool {
-            self.queues.clear();
+            self.state.reset();
             self.resets += 1;
             true
         }
@@ -556,7 +530,7 @@ mod tests {
 
     fn fixture() -> Fixture {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let dev = Arc::new(Mutex::new(Dummy::default()));
+        let dev = Arc::new(Mutex::new(Dummy::new()));
         let irq = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let t = MmioTransport::new(mem, dev.clone(), irq.clone()).unwrap();
         Fixture { t, dev, irq }
@@ -621,7 +595,7 @@ mod tests {
 
         negotiate(t, VIRTIO_F_VERSION_1 | FEATURE_A);
         assert_eq!(r32(t, reg::VIRTIO_MMIO_STATUS), ACK | DRV | FOK);
-        assert_eq!(dev.lock().unwrap().acked, VIRTIO_F_VERSION_1 | FEATURE_A);
+        assert_eq!(dev.lock().unwrap().acked(), VIRTIO_F_VERSION_1 | FEATURE_A);
 
         w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
         assert_eq!(r32(t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 16);
@@ -641,19 +615,20 @@ mod tests {
         assert_eq!(r32(t, reg::VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
         {
             let d = dev.lock().unwrap();
-            assert_eq!(d.queues.len(), 2);
-            assert_eq!(d.queues[0].queue.size(), 16);
-            assert_eq!(d.queues[0].queue.desc_table(), 0x1_0000);
-            assert_eq!(d.queues[0].queue.avail_ring(), 0x1_1000);
-            assert_eq!(d.queues[0].queue.used_ring(), 0x1_2000);
-            assert_eq!(d.queues[1].queue.size(), 4);
-            assert!(d.queues[1].queue.ready());
+            let q = d.queues();
+            assert_eq!(q.len(), 2);
+            assert_eq!(q[0].queue.size(), 16);
+            assert_eq!(q[0].queue.desc_table(), 0x1_0000);
+            assert_eq!(q[0].queue.avail_ring(), 0x1_1000);
+            assert_eq!(q[0].queue.used_ring(), 0x1_2000);
+            assert_eq!(q[1].queue.size(), 4);
+            assert!(q[1].queue.ready());
         }
 
         // A notify that reaches the transport lands on the queue's eventfd,
         // which the device holds a duplicate of.
         w32(t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 1);
-        assert_eq!(dev.lock().unwrap().queues[1].notify.read().unwrap(), 1);
+        assert_eq!(dev.lock().unwrap().queues()[1].notify.read().unwrap(), 1);
 
         irq.trigger(INT_VRING).unwrap();
         assert_eq!(r32(t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), INT_VRING);
@@ -676,10 +651,10 @@ mod tests {
         // Still negotiable: the driver may retry with a valid set.
         negotiate_retry(&mut t, VIRTIO_F_VERSION_1 | FEATURE_A | (1 << 7));
         assert_eq!(t.status(), ACK | DRV);
-        assert_eq!(dev.lock().unwrap().acked, 0);
+        assert_eq!(dev.lock().unwrap().acked(), 0);
         negotiate_retry(&mut t, VIRTIO_F_VERSION_1);
         assert_eq!(t.status(), ACK | DRV | FOK);
-        assert_eq!(dev.lock().unwrap().acked, VIRTIO_F_VERSION_1);
+        assert_eq!(dev.lock().unwrap().acked(), VIRTIO_F_VERSION_1);
         // Features are frozen after FEATURES_OK.
         w32(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
         w32(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES, FEATURE_A as u32);

@@ -1,12 +1,16 @@
 //! Virtio devices and their virtio-mmio transport.
 //!
-//! A device implements [`VirtioDevice`]: its type, features, config space and
-//! queue handling. The transport ([`mmio::MmioTransport`]) owns the register
-//! file the guest driver programs, and on DRIVER_OK hands the device its
-//! queues, guest memory and interrupt line through [`VirtioDevice::activate`].
+//! A device implements [`VirtioDevice`] around a [`DeviceState`] (in
+//! [`device`]), which holds what all devices share: type, features, config
+//! space and the queues from activation to reset. The transport
+//! ([`mmio::MmioTransport`]) owns the register file the guest driver
+//! programs, and on DRIVER_OK hands the device its queues, guest memory and
+//! interrupt line through [`VirtioDevice::activate`]. Each device lives in
+//! its own module, as in Firecracker's `devices/virtio/<dev>/`.
 
 pub mod block;
 pub mod chain;
+pub mod device;
 pub mod mmio;
 pub mod net;
 pub mod queue_events;
@@ -15,10 +19,10 @@ pub mod rng;
 pub mod test_utils;
 pub mod vsock;
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+pub use device::{ActivateError, ActiveQueue, DeviceEvent, DeviceState, VirtioDevice};
 
-use virtio_queue::Queue;
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -37,17 +41,6 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Interrupt status bits of the mmio InterruptStatus register.
 pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
-
-/// Errors from activating a device.
-#[derive(Debug, thiserror::Error)]
-pub enum ActivateError {
-    #[error("expected {expected} queues, the driver set up {got}")]
-    QueueCount { expected: usize, got: usize },
-    #[error("device back end: {0}")]
-    Backend(#[source] std::io::Error),
-    #[error("device is already active")]
-    AlreadyActive,
-}
 
 /// A device's interrupt line: the status bits the guest reads and acks through
 /// the transport, and the irqfd KVM injects the interrupt from.
@@ -83,57 +76,5 @@ impl IrqTrigger {
     /// The eventfd to register as KVM irqfd for the device's GSI.
     pub fn irq_evt(&self) -> &EventFd {
         &self.irq_evt
-    }
-}
-
-/// One activated queue: the queue state the driver programmed and the
-/// eventfd KVM signals when the guest writes its index to QueueNotify.
-pub struct ActiveQueue {
-    pub queue: Queue,
-    pub notify: EventFd,
-}
-
-/// Serves a read of a device's config space `config` at `offset`; bytes past
-/// its end read as zero.
-pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = offset
-            .checked_add(i as u64)
-            .and_then(|o| config.get(usize::try_from(o).ok()?))
-            .copied()
-            .unwrap_or(0);
-    }
-}
-
-/// A virtio device behind a transport.
-pub trait VirtioDevice: Send {
-    /// The virtio device type (TYPE_*).
-    fn device_type(&self) -> u32;
-    /// The maximum size of each of the device's queues; its length is the
-    /// number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
-    /// The feature bits the device offers (including VIRTIO_F_VERSION_1).
-    fn avail_features(&self) -> u64;
-    /// Records the features the driver accepted (a subset of the offered ones;
-    /// the transport masks the rest off).
-    fn set_acked_features(&mut self, features: u64);
-    /// Reads the device-specific config space; out of range reads zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes the device-specific config space; read-only fields ignore it.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// Starts the device on DRIVER_OK with the queues the driver set up.
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        irq: Arc<IrqTrigger>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError>;
-    /// Whether `activate` has run (and no reset since).
-    fn is_activated(&self) -> bool;
-    /// Resets the device on a driver reset (status 0). Returns false when the
-    /// device cannot be reset, in which case the transport marks it
-    /// DEVICE_NEEDS_RESET.
-    fn reset(&mut self) -> bool {
-        false
     }
 }

@@ -8,21 +8,14 @@
 
 pub mod tap;
 
-use std::sync::Arc;
-
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::QueueT;
 
 use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::chain::{ChainError, Direction, SgList};
-use super::queue_events::{
-    check_activation, register_notifiers, signal_used, take_notification, ActivateEvt, SignalError,
-};
-use super::{
-    read_config_space, ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice, TYPE_NET,
-    VIRTIO_F_VERSION_1,
-};
+use super::queue_events::{signal_used, SignalError};
+use super::{DeviceEvent, DeviceState, GuestMemory, VirtioDevice, TYPE_NET};
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -47,18 +40,9 @@ pub enum NetError {
     Signal(#[from] SignalError),
 }
 
-struct Active {
-    mem: GuestMemory,
-    irq: Arc<IrqTrigger>,
-    queues: Vec<ActiveQueue>,
-}
-
 pub struct Net {
+    state: DeviceState,
     tap: Tap,
-    mac: Option<[u8; 6]>,
-    acked_features: u64,
-    activate_evt: ActivateEvt,
-    active: Option<Active>,
     /// A frame read from the tap that waits for an rx buffer; the tap is
     /// not polled meanwhile, so the kernel queues the rest.
     pending_frame: Option<Vec<u8>>,
@@ -70,12 +54,23 @@ impl Net {
     /// A virtio-net device on tap `tap_name` (created if missing), offering
     /// `mac` to the guest when given.
     pub fn new(tap_name: &str, mac: Option<[u8; 6]>) -> Result<Self, NetError> {
+        let mut features = 1 << VIRTIO_NET_F_STATUS;
+        if mac.is_some() {
+            features |= 1 << VIRTIO_NET_F_MAC;
+        }
+        // `struct virtio_net_config` up to `status`: mac[6], status (le16).
+        // The mac is writable only for legacy drivers, which husk does not
+        // serve, so it is all read-only.
+        let mut config = vec![0u8; 8];
+        config[..6].copy_from_slice(&mac.unwrap_or_default());
+        // Cannot truncate: the link-up bit is 1.
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        let state = DeviceState::new("net", TYPE_NET, &QUEUE_SIZES, features)
+            .map_err(NetError::EventFd)?
+            .with_config(config);
         Ok(Self {
+            state,
             tap: Tap::open(tap_name)?,
-            mac,
-            acked_features: 0,
-            activate_evt: ActivateEvt::new().map_err(NetError::EventFd)?,
-            active: None,
             pending_frame: None,
             tap_polled: false,
         })
@@ -88,7 +83,7 @@ impl Net {
     /// Sends every frame the guest queued on tx to the tap. Returns whether
     /// any chain was consumed.
     pub fn process_tx(&mut self) -> Result<bool, NetError> {
-        let active = self.active.as_mut().ok_or(NetError::NotActivated)?;
+        let active = self.state.active_mut().ok_or(NetError::NotActivated)?;
         let mem = &active.mem;
         let queue = &mut active.queues[TXQ].queue;
         let mut used = false;
@@ -118,7 +113,7 @@ impl Net {
     /// Moves frames from the tap into rx buffers until either runs out.
     /// Returns whether any buffer was used.
     pub fn process_rx(&mut self) -> Result<bool, NetError> {
-        let active = self.active.as_mut().ok_or(NetError::NotActivated)?;
+        let active = self.state.active_mut().ok_or(NetError::NotActivated)?;
         let mem = &active.mem;
         let queue = &mut active.queues[RXQ].queue;
         let mut used = false;
@@ -179,13 +174,9 @@ impl Net {
         Ok(())
     }
 
+    /// The event loop caught up with the activation: the queues are
+    /// watched, the tap is next.
     fn handle_activate(&mut self, ops: &mut EventOps) {
-        self.activate_evt.consume("net");
-        self.activate_evt.unregister(ops, "net");
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        register_notifiers(ops, &active.queues, "net");
         match ops.add(Events::new(&self.tap, EventSet::IN)) {
             Ok(()) => self.tap_polled = true,
             Err(e) => tracing::error!(error = ?e, "net: registering the tap"),
@@ -262,75 +253,32 @@ fn read_tap_frame(tap: &Tap) -> Option<Vec<u8>> {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        TYPE_NET
+    fn state(&self) -> &DeviceState {
+        &self.state
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_STATUS;
-        if self.mac.is_some() {
-            f |= 1 << VIRTIO_NET_F_MAC;
-        }
-        f
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-
-    /// `struct virtio_net_config` up to `status`: mac[6], status (le16).
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; 8];
-        config[..6].copy_from_slice(&self.mac.unwrap_or_default());
-        // Cannot truncate: the link-up bit is 1.
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        read_config_space(&config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // The mac is writable only for legacy drivers, which husk does not
-        // serve.
-        tracing::warn!(offset, "net: guest wrote the read-only config space");
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        irq: Arc<IrqTrigger>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        check_activation(self.active.is_some(), &queues, QUEUE_SIZES.len())?;
-        self.active = Some(Active { mem, irq, queues });
-        self.activate_evt.signal().map_err(ActivateError::Backend)?;
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
+    fn state_mut(&mut self) -> &mut DeviceState {
+        &mut self.state
     }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        self.activate_evt.register(ops, "net");
+        self.state.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
-        if self.activate_evt.is(fd) {
-            self.handle_activate(ops);
-            return;
+        match self.state.handle_event(fd, ops) {
+            DeviceEvent::Activated => return self.handle_activate(ops),
+            DeviceEvent::Handled => return,
+            DeviceEvent::Other if !self.state.is_activated() => {
+                tracing::warn!(fd, "net: event before activation");
+                return;
+            }
+            // The tap's readiness needs no bookkeeping: process_rx reads it.
+            DeviceEvent::Queue(_) | DeviceEvent::Other => {}
         }
-        let Some(active) = self.active.as_ref() else {
-            tracing::warn!(fd, "net: event before activation");
-            return;
-        };
-        take_notification(&active.queues, fd, "net");
-        // The tap's readiness needs no bookkeeping: process_rx reads it.
         if let Err(e) = self.process_queues() {
             tracing::error!(error = %e, "net: processing queues");
         }

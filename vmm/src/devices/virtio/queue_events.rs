@@ -1,26 +1,20 @@
-//! The plumbing between a device's virtqueues and the event manager that
-//! every virtio device needs: the eventfd that tells the event loop about an
-//! activation or reset, registering and draining queue notify eventfds, and
-//! interrupting the guest about used buffers.
+//! The plumbing between a device's virtqueues and the event manager: the
+//! eventfd that tells the event loop about an activation or reset, draining
+//! queue notify eventfds, the pop / handle / add_used loop of a request
+//! queue, and interrupting the guest about used buffers. [`DeviceState`]
+//! puts these together for every device.
 //!
-//! Activation and reset run on a vCPU thread, which has no `EventOps`: the
-//! device signals its [`ActivateEvt`] there and (un)registers its eventfds
-//! when the event loop delivers that event.
-//!
-//! [`SingleQueue`] is the whole of it for a device with one request queue
-//! that can be reset (block, rng): it owns the queue from activation to reset
-//! and runs the pop / handle / add_used loop.
+//! [`DeviceState`]: super::DeviceState
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use tracing::{debug, error, warn};
+use tracing::{error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateError, ActiveQueue, GuestMemory, IrqTrigger, INT_VRING};
+use super::{ActiveQueue, GuestMemory, IrqTrigger, INT_VRING};
 
 /// Errors from telling the guest about used buffers.
 #[derive(Debug, thiserror::Error)]
@@ -40,25 +34,6 @@ pub fn signal_used(
 ) -> Result<(), SignalError> {
     if queue.needs_notification(mem).map_err(SignalError::Queue)? {
         irq.trigger(INT_VRING).map_err(SignalError::Irq)?;
-    }
-    Ok(())
-}
-
-/// Checks what every device checks first on activation: not active yet, and
-/// the driver set up `expected` queues.
-pub fn check_activation(
-    already_active: bool,
-    queues: &[ActiveQueue],
-    expected: usize,
-) -> Result<(), ActivateError> {
-    if already_active {
-        return Err(ActivateError::AlreadyActive);
-    }
-    if queues.len() != expected {
-        return Err(ActivateError::QueueCount {
-            expected,
-            got: queues.len(),
-        });
     }
     Ok(())
 }
@@ -97,25 +72,9 @@ impl ActivateEvt {
         }
     }
 
-    /// Stops watching it, for devices that are activated once for good.
-    pub fn unregister(&self, ops: &mut EventOps, dev: &str) {
-        if let Err(e) = ops.remove(Events::new(&self.0, EventSet::IN)) {
-            warn!(error = ?e, "{dev}: unregistering the activation eventfd");
-        }
-    }
-
     /// Consumes a delivered activation event.
     pub fn consume(&self, dev: &str) {
         drain(&self.0, dev, "the activation eventfd");
-    }
-}
-
-/// Watches every queue's notify eventfd.
-pub fn register_notifiers(ops: &mut EventOps, queues: &[ActiveQueue], dev: &str) {
-    for q in queues {
-        if let Err(e) = ops.add(Events::new(&q.notify, EventSet::IN)) {
-            error!(error = ?e, "{dev}: registering a queue eventfd");
-        }
     }
 }
 
@@ -127,171 +86,52 @@ pub fn take_notification(queues: &[ActiveQueue], fd: RawFd, dev: &str) -> Option
     Some(i)
 }
 
-/// The one queue of an active [`SingleQueue`].
-struct Active {
-    mem: GuestMemory,
-    irq: Arc<IrqTrigger>,
-    queue: ActiveQueue,
-    /// Whether the notify eventfd is in the event manager yet.
-    registered: bool,
-}
-
-/// The request queue of a one-queue, resettable device, from activation to
-/// reset, and its registration with the event manager.
-pub struct SingleQueue {
-    /// Log prefix naming the device.
-    dev: &'static str,
-    activate_evt: ActivateEvt,
-    active: Option<Active>,
-    /// Notify eventfds from before a reset, still in the event manager.
-    stale: Vec<EventFd>,
-}
-
-impl SingleQueue {
-    pub fn new(dev: &'static str) -> io::Result<Self> {
-        Ok(Self {
-            dev,
-            activate_evt: ActivateEvt::new()?,
-            active: None,
-            stale: Vec::new(),
-        })
-    }
-
-    /// `VirtioDevice::activate`: takes the one queue.
-    pub fn activate(
-        &mut self,
-        mem: GuestMemory,
-        irq: Arc<IrqTrigger>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
+/// Hands every available chain of `queue` to `handle`, which returns the
+/// bytes it wrote to the chain, puts it in the used ring and interrupts the
+/// guest if it asked for it. `dev` names the device in logs.
+pub fn process_chains(
+    dev: &str,
+    mem: &GuestMemory,
+    queue: &mut Queue,
+    irq: &IrqTrigger,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32,
+) {
+    let mut used_any = false;
+    loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            warn!(error = %e, "{dev}: disabling queue notifications");
+            break;
         }
-        let got = queues.len();
-        let Ok([queue]) = <[ActiveQueue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.activate_evt.signal().map_err(ActivateError::Backend)?;
-        self.active = Some(Active {
-            mem,
-            irq,
-            queue,
-            registered: false,
-        });
-        Ok(())
-    }
-
-    pub fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    /// `VirtioDevice::reset`: drops the queue; the event loop forgets its
-    /// notify eventfd.
-    pub fn reset(&mut self) {
-        let Some(active) = self.active.take() else {
-            return;
-        };
-        if active.registered {
-            self.stale.push(active.queue.notify);
-            if let Err(e) = self.activate_evt.signal() {
-                error!(error = %e, "{}: signalling the event loop after reset", self.dev);
+        let mut popped = 0usize;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            popped += 1;
+            let head = chain.head_index();
+            let len = handle(chain, mem);
+            if let Err(e) = queue.add_used(mem, head, len) {
+                warn!(error = %e, head, "{dev}: adding a used element");
             }
+            used_any = true;
         }
-    }
-
-    /// `MutEventSubscriber::init`.
-    pub fn init(&self, ops: &mut EventOps) {
-        self.activate_evt.register(ops, self.dev);
-    }
-
-    /// `MutEventSubscriber::process`: keeps the registrations in line with
-    /// the device. Returns whether the event was a queue notification, which
-    /// the caller answers by processing the queue.
-    pub fn handle_event(&mut self, fd: RawFd, ops: &mut EventOps) -> bool {
-        if self.activate_evt.is(fd) {
-            self.activate_evt.consume(self.dev);
-            self.sync_registrations(ops);
-            return false;
-        }
-        if let Some(active) = self.active.as_ref() {
-            if take_notification(std::slice::from_ref(&active.queue), fd, self.dev).is_some() {
-                return true;
-            }
-        }
-        // Most likely a notify fd from before a reset: drop it now rather
-        // than let a level-triggered fd spin the loop.
-        debug!(fd, "{}: event on an fd that is not current", self.dev);
-        self.sync_registrations(ops);
-        false
-    }
-
-    /// Forgets the notify fds of a reset queue, watches the one of an active
-    /// queue.
-    fn sync_registrations(&mut self, ops: &mut EventOps) {
-        for evt in self.stale.drain(..) {
-            if let Err(e) = ops.remove(Events::new(&evt, EventSet::IN)) {
-                warn!(error = ?e, "{}: unregistering a stale queue eventfd", self.dev);
-            }
-        }
-        if let Some(active) = self.active.as_mut().filter(|a| !a.registered) {
-            match ops.add(Events::new(&active.queue.notify, EventSet::IN)) {
-                Ok(()) => active.registered = true,
-                Err(e) => error!(error = ?e, "{}: registering the queue eventfd", self.dev),
-            }
-        }
-    }
-
-    /// Hands every available chain to `handle`, which returns the bytes it
-    /// wrote to the chain, puts it in the used ring and interrupts the guest
-    /// if it asked for it.
-    pub fn process(
-        &mut self,
-        mut handle: impl FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32,
-    ) {
-        let dev = self.dev;
-        let Some(active) = self.active.as_mut() else {
-            debug!("{dev}: queue event before activation");
-            return;
-        };
-        let mem = &active.mem;
-        let queue = &mut active.queue.queue;
-        let mut used_any = false;
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                warn!(error = %e, "{dev}: disabling queue notifications");
+        // Re-enabling reports chains added meanwhile; a round that found
+        // nothing means the avail index is bogus, so don't spin on it.
+        match queue.enable_notification(mem) {
+            Ok(true) if popped > 0 => continue,
+            Ok(true) => {
+                warn!("{dev}: avail ring index is invalid");
                 break;
             }
-            let mut popped = 0usize;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                popped += 1;
-                let head = chain.head_index();
-                let len = handle(chain, mem);
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    warn!(error = %e, head, "{dev}: adding a used element");
-                }
-                used_any = true;
-            }
-            // Re-enabling reports chains added meanwhile; a round that found
-            // nothing means the avail index is bogus, so don't spin on it.
-            match queue.enable_notification(mem) {
-                Ok(true) if popped > 0 => continue,
-                Ok(true) => {
-                    warn!("{dev}: avail ring index is invalid");
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(error = %e, "{dev}: enabling queue notifications");
-                    break;
-                }
+            Ok(false) => break,
+            Err(e) => {
+                warn!(error = %e, "{dev}: enabling queue notifications");
+                break;
             }
         }
-        if !used_any {
-            return;
-        }
-        if let Err(e) = signal_used(mem, queue, &active.irq) {
-            error!(error = %e, "{dev}: telling the guest about used buffers");
-        }
+    }
+    if !used_any {
+        return;
+    }
+    if let Err(e) = signal_used(mem, queue, irq) {
+        error!(error = %e, "{dev}: telling the guest about used buffers");
     }
 }
 
@@ -301,25 +141,6 @@ mod tests {
     use crate::devices::virtio::test_utils::{active_queue, guest_memory, irq};
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
-
-    #[test]
-    fn activation_checks() {
-        let mem = guest_memory(0x10_0000);
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let queues = [active_queue(&vq)];
-        assert!(check_activation(false, &queues, 1).is_ok());
-        assert!(matches!(
-            check_activation(true, &queues, 1),
-            Err(ActivateError::AlreadyActive)
-        ));
-        assert!(matches!(
-            check_activation(false, &queues, 3),
-            Err(ActivateError::QueueCount {
-                expected: 3,
-                got: 1
-            })
-        ));
-    }
 
     #[test]
     fn take_notification_drains_only_the_queue_it_names() {

@@ -5,17 +5,13 @@
 //! thread copy gigabytes for one notification.
 
 use std::io;
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::{debug, error, warn};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
-use super::queue_events::SingleQueue;
-use super::{
-    ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice, TYPE_RNG, VIRTIO_F_VERSION_1,
-};
+use super::{DeviceEvent, DeviceState, GuestMemory, VirtioDevice, TYPE_RNG};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Entropy handed out per descriptor chain, at most.
@@ -88,87 +84,48 @@ pub fn handle_chain(chain: impl Iterator<Item = Descriptor>, mem: &GuestMemory) 
     written
 }
 
-/// A virtio-rng device.
+/// A virtio-rng device: one queue, no features of its own, no config space.
 pub struct Rng {
-    acked_features: u64,
-    queue: SingleQueue,
+    state: DeviceState,
 }
 
 impl Rng {
     pub fn new() -> Result<Rng, RngError> {
-        Ok(Rng {
-            acked_features: 0,
-            queue: SingleQueue::new("virtio-rng").map_err(RngError::EventFd)?,
-        })
+        let state = DeviceState::new("virtio-rng", TYPE_RNG, &[QUEUE_SIZE], 0)
+            .map_err(RngError::EventFd)?;
+        Ok(Rng { state })
     }
 
     /// Answers every available request on queue `index`.
     pub fn process_queue(&mut self, index: usize) {
-        if index != 0 {
-            warn!(
-                index,
-                "virtio-rng: event for a queue the device does not have"
-            );
-            return;
-        }
-        self.queue.process(|chain, mem| handle_chain(chain, mem));
+        self.state
+            .process_queue(index, |chain, mem| handle_chain(chain, mem));
     }
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        TYPE_RNG
+    fn state(&self) -> &DeviceState {
+        &self.state
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & VIRTIO_F_VERSION_1;
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        // virtio-rng has no config space.
-        data.fill(0);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn!(offset, len = data.len(), "virtio-rng: has no config space");
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        irq: Arc<IrqTrigger>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.queue.activate(mem, irq, queues)
-    }
-
-    fn is_activated(&self) -> bool {
-        self.queue.is_activated()
+    fn state_mut(&mut self) -> &mut DeviceState {
+        &mut self.state
     }
 
     fn reset(&mut self) -> bool {
-        self.queue.reset();
-        self.acked_features = 0;
+        self.state.reset();
         true
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        self.queue.init(ops);
+        self.state.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.queue.handle_event(events.fd(), ops) {
-            self.process_queue(0);
+        if let DeviceEvent::Queue(index) = self.state.handle_event(events.fd(), ops) {
+            self.process_queue(index);
         }
     }
 }
@@ -179,6 +136,7 @@ mod tests {
     use crate::devices::virtio::test_utils::{
         self, activate, activate_kickable, managed, used_elem,
     };
+    use crate::devices::virtio::ActivateError;
     use crate::devices::virtio::INT_VRING;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;

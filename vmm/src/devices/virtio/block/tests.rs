@@ -5,7 +5,7 @@ use super::*;
 use crate::devices::virtio::test_utils::{
     self, activate, activate_kickable, chain, managed, used_elem as used,
 };
-use crate::devices::virtio::INT_VRING;
+use crate::devices::virtio::{ActiveQueue, GuestMemory, INT_VRING, VIRTIO_F_VERSION_1};
 use std::os::unix::fs::FileExt;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,

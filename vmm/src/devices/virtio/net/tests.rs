@@ -3,12 +3,14 @@
 
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::devices::virtio::test_utils::{self, leaked_memory, GuestQueue};
+use crate::devices::virtio::VIRTIO_F_VERSION_1;
 
 const RX_BUF: u64 = 0x10_0000;
 const RX_SLOT: u64 = 0x1_0000;
@@ -249,7 +251,7 @@ fn event_manager_delivers_tap_frames() {
 
     // The guest lends a buffer and kicks the rx queue.
     rx.add_chain(&[(RX_BUF, 2048, true)]);
-    net.lock().unwrap().active.as_ref().unwrap().queues[RXQ]
+    net.lock().unwrap().state.active().unwrap().queues[RXQ]
         .notify
         .write(1)
         .unwrap();

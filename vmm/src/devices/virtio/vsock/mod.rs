@@ -13,7 +13,6 @@ pub mod packet;
 use std::collections::HashMap;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -22,13 +21,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use self::muxer::{Muxer, MuxerError};
 use self::packet::{PacketError, RxBuffer};
-use super::queue_events::{
-    check_activation, register_notifiers, signal_used, take_notification, ActivateEvt, SignalError,
-};
-use super::{
-    read_config_space, ActivateError, ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice,
-    TYPE_VSOCK, VIRTIO_F_VERSION_1,
-};
+use super::queue_events::{signal_used, SignalError};
+use super::{DeviceEvent, DeviceState, VirtioDevice, TYPE_VSOCK};
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -54,19 +48,10 @@ pub enum VsockError {
     Signal(#[from] SignalError),
 }
 
-/// What `activate` hands over.
-struct Active {
-    mem: GuestMemory,
-    irq: Arc<IrqTrigger>,
-    queues: Vec<ActiveQueue>,
-}
-
 pub struct Vsock {
+    state: DeviceState,
     guest_cid: u64,
     muxer: Muxer,
-    acked_features: u64,
-    activate_evt: ActivateEvt,
-    active: Option<Active>,
     /// fds currently registered with the event manager, and for what.
     registered: HashMap<RawFd, EventSet>,
     /// Wakes the device when a closing connection's wait for the guest's
@@ -83,12 +68,14 @@ impl Vsock {
         if guest_cid < 3 || guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::BadCid(guest_cid));
         }
+        // `struct virtio_vsock_config`: le64 guest_cid, read-only.
+        let state = DeviceState::new("vsock", TYPE_VSOCK, &QUEUE_SIZES, 0)
+            .map_err(VsockError::EventFd)?
+            .with_config(guest_cid.to_le_bytes().to_vec());
         Ok(Self {
+            state,
             guest_cid,
             muxer: Muxer::new(guest_cid, uds_path)?,
-            acked_features: 0,
-            activate_evt: ActivateEvt::new().map_err(VsockError::EventFd)?,
-            active: None,
             registered: HashMap::new(),
             kill_timer: TimerFd::new().map_err(VsockError::Timer)?,
             kill_deadline: None,
@@ -107,7 +94,7 @@ impl Vsock {
     /// malformed ones are logged and returned to the guest unused. Returns
     /// whether any chain was consumed.
     pub fn process_tx(&mut self) -> Result<bool, VsockError> {
-        let active = self.active.as_mut().ok_or(VsockError::NotActivated)?;
+        let active = self.state.active_mut().ok_or(VsockError::NotActivated)?;
         let mem = &active.mem;
         let queue = &mut active.queues[TXQ].queue;
         let mut used = false;
@@ -137,7 +124,7 @@ impl Vsock {
     /// Fills rx buffers with whatever the muxer has for the guest. Returns
     /// whether any buffer was used.
     pub fn process_rx(&mut self) -> Result<bool, VsockError> {
-        let active = self.active.as_mut().ok_or(VsockError::NotActivated)?;
+        let active = self.state.active_mut().ok_or(VsockError::NotActivated)?;
         let mem = &active.mem;
         let queue = &mut active.queues[RXQ].queue;
         let mut used = false;
@@ -205,13 +192,9 @@ impl Vsock {
         self.muxer.take_graveyard();
     }
 
+    /// The event loop caught up with the activation: the queues are
+    /// watched, the connection timer and the host side are next.
     fn handle_activate(&mut self, ops: &mut EventOps) {
-        self.activate_evt.consume("vsock");
-        self.activate_evt.unregister(ops, "vsock");
-        let Some(active) = self.active.as_ref() else {
-            return;
-        };
-        register_notifiers(ops, &active.queues, "vsock");
         if let Err(e) = ops.add(Events::new(&self.kill_timer, EventSet::IN)) {
             tracing::error!(error = ?e, "vsock: registering the connection timer");
         }
@@ -268,78 +251,43 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        TYPE_VSOCK
+    fn state(&self) -> &DeviceState {
+        &self.state
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        read_config_space(&config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::warn!(offset, "vsock: guest wrote the read-only config space");
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemory,
-        irq: Arc<IrqTrigger>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        check_activation(self.active.is_some(), &queues, QUEUE_SIZES.len())?;
-        self.active = Some(Active { mem, irq, queues });
-        self.activate_evt.signal().map_err(ActivateError::Backend)?;
-        Ok(())
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
+    fn state_mut(&mut self) -> &mut DeviceState {
+        &mut self.state
     }
 }
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         // Queues only exist after activation; until then only watch for it.
-        self.activate_evt.register(ops, "vsock");
+        self.state.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
         let ev = events.event_set();
-        if self.activate_evt.is(fd) {
-            self.handle_activate(ops);
-        } else if fd == self.kill_timer.as_raw_fd() {
-            // Readable, so this does not block; process_queues sweeps.
-            if let Err(e) = self.kill_timer.wait() {
-                tracing::warn!(error = %e, "vsock: reading the connection timer");
-            }
-            self.kill_deadline = None;
-        } else if let Some(active) = self.active.as_ref() {
-            if let Some(i) = take_notification(&active.queues, fd, "vsock") {
-                // The event queue carries only device-to-driver transport
-                // events, which husk never sends: nothing to do for it.
-                if i == EVQ {
-                    return;
+        match self.state.handle_event(fd, ops) {
+            DeviceEvent::Activated => return self.handle_activate(ops),
+            DeviceEvent::Handled => return,
+            // The event queue carries only device-to-driver transport
+            // events, which husk never sends: nothing to do for it.
+            DeviceEvent::Queue(EVQ) => return,
+            DeviceEvent::Queue(_) => {}
+            DeviceEvent::Other if fd == self.kill_timer.as_raw_fd() => {
+                // Readable, so this does not block; process_queues sweeps.
+                if let Err(e) = self.kill_timer.wait() {
+                    tracing::warn!(error = %e, "vsock: reading the connection timer");
                 }
-            } else {
-                self.muxer.handle_event(fd, ev);
+                self.kill_deadline = None;
             }
-        } else {
-            tracing::warn!(fd, "vsock: event before activation");
-            return;
+            DeviceEvent::Other if self.state.is_activated() => self.muxer.handle_event(fd, ev),
+            DeviceEvent::Other => {
+                tracing::warn!(fd, "vsock: event before activation");
+                return;
+            }
         }
         if let Err(e) = self.process_queues() {
             tracing::error!(error = %e, "vsock: processing queues");

@@ -18,7 +18,7 @@ use super::connection::CONN_BUF_SIZE;
 use super::packet::{Header, Op, HDR_SIZE, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
 use crate::devices::virtio::test_utils::{self, leaked_memory, GuestQueue, QSIZE};
-use crate::devices::virtio::INT_VRING;
+use crate::devices::virtio::{GuestMemory, IrqTrigger, INT_VRING};
 
 const GUEST_CID: u64 = 3;
 const RX_BUF: u64 = 0x10_0000;
@@ -494,7 +494,7 @@ fn guest_send_kick(dev: &Arc<Mutex<Vsock>>, guest: &mut Guest, hdr: &Header) {
         .unwrap();
     guest.tx.add_chain(&[(TX_BUF, HDR_SIZE as u32, false)]);
     let d = dev.lock().unwrap();
-    d.active.as_ref().unwrap().queues[TXQ]
+    d.state.active().unwrap().queues[TXQ]
         .notify
         .write(1)
         .unwrap();
