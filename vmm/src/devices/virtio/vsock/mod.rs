@@ -270,7 +270,9 @@ impl MutEventSubscriber for Vsock {
         let fd = events.fd();
         let ev = events.event_set();
         match self.state.handle_event(fd, ops) {
-            DeviceEvent::Activated => return self.handle_activate(ops),
+            // Then a first round: the driver may have queued rx buffers
+            // and packets already.
+            DeviceEvent::Activated => self.handle_activate(ops),
             DeviceEvent::Handled => return,
             // The event queue carries only device-to-driver transport
             // events, which husk never sends: nothing to do for it.
