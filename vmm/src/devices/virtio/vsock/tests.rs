@@ -522,6 +522,27 @@ fn managed_host_connect(
 }
 
 #[test]
+fn packets_queued_before_the_event_loop_caught_up_are_served() {
+    // The driver may queue packets between DRIVER_OK and the event loop
+    // handling the activation, without a kick the loop could see.
+    let (dev, mut guest, _path, _) = setup("early");
+    guest.give_rx(4, RX_BUF_SIZE);
+    let hdr = ghdr(5000, 4321, Op::Request, 4096, 0);
+    guest
+        .mem
+        .write_slice(&hdr.to_bytes(), GuestAddress(TX_BUF))
+        .unwrap();
+    guest.tx.add_chain(&[(TX_BUF, HDR_SIZE as u32, false)]);
+    let dev = Arc::new(Mutex::new(dev));
+    let mut em = Manager::new().unwrap();
+    em.add_subscriber(dev.clone());
+    assert_eq!(em.run_with_timeout(100).unwrap(), 1);
+    assert!(guest.tx.pop_used().is_some(), "tx chain not returned");
+    let (h, _) = guest.recv().expect("no RST");
+    assert_eq!(h.op, Op::Rst as u16);
+}
+
+#[test]
 fn event_manager_drives_a_host_connection() {
     let (dev, mut em, mut guest, path) = setup_managed("evmgr");
     guest.give_rx(8, RX_BUF_SIZE);
