@@ -1,10 +1,11 @@
 //! The virtio-mmio transport, version 2 (virtio 1.x, "modern" only).
 //!
 //! [`MmioTransport`] owns the register file the guest driver programs: feature
-//! negotiation, the device status state machine and the raw queue layout. It
-//! turns the layout into validated [`Queue`]s only at DRIVER_OK, then hands
-//! them to the device; after that the data path never goes through here (queue
-//! notifications arrive as KVM ioeventfds the device polls).
+//! negotiation (by the rules in [`super::device`]), the device status state
+//! machine and the raw queue layout. It turns the layout into validated
+//! [`Queue`]s only at DRIVER_OK, then hands them to the device; after that the
+//! data path never goes through here (queue notifications arrive as KVM
+//! ioeventfds the device polls).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
