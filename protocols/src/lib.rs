@@ -33,6 +33,7 @@ pub mod agent_ttrpc {
 }
 
 pub mod guest;
+pub mod mount;
 
 pub use protobuf;
 pub use ttrpc;

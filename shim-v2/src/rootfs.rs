@@ -93,50 +93,19 @@ pub struct MountPlan {
     pub bind_ro: bool,
 }
 
-/// Splits mount options into flags and file system data, as mount(8) and
-/// containerd's mount package do.
+/// Splits mount options into flags and file system data with the parser
+/// the agent uses too (`husk_protocols::mount`). Propagation options are
+/// dropped: propagation is the bundle's business, not the image's.
 pub fn plan_options(options: &[String]) -> MountPlan {
-    let mut flags: libc::c_ulong = 0;
-    let mut data = Vec::new();
-    for o in options {
-        let (set, clear) = match o.as_str() {
-            "ro" => (libc::MS_RDONLY, 0),
-            "rw" => (0, libc::MS_RDONLY),
-            "bind" => (libc::MS_BIND, 0),
-            "rbind" => (libc::MS_BIND | libc::MS_REC, 0),
-            "nosuid" => (libc::MS_NOSUID, 0),
-            "suid" => (0, libc::MS_NOSUID),
-            "nodev" => (libc::MS_NODEV, 0),
-            "dev" => (0, libc::MS_NODEV),
-            "noexec" => (libc::MS_NOEXEC, 0),
-            "exec" => (0, libc::MS_NOEXEC),
-            "noatime" => (libc::MS_NOATIME, 0),
-            "atime" => (0, libc::MS_NOATIME),
-            "nodiratime" => (libc::MS_NODIRATIME, 0),
-            "relatime" => (libc::MS_RELATIME, 0),
-            "strictatime" => (libc::MS_STRICTATIME, 0),
-            "sync" => (libc::MS_SYNCHRONOUS, 0),
-            "async" => (0, libc::MS_SYNCHRONOUS),
-            "dirsync" => (libc::MS_DIRSYNC, 0),
-            "mand" => (libc::MS_MANDLOCK, 0),
-            "nomand" => (0, libc::MS_MANDLOCK),
-            "remount" => (libc::MS_REMOUNT, 0),
-            "defaults" => (0, 0),
-            // Propagation is the bundle's business, not the image's.
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
-            | "runbindable" => (0, 0),
-            _ => {
-                data.push(o.clone());
-                (0, 0)
-            }
-        };
-        flags = (flags | set) & !clear;
+    let parsed = husk_protocols::mount::parse(options);
+    let mut flags = libc::c_ulong::from(parsed.flags.bits());
+    if parsed.remount {
+        flags |= libc::MS_REMOUNT;
     }
-    let bind_ro = flags & libc::MS_BIND != 0 && flags & libc::MS_RDONLY != 0;
     MountPlan {
         flags,
-        data: data.join(","),
-        bind_ro,
+        data: parsed.data_string(),
+        bind_ro: parsed.bind_ro(),
     }
 }
 
@@ -374,14 +343,6 @@ pub struct Slots {
     slot_bytes: u64,
 }
 
-/// The virtio-blk serial of the first container's disk.
-pub const ROOT_SERIAL: &str = "husk-root";
-
-/// The virtio-blk serial of slot `n` (from 1).
-pub fn slot_serial(n: usize) -> String {
-    format!("husk-slot{n}")
-}
-
 impl Slots {
     pub fn new(total: usize, slot_bytes: u64) -> Slots {
         Slots {
@@ -435,6 +396,9 @@ mod tests {
         let p = plan_options(&opts(&["ro", "rw"]));
         assert_eq!(p.flags, 0);
         assert!(!p.bind_ro);
+        let p = plan_options(&opts(&["remount", "nodiratime", "diratime", "defaults"]));
+        assert_eq!(p.flags, libc::MS_REMOUNT);
+        assert_eq!(p.data, "");
     }
 
     #[test]
@@ -468,7 +432,6 @@ mod tests {
             Slots::new(0, 1000).take(1),
             Err(RootfsError::SlotsExhausted { total: 0 })
         ));
-        assert_eq!(slot_serial(3), "husk-slot3");
     }
 
     #[test]
