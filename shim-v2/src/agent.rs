@@ -159,7 +159,6 @@ impl Agent {
         &self,
         id: &str,
         spec_json: Vec<u8>,
-        rootfs: &str,
         join_sandbox_namespaces: bool,
         disk_serial: &str,
     ) -> Result<()> {
@@ -169,7 +168,7 @@ impl Agent {
         let mut r = pb::CreateContainerRequest::new();
         r.container_id = id.into();
         r.oci_spec_json = spec_json;
-        r.rootfs = rootfs.into();
+        r.rootfs = husk_protocols::guest::container_rootfs(id);
         r.join_sandbox_namespaces = join_sandbox_namespaces;
         r.rootfs_storage = Some(s).into();
         self.client

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use husk_vm_config::limits;
 use serde::Deserialize;
 
 /// The configuration file when neither the runtime options nor the
@@ -14,14 +15,20 @@ pub const DEFAULT_PATH: &str = "/etc/husk/configuration.toml";
 pub const ENV_VAR: &str = "HUSK_CONFIG";
 /// Largest configuration file read.
 const MAX_FILE: u64 = 1 << 20;
-/// Longest `kernel_params`: the VMM takes 1024 bytes of command line, the
-/// shim's own parameters use the rest.
-const MAX_KERNEL_PARAMS: usize = 512;
-/// The VMM has 19 virtio devices; the first disk, vsock and rng take three.
-pub const MAX_POD_DISK_SLOTS: u32 = 16;
-/// Longest `state_dir`: `<state_dir>/<64-byte id>/ctl.sock` fits the 107
-/// bytes of a Unix socket path.
-const MAX_STATE_DIR: usize = 32;
+/// Longest `kernel_params`: half the command line the VMM takes; the shim's
+/// own parameters use far less than the rest.
+pub const MAX_KERNEL_PARAMS: usize = limits::MAX_CMDLINE_LEN / 2;
+/// Every virtio device the VMM has room for, but the first container's disk,
+/// vsock and rng.
+pub const MAX_POD_DISK_SLOTS: u32 = (limits::MAX_VIRTIO_DEVICES - 3) as u32;
+/// Longest `state_dir`: `<state_dir>/<64-byte id>/ctl.sock` must be a
+/// socket path the VMM can bind (CRI's ids are 64 bytes; a longer id gets
+/// the VMM's error naming the socket path).
+const MAX_STATE_DIR: usize = limits::MAX_SOCKET_PATH_LEN - "/".len() - 64 - "/ctl.sock".len();
+/// Smallest guest RAM the shim asks for: the VMM boots a kernel in less,
+/// but the agent and a container need this much.
+const MIN_MEMORY_MIB: u64 = 64;
+const _: () = assert!(MIN_MEMORY_MIB >= limits::MIN_MEMORY_MIB);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -198,8 +205,19 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             "/usr/share/husk/husk-agent.initrd",
         )?,
         kernel_params,
-        vcpus: range("vcpus", raw.vcpus.unwrap_or(1).into(), 1, 64)? as u32,
-        memory_mib: range("memory_mib", raw.memory_mib.unwrap_or(256), 64, 1 << 20)?,
+        vcpus: u32::try_from(range(
+            "vcpus",
+            raw.vcpus.unwrap_or(1).into(),
+            1,
+            limits::MAX_VCPUS.into(),
+        )?)
+        .unwrap_or(1),
+        memory_mib: range(
+            "memory_mib",
+            raw.memory_mib.unwrap_or(256),
+            MIN_MEMORY_MIB,
+            limits::MAX_MEMORY_MIB,
+        )?,
         boot_timeout: Duration::from_secs(range(
             "boot_timeout_secs",
             raw.boot_timeout_secs.unwrap_or(60),
@@ -220,12 +238,13 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             raw.mkfs_erofs_path,
             "/usr/bin/mkfs.erofs",
         )?,
-        pod_disk_slots: range(
+        pod_disk_slots: u32::try_from(range(
             "pod_disk_slots",
             raw.pod_disk_slots.unwrap_or(4).into(),
             0,
             MAX_POD_DISK_SLOTS.into(),
-        )? as u32,
+        )?)
+        .unwrap_or(0),
         pod_disk_slot_size_mib: range(
             "pod_disk_slot_size_mib",
             raw.pod_disk_slot_size_mib.unwrap_or(2048),
@@ -345,8 +364,8 @@ mod tests {
         );
         let e = err("kernel_params = \"a\\nb\"");
         assert!(e.contains("kernel_params: must be printable"), "{e}");
-        let e = err("state_dir = \"/a/very/long/state/directory/path\"");
-        assert!(e.contains("state_dir: at most 32 bytes"), "{e}");
+        let e = err("state_dir = \"/a/very/long/state/directory/path/x\"");
+        assert!(e.contains("state_dir: at most 33 bytes"), "{e}");
         let e = err("boot_timeout_secs = 0");
         assert!(e.contains("boot_timeout_secs"), "{e}");
     }

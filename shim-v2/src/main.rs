@@ -3,17 +3,20 @@
 //! per sandbox, the container's root file system as a read-only erofs disk,
 //! the agent in the guest driven over vsock. See README.md.
 //!
-//! Modules: `config` (configuration file), `spec` (bundle, CRI grouping,
-//! spec for the guest), `rootfs` (mounts, erofs images, pod disk slots),
-//! `sandbox` (the VM: vm.json, husk-vmm, teardown), `vsock` (hybrid vsock
-//! handshake), `agent` (the agent client), `io` (stdio threads), `process`
-//! (process state), `events` (events to containerd), `service` (the task
-//! API), `shim` (start/delete and the shim lifecycle).
+//! Modules: `config` (configuration file), `options` (runtime options),
+//! `spec` (bundle, CRI grouping, spec for the guest), `rootfs` (mounts,
+//! erofs images, pod disk slots), `sandbox` (the VM: state folder, VM
+//! description, the husk-vmm process and its control socket, teardown),
+//! `vsock` (hybrid vsock handshake), `agent` (the agent client), `io`
+//! (stdio threads), `process` (process state), `events` (events to
+//! containerd), `service` (the task API), `shim` (start/delete and the shim
+//! lifecycle).
 
 mod agent;
 mod config;
 mod events;
 mod io;
+mod options;
 mod process;
 mod rootfs;
 mod sandbox;

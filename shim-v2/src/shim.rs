@@ -49,32 +49,6 @@ fn read_marker(bundle: &Path) -> Option<(PathBuf, bool)> {
     dir.is_absolute().then_some((dir, owner))
 }
 
-/// Kills the VMM recorded in a state folder, if it still runs and really
-/// is that folder's VMM (its command line names the folder's vm.json).
-fn kill_recorded_vmm(dir: &Path) {
-    let Ok(pid) = std::fs::read_to_string(dir.join("vmm.pid")) else {
-        return;
-    };
-    let Ok(pid) = pid.trim().parse::<i32>() else {
-        return;
-    };
-    if pid <= 1 {
-        return;
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let want = dir.join("vm.json");
-    let matches = cmdline
-        .split(|&b| b == 0)
-        .any(|arg| Path::new(std::ffi::OsStr::new(std::str::from_utf8(arg).unwrap_or(""))) == want);
-    if matches {
-        log::warn!("killing leftover VMM pid {pid} of {}", dir.display());
-        // SAFETY: kill(2) with a pid checked above to run our VM.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
-}
-
 /// What `shim delete` does for a container whose shim is gone: unmount its
 /// rootfs, and if it owned a sandbox, end that sandbox's VM and remove its
 /// state folder.
@@ -87,9 +61,9 @@ pub fn cleanup_bundle(id: &str, bundle: &Path) {
     }
     if let Some((dir, owner)) = read_marker(bundle) {
         if owner {
-            kill_recorded_vmm(&dir);
+            crate::sandbox::vmm::kill_recorded(&dir);
             // The folder holds only files and sockets (nothing mounted).
-            crate::sandbox::remove_state_dir(&dir);
+            crate::sandbox::state_dir::remove(&dir);
         }
         let _ = std::fs::remove_file(bundle.join(BUNDLE_MARKER));
     }

@@ -29,6 +29,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use husk_protocols::guest::{container_rootfs, HOST_FILES_DIR};
 use serde_json::{json, Value};
 
 /// CRI: "sandbox" or "container".
@@ -42,10 +43,6 @@ const MAX_SPEC: u64 = 16 << 20;
 pub const MAX_COPY_BYTES: u64 = 16 << 20;
 /// Most entries of a bind-mounted directory copied into the guest.
 pub const MAX_COPY_ENTRIES: usize = 1024;
-/// Where host files land in the guest.
-pub const GUEST_HOST_FILES: &str = "/run/husk/host";
-/// Where the agent mounts container root file systems in the guest.
-pub const GUEST_CONTAINERS: &str = "/run/husk/containers";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -165,11 +162,6 @@ pub fn hostname(spec: &Value) -> String {
         .to_string()
 }
 
-/// The guest path of a container's root file system.
-pub fn guest_rootfs(id: &str) -> String {
-    format!("{GUEST_CONTAINERS}/{id}/rootfs")
-}
-
 /// What a host path is, for the bind-mount policy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostKind {
@@ -267,7 +259,7 @@ fn guest_name(host: &str) -> String {
         .filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c))
         .take(40)
         .collect();
-    format!("{GUEST_HOST_FILES}/{h:016x}-{base}")
+    format!("{HOST_FILES_DIR}/{h:016x}-{base}")
 }
 
 fn is_bind(m: &Value) -> bool {
@@ -300,7 +292,7 @@ pub fn for_guest(
     obj.remove("hooks");
     let root = obj.entry("root").or_insert_with(|| json!({}));
     if let Some(r) = root.as_object_mut() {
-        r.insert("path".into(), Value::String(guest_rootfs(id)));
+        r.insert("path".into(), Value::String(container_rootfs(id)));
     }
     if let Some(p) = obj.get_mut("process").and_then(Value::as_object_mut) {
         p.insert("terminal".into(), Value::Bool(terminal));

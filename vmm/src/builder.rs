@@ -14,7 +14,6 @@ use crate::arch::x86_64::layout::{
     VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::{mptable, BootProtocol};
-use husk_vm_config::{SerialOutput, VmConfig};
 use crate::control::{ControlError, ControlServer};
 use crate::devices::bus::{Bus, BusError, SharedBusDevice};
 use crate::devices::legacy::i8042::I8042Device;
@@ -30,6 +29,7 @@ use crate::vmm::{EventManager, Subscriber, VmResources, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, ExitSignal, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
+use husk_vm_config::{SerialOutput, VmConfig};
 
 /// Most CPUID entries asked of KVM_GET_SUPPORTED_CPUID.
 const KVM_MAX_CPUID_ENTRIES: usize = 256;

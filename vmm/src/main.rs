@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use husk_vmm::builder::build_vm;
 use husk_vm_config::VmConfig;
+use husk_vmm::builder::build_vm;
 use husk_vmm::vstate::vcpu::ExitReason;
 use husk_vmm::{signals, vmm};
 

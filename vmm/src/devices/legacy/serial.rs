@@ -13,8 +13,8 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqEvt;
-use husk_vm_config::SerialOutput;
 use crate::devices::bus::BusDevice;
+use husk_vm_config::SerialOutput;
 
 /// Where serial output is written.
 pub type SerialOut = Box<dyn Write + Send>;

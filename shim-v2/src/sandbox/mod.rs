@@ -1,0 +1,336 @@
+//! One sandbox = one micro-VM: its state folder ([`state_dir`]), the VM
+//! description ([`vm_spec`]), the husk-vmm process ([`vmm`]) and its control
+//! socket ([`control`]), the connection to the agent, and the teardown that
+//! removes all of it. The folder goes when the sandbox ends, or when its
+//! creation fails.
+
+pub mod control;
+pub mod logs;
+pub mod state_dir;
+pub mod vm_spec;
+pub mod vmm;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use husk_protocols::guest::{slot_disk_serial, AGENT_PORT};
+use husk_vm_config::control::Request;
+
+use crate::agent::Agent;
+use crate::config::Config;
+use crate::rootfs::{self, RootfsError, Slots};
+use crate::vsock;
+use state_dir::{slot_file, StateDir, CONTROL_SOCKET, VMM_LOG, VMM_PID, VM_SPEC, VSOCK};
+use vmm::VmmProcess;
+
+/// How long a graceful end (DestroySandbox) may take before SIGKILL.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent may take to answer DestroySandbox.
+const DESTROY_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the VMM gives a guest told to shut down through the control
+/// socket (the agent did not answer) before it stops the VM itself.
+const CONTROL_SHUTDOWN_MS: u64 = 3000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox state folder {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("sandbox state folder {0} already exists (a sandbox of that id runs, or was not cleaned up)")]
+    Exists(PathBuf),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] vmm::SpawnError),
+    #[error("the VM did not boot: {reason}{diagnostics}")]
+    Boot { reason: String, diagnostics: String },
+    #[error("setting up the sandbox in the VM: {source}{diagnostics}")]
+    Agent {
+        #[source]
+        source: crate::agent::AgentError,
+        diagnostics: String,
+    },
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
+}
+
+/// A running VM and its agent.
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub agent: Agent,
+    vmm: VmmProcess,
+    slots: Mutex<Slots>,
+    debug_console: bool,
+}
+
+/// Writes `data` to `path`, naming the file in the error.
+fn write(path: PathBuf, data: &[u8]) -> Result<(), SandboxError> {
+    fs::write(&path, data).map_err(|source| SandboxError::Write { path, source })
+}
+
+impl Sandbox {
+    /// Boots the VM of sandbox `id` in `dir` (which holds root.erofs), with
+    /// `slots` pod disk slots, and sets the sandbox up in the guest. On
+    /// failure the VMM is killed and the folder removed.
+    pub fn boot(
+        id: &str,
+        dir: StateDir,
+        cfg: &Config,
+        slots: usize,
+        hostname: &str,
+        cancel: &AtomicBool,
+    ) -> Result<Sandbox, SandboxError> {
+        for n in 1..=slots {
+            rootfs::create_sparse(&dir.path.join(slot_file(n)), cfg.slot_bytes())?;
+        }
+        let spec_path = dir.path.join(VM_SPEC);
+        let spec = vm_spec::vm_spec(cfg, &dir.path, slots);
+        // A VmSpec is plain data: serializing it cannot fail.
+        write(
+            spec_path.clone(),
+            &serde_json::to_vec_pretty(&spec).unwrap_or_default(),
+        )?;
+        let log_path = dir.path.join(VMM_LOG);
+        let log = fs::File::create(&log_path).map_err(|source| SandboxError::Write {
+            path: log_path.clone(),
+            source,
+        })?;
+        let name = format!("vmm-{}", id.get(..8).unwrap_or(id));
+        let vmm = VmmProcess::spawn(&cfg.vmm_path, &spec_path, cfg.log_level, log, &name)?;
+        log::info!("sandbox {id}: VMM pid {} started", vmm.pid);
+        // For `shim delete`, should this shim die during the boot.
+        let _ = write(dir.path.join(VMM_PID), vmm.pid.to_string().as_bytes());
+        let agent = match connect(&dir.path, cfg, &vmm, cancel) {
+            Ok(a) => a,
+            Err(reason) => {
+                vmm.kill();
+                return Err(SandboxError::Boot {
+                    reason,
+                    diagnostics: logs::diagnostics(&dir.path, cfg.debug_console),
+                });
+            }
+        };
+        let sandbox = Sandbox {
+            id: id.to_string(),
+            dir: dir.path.clone(),
+            agent,
+            vmm,
+            slots: Mutex::new(Slots::new(slots, cfg.slot_bytes())),
+            debug_console: cfg.debug_console,
+        };
+        let setup = sandbox
+            .agent
+            .guest_details()
+            .and_then(|(release, version)| {
+                log::info!("sandbox {id}: guest kernel {release}, agent {version}");
+                sandbox.agent.create_sandbox(id, hostname)
+            });
+        if let Err(source) = setup {
+            sandbox.kill();
+            return Err(SandboxError::Agent {
+                source,
+                diagnostics: sandbox.diagnostics(),
+            });
+        }
+        dir.keep();
+        Ok(sandbox)
+    }
+
+    /// The VMM's pid: the task pid containerd sees.
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.pid
+    }
+
+    /// Registers what to do when the VMM exits (at once if it has).
+    pub fn on_exit(&self, f: impl FnOnce(String) + Send + 'static) {
+        self.vmm.on_exit(f);
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.vmm.is_dead()
+    }
+
+    /// The guest console's last lines (with debug_console), for errors.
+    pub fn diagnostics(&self) -> String {
+        logs::diagnostics(&self.dir, self.debug_console)
+    }
+
+    /// Writes a pod container's image into the next free slot; the slot's
+    /// serial.
+    pub fn attach_image(&self, image: &Path) -> Result<String, SandboxError> {
+        let size = fs::metadata(image)
+            .map_err(|source| RootfsError::Io {
+                what: "reading",
+                path: image.to_path_buf(),
+                source,
+            })?
+            .len();
+        let n = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(size)?;
+        rootfs::write_into_slot(image, &self.dir.join(slot_file(n)))?;
+        Ok(slot_disk_serial(n))
+    }
+
+    /// SIGKILLs the VMM and waits for it.
+    pub fn kill(&self) {
+        self.vmm.kill();
+    }
+
+    /// Ends the VM: DestroySandbox (the guest powers off); if the agent
+    /// does not answer, the VMM's control socket asks for a shutdown; SIGKILL
+    /// if the VM is still there after that. Then removes the state folder.
+    pub fn destroy(&self) {
+        if !self.vmm.is_dead() {
+            if let Err(e) = self.agent.destroy_sandbox(DESTROY_REQUEST_TIMEOUT) {
+                log::warn!("sandbox {}: {e}; asking the VMM to shut down", self.id);
+                let shutdown = Request::Shutdown {
+                    timeout_ms: CONTROL_SHUTDOWN_MS,
+                };
+                let socket = self.dir.join(CONTROL_SOCKET);
+                if let Err(e) = control::request(&socket, shutdown, DESTROY_REQUEST_TIMEOUT) {
+                    log::warn!("sandbox {}: {e}", self.id);
+                }
+            }
+            if !self.vmm.wait(DESTROY_TIMEOUT) {
+                log::warn!(
+                    "sandbox {}: the VM did not power off in {DESTROY_TIMEOUT:?}; killing it",
+                    self.id
+                );
+                self.kill();
+            }
+        }
+        state_dir::remove(&self.dir);
+        log::info!("sandbox {}: ended", self.id);
+    }
+}
+
+/// Waits for the agent to answer, until the boot timeout (or until `cancel`
+/// is set: the shim is told to shut down).
+fn connect(
+    dir: &Path,
+    cfg: &Config,
+    vmm: &VmmProcess,
+    cancel: &AtomicBool,
+) -> Result<Agent, String> {
+    let start = Instant::now();
+    let uds = dir.join(VSOCK);
+    let mut last = String::from("the VMM's vsock socket never appeared");
+    loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err("cancelled: the shim is shutting down".into());
+        }
+        if let Some(status) = vmm.exit_status() {
+            return Err(format!("the VMM exited ({status}) while the guest booted"));
+        }
+        let left = cfg.boot_timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(format!(
+                "the agent did not answer within boot_timeout_secs ({}s); last: {last}",
+                cfg.boot_timeout.as_secs()
+            ));
+        }
+        if uds.exists() {
+            match vsock::connect(&uds, AGENT_PORT, left.min(Duration::from_secs(2))) {
+                Ok((stream, _)) => match Agent::new(stream, cfg.request_timeout) {
+                    Ok(agent) => match agent.check(left.min(Duration::from_secs(5))) {
+                        Ok(true) => return Ok(agent),
+                        Ok(false) => last = "the agent is not serving yet".into(),
+                        Err(e) => last = e.to_string(),
+                    },
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn cfg(extra: &str) -> Config {
+        crate::config::parse(
+            &format!("kernel_path = \"/k/bzImage\"\ninitrd_path = \"/k/initrd\"\n{extra}"),
+            Path::new("/c.toml"),
+        )
+        .unwrap()
+    }
+
+    fn script(path: &Path, text: &str) -> PathBuf {
+        fs::write(path, text).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+        path.to_path_buf()
+    }
+
+    #[test]
+    fn a_vmm_that_cannot_start_fails_cleanly() {
+        let root = std::env::temp_dir().join(format!("husk-boot-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let mut c = cfg("boot_timeout_secs = 5");
+        c.vmm_path = "/nonexistent/husk-vmm".into();
+        let dir = StateDir::create(&root, "sb").unwrap();
+        let e = Sandbox::boot("sb", dir, &c, 1, "h", &AtomicBool::new(false))
+            .err()
+            .unwrap();
+        assert!(matches!(e, SandboxError::Spawn { .. }), "{e}");
+        assert!(!root.join("sb").exists());
+
+        // A "VMM" that exits at once: the boot fails with its log.
+        c.vmm_path = script(
+            &root.join("fake-vmm"),
+            "#!/bin/sh\necho 'bad config: kernel.path' >&2\nexit 1\n",
+        );
+        let dir = StateDir::create(&root, "sb").unwrap();
+        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(false))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("the VMM exited"), "{e}");
+        assert!(e.contains("bad config: kernel.path"), "{e}");
+        assert!(!root.join("sb").exists());
+
+        // A "VMM" that never answers: the boot times out and it is killed.
+        c.vmm_path = script(&root.join("silent-vmm"), "#!/bin/sh\nexec sleep 1000\n");
+        c.boot_timeout = Duration::from_secs(1);
+        let dir = StateDir::create(&root, "sb").unwrap();
+        let t = Instant::now();
+        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(false))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("did not answer within boot_timeout_secs"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(8));
+        assert!(!root.join("sb").exists());
+
+        // Shutdown during the boot: it stops at once, and cleans up.
+        c.boot_timeout = Duration::from_secs(600);
+        let dir = StateDir::create(&root, "sb").unwrap();
+        let t = Instant::now();
+        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(true))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cancelled"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(8));
+        assert!(!root.join("sb").exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

@@ -1,0 +1,155 @@
+//! The VM description the shim gives husk-vmm: the typed [`VmSpec`] of the
+//! shared `husk-vm-config` crate, built from the husk configuration and
+//! the sandbox's state folder.
+
+use std::path::Path;
+
+use husk_protocols::guest::{slot_disk_serial, AGENT_PORT, AGENT_PORT_PARAM, ROOT_DISK_SERIAL};
+use husk_vm_config::{BlockSpec, KernelSpec, SerialSpec, VmSpec, VsockSpec};
+
+use super::state_dir::{slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, VSOCK};
+use crate::config::Config;
+
+/// The guest's vsock context id (any value from 3 will do: one VM per
+/// socket).
+const GUEST_CID: u64 = husk_vm_config::limits::MIN_GUEST_CID as u64;
+
+/// The kernel command line: the shim's parameters, then the configured
+/// extra ones.
+pub fn kernel_cmdline(cfg: &Config) -> String {
+    let mut c = format!("console=ttyS0 reboot=k panic=-1 {AGENT_PORT_PARAM}={AGENT_PORT}");
+    if !cfg.debug_console {
+        c.push_str(" quiet");
+    }
+    if !cfg.kernel_params.is_empty() {
+        c.push(' ');
+        c.push_str(&cfg.kernel_params);
+    }
+    c
+}
+
+/// The VM of a sandbox whose state folder is `dir`, with `slots` pod disk
+/// slots.
+pub fn vm_spec(cfg: &Config, dir: &Path, slots: usize) -> VmSpec {
+    let mut block = vec![BlockSpec {
+        id: "root".into(),
+        path: dir.join(ROOT_IMAGE),
+        read_only: true,
+        serial: Some(ROOT_DISK_SERIAL.into()),
+    }];
+    block.extend((1..=slots).map(|n| BlockSpec {
+        id: slot_file(n),
+        path: dir.join(slot_file(n)),
+        read_only: true,
+        serial: Some(slot_disk_serial(n)),
+    }));
+    let serial = if cfg.debug_console {
+        SerialSpec::file(dir.join(CONSOLE_LOG))
+    } else {
+        SerialSpec::none()
+    };
+    VmSpec {
+        vcpus: cfg.vcpus,
+        memory_mib: cfg.memory_mib,
+        hugepages: false,
+        kernel: KernelSpec {
+            path: cfg.kernel_path.clone(),
+            cmdline: kernel_cmdline(cfg),
+            initrd: Some(cfg.initrd_path.clone()),
+        },
+        serial: Some(serial),
+        block,
+        vsock: Some(VsockSpec {
+            guest_cid: GUEST_CID,
+            uds_path: dir.join(VSOCK),
+        }),
+        net: Vec::new(),
+        rng: true,
+        control_socket: Some(dir.join(CONTROL_SOCKET)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_vm_config::SerialKind;
+    use std::path::PathBuf;
+
+    pub(crate) fn cfg(extra: &str) -> Config {
+        crate::config::parse(
+            &format!("kernel_path = \"/k/bzImage\"\ninitrd_path = \"/k/initrd\"\n{extra}"),
+            Path::new("/c.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn vm_description() {
+        let c = cfg("vcpus = 2\nmemory_mib = 512\nkernel_params = \"loglevel=8\"");
+        let v = vm_spec(&c, Path::new("/run/husk/p1"), 2);
+        assert_eq!((v.vcpus, v.memory_mib), (2, 512));
+        assert_eq!(v.kernel.path, PathBuf::from("/k/bzImage"));
+        assert_eq!(v.kernel.initrd, Some(PathBuf::from("/k/initrd")));
+        assert_eq!(
+            v.kernel.cmdline,
+            "console=ttyS0 reboot=k panic=-1 husk.agent_port=1024 quiet loglevel=8"
+        );
+        assert_eq!(v.serial, Some(SerialSpec::none()));
+        assert_eq!(v.block.len(), 3);
+        assert_eq!(v.block[0].path, PathBuf::from("/run/husk/p1/root.erofs"));
+        assert_eq!(v.block[0].serial.as_deref(), Some("husk-root"));
+        assert!(v.block[0].read_only);
+        assert_eq!(v.block[2].id, "slot2");
+        assert_eq!(v.block[2].serial.as_deref(), Some("husk-slot2"));
+        assert_eq!(v.block[2].path, PathBuf::from("/run/husk/p1/slot2"));
+        let vsock = v.vsock.as_ref().unwrap();
+        assert_eq!(vsock.uds_path, PathBuf::from("/run/husk/p1/vsock"));
+        assert_eq!(vsock.guest_cid, 3);
+        assert_eq!(v.control_socket, Some("/run/husk/p1/ctl.sock".into()));
+        assert!(v.rng);
+
+        let c = cfg("debug_console = true");
+        let v = vm_spec(&c, Path::new("/run/husk/p1"), 0);
+        let serial = v.serial.as_ref().unwrap();
+        assert_eq!(serial.output, SerialKind::File);
+        assert_eq!(serial.path, Some("/run/husk/p1/console.log".into()));
+        assert_eq!(
+            v.kernel.cmdline,
+            "console=ttyS0 reboot=k panic=-1 husk.agent_port=1024"
+        );
+        assert_eq!(v.block.len(), 1);
+    }
+
+    /// What the shim writes, the VMM accepts: the largest configuration
+    /// the shim allows passes the VMM's validation.
+    #[test]
+    fn the_vmm_accepts_what_the_shim_builds() {
+        let dir = std::env::temp_dir().join(format!("husk-vmspec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["bzImage", "initrd"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        let slots = crate::config::MAX_POD_DISK_SLOTS as usize;
+        for n in 1..=slots {
+            std::fs::write(dir.join(slot_file(n)), b"").unwrap();
+        }
+        std::fs::write(dir.join(ROOT_IMAGE), b"").unwrap();
+        let params = "x".repeat(crate::config::MAX_KERNEL_PARAMS);
+        let mut c = cfg(&format!(
+            "vcpus = {}\nmemory_mib = {}\nkernel_params = \"{params}\"\ndebug_console = true",
+            husk_vm_config::limits::MAX_VCPUS,
+            husk_vm_config::limits::MAX_MEMORY_MIB
+        ));
+        c.kernel_path = dir.join("bzImage");
+        c.initrd_path = dir.join("initrd");
+        let json = serde_json::to_string(&vm_spec(&c, &dir, slots)).unwrap();
+        let vm = husk_vm_config::VmConfig::from_json(&json).unwrap();
+        assert_eq!(vm.block.len(), slots + 1);
+        assert_eq!(
+            vm.virtio_device_count(),
+            husk_vm_config::limits::MAX_VIRTIO_DEVICES
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,209 @@
+//! The husk-vmm process of a sandbox: spawning it, recording how it ended,
+//! killing it.
+//!
+//! The VMM is started and waited for by one thread of its own: it gets
+//! PR_SET_PDEATHSIG(SIGKILL), which fires when the *thread* that forked it
+//! ends, so that thread lives exactly as long as the VMM. A shim that dies
+//! takes its VMs with it (containerd then runs `shim delete`, which removes
+//! the state folders). Signals go through a pidfd, so a recycled pid is
+//! never signalled.
+
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustix::process::{Pid, PidfdFlags, Signal};
+
+use super::state_dir::{VMM_PID, VM_SPEC};
+
+/// How long a SIGKILLed VMM may take to be reaped.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+#[error("starting {vmm}: {source}")]
+pub struct SpawnError {
+    pub vmm: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// What runs when the VMM exits, with its exit status.
+type ExitCallback = Box<dyn FnOnce(String) + Send>;
+
+/// How the VMM process ended, shared with its waiting thread.
+#[derive(Default)]
+struct Exit {
+    status: Mutex<Option<String>>,
+    cv: Condvar,
+    on_exit: Mutex<Option<ExitCallback>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A running (or ended) husk-vmm child.
+pub struct VmmProcess {
+    pub pid: u32,
+    pidfd: Option<OwnedFd>,
+    exit: Arc<Exit>,
+}
+
+impl VmmProcess {
+    /// Starts `vmm --config <spec> --log-level <level>` with stderr to
+    /// `log`; `name` names its thread.
+    pub fn spawn(
+        vmm: &Path,
+        spec: &Path,
+        log_level: log::LevelFilter,
+        log: fs::File,
+        name: &str,
+    ) -> Result<VmmProcess, SpawnError> {
+        let err = |source| SpawnError {
+            vmm: vmm.to_path_buf(),
+            source,
+        };
+        let mut cmd = Command::new(vmm);
+        cmd.arg("--config")
+            .arg(spec)
+            .arg("--log-level")
+            .arg(log_level.to_string().to_lowercase())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: the closure runs between fork and exec and only calls
+        // prctl(2), which is async-signal-safe and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
+                    .map_err(io::Error::from)
+            });
+        }
+        let exit = Arc::new(Exit::default());
+        let (tx, rx) = mpsc::sync_channel(1);
+        let state = exit.clone();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let mut child = match cmd.spawn() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let pid = child.id();
+                let _ = tx.send(Ok((pid, pidfd_open(pid))));
+                let status = match child.wait() {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("unknown ({e})"),
+                };
+                *lock(&state.status) = Some(status.clone());
+                state.cv.notify_all();
+                if let Some(cb) = lock(&state.on_exit).take() {
+                    cb(status);
+                }
+            })
+            .map_err(err)?;
+        let (pid, pidfd) = rx
+            .recv()
+            .map_err(|_| err(io::Error::other("the VMM thread ended")))?
+            .map_err(err)?;
+        Ok(VmmProcess { pid, pidfd, exit })
+    }
+
+    /// How the VMM ended, if it has.
+    pub fn exit_status(&self) -> Option<String> {
+        lock(&self.exit.status).clone()
+    }
+
+    pub fn is_dead(&self) -> bool {
+        lock(&self.exit.status).is_some()
+    }
+
+    /// Registers what to do when the VMM exits (at once if it has).
+    pub fn on_exit(&self, f: impl FnOnce(String) + Send + 'static) {
+        let recorded = lock(&self.exit.status);
+        if let Some(status) = recorded.clone() {
+            drop(recorded);
+            f(status);
+            return;
+        }
+        // Registered under the status lock: the waiting thread cannot
+        // record the exit in between and miss the callback.
+        *lock(&self.exit.on_exit) = Some(Box::new(f));
+    }
+
+    /// Waits up to `t` for the VMM to have exited.
+    pub fn wait(&self, t: Duration) -> bool {
+        let g = lock(&self.exit.status);
+        let (g, _) = self
+            .exit
+            .cv
+            .wait_timeout_while(g, t, |e| e.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        g.is_some()
+    }
+
+    /// SIGKILLs the VMM and waits for it.
+    pub fn kill(&self) {
+        if self.is_dead() {
+            return;
+        }
+        let sent = match &self.pidfd {
+            Some(fd) => rustix::process::pidfd_send_signal(fd, Signal::KILL),
+            // Without pidfds: our own child, not reaped until its thread
+            // records the exit (checked above), so the pid is still ours.
+            None => match Pid::from_raw(self.pid as i32) {
+                Some(pid) => rustix::process::kill_process(pid, Signal::KILL),
+                None => return,
+            },
+        };
+        if let Err(e) = sent {
+            log::debug!("signalling the VMM (pid {}): {e}", self.pid);
+        }
+        if !self.wait(KILL_WAIT) {
+            log::error!("the VMM (pid {}) did not die after SIGKILL", self.pid);
+        }
+    }
+}
+
+/// A pidfd for `pid` (our unreaped child), if the kernel has them.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, PidfdFlags::empty()).ok()
+}
+
+/// Kills the VMM recorded in a state folder, if it still runs and really
+/// is that folder's VMM (its command line names the folder's vm.json).
+pub fn kill_recorded(dir: &Path) {
+    let Ok(pid) = std::fs::read_to_string(dir.join(VMM_PID)) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return;
+    };
+    let Some(pid) = Pid::from_raw(pid).filter(|p| !p.is_init()) else {
+        return;
+    };
+    let cmdline =
+        std::fs::read(format!("/proc/{}/cmdline", pid.as_raw_nonzero())).unwrap_or_default();
+    let want = dir.join(VM_SPEC);
+    let matches = cmdline
+        .split(|&b| b == 0)
+        .any(|arg| Path::new(std::ffi::OsStr::new(std::str::from_utf8(arg).unwrap_or(""))) == want);
+    if matches {
+        log::warn!(
+            "killing leftover VMM pid {} of {}",
+            pid.as_raw_nonzero(),
+            dir.display()
+        );
+        // The pid was just checked to run this folder's VM.
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
+    }
+}

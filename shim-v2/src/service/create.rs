@@ -1,0 +1,333 @@
+//! Create: a container in a new VM, or in the pod's VM it joins. It runs as
+//! named steps (plan, rootfs, sandbox, guest create, register); whatever a
+//! step set up, [`Undo`] takes back if a later one fails.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use containerd_shim::api;
+use husk_protocols::guest::ROOT_DISK_SERIAL;
+use serde_json::Value;
+
+use super::error::{Result, ServiceError};
+use super::registry::{lock, Container, Inner};
+use super::watch;
+use crate::config::Config;
+use crate::events::Event;
+use crate::io::{Pumps, StdioPaths};
+use crate::process::Process;
+use crate::rootfs::{self, RootfsError};
+use crate::sandbox::state_dir::{StateDir, ROOT_IMAGE};
+use crate::sandbox::Sandbox;
+use crate::spec::{self, GuestSpec, Role};
+
+/// The file in a bundle that tells `shim delete` which sandbox state the
+/// container had: the state folder, and whether the container owned it.
+pub const BUNDLE_MARKER: &str = "husk-sandbox";
+
+/// What a Create request asks for, checked, before anything is set up.
+struct Plan {
+    id: String,
+    bundle: PathBuf,
+    oci: Value,
+    role: Role,
+    sandbox_id: String,
+    cfg: Arc<Config>,
+    /// The running sandbox a pod container joins.
+    joining: Option<Arc<Sandbox>>,
+    guest: GuestSpec,
+    /// The bundle's rootfs folder.
+    root: PathBuf,
+}
+
+/// Undoes the steps of a Create that did not finish.
+#[derive(Default)]
+struct Undo {
+    mounted: Option<PathBuf>,
+    sandbox: Option<Arc<Sandbox>>,
+    marker: Option<PathBuf>,
+}
+
+impl Undo {
+    /// The Create finished: keep everything.
+    fn disarm(&mut self) {
+        *self = Undo::default();
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            if let Err(e) = rootfs::unmount(&m) {
+                log::warn!("{e}");
+            }
+        }
+        if let Some(sb) = self.sandbox.take() {
+            sb.destroy();
+        }
+        if let Some(m) = self.marker.take() {
+            let _ = std::fs::remove_file(m);
+        }
+    }
+}
+
+impl Inner {
+    /// Creates the container of `req`; its pid for containerd (the VMM's).
+    pub fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32> {
+        let _creating = lock(&self.creating);
+        let mut plan = self.plan(req)?;
+        let mut undo = Undo::default();
+        let mounted = mount_rootfs(&plan, req, &mut undo)?;
+        let (sb, serial) = self.sandbox_for(&plan, &mut undo)?;
+        // The image holds the tree now: the host mount is not needed.
+        if let Some(m) = undo.mounted.take() {
+            rootfs::unmount(&m)?;
+        }
+        let owner = !matches!(plan.role, Role::PodContainer { .. });
+        undo.marker = Some(write_marker(&plan.bundle, &sb.dir, owner)?);
+        let init = guest_create(&mut plan, req, &sb, &serial)?;
+        let new_sandbox = undo.sandbox.is_some();
+        undo.disarm();
+        self.register(plan, req, sb, init, mounted, new_sandbox)
+    }
+
+    /// Checks the request and finds the sandbox the container goes into.
+    fn plan(&self, req: &api::CreateTaskRequest) -> Result<Plan> {
+        let id = req.id.clone();
+        spec::check_id("container", &id)?;
+        if lock(&self.state).containers.contains_key(&id) {
+            return Err(ServiceError::Exists(format!("container {id:?}")));
+        }
+        if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
+            return Err(ServiceError::Unsupported("checkpoint/restore"));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let oci = spec::read(&bundle)?;
+        let role = Role::of(&id, &oci);
+        let sandbox_id = role.sandbox_id(&id).to_string();
+        spec::check_id("sandbox", &sandbox_id)?;
+        let cfg = self.config(&req.options)?;
+        let existing = lock(&self.state).sandbox.clone();
+        let joining = match (&role, existing) {
+            (Role::PodContainer { .. }, Some(sb)) if sb.id == sandbox_id => {
+                if sb.is_dead() {
+                    return Err(ServiceError::Precondition(format!(
+                        "the VM of sandbox {sandbox_id} has ended"
+                    )));
+                }
+                Some(sb)
+            }
+            (Role::PodContainer { .. }, _) => {
+                return Err(ServiceError::Precondition(format!(
+                    "sandbox {sandbox_id} does not run in this shim"
+                )))
+            }
+            (_, Some(sb)) => {
+                return Err(ServiceError::Precondition(format!(
+                    "this shim already runs sandbox {}",
+                    sb.id
+                )))
+            }
+            (_, None) => None,
+        };
+        let guest = spec::for_guest(&oci, &id, req.terminal, spec::inspect_host)?;
+        let root = spec::root_path(&bundle, &oci);
+        Ok(Plan {
+            id,
+            bundle,
+            oci,
+            role,
+            sandbox_id,
+            cfg,
+            joining,
+            guest,
+            root,
+        })
+    }
+
+    /// Boots the sandbox's VM, or puts the container's image into the
+    /// joined one; the sandbox and the serial of the container's disk.
+    fn sandbox_for(&self, plan: &Plan, undo: &mut Undo) -> Result<(Arc<Sandbox>, String)> {
+        let cfg = &plan.cfg;
+        if let Some(sb) = &plan.joining {
+            let image = sb.dir.join(format!("image-{}.erofs", plan.id));
+            let built = rootfs::build_erofs(&cfg.mkfs_erofs_path, &plan.root, &image)
+                .map_err(ServiceError::from)
+                .and_then(|_| sb.attach_image(&image).map_err(ServiceError::from));
+            let _ = std::fs::remove_file(&image);
+            return Ok((sb.clone(), built?));
+        }
+        let dir = StateDir::create(&cfg.state_dir, &plan.sandbox_id)?;
+        // From now on `shim delete` can clean up, should this shim die in
+        // the middle of the boot.
+        undo.marker = Some(write_marker(&plan.bundle, &dir.path, true)?);
+        rootfs::build_erofs(&cfg.mkfs_erofs_path, &plan.root, &dir.path.join(ROOT_IMAGE))?;
+        let slots = if plan.role == Role::PodSandbox {
+            cfg.pod_disk_slots as usize
+        } else {
+            0
+        };
+        let sb = Arc::new(Sandbox::boot(
+            &plan.sandbox_id,
+            dir,
+            cfg,
+            slots,
+            &spec::hostname(&plan.oci),
+            &self.cancel,
+        )?);
+        undo.sandbox = Some(sb.clone());
+        Ok((sb, ROOT_DISK_SERIAL.to_string()))
+    }
+
+    /// Records the created container, watches a new sandbox, and starts
+    /// the init's waiter.
+    fn register(
+        self: &Arc<Self>,
+        plan: Plan,
+        req: &api::CreateTaskRequest,
+        sb: Arc<Sandbox>,
+        init: Arc<Process>,
+        mounted: Option<PathBuf>,
+        new_sandbox: bool,
+    ) -> Result<u32> {
+        let container = Arc::new(Container {
+            bundle: plan.bundle,
+            mounted,
+            init: init.clone(),
+            execs: Mutex::new(HashMap::new()),
+        });
+        {
+            let mut st = lock(&self.state);
+            st.containers.insert(plan.id.clone(), container);
+            if st.sandbox.is_none() {
+                st.sandbox = Some(sb.clone());
+            }
+        }
+        if new_sandbox {
+            watch::watch_sandbox(self, &sb);
+        }
+        // The init waits in the guest for Start; its waiter runs from now
+        // on, so that a kill before Start is reported too.
+        watch::spawn_waiter(self.clone(), sb.clone(), init);
+        self.events.send(Event::Create {
+            id: plan.id.clone(),
+            bundle: req.bundle.clone(),
+            pid: sb.vmm_pid(),
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        });
+        log::info!("container {} created in sandbox {}", plan.id, sb.id);
+        Ok(sb.vmm_pid())
+    }
+}
+
+/// Mounts containerd's rootfs mounts at the bundle's rootfs, if it sent
+/// any (otherwise the bundle's rootfs is a ready tree).
+fn mount_rootfs(
+    plan: &Plan,
+    req: &api::CreateTaskRequest,
+    undo: &mut Undo,
+) -> Result<Option<PathBuf>> {
+    if req.rootfs.is_empty() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(&plan.root).map_err(|source| RootfsError::Io {
+        what: "creating",
+        path: plan.root.clone(),
+        source,
+    })?;
+    rootfs::mount_all(&req.rootfs, &plan.root)?;
+    undo.mounted = Some(plan.root.clone());
+    Ok(Some(plan.root.clone()))
+}
+
+/// Creates the container in the guest and connects its stdio; its init.
+fn guest_create(
+    plan: &mut Plan,
+    req: &api::CreateTaskRequest,
+    sb: &Sandbox,
+    serial: &str,
+) -> Result<Arc<Process>> {
+    copy_host_files(sb, &plan.guest.copies)?;
+    let id = plan.id.as_str();
+    let join = matches!(plan.role, Role::PodContainer { .. });
+    sb.agent
+        .create_container(id, std::mem::take(&mut plan.guest.json), join, serial)
+        .map_err(|e| {
+            let diagnostics = if sb.is_dead() {
+                sb.diagnostics()
+            } else {
+                String::new()
+            };
+            ServiceError::Internal(format!(
+                "creating the container in the VM: {e}{diagnostics}"
+            ))
+        })?;
+    let stdio = StdioPaths {
+        stdin: req.stdin.clone(),
+        stdout: req.stdout.clone(),
+        stderr: req.stderr.clone(),
+        terminal: req.terminal,
+    };
+    let init = Arc::new(Process::new(id, "", sb.vmm_pid(), stdio.clone()));
+    match Pumps::start(&sb.agent, id, "", &stdio) {
+        Ok(p) => init.set_pumps(p),
+        Err(e) => {
+            let _ = sb.agent.remove_container(id);
+            return Err(e.into());
+        }
+    }
+    Ok(init)
+}
+
+/// Copies the host files of bind mounts into the guest.
+fn copy_host_files(sb: &Sandbox, copies: &[spec::HostCopy]) -> Result<()> {
+    let copy_one = |host: &Path, guest: &str| -> Result<()> {
+        let err = |e: std::io::Error| {
+            ServiceError::Invalid(format!("bind mount source {}: {e}", host.display()))
+        };
+        let meta = std::fs::metadata(host).map_err(err)?;
+        let mut data = Vec::new();
+        std::fs::File::open(host)
+            .map_err(err)?
+            .take(spec::MAX_COPY_BYTES + 1)
+            .read_to_end(&mut data)
+            .map_err(err)?;
+        if data.len() as u64 > spec::MAX_COPY_BYTES {
+            return Err(ServiceError::Invalid(format!(
+                "bind mount source {} grew beyond 16 MiB",
+                host.display()
+            )));
+        }
+        sb.agent
+            .copy_file(guest, &data, meta.mode(), meta.uid(), meta.gid())?;
+        Ok(())
+    };
+    for c in copies {
+        match &c.files {
+            None => copy_one(&c.host, &c.guest)?,
+            Some(files) => {
+                for rel in files {
+                    let guest = format!("{}/{}", c.guest, rel.display());
+                    copy_one(&c.host.join(rel), &guest)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the bundle marker for `shim delete` (see [`BUNDLE_MARKER`]); its
+/// path.
+fn write_marker(bundle: &Path, state: &Path, owner: bool) -> Result<PathBuf> {
+    let marker = bundle.join(BUNDLE_MARKER);
+    let owner_word = if owner { "owner" } else { "member" };
+    std::fs::write(&marker, format!("{}\n{owner_word}\n", state.display()))
+        .map_err(|e| ServiceError::Internal(format!("writing {}: {e}", marker.display())))?;
+    Ok(marker)
+}

@@ -1,0 +1,116 @@
+//! The threads that watch the guest for the shim: one waiter per started
+//! process (its exit, then its output), the VMM's end, and the guest's OOM
+//! kills.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::registry::{lock, Inner};
+use crate::events::Event;
+use crate::io::DRAIN_IDLE;
+use crate::process::{exit_status, Process, EXIT_VM_GONE};
+use crate::sandbox::Sandbox;
+
+/// How long a waiter retries a broken agent connection while the VMM runs.
+const WAIT_RETRY_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits for a started process's exit in the guest, then for its output,
+/// then reports it.
+pub fn spawn_waiter(inner: Arc<Inner>, sb: Arc<Sandbox>, p: Arc<Process>) {
+    let name = format!(
+        "wait-{}",
+        p.container_id.get(..8).unwrap_or(&p.container_id)
+    );
+    let inner2 = inner.clone();
+    let p2 = p.clone();
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let (inner, p) = (inner2, p2);
+        let status = wait_in_guest(&sb, &p);
+        let at = SystemTime::now();
+        if let Some(pumps) = p.pumps() {
+            pumps.wait_outputs(DRAIN_IDLE);
+        }
+        let _started = lock(&p.starting);
+        inner.report_exit(&p, status, at);
+    });
+    if let Err(e) = spawned {
+        log::error!("starting a waiter thread: {e}");
+        inner.report_exit(&p, EXIT_VM_GONE, SystemTime::now());
+    }
+}
+
+/// The process's exit status, or EXIT_VM_GONE once the guest cannot say.
+fn wait_in_guest(sb: &Sandbox, p: &Process) -> u32 {
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        match sb.agent.wait_process(&p.container_id, &p.exec_id) {
+            Ok(s) => return exit_status(s),
+            Err(e) => {
+                if sb.is_dead() {
+                    return EXIT_VM_GONE;
+                }
+                if e.code().is_some() {
+                    log::warn!("waiting for {}/{}: {e}", p.container_id, p.exec_id);
+                    return EXIT_VM_GONE;
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > WAIT_RETRY_LIMIT {
+                    log::error!(
+                        "waiting for {}/{}: {e}; giving up",
+                        p.container_id,
+                        p.exec_id
+                    );
+                    return EXIT_VM_GONE;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// Watches a newly booted sandbox: its VMM's end and its OOM kills.
+pub fn watch_sandbox(inner: &Arc<Inner>, sb: &Arc<Sandbox>) {
+    let weak = Arc::downgrade(inner);
+    let sb_id = sb.id.clone();
+    let sb_weak = Arc::downgrade(sb);
+    sb.on_exit(move |status| {
+        let diag = sb_weak
+            .upgrade()
+            .map(|s| s.diagnostics())
+            .unwrap_or_default();
+        if let Some(inner) = weak.upgrade() {
+            inner.vm_ended(&sb_id, &status, &diag);
+        }
+    });
+    spawn_oom_watcher(inner.clone(), sb.clone());
+}
+
+/// Reports the guest's OOM kills as TaskOOM.
+fn spawn_oom_watcher(inner: Arc<Inner>, sb: Arc<Sandbox>) {
+    let spawned = std::thread::Builder::new()
+        .name("oom".into())
+        .spawn(move || loop {
+            if sb.is_dead() {
+                return;
+            }
+            match sb.agent.oom_event() {
+                Ok(id) => {
+                    let known = lock(&inner.state).containers.contains_key(&id);
+                    if known {
+                        log::info!("container {id}: OOM kill in the guest");
+                        inner.events.send(Event::Oom { id });
+                    }
+                }
+                Err(e) => {
+                    if sb.is_dead() {
+                        return;
+                    }
+                    log::debug!("OOM events: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::warn!("starting the OOM watcher: {e}");
+    }
+}
