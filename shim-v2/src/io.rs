@@ -15,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,13 +23,16 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::pipe::PipeFlags;
+
 use crate::agent::Agent;
 
 /// How long output may stay idle after a process exited before its exit
 /// is reported anyway (the copying goes on).
 pub const DRAIN_IDLE: Duration = Duration::from_secs(2);
 /// Poll interval of threads that watch a cancel flag.
-const POLL_MS: i32 = 200;
+const POLL_MS: i64 = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
@@ -125,14 +128,13 @@ fn open_output(t: &Target) -> Result<Option<File>, IoError> {
 }
 
 /// poll(2) on one fd for `events`, at most `ms` milliseconds; true if ready.
-fn poll1(fd: i32, events: i16, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
+fn poll1(fd: &impl AsFd, events: PollFlags, ms: i64) -> bool {
+    let timeout = Timespec {
+        tv_sec: ms / 1000,
+        tv_nsec: (ms % 1000) * 1_000_000,
     };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+    let mut p = [PollFd::new(fd, events)];
+    rustix::event::poll(&mut p, Some(&timeout)).is_ok_and(|n| n > 0)
 }
 
 /// Writes all of `data` to a non-blocking sink, waiting while it is full
@@ -147,7 +149,7 @@ fn write_sink(sink: &mut File, mut data: &[u8], cancel: &AtomicBool) -> io::Resu
                 if cancel.load(Ordering::SeqCst) {
                     return Err(io::ErrorKind::Interrupted.into());
                 }
-                poll1(sink.as_raw_fd(), libc::POLLOUT, POLL_MS);
+                poll1(sink, PollFlags::OUT, POLL_MS);
             }
             Err(e) => return Err(e),
         }
@@ -323,18 +325,8 @@ impl Drop for Pumps {
 }
 
 fn pipe() -> io::Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two-element array.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 returned two new fds that nothing else owns.
-    Ok(unsafe {
-        (
-            File::from(OwnedFd::from_raw_fd(fds[0])),
-            File::from(OwnedFd::from_raw_fd(fds[1])),
-        )
-    })
+    let (r, w) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC)?;
+    Ok((File::from(r), File::from(w)))
 }
 
 fn copy_output(
@@ -374,31 +366,21 @@ fn copy_stdin(agent: &Agent, id: &str, exec_id: &str, mut fifo: File, mut wake: 
     let mut closing = false;
     'outer: loop {
         let mut fds = [
-            libc::pollfd {
-                fd: fifo.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            PollFd::new(&fifo, PollFlags::IN),
+            PollFd::new(&wake, PollFlags::IN),
         ];
         if !closing {
-            // SAFETY: two valid pollfds for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                break;
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => break,
             }
-            if fds[1].revents != 0 {
+            let (fifo_ready, woken) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+            if woken {
                 // Asked to finish: copy what is already there, then close.
                 let _ = wake.read(&mut [0u8; 1]);
                 closing = true;
-            } else if fds[0].revents == 0 {
+            } else if !fifo_ready {
                 continue;
             }
         }
@@ -454,9 +436,7 @@ mod tests {
     }
 
     fn mkfifo(p: &Path) {
-        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
-        // SAFETY: mkfifo with a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        rustix::fs::mkfifoat(rustix::fs::CWD, p, rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
     }
 
     #[test]
