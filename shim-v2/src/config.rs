@@ -20,6 +20,7 @@ const MAX_FILE: u64 = 1 << 20;
 pub const MAX_KERNEL_PARAMS: usize = limits::MAX_CMDLINE_LEN / 2;
 /// Every virtio device the VMM has room for, but the first container's disk,
 /// vsock and rng.
+#[allow(clippy::cast_possible_truncation)] // 16 fits
 pub const MAX_POD_DISK_SLOTS: u32 = (limits::MAX_VIRTIO_DEVICES - 3) as u32;
 /// Longest `state_dir`: `<state_dir>/<64-byte id>/ctl.sock` must be a
 /// socket path the VMM can bind (CRI's ids are 64 bytes; a longer id gets

@@ -187,7 +187,7 @@ impl Events {
                 for ev in rx {
                     let (topic, msg) = ev.into_message();
                     let ctx = containerd_shim::protos::ttrpc::context::with_timeout(
-                        PUBLISH_TIMEOUT.as_nanos() as i64,
+                        i64::try_from(PUBLISH_TIMEOUT.as_nanos()).unwrap_or(i64::MAX),
                     );
                     if let Err(e) = publisher.publish(ctx, topic, &namespace, msg) {
                         log::warn!("publishing {topic}: {e}");

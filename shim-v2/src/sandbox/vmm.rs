@@ -159,7 +159,7 @@ impl VmmProcess {
             Some(fd) => rustix::process::pidfd_send_signal(fd, Signal::KILL),
             // Without pidfds: our own child, not reaped until its thread
             // records the exit (checked above), so the pid is still ours.
-            None => match Pid::from_raw(self.pid as i32) {
+            None => match i32::try_from(self.pid).ok().and_then(Pid::from_raw) {
                 Some(pid) => rustix::process::kill_process(pid, Signal::KILL),
                 None => return,
             },
