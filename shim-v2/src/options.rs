@@ -1,25 +1,12 @@
 //! The runtime options of a Create: which husk configuration file to use.
 //! CRI sends `runtimeoptions.v1.Options` (decoded with the type generated
-//! from protos/runtimeoptions.proto); runc's options carry no path.
+//! from protocols/protos/runtimeoptions.proto); runc's options carry no path.
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::shim::oci::Options as RuncOptions;
-use protobuf::Message;
+use husk_protocols::protobuf::Message;
 
-/// The generated `runtimeoptions.v1` messages.
-#[allow(
-    clippy::all,
-    clippy::pedantic,
-    missing_docs,
-    unused_results,
-    unused_mut,
-    non_upper_case_globals
-)]
-mod generated {
-    include!(concat!(env!("OUT_DIR"), "/runtimeoptions.rs"));
-}
-
-pub use generated::Options as RuntimeOptions;
+pub use husk_protocols::runtimeoptions::Options as RuntimeOptions;
 
 /// The configuration file the options name, if they name one.
 pub fn config_path(any: &Any) -> Option<String> {
