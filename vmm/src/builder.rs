@@ -153,9 +153,9 @@ impl VirtioContext<'_> {
                 what: "virtio-mmio device",
                 source,
             })?;
-        for (index, evt) in queue_notify.iter().enumerate() {
+        for (index, evt) in (0u32..).zip(queue_notify) {
             self.vm
-                .register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, index as u32)?;
+                .register_mmio_ioevent(evt, base + VIRTIO_MMIO_QUEUE_NOTIFY, index)?;
         }
         self.vm.register_irqfd(irq_evt, irq)?;
         self.cmdline

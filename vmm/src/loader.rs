@@ -148,14 +148,15 @@ pub fn load_initrd(
         })?
         .len();
     let ram_end = low_ram_end(mem);
-    let addr =
-        initrd_address(size, kernel_end, ram_end).ok_or_else(|| LoaderError::InitrdTooLarge {
-            path: path.to_owned(),
-            size,
-            kernel_end,
-            ram_end,
-        })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+    let too_large = || LoaderError::InitrdTooLarge {
+        path: path.to_owned(),
+        size,
+        kernel_end,
+        ram_end,
+    };
+    let addr = initrd_address(size, kernel_end, ram_end).ok_or_else(too_large)?;
+    let len = usize::try_from(size).map_err(|_| too_large())?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|source| LoaderError::InitrdRead {
             path: path.to_owned(),
             source,

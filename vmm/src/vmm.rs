@@ -155,7 +155,12 @@ impl Vmm {
             Some((d, _)) => {
                 let left = d.saturating_duration_since(Instant::now());
                 // Round up so we wake after, not just before, the deadline.
-                (left.as_millis() as i32).saturating_add(1)
+                // A deadline past i32::MAX ms (the control socket takes any
+                // u64) waits in steps of i32::MAX ms rather than wrapping
+                // into a negative (infinite) timeout.
+                i32::try_from(left.as_millis())
+                    .unwrap_or(i32::MAX)
+                    .saturating_add(1)
             }
         }
     }

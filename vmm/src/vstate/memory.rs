@@ -22,6 +22,8 @@ pub enum MemoryError {
     },
     #[error("guest RAM region at {0:#x} wraps the address space")]
     Region(u64),
+    #[error("{size_mib} MiB of guest RAM do not fit the host address space")]
+    TooLarge { size_mib: u64 },
     #[error("cannot assemble guest memory: {0}")]
     Collection(#[from] vm_memory::GuestRegionCollectionError),
 }
@@ -50,7 +52,10 @@ pub fn create(mem_mib: u64, hugepages: bool) -> Result<GuestMemory, MemoryError>
     let regions = ram_ranges(mem_mib * MIB)
         .into_iter()
         .map(|(base, size)| {
-            let mapping = MmapRegionBuilder::new(size as usize)
+            let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge {
+                size_mib: size / MIB,
+            })?;
+            let mapping = MmapRegionBuilder::new(len)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(flags)
                 .with_hugetlbfs(hugepages)

@@ -84,7 +84,10 @@ impl Vm {
         // Both live in the MMIO gap, where no RAM or device will ever be.
         fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
             .map_err(setup("cannot set the identity map address"))?;
-        fd.set_tss_address(KVM_TSS_START as usize)
+        // A constant below 4 GiB: it fits usize.
+        #[allow(clippy::cast_possible_truncation)]
+        let tss_address = KVM_TSS_START as usize;
+        fd.set_tss_address(tss_address)
             .map_err(setup("cannot set the TSS address"))?;
         fd.create_irq_chip()
             .map_err(setup("cannot create the in-kernel irqchip"))?;
@@ -108,8 +111,7 @@ impl Vm {
                 max,
             });
         }
-        for (slot, region) in mem.iter().enumerate() {
-            let slot = slot as u32;
+        for (slot, region) in (0u32..).zip(mem.iter()) {
             let base = region.start_addr().0;
             let host =
                 mem.get_host_address(region.start_addr())

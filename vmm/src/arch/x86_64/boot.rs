@@ -34,6 +34,8 @@ pub enum BootError {
     TooManyE820Entries(usize, usize),
     #[error("{what} address {addr:#x} does not fit the 32-bit boot field")]
     AddressTooHigh { what: &'static str, addr: u64 },
+    #[error("{what} size {size:#x} does not fit the 32-bit boot field")]
+    SizeTooLarge { what: &'static str, size: u64 },
     #[error("cannot write boot information to guest memory: {0}")]
     Write(#[from] GuestMemoryError),
 }
@@ -79,6 +81,10 @@ fn u32_addr(what: &'static str, addr: u64) -> Result<u32, BootError> {
     u32::try_from(addr).map_err(|_| BootError::AddressTooHigh { what, addr })
 }
 
+fn u32_size(what: &'static str, size: u64) -> Result<u32, BootError> {
+    u32::try_from(size).map_err(|_| BootError::SizeTooLarge { what, size })
+}
+
 /// Where the command line and initrd are in guest memory.
 #[derive(Debug, Clone, Copy)]
 pub struct BootInfo {
@@ -105,10 +111,10 @@ pub fn zero_page(
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.cmd_line_ptr = u32_addr("command line", info.cmdline_addr)?;
-    params.hdr.cmdline_size = info.cmdline_size as u32;
+    params.hdr.cmdline_size = u32_size("command line", info.cmdline_size as u64)?;
     if let Some((addr, size)) = info.initrd {
         params.hdr.ramdisk_image = u32_addr("initrd", addr)?;
-        params.hdr.ramdisk_size = size as u32;
+        params.hdr.ramdisk_size = u32_size("initrd", size)?;
     }
     if map.len() > E820_MAX_ENTRIES {
         return Err(BootError::TooManyE820Entries(map.len(), E820_MAX_ENTRIES));
@@ -120,7 +126,8 @@ pub fn zero_page(
             r#type: e.kind,
         };
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = u8::try_from(map.len())
+        .map_err(|_| BootError::TooManyE820Entries(map.len(), E820_MAX_ENTRIES))?;
     Ok(params)
 }
 
@@ -147,7 +154,8 @@ pub fn write_pvh_info(mem: &GuestMemory, info: &BootInfo) -> Result<(), BootErro
         version: 1,
         cmdline_paddr: info.cmdline_addr,
         memmap_paddr: MEMMAP_START,
-        memmap_entries: map.len() as u32,
+        memmap_entries: u32::try_from(map.len())
+            .map_err(|_| BootError::TooManyE820Entries(map.len(), MEMMAP_MAX_ENTRIES))?,
         ..Default::default()
     };
     if let Some((paddr, size)) = info.initrd {

@@ -12,13 +12,20 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
         | (limit as u64 & 0x0000_ffff)
 }
 
+/// The `width`-bit field of `entry` at `shift`; callers ask for at most
+/// 4 bits.
+// The mask keeps `width` (<= 8) bits, so the value fits a u8.
+#[allow(clippy::cast_possible_truncation)]
 fn bits(entry: u64, shift: u32, width: u32) -> u8 {
+    debug_assert!(width <= 8);
     ((entry >> shift) & ((1 << width) - 1)) as u8
 }
 
 /// The KVM segment register that loading `entry` (at GDT index `index`) gives.
 pub fn kvm_segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let base = ((entry >> 32) & 0xff00_0000) | ((entry >> 16) & 0x00ff_ffff);
+    // The descriptor's limit is 20 bits (masked here), so it fits a u32.
+    #[allow(clippy::cast_possible_truncation)]
     let raw_limit = (((entry >> 32) & 0x000f_0000) | (entry & 0xffff)) as u32;
     let g = bits(entry, 55, 1);
     let present = bits(entry, 47, 1);

@@ -9,13 +9,14 @@ const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
 fn get_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
-    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+    // The register page is `c_char` (i8 here): reinterpret each byte's bits.
+    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i].to_ne_bytes()[0]);
     u32::from_le_bytes(bytes)
 }
 
 fn set_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
     for (i, b) in value.to_le_bytes().into_iter().enumerate() {
-        lapic.regs[offset + i] = b as _;
+        lapic.regs[offset + i] = std::ffi::c_char::from_ne_bytes([b]);
     }
 }
 

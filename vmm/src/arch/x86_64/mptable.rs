@@ -42,6 +42,8 @@ pub enum MptableError {
     TooLarge { cpus: u8, size: usize, room: u64 },
     #[error("a VM needs at least one vCPU")]
     NoCpus,
+    #[error("MP table base {0:#x} is not a 32-bit address")]
+    BaseTooHigh(u64),
     #[error("cannot write the MP table to guest memory: {0}")]
     Write(#[from] GuestMemoryError),
 }
@@ -50,6 +52,20 @@ pub enum MptableError {
 pub fn ioapic_id(num_cpus: u8) -> u8 {
     num_cpus
 }
+
+// The MP table holds 32-bit physical addresses; the APICs sit below 4 GiB.
+const _: () = assert!(IOAPIC_START >> 32 == 0 && APIC_START >> 32 == 0);
+/// [`IOAPIC_START`] as the table's 32-bit address (checked above).
+#[allow(clippy::cast_possible_truncation)]
+const IOAPIC_ADDR: u32 = IOAPIC_START as u32;
+/// [`APIC_START`] as the table's 32-bit address (checked above).
+#[allow(clippy::cast_possible_truncation)]
+const APIC_ADDR: u32 = APIC_START as u32;
+// IOAPIC pin numbers are bytes in the table.
+const _: () = assert!(IRQ_MAX <= 0xff);
+/// [`IRQ_MAX`] as a table byte (checked above).
+#[allow(clippy::cast_possible_truncation)]
+const IRQ_MAX_U8: u8 = IRQ_MAX as u8;
 
 fn checksum(bytes: &[u8]) -> u8 {
     0u8.wrapping_sub(bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)))
@@ -75,9 +91,9 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     entries.extend_from_slice(&[ENTRY_BUS, ISA_BUS_ID]);
     entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic, IOAPIC_VERSION, 1]);
-    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
     // ISA IRQ n arrives on IOAPIC pin n; KVM's default GSI routing matches.
-    for irq in 0..=IRQ_MAX as u8 {
+    for irq in 0..=IRQ_MAX_U8 {
         entries.extend_from_slice(&[ENTRY_IO_INTERRUPT, INT_TYPE_INT]);
         entries.extend_from_slice(&INT_FLAGS_DEFAULT.to_le_bytes());
         entries.extend_from_slice(&[ISA_BUS_ID, irq, ioapic, irq]);
@@ -87,12 +103,18 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
         entries.extend_from_slice(&INT_FLAGS_DEFAULT.to_le_bytes());
         entries.extend_from_slice(&[ISA_BUS_ID, 0, dest, lint]);
     }
-    let entry_count = u16::from(num_cpus) + 1 + 1 + (IRQ_MAX as u16 + 1) + 2;
+    let entry_count = u16::from(num_cpus) + 1 + 1 + (u16::from(IRQ_MAX_U8) + 1) + 2;
 
     let table_len = HEADER_LEN + entries.len();
+    // At most 255 vCPUs of 20 bytes each: always far below 64 KiB.
+    let table_len_u16 = u16::try_from(table_len).map_err(|_| MptableError::TooLarge {
+        cpus: num_cpus,
+        size: table_len,
+        room: u16::MAX.into(),
+    })?;
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(b"PCMP");
-    header.extend_from_slice(&(table_len as u16).to_le_bytes());
+    header.extend_from_slice(&table_len_u16.to_le_bytes());
     header.push(SPEC_REV);
     header.push(0); // checksum, below
     header.extend_from_slice(b"HUSK    ");
@@ -100,7 +122,7 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     header.extend_from_slice(&[0; 4]); // OEM table pointer
     header.extend_from_slice(&[0; 2]); // OEM table size
     header.extend_from_slice(&entry_count.to_le_bytes());
-    header.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    header.extend_from_slice(&APIC_ADDR.to_le_bytes());
     header.extend_from_slice(&[0; 4]); // extended table length, checksum, reserved
     debug_assert_eq!(header.len(), HEADER_LEN);
 
@@ -110,7 +132,11 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
 
     let mut fp = Vec::with_capacity(FLOATING_POINTER_LEN);
     fp.extend_from_slice(b"_MP_");
-    fp.extend_from_slice(&((base + FLOATING_POINTER_LEN as u64) as u32).to_le_bytes());
+    let table_addr = base
+        .checked_add(FLOATING_POINTER_LEN as u64)
+        .and_then(|a| u32::try_from(a).ok())
+        .ok_or(MptableError::BaseTooHigh(base))?;
+    fp.extend_from_slice(&table_addr.to_le_bytes());
     fp.push(1); // length in 16-byte paragraphs
     fp.push(SPEC_REV);
     fp.push(0); // checksum, below

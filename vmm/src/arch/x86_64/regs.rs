@@ -60,7 +60,10 @@ pub fn setup_sregs(
     }
     mem.write_obj(0u64, GuestAddress(BOOT_IDT_START))?;
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    // The GDT is four 8-byte entries: its limit is 31.
+    #[allow(clippy::cast_possible_truncation)]
+    let gdt_limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    sregs.gdt.limit = gdt_limit;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
 

@@ -114,21 +114,23 @@ impl MutEventSubscriber for SerialStdin {
         let mut buf = [0u8; 64];
         // SAFETY: reads into a local buffer of the length passed.
         let n = unsafe { libc::read(STDIN_FD, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0
-            || events
-                .event_set()
-                .intersects(EventSet::HANG_UP | EventSet::ERROR)
-        {
-            let err = io::Error::last_os_error();
-            if n < 0 && err.kind() == io::ErrorKind::Interrupted {
+        let hung_up = events
+            .event_set()
+            .intersects(EventSet::HANG_UP | EventSet::ERROR);
+        let n = match usize::try_from(n) {
+            Ok(n) if n > 0 && !hung_up => n,
+            _ => {
+                let err = io::Error::last_os_error();
+                if n < 0 && err.kind() == io::ErrorKind::Interrupted {
+                    return;
+                }
+                // EOF or error: stop watching stdin; the guest keeps running.
+                let _ = ops.remove(Events::new_raw(STDIN_FD, EventSet::IN));
                 return;
             }
-            // EOF or error: stop watching stdin; the guest keeps running.
-            let _ = ops.remove(Events::new_raw(STDIN_FD, EventSet::IN));
-            return;
-        }
+        };
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        serial.enqueue_input(&buf[..n as usize]);
+        serial.enqueue_input(&buf[..n]);
     }
 }
 

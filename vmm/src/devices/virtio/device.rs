@@ -64,12 +64,18 @@ pub fn check_features(offered: u64, acked: u64) -> Result<(), FeaturesError> {
     Ok(())
 }
 
+/// The low 32 bits of `v`: the mask makes the truncation explicit.
+#[allow(clippy::cast_possible_truncation)]
+fn low_half(v: u64) -> u32 {
+    (v & 0xffff_ffff) as u32
+}
+
 /// 32-bit page `page` of `features`, as the (Device|Driver)Features
 /// registers show it; pages past the 64 feature bits read as zero.
 pub fn features_page(features: u64, page: u32) -> u32 {
     match page {
-        0 => features as u32,
-        1 => (features >> 32) as u32,
+        0 => low_half(features),
+        1 => low_half(features >> 32),
         _ => 0,
     }
 }

@@ -94,6 +94,13 @@ pub struct MmioTransport {
     queue_sel: u32,
 }
 
+/// The register at `offset` (below [`CONFIG_SPACE`]). An offset past
+/// 32 bits maps to `u32::MAX`, which names no register, rather than
+/// wrapping onto one.
+fn register(offset: u64) -> u32 {
+    u32::try_from(offset).unwrap_or(u32::MAX)
+}
+
 /// Sets the low or high half of a 64-bit register pair.
 fn set_half(reg: &mut u64, value: u32, high: bool) {
     *reg = if high {
@@ -179,7 +186,7 @@ impl MmioTransport {
     }
 
     fn read_register(&self, offset: u64) -> u32 {
-        match offset as u32 {
+        match register(offset) {
             reg::VIRTIO_MMIO_MAGIC_VALUE => MAGIC_VALUE,
             reg::VIRTIO_MMIO_VERSION => MMIO_VERSION,
             reg::VIRTIO_MMIO_DEVICE_ID => self.device_type,
@@ -225,7 +232,8 @@ impl MmioTransport {
                 "virtio-mmio: register write ignored in this device status"
             )
         };
-        match offset as u32 {
+        let register = register(offset);
+        match register {
             reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
             reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             reg::VIRTIO_MMIO_DRIVER_FEATURES if features_open => {
@@ -247,19 +255,19 @@ impl MmioTransport {
                 }
             }
             reg::VIRTIO_MMIO_QUEUE_DESC_LOW | reg::VIRTIO_MMIO_QUEUE_DESC_HIGH if queues_open => {
-                let high = offset as u32 == reg::VIRTIO_MMIO_QUEUE_DESC_HIGH;
+                let high = register == reg::VIRTIO_MMIO_QUEUE_DESC_HIGH;
                 if let Some(q) = self.selected_queue() {
                     set_half(&mut q.desc, v, high);
                 }
             }
             reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW | reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH if queues_open => {
-                let high = offset as u32 == reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH;
+                let high = register == reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH;
                 if let Some(q) = self.selected_queue() {
                     set_half(&mut q.driver, v, high);
                 }
             }
             reg::VIRTIO_MMIO_QUEUE_USED_LOW | reg::VIRTIO_MMIO_QUEUE_USED_HIGH if queues_open => {
-                let high = offset as u32 == reg::VIRTIO_MMIO_QUEUE_USED_HIGH;
+                let high = register == reg::VIRTIO_MMIO_QUEUE_USED_HIGH;
                 if let Some(q) = self.selected_queue() {
                     set_half(&mut q.device, v, high);
                 }

@@ -64,7 +64,9 @@ impl Net {
         let mut config = vec![0u8; 8];
         config[..6].copy_from_slice(&mac.unwrap_or_default());
         // Cannot truncate: the link-up bit is 1.
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        #[allow(clippy::cast_possible_truncation)]
+        let link_up = VIRTIO_NET_S_LINK_UP as u16;
+        config[6..8].copy_from_slice(&link_up.to_le_bytes());
         let state = DeviceState::new("net", TYPE_NET, &QUEUE_SIZES, features)
             .map_err(NetError::EventFd)?
             .with_config(config);
@@ -157,8 +159,10 @@ impl Net {
                     0
                 }
             };
-            // Cannot truncate: len is at most MAX_FRAME.
-            queue.add_used(mem, head, len as u32)?;
+            // Cannot truncate: len is at most the frame's, at most MAX_FRAME.
+            #[allow(clippy::cast_possible_truncation)]
+            let len = len as u32;
+            queue.add_used(mem, head, len)?;
             used = true;
         }
         if used {

@@ -32,15 +32,15 @@ fn getrandom(buf: &mut [u8]) -> io::Result<()> {
         // SAFETY: the pointer and length describe `rest`, a live, exclusively
         // borrowed byte buffer the kernel writes at most `rest.len()` bytes to.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
+        // Negative means an error; otherwise n <= rest.len().
+        let Ok(n) = usize::try_from(n) else {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
             return Err(e);
-        }
-        // n >= 0 and <= rest.len() here.
-        done += n as usize;
+        };
+        done += n;
     }
     Ok(())
 }
@@ -79,7 +79,9 @@ pub fn handle_chain(chain: impl Iterator<Item = Descriptor>, mem: &GuestMemory) 
         }
         budget -= n;
         // n <= MAX_BYTES_PER_REQUEST, so the sum stays far below u32::MAX.
-        written += n as u32;
+        #[allow(clippy::cast_possible_truncation)]
+        let n = n as u32;
+        written += n;
     }
     written
 }

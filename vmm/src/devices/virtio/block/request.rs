@@ -30,6 +30,16 @@ pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
 /// per request whatever lengths the guest claims.
 const CHUNK: usize = 64 * 1024;
 
+// The virtio status codes (0, 1, 2) are written as the one status byte
+// (OK is 0, so the other two bound them all).
+const _: () = assert!(VIRTIO_BLK_S_IOERR <= 0xff && VIRTIO_BLK_S_UNSUPP <= 0xff);
+#[allow(clippy::cast_possible_truncation)] // fits: checked above
+pub(crate) const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+#[allow(clippy::cast_possible_truncation)] // fits: checked above
+pub(crate) const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+#[allow(clippy::cast_possible_truncation)] // fits: checked above
+pub(crate) const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
 /// Why one request failed. The guest only sees the status byte; this is for the log.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -80,8 +90,8 @@ pub enum RequestError {
 impl RequestError {
     fn status(&self) -> u8 {
         match self {
-            RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP as u8,
-            _ => VIRTIO_BLK_S_IOERR as u8,
+            RequestError::Unsupported(_) => STATUS_UNSUPP,
+            _ => STATUS_IOERR,
         }
     }
 }
@@ -314,7 +324,10 @@ impl Disk {
                             source,
                         })?;
                     id = &id[n..];
-                    written += n as u32;
+                    // n <= ID_LEN (20) bytes: it fits a u32.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let n = n as u32;
+                    written += n;
                 }
                 Ok(written)
             }
@@ -349,7 +362,9 @@ impl Disk {
         mut offset: u64,
         mut step: impl FnMut(&mut [u8], u64, GuestAddress) -> Result<(), RequestError>,
     ) -> Result<(), RequestError> {
-        let mut bounce = vec![0u8; CHUNK.min(req.data_len() as usize)];
+        // The guest claims the lengths: never more than CHUNK of host memory.
+        let bounce_len = usize::try_from(req.data_len()).map_or(CHUNK, |len| len.min(CHUNK));
+        let mut bounce = vec![0u8; bounce_len];
         for b in &req.data {
             let mut done = 0usize;
             while done < b.len as usize {
@@ -393,7 +408,7 @@ pub fn handle_chain(
             (addr, error.status(), 0)
         }
         Ok(req) => match disk.execute(&req, mem) {
-            Ok(written) => (req.status, VIRTIO_BLK_S_OK as u8, written),
+            Ok(written) => (req.status, STATUS_OK, written),
             Err(error) => {
                 warn!(%error, kind = ?req.kind, sector = req.sector, "virtio-blk: request failed");
                 (req.status, error.status(), 0)

@@ -98,6 +98,8 @@ impl Tap {
                 source: std::io::Error::last_os_error(),
             });
         }
+        // The kernel takes the header size as an int; 12 fits.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int, which `hdr_len` is.
         if unsafe { ioctl_with_ref(&file, TUNSETVNETHDRSZ(), &hdr_len) } < 0 {

@@ -270,8 +270,10 @@ impl Connection {
             self.kill();
             return;
         }
-        // Cannot truncate: data is at most MAX_PKT_DATA.
-        self.rx_cnt += Wrapping(data.len() as u32);
+        // Cannot truncate: data.len() <= CONN_BUF_SIZE, checked just above.
+        #[allow(clippy::cast_possible_truncation)]
+        let len = data.len() as u32;
+        self.rx_cnt += Wrapping(len);
         self.tx_buf.extend_from_slice(data);
         self.flush_to_host();
     }
@@ -295,7 +297,9 @@ impl Connection {
                 Ok(n) => {
                     self.tx_buf.drain(..n);
                     // Cannot truncate: tx_buf is at most CONN_BUF_SIZE.
-                    self.fwd_cnt += Wrapping(n as u32);
+                    #[allow(clippy::cast_possible_truncation)]
+                    let n = n as u32;
+                    self.fwd_cnt += Wrapping(n);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -387,7 +391,9 @@ impl Connection {
                 Ok(n) => {
                     buf.truncate(n);
                     // Cannot truncate: n is at most MAX_PKT_DATA.
-                    self.tx_cnt += Wrapping(n as u32);
+                    #[allow(clippy::cast_possible_truncation)]
+                    let n32 = n as u32;
+                    self.tx_cnt += Wrapping(n32);
                     if self.peer_credit() == 0 {
                         // Ask once, so a guest that only reports credit on
                         // request does not stall the stream.

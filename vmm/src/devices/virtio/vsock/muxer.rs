@@ -379,10 +379,16 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(std::io::Error::from(ErrorKind::InvalidInput));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    // AF_UNIX is 1: it fits sa_family_t.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = family;
     for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([*src]);
     }
+    // sockaddr_un is 110 bytes: its size fits socklen_t.
+    #[allow(clippy::cast_possible_truncation)]
+    let addr_len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe {
         libc::socket(
@@ -400,8 +406,8 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     let r = unsafe {
         libc::connect(
             fd,
-            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            std::ptr::from_ref(&addr).cast::<libc::sockaddr>(),
+            addr_len,
         )
     };
     if r < 0 {

@@ -243,11 +243,13 @@ impl RxBuffer {
     pub fn write(&self, mem: &GuestMemory, hdr: &Header, data: &[u8]) -> Result<u32, PacketError> {
         let data = &data[..data.len().min(self.data_capacity())];
         let mut hdr = *hdr;
-        // Cannot truncate: data is at most MAX_PKT_DATA.
-        hdr.len = data.len() as u32;
+        // Cannot truncate: data_capacity() caps data at MAX_PKT_DATA (64 KiB).
+        #[allow(clippy::cast_possible_truncation)]
+        let (data_len, used_len) = (data.len() as u32, (HDR_SIZE + data.len()) as u32);
+        hdr.len = data_len;
         self.sg.write_at(mem, 0, &hdr.to_bytes())?;
         self.sg.write_at(mem, HDR_SIZE, data)?;
-        Ok((HDR_SIZE + data.len()) as u32)
+        Ok(used_len)
     }
 }
 
