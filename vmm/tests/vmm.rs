@@ -464,8 +464,9 @@ fn sigterm_stops_the_vm_cleanly() {
         ctl.send(json!({"op": "status"})),
         json!({"ok": true, "state": "running"})
     );
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
     // SAFETY: signals our own child process.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let (status, stderr) = wait_exit(child, Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
     assert!(stderr.contains("termination signal received"), "{stderr}");
@@ -514,7 +515,7 @@ fn blk_bringup_lines(sectors: u64) -> String {
 /// (13 * i + 31 * s + 5) mod 256: no two sectors start alike.
 fn patterned_disk(path: &Path, sectors: usize) -> Vec<u8> {
     let bytes: Vec<u8> = (0..sectors * 512)
-        .map(|i| (13 * (i % 512) + 31 * (i / 512) + 5) as u8)
+        .map(|i| u8::try_from((13 * (i % 512) + 31 * (i / 512) + 5) % 256).unwrap())
         .collect();
     std::fs::write(path, &bytes).unwrap();
     bytes
@@ -550,7 +551,9 @@ fn virtio_blk_guest_handshakes_and_reads_sector_0() {
 
 /// The bytes tests/guests/virtio_blk_write.S writes to sector 1.
 fn guest_write_pattern() -> Vec<u8> {
-    (0..512).map(|i: usize| (7 * i + 0x11) as u8).collect()
+    (0..512)
+        .map(|i: usize| u8::try_from((7 * i + 0x11) % 256).unwrap())
+        .collect()
 }
 
 #[test]

@@ -190,7 +190,7 @@ mod tests {
     fn mem(mib: u64) -> GuestMemory {
         let ranges: Vec<_> = ram_ranges(mib << 20)
             .into_iter()
-            .map(|(a, s)| (a, s as usize))
+            .map(|(a, s)| (a, usize::try_from(s).unwrap()))
             .collect();
         GuestMemory::from_ranges(&ranges).unwrap()
     }

@@ -46,6 +46,6 @@ mod tests {
         set_lint(&mut l);
         assert_eq!(get_reg(&l, APIC_LVT0), 0x1_0700);
         assert_eq!(get_reg(&l, APIC_LVT1), 0x1_0400);
-        assert_eq!(l.regs[APIC_LVT0 + 1] as u8, 0x07);
+        assert_eq!(l.regs[APIC_LVT0 + 1].to_ne_bytes(), [0x07]);
     }
 }

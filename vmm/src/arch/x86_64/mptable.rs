@@ -182,7 +182,7 @@ mod tests {
     fn floating_pointer_and_checksums() {
         let t = build(2, MPTABLE_START).unwrap();
         assert_eq!(&t[0..4], b"_MP_");
-        assert_eq!(u32_at(&t, 4), MPTABLE_START as u32 + 16);
+        assert_eq!(u64::from(u32_at(&t, 4)), MPTABLE_START + 16);
         assert_eq!((t[8], t[9], t[11]), (1, 4, 0));
         assert_eq!(sum(&t[..16]), 0);
         let table = &t[16..];
@@ -199,9 +199,10 @@ mod tests {
     fn entries_describe_cpus_ioapic_and_routes() {
         let t = build(3, MPTABLE_START).unwrap();
         let e = &t[16 + 44..];
-        for cpu in 0..3usize {
-            let p = &e[cpu * 20..cpu * 20 + 20];
-            assert_eq!((p[0], p[1], p[2]), (0, cpu as u8, 0x14));
+        for cpu in 0..3u8 {
+            let at = usize::from(cpu) * 20;
+            let p = &e[at..at + 20];
+            assert_eq!((p[0], p[1], p[2]), (0, cpu, 0x14));
             assert_eq!(p[3], if cpu == 0 { 3 } else { 1 });
         }
         let rest = &e[60..];

@@ -178,7 +178,7 @@ impl SgList {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use crate::devices::virtio::test_utils::F_WRITE;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
 
@@ -187,7 +187,7 @@ mod tests {
     }
 
     fn desc(addr: u64, len: u32, write: bool) -> RawDescriptor {
-        let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+        let flags = if write { F_WRITE } else { 0 };
         RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
     }
 

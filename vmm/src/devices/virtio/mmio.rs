@@ -560,11 +560,16 @@ mod tests {
     const FOK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
     const DOK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 
+    /// The low 32 bits of `v`, as the driver writes the LOW registers.
+    fn lo(v: u64) -> u32 {
+        u32::try_from(v & 0xffff_ffff).unwrap()
+    }
+
     fn negotiate(t: &mut MmioTransport, features: u64) {
         w32(t, reg::VIRTIO_MMIO_STATUS, ACK);
         w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV);
         w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, lo(features));
         w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
         w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK);
@@ -575,11 +580,11 @@ mod tests {
         w32(t, reg::VIRTIO_MMIO_QUEUE_SEL, index);
         w32(t, reg::VIRTIO_MMIO_QUEUE_NUM, size);
         let (desc, avail, used) = (base, base + 0x1000, base + 0x2000);
-        w32(t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, desc as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, lo(desc));
         w32(t, reg::VIRTIO_MMIO_QUEUE_DESC_HIGH, (desc >> 32) as u32);
-        w32(t, reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, avail as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW, lo(avail));
         w32(t, reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH, (avail >> 32) as u32);
-        w32(t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, used as u32);
+        w32(t, reg::VIRTIO_MMIO_QUEUE_USED_LOW, lo(used));
         w32(t, reg::VIRTIO_MMIO_QUEUE_USED_HIGH, (used >> 32) as u32);
         w32(t, reg::VIRTIO_MMIO_QUEUE_READY, 1);
     }
@@ -596,7 +601,7 @@ mod tests {
         w32(t, reg::VIRTIO_MMIO_STATUS, ACK);
         w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV);
         w32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-        assert_eq!(r32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES), FEATURE_A as u32);
+        assert_eq!(r32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES), lo(FEATURE_A));
         w32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
         assert_eq!(r32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES), 1);
         w32(t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 2);
@@ -666,13 +671,13 @@ mod tests {
         assert_eq!(dev.lock().unwrap().acked(), VIRTIO_F_VERSION_1);
         // Features are frozen after FEATURES_OK.
         w32(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        w32(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES, FEATURE_A as u32);
+        w32(&mut t, reg::VIRTIO_MMIO_DRIVER_FEATURES, lo(FEATURE_A));
         assert_eq!(t.driver_features, VIRTIO_F_VERSION_1);
     }
 
     fn negotiate_retry(t: &mut MmioTransport, features: u64) {
         w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, features as u32);
+        w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, lo(features));
         w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
         w32(t, reg::VIRTIO_MMIO_DRIVER_FEATURES, (features >> 32) as u32);
         w32(t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK);

@@ -136,19 +136,18 @@ impl MutEventSubscriber for Rng {
 mod tests {
     use super::*;
     use crate::devices::virtio::test_utils::{
-        self, activate, activate_kickable, managed, used_elem,
+        self, activate, activate_kickable, managed, used_elem, F_NEXT, F_WRITE,
     };
     use crate::devices::virtio::ActivateError;
     use crate::devices::virtio::INT_VRING;
-    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::GuestAddress;
 
     const MEM_SIZE: usize = 0x40_0000;
     const BUF: u64 = 0x10_0000;
-    const W: u16 = VRING_DESC_F_WRITE as u16;
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const W: u16 = F_WRITE;
+    const NEXT: u16 = F_NEXT;
 
     fn setup() -> (GuestMemory, Rng) {
         (test_utils::guest_memory(MEM_SIZE), Rng::new().unwrap())
@@ -201,7 +200,10 @@ mod tests {
         vq.add_desc_chains(&descs, 0).unwrap();
         rng.process_queue(0);
         assert_eq!(vq.used().idx().load(), 2);
-        assert_eq!(used_len(&vq, 0), MAX_BYTES_PER_REQUEST as u32);
+        assert_eq!(
+            used_len(&vq, 0),
+            u32::try_from(MAX_BYTES_PER_REQUEST).unwrap()
+        );
         assert_eq!(used_len(&vq, 1), 0);
         // Nothing written past the cap.
         let mut after = [0xffu8; 64];

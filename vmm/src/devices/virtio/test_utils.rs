@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
@@ -16,6 +16,20 @@ use super::{ActiveQueue, GuestMemory, IrqTrigger, VirtioDevice};
 
 /// Size of a [`GuestQueue`].
 pub const QSIZE: u16 = 64;
+
+// The descriptor flags are 1, 2 and 4: they fit the u16 flags field.
+const _: () = assert!(
+    VRING_DESC_F_NEXT <= 0xffff && VRING_DESC_F_WRITE <= 0xffff && VRING_DESC_F_INDIRECT <= 0xffff
+);
+/// VRING_DESC_F_NEXT as the descriptor's u16 flags (checked above).
+#[allow(clippy::cast_possible_truncation)]
+pub const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+/// VRING_DESC_F_WRITE as the descriptor's u16 flags (checked above).
+#[allow(clippy::cast_possible_truncation)]
+pub const F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+/// VRING_DESC_F_INDIRECT as the descriptor's u16 flags (checked above).
+#[allow(clippy::cast_possible_truncation)]
+pub const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 /// `size` bytes of guest memory from address 0.
 pub fn guest_memory(size: usize) -> GuestMemory {
@@ -78,16 +92,13 @@ pub fn managed<D: MutEventSubscriber + Send + 'static>(dev: D) -> (Arc<Mutex<D>>
 /// `descs` (addr, len, flags) as one chain in table slots `at`, `at + 1`...:
 /// each but the last gets VRING_DESC_F_NEXT pointing at the following slot.
 pub fn chain(at: u16, descs: &[(u64, u32, u16)]) -> Vec<RawDescriptor> {
-    descs
-        .iter()
+    let last = descs.len().saturating_sub(1);
+    (0u16..)
+        .zip(descs)
         .enumerate()
-        .map(|(i, &(addr, len, flags))| {
-            let flags = if i + 1 < descs.len() {
-                flags | VRING_DESC_F_NEXT as u16
-            } else {
-                flags
-            };
-            RawDescriptor::from(Descriptor::new(addr, len, flags, at + i as u16 + 1))
+        .map(|(i, (slot, &(addr, len, flags)))| {
+            let flags = if i < last { flags | F_NEXT } else { flags };
+            RawDescriptor::from(Descriptor::new(addr, len, flags, at + slot + 1))
         })
         .collect()
 }
@@ -120,7 +131,7 @@ impl GuestQueue {
     /// Publishes one chain of (addr, len, device-writable); returns its head
     /// index. Starts over at slot 0 when the table has no room left.
     pub fn add_chain(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let n = descs.len() as u16;
+        let n = u16::try_from(descs.len()).expect("a chain longer than u16::MAX");
         if self.next_desc + n > QSIZE {
             self.next_desc = 0;
         }
@@ -128,12 +139,12 @@ impl GuestQueue {
         let descs: Vec<(u64, u32, u16)> = descs
             .iter()
             .map(|&(addr, len, write)| {
-                let flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let flags = if write { F_WRITE } else { 0 };
                 (addr, len, flags)
             })
             .collect();
-        for (i, d) in chain(first, &descs).into_iter().enumerate() {
-            self.mock.desc_table().store(first + i as u16, d).unwrap();
+        for (i, d) in (0u16..).zip(chain(first, &descs)) {
+            self.mock.desc_table().store(first + i, d).unwrap();
         }
         // Publish the head; the mock's own helper does not wrap the ring.
         let avail = self.mock.avail_addr();
@@ -158,7 +169,7 @@ impl GuestQueue {
         let id: u32 = self.mem.read_obj(elem).unwrap();
         let len: u32 = self.mem.read_obj(elem.unchecked_add(4)).unwrap();
         self.last_used = self.last_used.wrapping_add(1);
-        Some((id as u16, len))
+        Some((u16::try_from(id).expect("used id past u16"), len))
     }
 
     /// This queue as the transport hands it to the device.

@@ -1,6 +1,16 @@
 //! Device-level tests of virtio-blk: requests through a real virtqueue in
 //! real guest memory, and property tests with arbitrary descriptor tables.
 
+// Test code only: the casts build what a guest driver would write (flags,
+// lengths, ring indices, byte patterns) from small constants and sizes the
+// test chose, or reinterpret syscall results; a bad cast can only break the
+// test itself, never the VMM.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use super::*;
 use crate::devices::virtio::test_utils::{
     self, activate, activate_kickable, chain, managed, used_elem as used,

@@ -1,6 +1,16 @@
 //! Device tests against a real tap: the test plays the guest through real
 //! virtqueues and watches the tap's other side with an AF_PACKET socket.
 
+// Test code only: the casts build what a guest driver would write (flags,
+// lengths, ring indices, byte patterns) from small constants and sizes the
+// test chose, or reinterpret syscall results; a bad cast can only break the
+// test itself, never the VMM.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -86,7 +96,7 @@ fn link_side(tap: &str) -> OwnedFd {
     let r = unsafe {
         libc::bind(
             fd.as_raw_fd(),
-            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::ptr::from_ref(&sll).cast::<libc::sockaddr>(),
             std::mem::size_of::<libc::sockaddr_ll>() as u32,
         )
     };

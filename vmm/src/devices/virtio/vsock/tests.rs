@@ -1,6 +1,16 @@
 //! Device tests: the test plays the guest driver through real virtqueues in
 //! a real GuestMemoryMmap, and the host through real Unix sockets.
 
+// Test code only: the casts build what a guest driver would write (flags,
+// lengths, ring indices, byte patterns) from small constants and sizes the
+// test chose, or reinterpret syscall results; a bad cast can only break the
+// test itself, never the VMM.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
 use std::io::{Read, Write};
 use std::os::unix::io::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -140,7 +150,12 @@ fn pump_with(dev: &mut Vsock, timeout_ms: i32) {
         let ready: Vec<(RawFd, EventSet)> = fds
             .iter()
             .filter(|p| p.revents != 0)
-            .map(|p| (p.fd, EventSet::from_bits_truncate(p.revents as u16 as u32)))
+            .map(|p| {
+                (
+                    p.fd,
+                    EventSet::from_bits_truncate(u32::from(p.revents as u16)),
+                )
+            })
             .collect();
         for (fd, ev) in ready {
             dev.process_host_event(fd, ev).unwrap();
