@@ -15,10 +15,18 @@ use std::mem::size_of;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::ExitCode;
 
+/// AF_VSOCK (40) as the address family field; it fits sa_family_t.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+const AF_VSOCK_FAMILY: libc::sa_family_t = libc::AF_VSOCK as libc::sa_family_t;
+
+/// The size of sockaddr_vm (16 bytes); it fits socklen_t.
+#[allow(clippy::cast_possible_truncation)]
+const SOCKADDR_VM_LEN: libc::socklen_t = size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
 fn vsock_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_family = AF_VSOCK_FAMILY;
     addr.svm_cid = cid;
     addr.svm_port = port;
     addr
@@ -47,12 +55,9 @@ fn listen(port: u32) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let sock = socket()?;
     let addr = vsock_addr(libc::VMADDR_CID_ANY, port);
-    let len = size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: addr is a valid sockaddr_vm of `len` bytes for the call.
-    check(
-        unsafe { libc::bind(sock.as_raw_fd(), (&raw const addr).cast(), len) },
-        "bind",
-    )?;
+    // SAFETY: addr is a valid sockaddr_vm of SOCKADDR_VM_LEN bytes for the call.
+    let rc = unsafe { libc::bind(sock.as_raw_fd(), (&raw const addr).cast(), SOCKADDR_VM_LEN) };
+    check(rc, "bind")?;
     // SAFETY: a bound stream socket.
     check(unsafe { libc::listen(sock.as_raw_fd(), 1) }, "listen")?;
     println!("listening on vsock port {port}");
@@ -75,12 +80,9 @@ fn connect(cid: u32, port: u32, msg: &str) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let sock = socket()?;
     let addr = vsock_addr(cid, port);
-    let len = size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: addr is a valid sockaddr_vm of `len` bytes for the call.
-    check(
-        unsafe { libc::connect(sock.as_raw_fd(), (&raw const addr).cast(), len) },
-        "connect",
-    )?;
+    // SAFETY: addr is a valid sockaddr_vm of SOCKADDR_VM_LEN bytes for the call.
+    let rc = unsafe { libc::connect(sock.as_raw_fd(), (&raw const addr).cast(), SOCKADDR_VM_LEN) };
+    check(rc, "connect")?;
     let conn = File::from(sock);
     (&conn).write_all(format!("{msg}\n").as_bytes())?;
     let mut line = String::new();
