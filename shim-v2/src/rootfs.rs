@@ -24,11 +24,13 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use containerd_shim::protos::api::Mount;
+use rustix::io::Errno;
+use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::thread::UnshareFlags;
 
 /// Bytes of mount data a single mount(2) takes (one page, with a margin).
 const MAX_MOUNT_DATA: usize = 4000;
@@ -79,15 +81,12 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> RootfsEr
     move |source| RootfsError::Io { what, path, source }
 }
 
-fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))
-}
-
 /// A mount(2) call made from one containerd mount: flags and data.
 #[derive(Debug, PartialEq, Eq)]
 pub struct MountPlan {
-    pub flags: libc::c_ulong,
+    pub flags: MountFlags,
+    /// Change an existing mount's flags (MS_REMOUNT) rather than mount.
+    pub remount: bool,
     pub data: String,
     /// Remount read-only after a bind (a bind ignores MS_RDONLY).
     pub bind_ro: bool,
@@ -98,12 +97,9 @@ pub struct MountPlan {
 /// dropped: propagation is the bundle's business, not the image's.
 pub fn plan_options(options: &[String]) -> MountPlan {
     let parsed = husk_protocols::mount::parse(options);
-    let mut flags = libc::c_ulong::from(parsed.flags.bits());
-    if parsed.remount {
-        flags |= libc::MS_REMOUNT;
-    }
     MountPlan {
-        flags,
+        flags: parsed.flags,
+        remount: parsed.remount,
         data: parsed.data_string(),
         bind_ro: parsed.bind_ro(),
     }
@@ -140,37 +136,36 @@ pub fn compact_overlay_data(data: &str) -> Option<(PathBuf, String)> {
     Some((common, parts.join(",")))
 }
 
+/// One mount(2): a new mount of `source` (may be empty) as `fstype` (empty
+/// for a bind), or with `remount` a change of the mount at `target`.
 fn sys_mount(
     source: Option<&Path>,
     target: &Path,
     fstype: Option<&str>,
-    flags: libc::c_ulong,
+    flags: MountFlags,
+    remount: bool,
     data: Option<&str>,
 ) -> io::Result<()> {
-    let src = source.map(cstr).transpose()?;
-    let tgt = cstr(target)?;
-    let fst = fstype
-        .map(|t| CString::new(t).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput)))
-        .transpose()?;
-    let dat = data
+    let data = data
         .map(|d| CString::new(d).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput)))
         .transpose()?;
-    // SAFETY: every pointer is a NUL-terminated string alive for the call,
-    // or null where mount(2) allows it.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-            tgt.as_ptr(),
-            fst.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+    if remount {
+        let data = data.unwrap_or_default();
+        return Ok(rustix::mount::mount_remount(
+            target,
             flags,
-            dat.as_ref()
-                .map_or(std::ptr::null(), |s| s.as_ptr().cast::<libc::c_void>()),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+            data.as_c_str(),
+        )?);
     }
-    Ok(())
+    // The kernel ignores the type of a bind and the source of a pseudo
+    // file system: empty strings stand for mount(2)'s NULLs.
+    Ok(rustix::mount::mount(
+        source.unwrap_or(Path::new("")),
+        target,
+        fstype.unwrap_or(""),
+        flags,
+        data.as_deref(),
+    )?)
 }
 
 /// Runs `f` in a thread of its own whose working directory is `dir` (the
@@ -178,10 +173,10 @@ fn sys_mount(
 fn in_directory<T: Send>(dir: &Path, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: unshare(CLONE_FS) only detaches this thread's cwd/root/umask.
-            if unsafe { libc::unshare(libc::CLONE_FS) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            // SAFETY: CLONE_FS only detaches this thread's cwd, root and
+            // umask; the fd table (what unshare_unsafe warns about) stays
+            // shared.
+            unsafe { rustix::thread::unshare_unsafe(UnshareFlags::FS) }?;
             std::env::set_current_dir(dir)?;
             f()
         })
@@ -214,7 +209,7 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), RootfsError> {
         };
         let mut flags = plan.flags;
         if m.type_ == "bind" {
-            flags |= libc::MS_BIND;
+            flags |= MountFlags::BIND;
         }
         let result = if fstype == Some("overlay") && plan.data.len() > MAX_MOUNT_DATA {
             let (dir, data) =
@@ -229,22 +224,15 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), RootfsError> {
                 });
             }
             in_directory(&dir, || {
-                sys_mount(source, target, fstype, flags, Some(&data))
+                sys_mount(source, target, fstype, flags, plan.remount, Some(&data))
             })
         } else {
             let data = (!plan.data.is_empty()).then_some(plan.data.as_str());
-            sys_mount(source, target, fstype, flags, data)
+            sys_mount(source, target, fstype, flags, plan.remount, data)
         };
         result.map_err(err)?;
         if plan.bind_ro {
-            sys_mount(
-                None,
-                target,
-                None,
-                flags | libc::MS_REMOUNT | libc::MS_RDONLY,
-                None,
-            )
-            .map_err(err)?;
+            sys_mount(None, target, None, flags | MountFlags::RDONLY, true, None).map_err(err)?;
         }
     }
     Ok(())
@@ -253,15 +241,11 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), RootfsError> {
 /// Unmounts everything mounted at `target` (stacked mounts included);
 /// nothing mounted is not an error.
 pub fn unmount(target: &Path) -> Result<(), RootfsError> {
-    let c = cstr(target).map_err(io_err("unmounting", target))?;
     for _ in 0..64 {
-        // SAFETY: umount2 with a NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
-                _ => Err(io_err("unmounting", target)(e)),
-            };
+        match rustix::mount::unmount(target, UnmountFlags::DETACH) {
+            Ok(()) => {}
+            Err(Errno::INVAL | Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(io_err("unmounting", target)(e.into())),
         }
     }
     Ok(())
@@ -384,20 +368,21 @@ mod tests {
             "upperdir=/u",
             "lowerdir=/a:/b",
         ]));
-        assert_eq!(p.flags, 0);
+        assert_eq!(p.flags, MountFlags::empty());
         assert_eq!(p.data, "index=off,workdir=/w,upperdir=/u,lowerdir=/a:/b");
         let p = plan_options(&opts(&["rbind", "ro", "nosuid", "rprivate"]));
         assert_eq!(
             p.flags,
-            libc::MS_BIND | libc::MS_REC | libc::MS_RDONLY | libc::MS_NOSUID
+            MountFlags::BIND | MountFlags::REC | MountFlags::RDONLY | MountFlags::NOSUID
         );
         assert!(p.bind_ro);
         assert_eq!(p.data, "");
         let p = plan_options(&opts(&["ro", "rw"]));
-        assert_eq!(p.flags, 0);
+        assert_eq!(p.flags, MountFlags::empty());
         assert!(!p.bind_ro);
         let p = plan_options(&opts(&["remount", "nodiratime", "diratime", "defaults"]));
-        assert_eq!(p.flags, libc::MS_REMOUNT);
+        assert!(p.remount);
+        assert_eq!(p.flags, MountFlags::empty());
         assert_eq!(p.data, "");
     }
 
