@@ -464,4 +464,45 @@ mod tests {
     fn unmount_of_nothing_is_fine() {
         unmount(Path::new("/nonexistent/husk/rootfs")).unwrap();
     }
+
+    /// Real mounts (needs root, as the shim runs): a tmpfs with data, a
+    /// read-only bind of it on top, and an unmount of the whole stack.
+    #[test]
+    fn mounts_binds_read_only_and_unmounts_the_stack() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("husk-mnt-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let (src, dst) = (dir.join("src"), dir.join("dst"));
+        fs::create_dir_all(&src).unwrap();
+        fs::create_dir_all(&dst).unwrap();
+        let mount = |type_: &str, source: &Path, options: &[&str]| Mount {
+            type_: type_.into(),
+            source: source.display().to_string(),
+            options: opts(options),
+            ..Default::default()
+        };
+        mount_all(
+            &[mount("tmpfs", Path::new("husk"), &["size=1m", "mode=0755"])],
+            &src,
+        )
+        .unwrap();
+        fs::write(src.join("f"), b"hello").unwrap();
+        mount_all(&[mount("bind", &src, &["rbind", "ro"])], &dst).unwrap();
+        assert_eq!(fs::read(dst.join("f")).unwrap(), b"hello");
+        let e = fs::write(dst.join("g"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(Errno::ROFS.raw_os_error()));
+        // A mount the kernel refuses names its index and type.
+        let e = mount_all(&[mount("nosuchfs", Path::new("x"), &[])], &dst).unwrap_err();
+        assert!(
+            e.to_string().contains("rootfs mount 0 (type \"nosuchfs\")"),
+            "{e}"
+        );
+        unmount(&dst).unwrap();
+        unmount(&src).unwrap();
+        assert!(!src.join("f").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
