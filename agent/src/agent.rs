@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use husk_protocols::agent as pb;
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
+use rustix::process::Signal;
 
 use crate::cgroup::{Cgroup, CgroupRoot};
 use crate::container::{self, Container, IdMaps, Process, Status};
@@ -255,7 +256,7 @@ impl Agent {
         if status == Status::Paused {
             let _ = c.cgroup.freeze(false);
         }
-        let _ = crate::sys::kill(c.init.pid, libc::SIGKILL);
+        let _ = crate::sys::kill(c.init.pid, Signal::KILL);
         if self.reaper.wait(c.init.pid, Some(KILL_TIMEOUT)).is_none() {
             return Err(AgentError::State(format!(
                 "container {id:?} did not die within {KILL_TIMEOUT:?}"
@@ -326,7 +327,7 @@ impl Agent {
             return Err(e.into());
         }
         if !c.add_exec(&req.exec_id, spawned.process) {
-            let _ = crate::sys::kill(pid, libc::SIGKILL);
+            let _ = crate::sys::kill(pid, Signal::KILL);
             return Err(AgentError::Exists(format!("exec {:?}", req.exec_id)));
         }
         Ok(())
@@ -352,7 +353,7 @@ impl Agent {
     pub fn signal(&self, req: &pb::SignalProcessRequest) -> Result<()> {
         let sig = i32::try_from(req.signal)
             .ok()
-            .filter(|s| (1..=64).contains(s))
+            .and_then(crate::sys::signal)
             .ok_or_else(|| invalid(format!("signal {} is out of range", req.signal)))?;
         self.with_process(&req.container_id, &req.exec_id, |c, p| {
             if req.all {

@@ -337,7 +337,7 @@ impl Cgroup {
             return fs::write(&k, "1").map_err(io_err(&k));
         }
         for pid in self.pids()? {
-            let _ = crate::sys::kill(pid, libc::SIGKILL);
+            let _ = crate::sys::kill(pid, rustix::process::Signal::KILL);
         }
         Ok(())
     }

@@ -52,7 +52,7 @@ pub struct Spawned {
 }
 
 fn kill_and_reap(reaper: &Reaper, pid: i32) {
-    let _ = crate::sys::kill(pid, libc::SIGKILL);
+    let _ = crate::sys::kill(pid, rustix::process::Signal::KILL);
     reaper.wait(pid, Some(SETUP_EXIT_TIMEOUT));
     reaper.forget(pid);
 }
@@ -89,8 +89,12 @@ pub fn spawn(
         .stdin(ends.stdin)
         .stdout(ends.stdout)
         .stderr(ends.stderr);
+    // libc, not rustix, in this closure: it runs between fork and exec in a
+    // child of the multi-threaded agent, where only async-signal-safe calls
+    // that do not allocate may run; fd 3 is no fd this process owns as an
+    // OwnedFd, and signal masks are libc's.
     // SAFETY: the closure only calls dup2 and sigprocmask, both
-    // async-signal-safe, as a child of a multi-threaded process requires.
+    // async-signal-safe, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if libc::dup2(child_raw, INIT_FD) < 0 {

@@ -4,7 +4,7 @@
 //! such connection too. A connection that fails a write is dropped.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 
 /// Connections that receive the log.
@@ -34,22 +34,13 @@ pub fn serve(listener: OwnedFd) -> std::io::Result<()> {
         .name("log".into())
         .stack_size(64 * 1024)
         .spawn(move || loop {
-            // SAFETY: accept4 on our listening socket; null address
-            // pointers are allowed.
-            let fd = unsafe {
-                libc::accept4(
-                    listener.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
+            let f = match rustix::net::accept_with(&listener, rustix::net::SocketFlags::CLOEXEC) {
+                Ok(fd) => std::fs::File::from(fd),
+                Err(_) => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
             };
-            if fd < 0 {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
-            // SAFETY: accept4 returned a new fd we own.
-            let f = unsafe { std::fs::File::from_raw_fd(fd) };
             let mut sinks = SINKS.lock().unwrap_or_else(|e| e.into_inner());
             if sinks.len() >= SINKS_MAX {
                 sinks.remove(0);

@@ -82,7 +82,7 @@ fn serve(pid1: bool) -> anyhow::Result<()> {
         // A host's hostname is not ours to change: CreateSandbox sets ours
         // in a UTS namespace of the agent's own (before any thread starts,
         // so that every thread is in it).
-        sys::unshare(libc::CLONE_NEWUTS).context("unshare UTS")?;
+        sys::unshare(rustix::thread::UnshareFlags::NEWUTS).context("unshare UTS")?;
     }
     // The log socket is bound before the API socket so that whoever sees
     // the API socket can also connect to the log.

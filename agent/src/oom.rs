@@ -5,9 +5,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use rustix::fs::inotify;
 
 /// Events kept at most while nobody asks for them.
 const QUEUE_MAX: usize = 1024;
@@ -40,14 +43,9 @@ fn oom_kills(events: &Path) -> u64 {
 
 impl OomWatcher {
     pub fn start() -> io::Result<Arc<OomWatcher>> {
-        // SAFETY: inotify_init1 with flags only.
-        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = inotify::init(inotify::CreateFlags::CLOEXEC)?;
         let w = Arc::new(OomWatcher {
-            // SAFETY: inotify_init1 returned a new fd we own.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fd,
             state: Mutex::default(),
             ready: Condvar::new(),
         });
@@ -67,23 +65,16 @@ impl OomWatcher {
     /// the memory controller is not enabled.
     pub fn watch(&self, id: &str, cgroup: &Path) {
         let events = cgroup.join("memory.events");
-        let Ok(c) = crate::sys::cstr(&events) else {
-            return;
-        };
         if !events.exists() {
             return;
         }
-        // SAFETY: a valid C string path and our inotify fd.
-        let wd =
-            unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), libc::IN_MODIFY) };
-        if wd < 0 {
-            crate::log!(
-                "watching {}: {}",
-                events.display(),
-                io::Error::last_os_error()
-            );
-            return;
-        }
+        let wd = match inotify::add_watch(&self.fd, &events, inotify::WatchFlags::MODIFY) {
+            Ok(wd) => wd,
+            Err(e) => {
+                crate::log!("watching {}: {}", events.display(), io::Error::from(e));
+                return;
+            }
+        };
         let seen = oom_kills(&events);
         self.lock().watches.insert(
             wd,
@@ -108,8 +99,7 @@ impl OomWatcher {
         for wd in wds {
             Self::check(&mut st, wd);
             st.watches.remove(&wd);
-            // SAFETY: removing a watch descriptor we added.
-            unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+            let _ = inotify::remove_watch(&self.fd, wd);
         }
         drop(st);
         self.ready.notify_all();
@@ -142,26 +132,26 @@ impl OomWatcher {
     }
 
     fn run(&self) {
-        let mut buf = [0u8; 4096];
+        let mut buf = [MaybeUninit::<u8>::uninit(); 4096];
+        let mut events = inotify::Reader::new(&self.fd, &mut buf);
         loop {
-            // SAFETY: reading inotify events into a live buffer.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n <= 0 {
-                if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            let wd = match events.next() {
+                Ok(ev) => ev.wd(),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => {
                     std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
                 }
-                continue;
-            }
-            let mut off = 0usize;
+            };
             let mut st = self.lock();
-            let head = std::mem::size_of::<libc::inotify_event>();
-            while off + head <= n as usize {
-                // SAFETY: the kernel wrote whole events; read_unaligned
-                // copes with the byte buffer's alignment.
-                let ev: libc::inotify_event =
-                    unsafe { std::ptr::read_unaligned(buf.as_ptr().add(off).cast()) };
-                Self::check(&mut st, ev.wd);
-                off += head + ev.len as usize;
+            Self::check(&mut st, wd);
+            // The rest of the events of the same read, under the same lock
+            // (the reader reads again only once its buffer is empty).
+            while !events.is_buffer_empty() {
+                match events.next() {
+                    Ok(ev) => Self::check(&mut st, ev.wd()),
+                    Err(_) => break,
+                }
             }
             drop(st);
             self.ready.notify_all();

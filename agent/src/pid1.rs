@@ -3,8 +3,10 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::Path;
+
+use rustix::mount::MountFlags;
 
 use crate::sys;
 
@@ -29,11 +31,7 @@ pub fn leave_initramfs() -> io::Result<()> {
     if std::env::var_os(REROOTED).is_some() {
         return Ok(());
     }
-    // SAFETY: zeroed statfs is a valid out buffer; the path is a literal.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(c"/".as_ptr(), &mut st) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let st = rustix::fs::statfs("/")?;
     if st.f_type != RAMFS_MAGIC && st.f_type != TMPFS_MAGIC {
         return Ok(());
     }
@@ -45,27 +43,19 @@ pub fn leave_initramfs() -> io::Result<()> {
     let new = Path::new("/.husk-root");
     fs::create_dir_all(new)?;
     sys::mount(
-        Some(Path::new("tmpfs")),
+        Path::new("tmpfs"),
         new,
-        Some("tmpfs"),
-        0,
-        Some("mode=0755"),
+        "tmpfs",
+        MountFlags::empty(),
+        "mode=0755",
     )?;
     fs::copy(exe, new.join("init"))?;
     // Free the initramfs copy (it stays below, hidden, otherwise).
     let _ = fs::remove_file(exe);
     std::env::set_current_dir(new)?;
-    sys::mount(
-        Some(Path::new(".")),
-        Path::new("/"),
-        None,
-        libc::MS_MOVE,
-        None,
-    )?;
-    // SAFETY: chroot and chdir with literal paths.
-    if unsafe { libc::chroot(c".".as_ptr()) } < 0 || unsafe { libc::chdir(c"/".as_ptr()) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sys::move_mount(Path::new("."), Path::new("/"))?;
+    rustix::process::chroot(".")?;
+    rustix::process::chdir("/")?;
     let argv: Vec<std::ffi::CString> =
         std::env::args().map(sys::cstr).collect::<io::Result<_>>()?;
     let mut env: Vec<std::ffi::CString> = std::env::vars_os()
@@ -79,23 +69,42 @@ pub fn leave_initramfs() -> io::Result<()> {
     env.push(sys::cstr(format!("{REROOTED}=1"))?);
     let (argv_p, env_p) = (sys::ptr_array(&argv), sys::ptr_array(&env));
     // SAFETY: NUL-terminated strings in NULL-terminated arrays, all alive
-    // across the call; returns only on failure.
+    // across the call; returns only on failure. (libc: rustix's execve is
+    // unsafe as well.)
     unsafe { libc::execve(c"/init".as_ptr(), argv_p.as_ptr(), env_p.as_ptr()) };
     Err(io::Error::last_os_error())
 }
 
 /// Mounts what every guest needs; an already mounted target is fine.
 pub fn mount_all() {
-    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
-    let table: &[(&str, &str, &str, libc::c_ulong, &str)] = &[
-        ("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, ""),
-        ("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, ""),
-        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
+    let nosuid_nodev = MountFlags::NOSUID | MountFlags::NODEV;
+    let table: &[(&str, &str, &str, MountFlags, &str)] = &[
+        (
+            "proc",
+            "/proc",
+            "proc",
+            nosuid_nodev | MountFlags::NOEXEC,
+            "",
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            nosuid_nodev | MountFlags::NOEXEC,
+            "",
+        ),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MountFlags::NOSUID,
+            "mode=0755",
+        ),
         (
             "devpts",
             "/dev/pts",
             "devpts",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
+            MountFlags::NOSUID | MountFlags::NOEXEC,
             "newinstance,ptmxmode=0666,mode=0620",
         ),
         ("shm", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
@@ -105,19 +114,13 @@ pub fn mount_all() {
             "cgroup2",
             "/sys/fs/cgroup",
             "cgroup2",
-            nosuid_nodev | libc::MS_NOEXEC,
+            nosuid_nodev | MountFlags::NOEXEC,
             "",
         ),
     ];
     for (src, target, fstype, flags, data) in table {
         let _ = fs::create_dir_all(target);
-        match sys::mount(
-            Some(Path::new(src)),
-            Path::new(target),
-            Some(fstype),
-            *flags,
-            Some(data),
-        ) {
+        match sys::mount(Path::new(src), Path::new(target), fstype, *flags, data) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {}
             Err(e) => crate::log!("{e}"),
@@ -170,47 +173,56 @@ pub fn log_port_from_cmdline(cmdline: &str) -> Result<Option<u32>, String> {
 
 /// A listening vsock stream socket on `port`, any CID.
 pub fn vsock_listener(port: u32) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: socket returned a new fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_vm is valid; the fields are set below.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_port = port;
-    addr.svm_cid = libc::VMADDR_CID_ANY;
-    use std::os::fd::AsRawFd;
-    // SAFETY: `addr` is a sockaddr_vm of the length given.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: listen on our bound socket.
-    if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::VSOCK,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::bind(&fd, &VsockAddr { port })?;
+    rustix::net::listen(&fd, 128)?;
     Ok(fd)
+}
+
+/// A vsock address of any CID (rustix has the address family but no
+/// address type for it).
+struct VsockAddr {
+    port: u32,
+}
+
+// SAFETY: `with_sockaddr` passes `f` a pointer to a whole, initialised
+// sockaddr_vm on the stack, alive for the call, and its exact length.
+unsafe impl rustix::net::addr::SocketAddrArg for VsockAddr {
+    unsafe fn with_sockaddr<R>(
+        &self,
+        f: impl FnOnce(
+            *const rustix::net::addr::SocketAddrOpaque,
+            rustix::net::addr::SocketAddrLen,
+        ) -> R,
+    ) -> R {
+        // SAFETY: all-zero bytes are a valid sockaddr_vm (plain integers);
+        // the fields that matter are set below.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = self.port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        f(
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as rustix::net::addr::SocketAddrLen,
+        )
+    }
 }
 
 /// Ends the VM. A reset is what both husk's VMM (i8042) and QEMU
 /// (`-no-reboot`) turn into a clean exit; the guest kernel has no ACPI, so a
 /// power-off request would only halt the CPUs.
 pub fn end_vm() -> ! {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    // SAFETY: reboot(2) with a valid command; we are PID 1 with
-    // CAP_SYS_BOOT. It returns only on failure.
-    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
-    crate::log!("reboot failed: {}", io::Error::last_os_error());
+    rustix::fs::sync();
+    // As PID 1 with CAP_SYS_BOOT this does not return.
+    if let Err(e) = rustix::system::reboot(rustix::system::RebootCommand::Restart) {
+        crate::log!("reboot failed: {}", io::Error::from(e));
+    }
     loop {
         std::thread::park();
     }

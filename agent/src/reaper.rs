@@ -10,8 +10,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
+
+use rustix::process::WaitOptions;
 
 /// Statuses of unwatched pids kept at most (orphans nobody asks about).
 const UNCLAIMED_MAX: usize = 1024;
@@ -125,15 +128,18 @@ impl Reaper {
 
     /// Collects every child that has exited.
     fn reap_all(&self) {
+        // __WALL: clone children too, whatever signal they report with.
+        let opts = WaitOptions::NOHANG | WaitOptions::from_bits_retain(libc::__WALL as u32);
         loop {
-            let mut ws: libc::c_int = 0;
-            // SAFETY: `ws` is a valid out pointer for the duration of the call.
-            let pid = unsafe { libc::waitpid(-1, &mut ws, libc::WNOHANG | libc::__WALL) };
-            if pid <= 0 {
+            // wait(), not waitpid(None): rustix's None is pid 0, our group only.
+            let Ok(Some((pid, ws))) = rustix::process::wait(opts) else {
                 return;
-            }
-            if libc::WIFEXITED(ws) || libc::WIFSIGNALED(ws) {
-                self.record(pid, Exit::from_wait_status(ws));
+            };
+            if ws.exited() || ws.signaled() {
+                self.record(
+                    pid.as_raw_nonzero().get(),
+                    Exit::from_wait_status(ws.as_raw()),
+                );
             }
         }
     }
@@ -180,14 +186,17 @@ fn sigchld_set() -> libc::sigset_t {
 /// Starts the reaping thread. SIGCHLD must already be blocked.
 pub fn start() -> io::Result<Arc<Reaper>> {
     let set = sigchld_set();
+    // signalfd stays with libc: rustix has none (signals are libc's).
     // SAFETY: `set` is initialised; -1 asks for a new signalfd.
     let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: signalfd returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // Not PID 1 (host tests): orphans of our containers come back to us.
-    // SAFETY: prctl with an integer argument.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    // (The argument is the flag: pid 1 is just a non-zero value.)
+    let _ = rustix::process::set_child_subreaper(Some(rustix::process::Pid::INIT));
     let reaper = Arc::new(Reaper::default());
     let r = reaper.clone();
     std::thread::Builder::new()
@@ -197,11 +206,12 @@ pub fn start() -> io::Result<Arc<Reaper>> {
             let mut info = [0u8; std::mem::size_of::<libc::signalfd_siginfo>()];
             loop {
                 r.reap_all();
-                // SAFETY: reading into a buffer of the size of one siginfo.
-                let n = unsafe { libc::read(fd, info.as_mut_ptr().cast(), info.len()) };
-                if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                    crate::log!("reaper: signalfd: {}", io::Error::last_os_error());
-                    std::thread::sleep(Duration::from_millis(100));
+                match rustix::io::read(&fd, &mut info) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                    Err(e) => {
+                        crate::log!("reaper: signalfd: {}", io::Error::from(e));
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                 }
             }
         })?;

@@ -47,14 +47,12 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
         fs::write(&path, v).map_err(io_ctx(format!("sysctl {k}")))?;
     }
     if req.clock_unix_nanos > 0 {
-        let ts = libc::timespec {
+        let ts = rustix::time::Timespec {
             tv_sec: req.clock_unix_nanos / 1_000_000_000,
             tv_nsec: req.clock_unix_nanos % 1_000_000_000,
         };
-        // SAFETY: a valid timespec for CLOCK_REALTIME.
-        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } < 0 {
-            return Err(io_ctx("clock_settime")(std::io::Error::last_os_error()));
-        }
+        rustix::time::clock_settime(rustix::time::ClockId::Realtime, ts)
+            .map_err(|e| io_ctx("clock_settime")(e.into()))?;
     }
     Ok(())
 }

@@ -5,7 +5,8 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
 
@@ -46,13 +47,8 @@ pub struct Stdio {
 }
 
 fn pipe() -> io::Result<(File, File)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a two-element array for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just returned these fds; nothing else owns them.
-    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    Ok((File::from(r), File::from(w)))
 }
 
 /// Opens a new terminal pair through `ptmx` (the container's own, so that
@@ -64,19 +60,13 @@ pub fn open_pty(ptmx: &std::path::Path) -> io::Result<(File, File)> {
         .write(true)
         .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(ptmx)?;
-    // Unlock the slave and learn its number (what unlockpt and ptsname do,
-    // without assuming the agent's /dev/pts is the container's).
-    let unlock: libc::c_int = 0;
-    let mut n: libc::c_uint = 0;
-    // SAFETY: TIOCSPTLCK and TIOCGPTN on a ptmx fd with pointers to live ints.
-    let ok = unsafe {
-        libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) == 0
-            && libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n) == 0
-    };
-    if !ok {
-        return Err(io::Error::last_os_error());
-    }
-    let pts = std::path::Path::new("/dev/pts").join(n.to_string());
+    // Unlock the slave and learn its name: /dev/pts/N from the master's
+    // number (TIOCGPTN), opened in the current root, so the container's
+    // devpts once the set-up has pivoted.
+    rustix::pty::unlockpt(&master)?;
+    let pts = std::path::PathBuf::from(std::ffi::OsString::from_vec(
+        rustix::pty::ptsname(&master, Vec::new())?.into_bytes(),
+    ));
     let slave = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -173,17 +163,13 @@ impl Stdio {
                 "the process has no terminal",
             ));
         }
-        let ws = libc::winsize {
+        let ws = rustix::termios::Winsize {
             ws_row: rows,
             ws_col: cols,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        // SAFETY: TIOCSWINSZ on a pty master with a valid winsize.
-        if unsafe { libc::ioctl(self.stdout.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        Ok(rustix::termios::tcsetwinsize(&self.stdout, ws)?)
     }
 }
 
@@ -213,10 +199,7 @@ mod tests {
         let (master, slave) = open_pty(std::path::Path::new("/dev/ptmx")).unwrap();
         let s = Stdio::terminal(master).unwrap();
         s.resize(33, 101).unwrap();
-        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-        // SAFETY: TIOCGWINSZ into a valid winsize on the slave.
-        let rc = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
-        assert_eq!(rc, 0);
+        let ws = rustix::termios::tcgetwinsize(&slave).unwrap();
         assert_eq!((ws.ws_row, ws.ws_col), (33, 101));
         assert!(s.read_stderr(10).is_err());
     }

@@ -10,7 +10,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use rustix::mount::MountFlags;
+
 use crate::sys;
+
+/// The source of a mount that has none (as /proc/mounts shows it).
+const NONE: &str = "none";
 
 /// File systems a rootfs disk may carry.
 const FSTYPES: &[&str] = &["erofs", "ext4"];
@@ -104,10 +109,17 @@ pub fn mount_rootfs(
         for dir in [&m.lower, &m.rw, &m.target] {
             fs::create_dir_all(dir).map_err(io("creating", dir))?;
         }
-        sys::mount(Some(&disk), &m.lower, Some(fstype), libc::MS_RDONLY, None)
+        sys::mount(&disk, &m.lower, fstype, MountFlags::RDONLY, "")
             .map_err(io("mounting", &disk))?;
-        sys::mount(None, &m.rw, Some("tmpfs"), 0, Some("mode=0755"))
-            .map_err(io("mounting tmpfs on", &m.rw))?;
+        // "none": what mount(2) shows for a mount without a source.
+        sys::mount(
+            Path::new(NONE),
+            &m.rw,
+            "tmpfs",
+            MountFlags::empty(),
+            "mode=0755",
+        )
+        .map_err(io("mounting tmpfs on", &m.rw))?;
         let (upper, work) = (m.rw.join("upper"), m.rw.join("work"));
         for dir in [&upper, &work] {
             fs::create_dir_all(dir).map_err(io("creating", dir))?;
@@ -118,8 +130,14 @@ pub fn mount_rootfs(
             upper.display(),
             work.display()
         );
-        sys::mount(None, &m.target, Some("overlay"), 0, Some(&data))
-            .map_err(io("mounting overlay on", &m.target))
+        sys::mount(
+            Path::new(NONE),
+            &m.target,
+            "overlay",
+            MountFlags::empty(),
+            &data,
+        )
+        .map_err(io("mounting overlay on", &m.target))
     })();
     match result {
         Ok(()) => Ok(m),

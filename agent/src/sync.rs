@@ -7,12 +7,17 @@
 //! container (not an exec) the process then waits for `Start`; a failing
 //! exec is reported as `Error`, a successful one closes the socket (CLOEXEC).
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use oci_spec::runtime::{LinuxSeccomp, Process, Spec};
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 use serde::{Deserialize, Serialize};
 
 /// The fd the set-up process finds its end of the channel on.
@@ -104,8 +109,8 @@ impl Channel {
         Channel { sock }
     }
 
-    pub fn raw_fd(&self) -> i32 {
-        self.sock.as_raw_fd()
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
     }
 
     pub fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), SyncError> {
@@ -135,70 +140,48 @@ impl Channel {
     }
 
     /// Sends `fd` along with one byte (SCM_RIGHTS).
-    pub fn send_fd(&mut self, fd: i32) -> io::Result<()> {
-        let mut byte = [0u8; 1];
-        let mut iov = libc::iovec {
-            iov_base: byte.as_mut_ptr().cast(),
-            iov_len: 1,
-        };
-        // SAFETY: CMSG_SPACE is a pure computation.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-        let mut cbuf = vec![0u8; space];
-        // SAFETY: an all-zero msghdr is valid; the pointers set below refer
-        // to `iov` and `cbuf`, which outlive the sendmsg call, and the
-        // control header written through CMSG_FIRSTHDR lies inside `cbuf`.
-        unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), fd);
-            if libc::sendmsg(self.sock.as_raw_fd(), &msg, 0) != 1 {
-                return Err(io::Error::last_os_error());
-            }
+    pub fn send_fd(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut cmsg = SendAncillaryBuffer::new(&mut space);
+        let fds = [fd];
+        if !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other("control message buffer too small"));
+        }
+        let sent = rustix::net::sendmsg(
+            &self.sock,
+            &[IoSlice::new(&[0])],
+            &mut cmsg,
+            SendFlags::empty(),
+        )?;
+        if sent != 1 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "fd not sent"));
         }
         Ok(())
     }
 
     /// Receives an fd sent with `send_fd`.
     pub fn recv_fd(&mut self) -> io::Result<OwnedFd> {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut cmsg = RecvAncillaryBuffer::new(&mut space);
         let mut byte = [0u8; 1];
-        let mut iov = libc::iovec {
-            iov_base: byte.as_mut_ptr().cast(),
-            iov_len: 1,
-        };
-        // SAFETY: CMSG_SPACE is a pure computation.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-        let mut cbuf = vec![0u8; space];
-        // SAFETY: as in send_fd; the kernel fills `cbuf` up to
-        // msg_controllen, and the header is checked before its data is read.
-        unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = space;
-            if libc::recvmsg(self.sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) != 1 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "no fd received",
-                ));
-            }
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            if cmsg.is_null()
-                || (*cmsg).cmsg_level != libc::SOL_SOCKET
-                || (*cmsg).cmsg_type != libc::SCM_RIGHTS
-            {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "no fd received"));
-            }
-            let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>());
-            Ok(OwnedFd::from_raw_fd(fd))
+        let got = rustix::net::recvmsg(
+            &self.sock,
+            &mut [IoSliceMut::new(&mut byte)],
+            &mut cmsg,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        if got.bytes != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "no fd received",
+            ));
         }
+        // Any further fds (a misbehaving peer) are closed as the drain drops.
+        let fd = cmsg.drain().find_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        });
+        fd.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no fd received"))
     }
 
     /// Whether the peer closed its end without sending anything more.

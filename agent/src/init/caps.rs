@@ -5,6 +5,7 @@
 use std::io;
 
 use oci_spec::runtime::{Capabilities, Capability, LinuxCapabilities};
+use rustix::thread::{CapabilitySet, CapabilitySets};
 
 /// Kernel capability numbers by OCI name (linux/capability.h).
 const CAPS: &[(&str, u32)] = &[
@@ -70,51 +71,37 @@ fn mask(set: Option<&Capabilities>, last_cap: u32) -> u64 {
 /// Drops from the bounding set every capability not in it. Needs
 /// CAP_SETPCAP, so runs before the user switch.
 pub fn drop_bounding(caps: &LinuxCapabilities, last_cap: u32) -> io::Result<()> {
+    let last_cap = last_cap.min(63);
     let keep = mask(caps.bounding().as_ref(), last_cap);
     for n in 0..=last_cap {
         if keep & (1 << n) == 0 {
-            crate::sys::prctl(libc::PR_CAPBSET_DROP, n.into())?;
+            rustix::thread::remove_capability_from_bounding_set(one(n))?;
         }
     }
     Ok(())
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
+/// Capability `n` as a one-capability set (capabilities this crate's
+/// rustix does not name yet are still bits of the set).
+fn one(n: u32) -> CapabilitySet {
+    CapabilitySet::from_bits_retain(1 << n)
 }
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// Sets effective, permitted and inheritable, then raises the ambient ones.
 pub fn apply(caps: &LinuxCapabilities, last_cap: u32) -> io::Result<()> {
+    // A set has 64 bits.
+    let last_cap = last_cap.min(63);
     let eff = mask(caps.effective().as_ref(), last_cap);
     let perm = mask(caps.permitted().as_ref(), last_cap);
     let inh = mask(caps.inheritable().as_ref(), last_cap);
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let data = [0usize, 1].map(|w| CapData {
-        effective: (eff >> (32 * w)) as u32,
-        permitted: (perm >> (32 * w)) as u32,
-        inheritable: (inh >> (32 * w)) as u32,
-    });
-    // SAFETY: header and a two-element data array as capset(2) version 3
-    // requires; both live across the call.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: CapabilitySet::from_bits_retain(eff),
+            permitted: CapabilitySet::from_bits_retain(perm),
+            inheritable: CapabilitySet::from_bits_retain(inh),
+        },
+    )?;
     // The kernel raises an ambient capability only if it is permitted and
     // inheritable; runc ignores the failure for the others (its default
     // spec lists ambient capabilities without inheritable ones), so husk
@@ -122,19 +109,7 @@ pub fn apply(caps: &LinuxCapabilities, last_cap: u32) -> io::Result<()> {
     let ambient = mask(caps.ambient().as_ref(), last_cap) & perm & inh;
     for n in 0..=last_cap {
         if ambient & (1 << n) != 0 {
-            // SAFETY: prctl with integer arguments.
-            let rc = unsafe {
-                libc::prctl(
-                    libc::PR_CAP_AMBIENT,
-                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
-                    n as libc::c_ulong,
-                    0,
-                    0,
-                )
-            };
-            if rc < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            rustix::thread::configure_capability_in_ambient_set(one(n), true)?;
         }
     }
     Ok(())

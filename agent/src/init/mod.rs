@@ -13,8 +13,11 @@ pub mod rootfs;
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+
+use rustix::fs::{Gid, Uid};
+use rustix::thread::UnshareFlags;
 
 use crate::sync::{Channel, FromInit, InitConfig, NsAction, ToInit, Work};
 use crate::sys::{self, ctx};
@@ -23,8 +26,8 @@ use crate::sys::{self, ctx};
 pub fn main() -> ! {
     // SAFETY: the agent placed our end of the channel on fd 3.
     let mut ch = unsafe { Channel::from_init_fd() };
-    // SAFETY: fcntl on the channel's fd; it must not leak into the program.
-    unsafe { libc::fcntl(ch.raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    // The channel must not leak into the program.
+    let _ = rustix::io::fcntl_setfd(ch.as_fd(), rustix::io::FdFlags::CLOEXEC);
     let err = run(&mut ch);
     let _ = ch.send(&FromInit::Error(err));
     std::process::exit(1)
@@ -32,14 +35,15 @@ pub fn main() -> ! {
 
 /// Becomes root of the user namespace just entered (its maps are written).
 fn become_ns_root() -> io::Result<()> {
-    // SAFETY: integer arguments only.
-    if unsafe { libc::setresgid(0, 0, 0) } < 0 || unsafe { libc::setresuid(0, 0, 0) } < 0 {
-        return ctx(
-            Err(io::Error::last_os_error()),
-            "becoming root of the user namespace",
-        );
-    }
-    Ok(())
+    // Per thread, which is the process: the set-up process has one thread.
+    let root = (|| {
+        rustix::thread::set_thread_res_gid(Gid::ROOT, Gid::ROOT, Gid::ROOT)?;
+        rustix::thread::set_thread_res_uid(Uid::ROOT, Uid::ROOT, Uid::ROOT)
+    })();
+    ctx(
+        root.map_err(io::Error::from),
+        "becoming root of the user namespace",
+    )
 }
 
 fn enter_namespaces(ch: &mut Channel, actions: &[NsAction]) -> io::Result<()> {
@@ -60,7 +64,7 @@ fn enter_namespaces(ch: &mut Channel, actions: &[NsAction]) -> io::Result<()> {
     });
     for (a, fd) in &joins {
         ctx(
-            sys::setns(fd.as_raw_fd(), a.flag),
+            sys::setns(fd.as_fd(), a.flag),
             format_args!("setns {:?}", a.path),
         )?;
         if a.flag == libc::CLONE_NEWUSER {
@@ -74,7 +78,7 @@ fn enter_namespaces(ch: &mut Channel, actions: &[NsAction]) -> io::Result<()> {
     if new & libc::CLONE_NEWUSER != 0 {
         // Alone first, so that the namespaces created next belong to it;
         // the agent writes its maps (a process cannot map itself to root).
-        ctx(sys::unshare(libc::CLONE_NEWUSER), "unshare user")?;
+        ctx(sys::unshare(UnshareFlags::NEWUSER), "unshare user")?;
         send(ch, FromInit::NeedIdMaps)?;
         match ch.recv::<ToInit>() {
             Ok(ToInit::IdMapsWritten) => {}
@@ -84,7 +88,7 @@ fn enter_namespaces(ch: &mut Channel, actions: &[NsAction]) -> io::Result<()> {
         new &= !libc::CLONE_NEWUSER;
     }
     if new != 0 {
-        ctx(sys::unshare(new), "unshare")?;
+        ctx(sys::unshare(sys::unshare_flags(new)), "unshare")?;
     }
     Ok(())
 }
@@ -105,14 +109,13 @@ fn run(ch: &mut Channel) -> String {
     }
     // The child waits for this pipe to close, so that its messages follow
     // our Pid message on the shared channel.
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a two-element array for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return format!("pipe: {}", io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just returned these two fds, owned by nobody else.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: single-threaded process, so fork is safe.
+    let (rd, wr) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return format!("pipe: {}", io::Error::from(e)),
+    };
+    // fork stays with libc: rustix's is unsafe too.
+    // SAFETY: the set-up process is single-threaded, so the child may do
+    // anything after fork, allocate included.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return format!("fork: {}", io::Error::last_os_error());
@@ -123,8 +126,8 @@ fn run(ch: &mut Channel) -> String {
     }
     drop(wr);
     let mut buf = [0u8; 1];
-    // SAFETY: reading one byte into a live buffer; returns 0 at EOF.
-    while unsafe { libc::read(rd.as_raw_fd(), buf.as_mut_ptr().cast(), 1) } > 0 {}
+    // Returns 0 at EOF; an error (none is expected) ends the wait too.
+    while matches!(rustix::io::read(&rd, &mut buf), Ok(n) if n > 0) {}
     drop(rd);
     match container_process(ch, *cfg) {
         Ok(()) => std::process::exit(0),
@@ -193,14 +196,15 @@ fn make_terminal(ch: &mut Channel) -> io::Result<()> {
         crate::stdio::open_pty(Path::new("/dev/ptmx")),
         "opening the container's terminal",
     )?;
-    for fd in 0..3 {
-        // SAFETY: dup2 onto the standard fds, replacing what the agent gave.
-        if unsafe { libc::dup2(slave.as_raw_fd(), fd) } < 0 {
-            return ctx(Err(io::Error::last_os_error()), "dup2 terminal");
-        }
-    }
+    // Onto the standard fds, replacing what the agent gave.
+    let dup = (|| {
+        rustix::stdio::dup2_stdin(&slave)?;
+        rustix::stdio::dup2_stdout(&slave)?;
+        rustix::stdio::dup2_stderr(&slave)
+    })();
+    ctx(dup.map_err(io::Error::from), "dup2 terminal")?;
     send(ch, FromInit::Console)?;
-    ch.send_fd(master.as_raw_fd())
+    ch.send_fd(master.as_fd())
 }
 
 fn send(ch: &mut Channel, m: FromInit) -> io::Result<()> {

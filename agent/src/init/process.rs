@@ -7,6 +7,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{LinuxSeccomp, PosixRlimit, Process};
+use rustix::fs::{Gid, Mode};
+use rustix::process::{Resource, Rlimit};
 
 use crate::seccomp::Filter;
 
@@ -93,27 +95,32 @@ pub fn prepare(p: &Process, seccomp: Option<&LinuxSeccomp>) -> io::Result<Prepar
     })
 }
 
-fn rlimit_resource(l: &PosixRlimit) -> Option<libc::__rlimit_resource_t> {
+fn rlimit_resource(l: &PosixRlimit) -> Option<Resource> {
     let name = serde_json::to_string(&l.typ()).ok()?;
     Some(match name.trim_matches('"') {
-        "RLIMIT_CPU" => libc::RLIMIT_CPU,
-        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
-        "RLIMIT_DATA" => libc::RLIMIT_DATA,
-        "RLIMIT_STACK" => libc::RLIMIT_STACK,
-        "RLIMIT_CORE" => libc::RLIMIT_CORE,
-        "RLIMIT_RSS" => libc::RLIMIT_RSS,
-        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
-        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
-        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
-        "RLIMIT_AS" => libc::RLIMIT_AS,
-        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
-        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
-        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
-        "RLIMIT_NICE" => libc::RLIMIT_NICE,
-        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
-        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_CPU" => Resource::Cpu,
+        "RLIMIT_FSIZE" => Resource::Fsize,
+        "RLIMIT_DATA" => Resource::Data,
+        "RLIMIT_STACK" => Resource::Stack,
+        "RLIMIT_CORE" => Resource::Core,
+        "RLIMIT_RSS" => Resource::Rss,
+        "RLIMIT_NPROC" => Resource::Nproc,
+        "RLIMIT_NOFILE" => Resource::Nofile,
+        "RLIMIT_MEMLOCK" => Resource::Memlock,
+        "RLIMIT_AS" => Resource::As,
+        "RLIMIT_LOCKS" => Resource::Locks,
+        "RLIMIT_SIGPENDING" => Resource::Sigpending,
+        "RLIMIT_MSGQUEUE" => Resource::Msgqueue,
+        "RLIMIT_NICE" => Resource::Nice,
+        "RLIMIT_RTPRIO" => Resource::Rtprio,
+        "RLIMIT_RTTIME" => Resource::Rttime,
         _ => return None,
     })
+}
+
+/// A limit as rustix takes it: RLIM_INFINITY (all ones) is `None`.
+fn rlim(v: u64) -> Option<u64> {
+    (v != u64::MAX).then_some(v)
 }
 
 fn set_rlimits(p: &Process) -> io::Result<()> {
@@ -121,40 +128,44 @@ fn set_rlimits(p: &Process) -> io::Result<()> {
         let res = rlimit_resource(l).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("rlimit {:?}", l.typ()))
         })?;
-        let lim = libc::rlimit {
-            rlim_cur: l.soft(),
-            rlim_max: l.hard(),
+        let lim = Rlimit {
+            current: rlim(l.soft()),
+            maximum: rlim(l.hard()),
         };
-        // SAFETY: `lim` is a valid rlimit for the call.
-        if unsafe { libc::setrlimit(res, &lim) } < 0 {
-            return ctx(
-                Err(io::Error::last_os_error()),
-                format_args!("setrlimit {:?}", l.typ()),
-            );
-        }
+        ctx(
+            rustix::process::setrlimit(res, lim).map_err(io::Error::from),
+            format_args!("setrlimit {:?}", l.typ()),
+        )?;
     }
     Ok(())
 }
 
+/// The set-up process has one thread, so rustix's per-thread id calls
+/// change the whole process's ids, as the exec'd program expects.
 fn set_user(p: &Process) -> io::Result<()> {
     let user = p.user();
-    let groups: Vec<libc::gid_t> = user.additional_gids().clone().unwrap_or_default();
-    // SAFETY: pointer and length describe `groups`.
-    if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } < 0 {
-        return ctx(Err(io::Error::last_os_error()), "setgroups");
-    }
-    let (uid, gid) = (user.uid(), user.gid());
-    // SAFETY: integer arguments only.
-    if unsafe { libc::setresgid(gid, gid, gid) } < 0 {
-        return ctx(Err(io::Error::last_os_error()), "setresgid");
-    }
+    let groups: Vec<Gid> = user
+        .additional_gids()
+        .iter()
+        .flatten()
+        .map(|g| Gid::from_raw_unchecked(*g))
+        .collect();
+    ctx(
+        rustix::thread::set_thread_groups(&groups).map_err(io::Error::from),
+        "setgroups",
+    )?;
+    let (uid, gid) = (sys::uid(user.uid()), sys::gid(user.gid()));
+    ctx(
+        rustix::thread::set_thread_res_gid(gid, gid, gid).map_err(io::Error::from),
+        "setresgid",
+    )?;
     // Keep the permitted set over the uid change; capset then trims it.
-    sys::prctl(libc::PR_SET_KEEPCAPS, 1)?;
-    // SAFETY: integer arguments only.
-    if unsafe { libc::setresuid(uid, uid, uid) } < 0 {
-        return ctx(Err(io::Error::last_os_error()), "setresuid");
-    }
-    sys::prctl(libc::PR_SET_KEEPCAPS, 0)
+    rustix::thread::set_keep_capabilities(true)?;
+    ctx(
+        rustix::thread::set_thread_res_uid(uid, uid, uid).map_err(io::Error::from),
+        "setresuid",
+    )?;
+    Ok(rustix::thread::set_keep_capabilities(false)?)
 }
 
 /// Runs the program; returns only with the error that stopped it.
@@ -166,21 +177,19 @@ pub fn finish(p: &Process, prepared: &Prepared, cap_last_cap: u32) -> io::Error 
 }
 
 fn finish_inner(p: &Process, prepared: &Prepared, cap_last_cap: u32) -> io::Result<()> {
-    // SAFETY: setsid takes no arguments. The set-up process is never a
-    // group leader (it was forked), so this cannot fail with EPERM.
-    if unsafe { libc::setsid() } < 0 {
-        return ctx(Err(io::Error::last_os_error()), "setsid");
-    }
+    // The set-up process is never a group leader (it was forked), so this
+    // cannot fail with EPERM.
+    ctx(rustix::process::setsid().map_err(io::Error::from), "setsid")?;
     if p.terminal() == Some(true) {
-        // SAFETY: fd 0 is the terminal the agent gave us.
-        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
-            return ctx(Err(io::Error::last_os_error()), "TIOCSCTTY");
-        }
+        // fd 0 is the terminal make_terminal gave us.
+        ctx(
+            rustix::process::ioctl_tiocsctty(std::io::stdin()).map_err(io::Error::from),
+            "TIOCSCTTY",
+        )?;
     }
     set_rlimits(p)?;
     if let Some(mask) = p.user().umask() {
-        // SAFETY: umask cannot fail.
-        unsafe { libc::umask(mask as libc::mode_t) };
+        rustix::process::umask(Mode::from_raw_mode(mask));
     }
     let nnp = p.no_new_privileges() == Some(true);
     // Without no_new_privs the filter needs CAP_SYS_ADMIN, so it goes in
@@ -203,7 +212,10 @@ fn finish_inner(p: &Process, prepared: &Prepared, cap_last_cap: u32) -> io::Resu
         format_args!("chdir to cwd {:?}", p.cwd()),
     )?;
     if nnp {
-        ctx(sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")?;
+        ctx(
+            rustix::thread::set_no_new_privs(true).map_err(io::Error::from),
+            "no_new_privs",
+        )?;
         // As late as possible: only execve follows.
         if let Some(f) = &prepared.seccomp {
             ctx(f.install(), "seccomp")?;
@@ -211,6 +223,7 @@ fn finish_inner(p: &Process, prepared: &Prepared, cap_last_cap: u32) -> io::Resu
     }
     let argv = sys::ptr_array(&prepared.argv);
     let envp = sys::ptr_array(&prepared.envp);
+    // execve stays with libc: rustix's is unsafe too.
     // SAFETY: exe, argv and envp are NUL-terminated strings and
     // NULL-terminated arrays that outlive the call.
     unsafe { libc::execve(prepared.exe.as_ptr(), argv.as_ptr(), envp.as_ptr()) };

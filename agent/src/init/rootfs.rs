@@ -7,118 +7,46 @@ use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
+use husk_protocols::mount::{self, MountFlags, MountOptions, MountPropagationFlags};
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount, Spec};
 
 use crate::paths::resolve_in_root;
 use crate::sys::{self, ctx};
-
-/// What a mount's `options` turn into.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct MountOptions {
-    pub flags: libc::c_ulong,
-    /// Propagation changes applied after the mount (MS_SHARED etc.).
-    pub propagation: Vec<libc::c_ulong>,
-    /// What the file system gets as its data string.
-    pub data: Vec<String>,
-}
-
-/// Parses mount options as runc's parseMountOptions does.
-pub fn parse_options(options: &[String]) -> MountOptions {
-    let mut out = MountOptions::default();
-    for o in options {
-        let set_clear: Option<(bool, libc::c_ulong)> = match o.as_str() {
-            "ro" => Some((true, libc::MS_RDONLY)),
-            "rw" => Some((false, libc::MS_RDONLY)),
-            "nosuid" => Some((true, libc::MS_NOSUID)),
-            "suid" => Some((false, libc::MS_NOSUID)),
-            "nodev" => Some((true, libc::MS_NODEV)),
-            "dev" => Some((false, libc::MS_NODEV)),
-            "noexec" => Some((true, libc::MS_NOEXEC)),
-            "exec" => Some((false, libc::MS_NOEXEC)),
-            "sync" => Some((true, libc::MS_SYNCHRONOUS)),
-            "async" => Some((false, libc::MS_SYNCHRONOUS)),
-            "dirsync" => Some((true, libc::MS_DIRSYNC)),
-            "remount" => Some((true, libc::MS_REMOUNT)),
-            "mand" => Some((true, libc::MS_MANDLOCK)),
-            "nomand" => Some((false, libc::MS_MANDLOCK)),
-            "atime" => Some((false, libc::MS_NOATIME)),
-            "noatime" => Some((true, libc::MS_NOATIME)),
-            "diratime" => Some((false, libc::MS_NODIRATIME)),
-            "nodiratime" => Some((true, libc::MS_NODIRATIME)),
-            "bind" => Some((true, libc::MS_BIND)),
-            "rbind" => Some((true, libc::MS_BIND | libc::MS_REC)),
-            "relatime" => Some((true, libc::MS_RELATIME)),
-            "norelatime" => Some((false, libc::MS_RELATIME)),
-            "strictatime" => Some((true, libc::MS_STRICTATIME)),
-            "nostrictatime" => Some((false, libc::MS_STRICTATIME)),
-            _ => None,
-        };
-        if let Some((set, flag)) = set_clear {
-            if set {
-                out.flags |= flag;
-            } else {
-                out.flags &= !flag;
-            }
-            continue;
-        }
-        let prop = match o.as_str() {
-            "private" => Some(libc::MS_PRIVATE),
-            "rprivate" => Some(libc::MS_PRIVATE | libc::MS_REC),
-            "shared" => Some(libc::MS_SHARED),
-            "rshared" => Some(libc::MS_SHARED | libc::MS_REC),
-            "slave" => Some(libc::MS_SLAVE),
-            "rslave" => Some(libc::MS_SLAVE | libc::MS_REC),
-            "unbindable" => Some(libc::MS_UNBINDABLE),
-            "runbindable" => Some(libc::MS_UNBINDABLE | libc::MS_REC),
-            _ => None,
-        };
-        match prop {
-            Some(p) => out.propagation.push(p),
-            None => out.data.push(o.clone()),
-        }
-    }
-    out
-}
 
 /// The mount types husk knows how to mount (besides bind mounts).
 pub const MOUNT_TYPES: &[&str] = &[
     "bind", "proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2",
 ];
 
-fn is_bind(m: &Mount) -> bool {
-    m.typ().as_deref() == Some("bind")
-        || m.options()
-            .iter()
-            .flatten()
-            .any(|o| o == "bind" || o == "rbind")
+fn options(m: &Mount) -> MountOptions {
+    mount::parse(m.options().as_deref().unwrap_or_default())
 }
 
-fn root_propagation(spec: &Spec) -> libc::c_ulong {
+fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind") || options(m).is_bind()
+}
+
+fn root_propagation(spec: &Spec) -> MountPropagationFlags {
     match spec
         .linux()
         .as_ref()
         .and_then(|l| l.rootfs_propagation().clone())
         .as_deref()
     {
-        Some("shared") | Some("rshared") => libc::MS_SHARED | libc::MS_REC,
-        Some("private") | Some("rprivate") => libc::MS_PRIVATE | libc::MS_REC,
-        Some("unbindable") | Some("runbindable") => libc::MS_UNBINDABLE | libc::MS_REC,
-        _ => libc::MS_SLAVE | libc::MS_REC,
+        Some("shared") | Some("rshared") => MountPropagationFlags::SHARED,
+        Some("private") | Some("rprivate") => MountPropagationFlags::PRIVATE,
+        Some("unbindable") | Some("runbindable") => MountPropagationFlags::UNBINDABLE,
+        _ => MountPropagationFlags::DOWNSTREAM,
     }
+    .union(MountPropagationFlags::REC)
 }
 
 /// Everything from the rootfs bind to pivot_root. Runs in the container's
 /// new mount namespace, as root.
 pub fn setup(spec: &Spec, rootfs: &Path) -> io::Result<()> {
     // Nothing done from here on may propagate back to the agent's mounts.
-    sys::mount(None, Path::new("/"), None, root_propagation(spec), None)?;
-    sys::mount(
-        Some(rootfs),
-        rootfs,
-        None,
-        libc::MS_BIND | libc::MS_REC,
-        None,
-    )?;
+    sys::change_propagation(Path::new("/"), root_propagation(spec))?;
+    sys::bind(rootfs, rootfs, true)?;
     let mounts = spec.mounts().clone().unwrap_or_default();
     for m in &mounts {
         mount_one(rootfs, m)?;
@@ -152,12 +80,10 @@ pub fn finish(spec: &Spec) -> io::Result<()> {
     if spec.root().as_ref().and_then(|r| r.readonly()) == Some(true) {
         let keep = sys::kept_mount_flags(Path::new("/"))?;
         ctx(
-            sys::mount(
-                None,
+            sys::remount(
                 Path::new("/"),
-                None,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
-                None,
+                MountFlags::BIND | MountFlags::RDONLY | keep,
+                "",
             ),
             "read-only root",
         )?;
@@ -171,7 +97,7 @@ fn resolve(rootfs: &Path, dest: &Path) -> io::Result<PathBuf> {
 
 fn mount_one(rootfs: &Path, m: &Mount) -> io::Result<()> {
     let target = resolve(rootfs, m.destination())?;
-    let opts = parse_options(m.options().as_deref().unwrap_or_default());
+    let opts = options(m);
     let what = format!("mount {:?} on {:?}", m.source(), m.destination());
     if is_bind(m) {
         let source = m
@@ -189,14 +115,13 @@ fn mount_one(rootfs: &Path, m: &Mount) -> io::Result<()> {
                 ctx(fs::File::create(&target), &what)?;
             }
         }
-        let bind = libc::MS_BIND | (opts.flags & libc::MS_REC);
-        ctx(sys::mount(Some(source), &target, None, bind, None), &what)?;
+        ctx(sys::bind(source, &target, opts.is_recursive()), &what)?;
         // Bind mounts ignore other flags on the first call (mount(2)).
-        let rest = opts.flags & !(libc::MS_BIND | libc::MS_REC | libc::MS_REMOUNT);
-        if rest != 0 {
-            let keep = sys::kept_mount_flags(&target)? & !libc::MS_RDONLY;
-            let flags = libc::MS_BIND | libc::MS_REMOUNT | rest | keep;
-            ctx(sys::mount(None, &target, None, flags, None), &what)?;
+        let rest = opts.flags - MountFlags::BIND - MountFlags::REC;
+        if !rest.is_empty() {
+            let keep = sys::kept_mount_flags(&target)? - MountFlags::RDONLY;
+            let flags = MountFlags::BIND | rest | keep;
+            ctx(sys::remount(&target, flags, ""), &what)?;
         }
     } else {
         ctx(fs::create_dir_all(&target), &what)?;
@@ -208,14 +133,18 @@ fn mount_one(rootfs: &Path, m: &Mount) -> io::Result<()> {
             None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "mount type")),
         };
         let source = m.source().clone().unwrap_or_else(|| PathBuf::from(typ));
-        let data = opts.data.join(",");
-        ctx(
-            sys::mount(Some(&source), &target, Some(typ), opts.flags, Some(&data)),
-            &what,
-        )?;
+        let data = opts.data_string();
+        // "remount" changes the mount already there (mount(2) then ignores
+        // the source and type), as runc's mount(2) call with MS_REMOUNT does.
+        let r = if opts.remount {
+            sys::remount(&target, opts.flags, &data)
+        } else {
+            sys::mount(&source, &target, typ, opts.flags, &data)
+        };
+        ctx(r, &what)?;
     }
     for p in &opts.propagation {
-        ctx(sys::mount(None, &target, None, *p, None), &what)?;
+        ctx(sys::change_propagation(&target, *p), &what)?;
     }
     Ok(())
 }
@@ -233,7 +162,7 @@ fn default_devices() -> Vec<(&'static str, u32, u32)> {
 }
 
 fn create_devices(spec: &Spec, rootfs: &Path) -> io::Result<()> {
-    let mut devices: Vec<(PathBuf, libc::mode_t, u64, u64, u32, u32)> = default_devices()
+    let mut devices: Vec<(PathBuf, u32, u64, u64, u32, u32)> = default_devices()
         .into_iter()
         .map(|(p, maj, min)| {
             (
@@ -276,15 +205,12 @@ fn create_devices(spec: &Spec, rootfs: &Path) -> io::Result<()> {
         }
         let _ = fs::remove_file(&target);
         let what = format!("device {}", path.display());
-        match sys::mknod(&target, mode, libc::makedev(major as u32, minor as u32)) {
+        match sys::mknod(&target, mode, major as u32, minor as u32) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                 // No CAP_MKNOD: bind the host's node, as runc does.
                 fs::File::create(&target)?;
-                ctx(
-                    sys::mount(Some(&path), &target, None, libc::MS_BIND, None),
-                    &what,
-                )?;
+                ctx(sys::bind(&path, &target, false), &what)?;
                 continue;
             }
             Err(e) => return ctx(Err(e), what),
@@ -324,15 +250,9 @@ fn mask_path(p: &Path) -> io::Result<()> {
         Err(e) => return ctx(Err(e), format_args!("masked path {}", p.display())),
     };
     let r = if md.is_dir() {
-        sys::mount(
-            Some(Path::new("tmpfs")),
-            p,
-            Some("tmpfs"),
-            libc::MS_RDONLY,
-            None,
-        )
+        sys::mount(Path::new("tmpfs"), p, "tmpfs", MountFlags::RDONLY, "")
     } else {
-        sys::mount(Some(Path::new("/dev/null")), p, None, libc::MS_BIND, None)
+        sys::bind(Path::new("/dev/null"), p, false)
     };
     ctx(r, format_args!("masked path {}", p.display()))
 }
@@ -342,40 +262,8 @@ fn readonly_path(p: &Path) -> io::Result<()> {
         return Ok(());
     }
     let what = format!("read-only path {}", p.display());
-    ctx(
-        sys::mount(Some(p), p, None, libc::MS_BIND | libc::MS_REC, None),
-        &what,
-    )?;
+    ctx(sys::bind(p, p, true), &what)?;
     let keep = sys::kept_mount_flags(p)?;
-    let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_REC | keep;
-    ctx(sys::mount(None, p, None, flags, None), what)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn options_as_runc_parses_them() {
-        let o: Vec<String> = [
-            "nosuid",
-            "strictatime",
-            "mode=755",
-            "size=65536k",
-            "rslave",
-            "ro",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let p = parse_options(&o);
-        assert_eq!(
-            p.flags,
-            libc::MS_NOSUID | libc::MS_STRICTATIME | libc::MS_RDONLY
-        );
-        assert_eq!(p.data, vec!["mode=755", "size=65536k"]);
-        assert_eq!(p.propagation, vec![libc::MS_SLAVE | libc::MS_REC]);
-        let p = parse_options(&["ro".into(), "rw".into(), "rbind".into()]);
-        assert_eq!(p.flags, libc::MS_BIND | libc::MS_REC);
-    }
+    let flags = MountFlags::BIND | MountFlags::RDONLY | MountFlags::REC | keep;
+    ctx(sys::remount(p, flags, ""), what)
 }
