@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
         let mut c = pb::CreateContainerRequest::new();
         c.container_id = id.clone();
         c.oci_spec_json = spec_json.clone();
-        c.rootfs = rootfs.to_string_lossy().into_owned();
+        c.set_rootfs_path(rootfs.to_string_lossy().into_owned());
         client.create_container(ctx(), &c)?;
         let mut s = pb::ContainerRequest::new();
         s.container_id = id.clone();

@@ -111,7 +111,7 @@ fn main() -> anyhow::Result<()> {
     let mut c = pb::CreateContainerRequest::new();
     c.container_id = "e2e".into();
     c.oci_spec_json = serde_json::to_vec(&spec)?;
-    c.rootfs = rootfs.into();
+    c.set_rootfs_path(rootfs.into());
     client.create_container(ctx(), &c)?;
     let mut p = pb::ProcessRequest::new();
     p.container_id = "e2e".into();

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use husk_protocols::agent as pb;
+use husk_protocols::agent::create_container_request::Rootfs;
+use husk_protocols::guest;
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use rustix::process::Signal;
 
@@ -108,15 +110,25 @@ impl Agent {
         }
     }
 
-    /// Creates a container; with `rootfs_storage`, first mounts its rootfs
-    /// from the named disk (undone if the creation fails).
+    /// Creates a container on the root file system the request names: a
+    /// directory in the guest, or a disk it first mounts at the container's
+    /// rootfs path (undone if the creation fails).
     pub fn create_container(&self, req: &pb::CreateContainerRequest) -> Result<()> {
         let id = req.container_id.as_str();
         validate::id("container", id).map_err(invalid)?;
-        let Some(storage) = req.rootfs_storage.as_ref() else {
-            return self.create_container_on(req);
+        let storage = match &req.rootfs {
+            Some(Rootfs::RootfsPath(path)) => {
+                return self.create_container_on(req, Path::new(path));
+            }
+            Some(Rootfs::RootfsStorage(storage)) => storage,
+            // The generated oneof enum is non-exhaustive.
+            _ => {
+                return Err(invalid(
+                    "no rootfs: rootfs_storage or rootfs_path is required",
+                ))
+            }
         };
-        let target = PathBuf::from(&req.rootfs);
+        let target = PathBuf::from(guest::container_rootfs(id));
         storage::validate(&storage.serial, &storage.fstype, &target).map_err(invalid)?;
         {
             let _creating = lock(&self.creating);
@@ -126,7 +138,7 @@ impl Agent {
         }
         let mount = storage::mount_rootfs(&storage.serial, &storage.fstype, &target)
             .map_err(|e| AgentError::State(format!("container {id:?} rootfs: {e}")))?;
-        match self.create_container_on(req) {
+        match self.create_container_on(req, &target) {
             Ok(()) => {
                 lock(&self.storages).insert(id.to_string(), mount);
                 Ok(())
@@ -138,11 +150,11 @@ impl Agent {
         }
     }
 
-    fn create_container_on(&self, req: &pb::CreateContainerRequest) -> Result<()> {
+    fn create_container_on(&self, req: &pb::CreateContainerRequest, rootfs: &Path) -> Result<()> {
         let id = req.container_id.as_str();
         let spec: Spec = serde_json::from_slice(&req.oci_spec_json)
             .map_err(|e| invalid(format!("config.json: {e}")))?;
-        let rootfs = PathBuf::from(&req.rootfs);
+        let rootfs = rootfs.to_path_buf();
         validate::spec(&spec, &rootfs).map_err(invalid)?;
         let resources = spec
             .linux()

@@ -236,7 +236,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         let mut r = pb::CreateContainerRequest::new();
         r.container_id = id.into();
         r.oci_spec_json = json.to_vec();
-        r.rootfs = rootfs.into();
+        r.set_rootfs_path(rootfs.into());
         a.client.create_container(ctx(), &r)
     };
     let rootfs = common::rootfs();
@@ -263,6 +263,11 @@ fn bad_input_is_refused_and_changes_nothing() {
         create_raw("c", &serde_json::to_vec(&good).unwrap(), "relative"),
         "relative rootfs",
     );
+    let mut no_rootfs = pb::CreateContainerRequest::new();
+    no_rootfs.container_id = "c".into();
+    no_rootfs.oci_spec_json = serde_json::to_vec(&good).unwrap();
+    let msg = invalid(a.client.create_container(ctx(), &no_rootfs), "no rootfs");
+    assert!(msg.contains("no rootfs"), "{msg}");
     for id in ["", "-x", "a/b", "../c", &"x".repeat(200)] {
         invalid(a.create_spec(id, &good), "malformed id");
     }
@@ -666,7 +671,7 @@ fn pod_containers_share_the_sandbox_namespaces() {
     let mut r = pb::CreateContainerRequest::new();
     r.container_id = "app".into();
     r.oci_spec_json = serde_json::to_vec(&common::spec(&["sh", "-c", ns])).unwrap();
-    r.rootfs = common::rootfs();
+    r.set_rootfs_path(common::rootfs());
     r.join_sandbox_namespaces = true;
     a.client.create_container(ctx(), &r).unwrap();
     a.close_stdin("app", "");

@@ -168,9 +168,8 @@ impl Agent {
         let mut r = pb::CreateContainerRequest::new();
         r.container_id = id.into();
         r.oci_spec_json = spec_json;
-        r.rootfs = husk_protocols::guest::container_rootfs(id);
         r.join_sandbox_namespaces = join_sandbox_namespaces;
-        r.rootfs_storage = Some(s).into();
+        r.set_rootfs_storage(s);
         self.client
             .create_container(self.ctx(), &r)
             .map_err(map_err("CreateContainer"))?;

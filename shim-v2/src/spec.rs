@@ -5,7 +5,8 @@
 //! does not know pass to the agent untouched.
 //!
 //! What changes on the way into the guest:
-//! - `root.path` becomes the guest path where the agent mounts the image;
+//! - `root.path` stays: it is a host path the agent does not read (the
+//!   agent is told where the root file system is, `rootfs_storage`);
 //! - namespace `path`s are dropped: they name host namespaces (CRI's
 //!   network namespace, the pause container's /proc/<pid>/ns/...), which
 //!   mean nothing in the guest. A pod's containers join the pod's first
@@ -29,7 +30,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use husk_protocols::guest::{container_rootfs, HOST_FILES_DIR};
+use husk_protocols::guest::HOST_FILES_DIR;
 use serde_json::{json, Value};
 
 /// CRI: "sandbox" or "container".
@@ -281,7 +282,6 @@ pub struct GuestSpec {
 /// tells what a host path is.
 pub fn for_guest(
     spec: &Value,
-    id: &str,
     terminal: bool,
     inspect: impl Fn(&Path) -> HostKind,
 ) -> Result<GuestSpec, SpecError> {
@@ -290,10 +290,6 @@ pub fn for_guest(
         .as_object_mut()
         .ok_or_else(|| SpecError::Malformed("not an object".into()))?;
     obj.remove("hooks");
-    let root = obj.entry("root").or_insert_with(|| json!({}));
-    if let Some(r) = root.as_object_mut() {
-        r.insert("path".into(), Value::String(container_rootfs(id)));
-    }
     if let Some(p) = obj.get_mut("process").and_then(Value::as_object_mut) {
         p.insert("terminal".into(), Value::Bool(terminal));
     }
@@ -479,9 +475,9 @@ mod tests {
 
     #[test]
     fn spec_is_rewritten_for_the_guest() {
-        let g = for_guest(&base_spec(), "c1", true, fake_inspect).unwrap();
+        let g = for_guest(&base_spec(), true, fake_inspect).unwrap();
         let v: Value = serde_json::from_slice(&g.json).unwrap();
-        assert_eq!(v["root"]["path"], "/run/husk/containers/c1/rootfs");
+        assert_eq!(v["root"]["path"], "rootfs");
         assert_eq!(v["root"]["readonly"], true);
         assert_eq!(v["process"]["terminal"], true);
         assert!(v.get("hooks").is_none());
@@ -516,20 +512,16 @@ mod tests {
         let mut s = base_spec();
         s["mounts"] = json!([{"destination": "/var/run/docker.sock", "type": "bind",
                                "source": "/var/run/docker.sock"}]);
-        let e = for_guest(&s, "c1", false, fake_inspect)
-            .unwrap_err()
-            .to_string();
+        let e = for_guest(&s, false, fake_inspect).unwrap_err().to_string();
         assert!(
             e.contains("/var/run/docker.sock") && e.contains("a socket"),
             "{e}"
         );
         s["mounts"] = json!([{"destination": "/big", "type": "bind", "source": "/var/lib/big"}]);
-        let e = for_guest(&s, "c1", false, fake_inspect)
-            .unwrap_err()
-            .to_string();
+        let e = for_guest(&s, false, fake_inspect).unwrap_err().to_string();
         assert!(e.contains("more than 16 MiB"), "{e}");
         s["mounts"] = json!([{"destination": "/rel", "type": "bind", "source": "rel"}]);
-        assert!(for_guest(&s, "c1", false, fake_inspect).is_err());
+        assert!(for_guest(&s, false, fake_inspect).is_err());
     }
 
     #[test]

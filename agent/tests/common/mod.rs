@@ -175,7 +175,7 @@ impl TestAgent {
         let mut r = pb::CreateContainerRequest::new();
         r.container_id = id.into();
         r.oci_spec_json = serde_json::to_vec(spec).unwrap();
-        r.rootfs = rootfs();
+        r.set_rootfs_path(rootfs());
         self.client.create_container(ctx(), &r)
     }
 

@@ -133,7 +133,7 @@ impl Inner {
             }
             (_, None) => None,
         };
-        let guest = spec::for_guest(&oci, &id, req.terminal, spec::inspect_host)?;
+        let guest = spec::for_guest(&oci, req.terminal, spec::inspect_host)?;
         let root = spec::root_path(&bundle, &oci);
         Ok(Plan {
             id,
