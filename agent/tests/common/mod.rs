@@ -168,7 +168,7 @@ impl TestAgent {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        i32::try_from(self.child.id()).expect("a pid fits i32")
     }
 
     pub fn create_spec(&self, id: &str, spec: &Value) -> ttrpc::Result<pb::Empty> {
@@ -245,7 +245,7 @@ impl TestAgent {
         let mut r = pb::SignalProcessRequest::new();
         r.container_id = id.into();
         r.exec_id = exec_id.into();
-        r.signal = sig as u32;
+        r.signal = u32::try_from(sig).expect("a signal number is positive");
         r.all = all;
         self.client.signal_process(ctx(), &r)
     }
