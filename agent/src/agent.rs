@@ -464,8 +464,12 @@ impl Agent {
                 req.file_size
             )));
         }
-        let end = req.offset.checked_add(req.data.len() as i64);
-        if req.offset < 0 || end.is_none_or(|e| e > req.file_size) {
+        let offset = u64::try_from(req.offset)
+            .map_err(|_| invalid(format!("offset {} is negative", req.offset)))?;
+        let end = i64::try_from(req.data.len())
+            .ok()
+            .and_then(|len| req.offset.checked_add(len));
+        if end.is_none_or(|e| e > req.file_size) {
             return Err(invalid("offset and data go beyond file_size"));
         }
         if req.file_mode & !0o7777 != 0 {
@@ -486,7 +490,7 @@ impl Agent {
                 .map_err(io_ctx(&what))?;
             crate::sys::chown(path, req.uid, req.gid).map_err(io_ctx(&what))?;
         }
-        f.seek(SeekFrom::Start(req.offset as u64))
+        f.seek(SeekFrom::Start(offset))
             .and_then(|_| f.write_all(&req.data))
             .map_err(io_ctx(&what))
     }
