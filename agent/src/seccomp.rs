@@ -27,13 +27,21 @@ const OFF_NR: u32 = 0;
 const OFF_ARCH: u32 = 4;
 const OFF_ARGS: u32 = 16;
 
+/// A classic BPF opcode from libc's `u32` parts; evaluated at compile time
+/// only, where a value over 16 bits fails the build.
+#[allow(clippy::cast_possible_truncation)] // fits: asserted just above
+const fn opcode(code: u32) -> u16 {
+    assert!(code <= 0xffff, "a BPF opcode is 16 bits");
+    code as u16
+}
+
 // Classic BPF opcodes.
-const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
-const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
-const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+const LD_W_ABS: u16 = opcode(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS);
+const JEQ_K: u16 = opcode(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K);
+const JGT_K: u16 = opcode(libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K);
+const JGE_K: u16 = opcode(libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K);
+const AND_K: u16 = opcode(libc::BPF_ALU | libc::BPF_AND | libc::BPF_K);
+const RET_K: u16 = opcode(libc::BPF_RET | libc::BPF_K);
 
 const RET_KILL_PROCESS: u32 = 0x8000_0000;
 const RET_KILL_THREAD: u32 = 0;
@@ -55,6 +63,8 @@ pub enum SeccompError {
     TooLong(usize),
     #[error("a seccomp rule has too many argument conditions ({0})")]
     RuleTooLong(usize),
+    #[error("seccomp errnoRet {0} is over 65535")]
+    Errno(u32),
 }
 
 /// One classic BPF instruction (struct sock_filter).
@@ -80,21 +90,38 @@ fn stmt(code: u16, k: u32) -> Insn {
 #[derive(Debug)]
 pub struct Filter {
     pub program: Vec<Insn>,
-    flags: u32,
+    flags: libc::c_ulong,
 }
 
 fn ret_value(action: LinuxSeccompAction, errno: Option<u32>) -> Result<u32, SeccompError> {
-    let errno = errno.unwrap_or(libc::EPERM as u32) & 0xffff;
+    // The return value's data field is 16 bits: a larger errnoRet is
+    // refused rather than cut to another errno.
+    let data = || match errno {
+        None => Ok(libc::EPERM.unsigned_abs()),
+        Some(e) => u16::try_from(e)
+            .map(u32::from)
+            .map_err(|_| SeccompError::Errno(e)),
+    };
     Ok(match action {
         LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => RET_KILL_THREAD,
         LinuxSeccompAction::ScmpActKillProcess => RET_KILL_PROCESS,
         LinuxSeccompAction::ScmpActTrap => RET_TRAP,
-        LinuxSeccompAction::ScmpActErrno => RET_ERRNO | errno,
-        LinuxSeccompAction::ScmpActTrace => RET_TRACE | errno,
+        LinuxSeccompAction::ScmpActErrno => RET_ERRNO | data()?,
+        LinuxSeccompAction::ScmpActTrace => RET_TRACE | data()?,
         LinuxSeccompAction::ScmpActLog => RET_LOG,
         LinuxSeccompAction::ScmpActAllow => RET_ALLOW,
         a @ LinuxSeccompAction::ScmpActNotify => return Err(SeccompError::Action(a)),
     })
+}
+
+/// A 64-bit argument value as the two 32-bit words BPF compares:
+/// (high, low).
+fn words(v: u64) -> (u32, u32) {
+    #[allow(clippy::cast_possible_truncation)] // fits: masked to 32 bits
+    let low = (v & 0xffff_ffff) as u32;
+    #[allow(clippy::cast_possible_truncation)] // fits: shifted down 32 bits
+    let high = (v >> 32) as u32;
+    (high, low)
 }
 
 fn number(name: &str) -> Option<u32> {
@@ -126,13 +153,13 @@ impl Block {
     /// Appends the check of one argument condition: falls through when it
     /// holds, jumps to the rule's end when not.
     fn arg(&mut self, a: &LinuxSeccompArg) -> Result<(), SeccompError> {
-        if a.index() > 5 {
-            return Err(SeccompError::ArgIndex(a.index()));
-        }
-        let lo_off = OFF_ARGS + 8 * a.index() as u32;
+        let index = u32::try_from(a.index())
+            .ok()
+            .filter(|&i| i <= 5)
+            .ok_or(SeccompError::ArgIndex(a.index()))?;
+        let lo_off = OFF_ARGS + 8 * index;
         let hi_off = lo_off + 4;
-        let (v, v2) = (a.value(), a.value_two().unwrap_or(0));
-        let (vhi, vlo) = ((v >> 32) as u32, v as u32);
+        let ((vhi, vlo), (v2hi, v2lo)) = (words(a.value()), words(a.value_two().unwrap_or(0)));
         use LinuxSeccompOperator::*;
         match a.op() {
             ScmpCmpEq => {
@@ -151,10 +178,10 @@ impl Block {
                 // OCI: value is the mask, valueTwo the expected bits.
                 self.op(LD_W_ABS, hi_off);
                 self.op(AND_K, vhi);
-                self.jump(JEQ_K, (v2 >> 32) as u32, J::Next(0), J::Fail);
+                self.jump(JEQ_K, v2hi, J::Next(0), J::Fail);
                 self.op(LD_W_ABS, lo_off);
                 self.op(AND_K, vlo);
-                self.jump(JEQ_K, v2 as u32, J::Next(0), J::Fail);
+                self.jump(JEQ_K, v2lo, J::Next(0), J::Fail);
             }
             op @ (ScmpCmpGt | ScmpCmpGe | ScmpCmpLt | ScmpCmpLe) => {
                 let greater = matches!(op, ScmpCmpGt | ScmpCmpGe);
@@ -182,19 +209,13 @@ impl Block {
     /// Turns symbolic jumps into offsets; classic BPF's conditional jumps
     /// reach 255 instructions at most.
     fn resolve(self, args: usize) -> Result<Vec<Insn>, SeccompError> {
-        let len = self.insns.len();
-        if len > usize::from(u8::MAX) {
-            return Err(SeccompError::RuleTooLong(args));
-        }
-        Ok(self
-            .insns
-            .into_iter()
-            .enumerate()
+        let len = u8::try_from(self.insns.len()).map_err(|_| SeccompError::RuleTooLong(args))?;
+        Ok((0..len)
+            .zip(self.insns)
             .map(|(i, (code, jt, jf, k))| {
                 let to = |j: J| match j {
                     J::Next(n) => n,
-                    // Fits: len <= 255 was checked above.
-                    J::Fail => (len - i - 1) as u8,
+                    J::Fail => len - i - 1,
                 };
                 Insn {
                     code,
@@ -262,7 +283,7 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Filter, SeccompError> {
             LinuxSeccompFilterFlag::SeccompFilterFlagTsync => libc::SECCOMP_FILTER_FLAG_TSYNC,
             // Only meaningful with user notification, which is refused above.
             LinuxSeccompFilterFlag::SeccompFilterFlagWaitKillableRecv => 0,
-        } as u32;
+        };
     }
     Ok(Filter {
         program: prog,
@@ -274,8 +295,15 @@ impl Filter {
     /// Installs the filter on the calling thread (needs no_new_privs or
     /// CAP_SYS_ADMIN).
     pub fn install(&self) -> io::Result<()> {
+        // compile() keeps programs within MAX_INSNS; `program` is public.
+        let len = u16::try_from(self.program.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                SeccompError::TooLong(self.program.len()),
+            )
+        })?;
         let prog = libc::sock_fprog {
-            len: self.program.len() as u16,
+            len,
             filter: self.program.as_ptr() as *mut libc::sock_filter,
         };
         // SAFETY: `Insn` has sock_filter's layout (repr(C), same fields);
@@ -306,8 +334,7 @@ mod tests {
         data[0] = nr;
         data[1] = arch;
         for (i, a) in args.iter().enumerate() {
-            data[4 + 2 * i] = *a as u32;
-            data[5 + 2 * i] = (*a >> 32) as u32;
+            (data[5 + 2 * i], data[4 + 2 * i]) = words(*a);
         }
         let (mut pc, mut acc) = (0usize, 0u32);
         loop {
@@ -437,6 +464,17 @@ mod tests {
             many.join(",")
         ));
         assert_eq!(compile(&p).unwrap_err(), SeccompError::RuleTooLong(60));
+        // 65537 would have been cut to 1 (EPERM).
+        let p = profile(r#"{"defaultAction":"SCMP_ACT_ERRNO","defaultErrnoRet":65537}"#);
+        assert_eq!(compile(&p).unwrap_err(), SeccompError::Errno(65537));
+        let p = profile(
+            r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["read"],
+                "action":"SCMP_ACT_ERRNO","errnoRet":4294967295}]}"#,
+        );
+        assert_eq!(compile(&p).unwrap_err(), SeccompError::Errno(u32::MAX));
+        // Unused by an action that returns no data: not refused.
+        let p = profile(r#"{"defaultAction":"SCMP_ACT_ALLOW","defaultErrnoRet":65537}"#);
+        assert!(compile(&p).is_ok());
     }
 
     #[test]
