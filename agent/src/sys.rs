@@ -136,6 +136,9 @@ pub fn setns(fd: BorrowedFd<'_>, flag: i32) -> io::Result<()> {
 }
 
 /// The flags of unshare(2) for CLONE_NEW* flags.
+// The flags are a bit set of libc's CLONE_NEW* constants (i32, all under
+// bit 31), reinterpreted bit for bit as the u32 rustix takes.
+#[allow(clippy::cast_sign_loss)]
 pub fn unshare_flags(flags: i32) -> UnshareFlags {
     UnshareFlags::from_bits_retain(flags as u32)
 }
@@ -144,8 +147,21 @@ pub fn sethostname(name: &str) -> io::Result<()> {
     Ok(rustix::system::sethostname(name.as_bytes())?)
 }
 
-/// mknod(2) with `mode` as st_mode (file type and permissions).
+/// The largest major and minor device numbers mknod(2) takes: its `dev`
+/// argument is 32 bits (a 12-bit major, a 20-bit minor), and the bits of a
+/// larger number are dropped, which names another device.
+pub const MAJOR_MAX: u32 = 0xfff;
+pub const MINOR_MAX: u32 = 0xf_ffff;
+
+/// mknod(2) with `mode` as st_mode (file type and permissions); numbers
+/// over MAJOR_MAX or MINOR_MAX are refused.
 pub fn mknod(path: &Path, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    if major > MAJOR_MAX || minor > MINOR_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("device number {major}:{minor} is over {MAJOR_MAX}:{MINOR_MAX}"),
+        ));
+    }
     Ok(rustix::fs::mknodat(
         CWD,
         path,

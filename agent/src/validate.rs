@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use oci_spec::runtime::{LinuxIdMapping, LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxDeviceType, LinuxIdMapping, LinuxNamespaceType, Process, Spec};
 
 use crate::init::rootfs::MOUNT_TYPES;
 use crate::paths::{check_clean_absolute, resolve_in_root};
@@ -182,6 +182,10 @@ pub fn spec(spec: &Spec, rootfs: &Path) -> Result<(), String> {
         if !d.path().starts_with("/dev") {
             return Err(format!("device {:?} is not under /dev", d.path()));
         }
+        // Type "a" is skipped when the devices are made.
+        if d.typ() != LinuxDeviceType::A {
+            crate::init::rootfs::device_numbers(d).map_err(|e| e.to_string())?;
+        }
     }
     for p in linux
         .masked_paths()
@@ -208,6 +212,23 @@ mod tests {
         assert!(id("container", "abc-1_2.3").is_ok());
         for bad in ["", "-a", "a/b", "../x", "a b", &"x".repeat(129)] {
             assert!(id("container", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn device_numbers_are_checked() {
+        let numbers = |major: i64, minor: i64| {
+            let d: oci_spec::runtime::LinuxDevice = serde_json::from_str(&format!(
+                r#"{{"path":"/dev/x","type":"c","major":{major},"minor":{minor}}}"#
+            ))
+            .unwrap();
+            crate::init::rootfs::device_numbers(&d).ok()
+        };
+        assert_eq!(numbers(1, 3), Some((1, 3)));
+        assert_eq!(numbers(4095, 0xf_ffff), Some((4095, 0xf_ffff)));
+        // 4097:1 would have been made as 1:1 (/dev/mem), 1:0x100000 as 1:0.
+        for (major, minor) in [(4097, 1), (1, 0x10_0000), (-1, 3), (1, -1), (1 << 32, 3)] {
+            assert_eq!(numbers(major, minor), None, "{major}:{minor}");
         }
     }
 

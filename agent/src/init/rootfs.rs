@@ -161,19 +161,31 @@ fn default_devices() -> Vec<(&'static str, u32, u32)> {
     ]
 }
 
-fn create_devices(spec: &Spec, rootfs: &Path) -> io::Result<()> {
-    let mut devices: Vec<(PathBuf, u32, u64, u64, u32, u32)> = default_devices()
-        .into_iter()
-        .map(|(p, maj, min)| {
-            (
-                PathBuf::from(p),
-                libc::S_IFCHR | 0o666,
-                maj.into(),
-                min.into(),
-                0,
-                0,
+/// A spec device's major and minor numbers (i64 in the spec), refused
+/// when negative or over what mknod(2) takes rather than cut to another
+/// device's.
+pub fn device_numbers(d: &LinuxDevice) -> io::Result<(u32, u32)> {
+    let check = |what: &str, n: i64, max: u32| {
+        u32::try_from(n).ok().filter(|&n| n <= max).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "device {}: {what} number {n} is not in 0..={max}",
+                    d.path().display()
+                ),
             )
         })
+    };
+    Ok((
+        check("major", d.major(), sys::MAJOR_MAX)?,
+        check("minor", d.minor(), sys::MINOR_MAX)?,
+    ))
+}
+
+fn create_devices(spec: &Spec, rootfs: &Path) -> io::Result<()> {
+    let mut devices: Vec<(PathBuf, u32, u32, u32, u32, u32)> = default_devices()
+        .into_iter()
+        .map(|(p, maj, min)| (PathBuf::from(p), libc::S_IFCHR | 0o666, maj, min, 0, 0))
         .collect();
     let extra: &[LinuxDevice] = spec
         .linux()
@@ -188,12 +200,13 @@ fn create_devices(spec: &Spec, rootfs: &Path) -> io::Result<()> {
             LinuxDeviceType::A => continue,
         };
         let mode = d.file_mode().unwrap_or(0o666) & 0o7777;
+        let (major, minor) = device_numbers(d)?;
         devices.retain(|x| &x.0 != d.path());
         devices.push((
             d.path().clone(),
             kind | mode,
-            d.major() as u64,
-            d.minor() as u64,
+            major,
+            minor,
             d.uid().unwrap_or(0),
             d.gid().unwrap_or(0),
         ));
@@ -205,7 +218,7 @@ fn create_devices(spec: &Spec, rootfs: &Path) -> io::Result<()> {
         }
         let _ = fs::remove_file(&target);
         let what = format!("device {}", path.display());
-        match sys::mknod(&target, mode, major as u32, minor as u32) {
+        match sys::mknod(&target, mode, major, minor) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                 // No CAP_MKNOD: bind the host's node, as runc does.
