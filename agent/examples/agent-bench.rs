@@ -125,7 +125,8 @@ fn main() -> anyhow::Result<()> {
         v.sort();
         v[v.len() / 2]
     };
-    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len() as u32;
+    // v holds one time per iteration, and n is a u32.
+    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / u32::try_from(v.len()).unwrap();
     let (ma, mr) = (med(&mut ta), med(&mut tr));
     println!("iterations:             {n}");
     println!(

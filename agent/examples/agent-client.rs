@@ -22,6 +22,11 @@ fn ctx() -> context::Context {
     context::with_timeout(0)
 }
 
+/// The length of a sockaddr_vm, as connect(2) takes it.
+// Fits: the struct is 16 bytes.
+#[allow(clippy::cast_possible_truncation)]
+const VSOCK_ADDR_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
 fn vsock_connect(cid: u32, port: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) with constant arguments.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -32,7 +37,7 @@ fn vsock_connect(cid: u32, port: u32) -> std::io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: an all-zero sockaddr_vm is valid; fields are set below.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_family = rustix::net::AddressFamily::VSOCK.as_raw();
     addr.svm_cid = cid;
     addr.svm_port = port;
     use std::os::fd::AsRawFd;
@@ -41,7 +46,7 @@ fn vsock_connect(cid: u32, port: u32) -> std::io::Result<OwnedFd> {
         libc::connect(
             fd.as_raw_fd(),
             (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            VSOCK_ADDR_LEN,
         )
     };
     if rc < 0 {
@@ -87,9 +92,9 @@ fn main() -> anyhow::Result<()> {
     for (i, chunk) in busybox.chunks(CHUNK).enumerate() {
         let mut r = pb::CopyFileRequest::new();
         r.path = format!("{rootfs}/bin/busybox");
-        r.file_size = busybox.len() as i64;
+        r.file_size = i64::try_from(busybox.len())?;
         r.file_mode = 0o755;
-        r.offset = (i * CHUNK) as i64;
+        r.offset = i64::try_from(i * CHUNK)?;
         r.data = chunk.to_vec();
         client.copy_file(ctx(), &r)?;
     }

@@ -108,6 +108,8 @@ pub fn spawn(
     // when the process side closes.
     drop(cmd);
     drop(child_end);
+    // Fits: the kernel's pids are at most PID_MAX_LIMIT (2^22).
+    #[allow(clippy::cast_possible_wrap)]
     let setup_pid = child.id() as i32;
     reaper.watch(setup_pid);
     let result = follow_setup(reaper, &mut ch, setup_pid, cfg, cgroup, id_maps);

@@ -185,6 +185,12 @@ pub fn vsock_listener(port: u32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// The length of a sockaddr_vm, as rustix takes it.
+// Fits: the struct is 16 bytes.
+#[allow(clippy::cast_possible_truncation)]
+const VSOCK_ADDR_LEN: rustix::net::addr::SocketAddrLen =
+    std::mem::size_of::<libc::sockaddr_vm>() as rustix::net::addr::SocketAddrLen;
+
 /// A vsock address of any CID (rustix has the address family but no
 /// address type for it).
 struct VsockAddr {
@@ -204,13 +210,10 @@ unsafe impl rustix::net::addr::SocketAddrArg for VsockAddr {
         // SAFETY: all-zero bytes are a valid sockaddr_vm (plain integers);
         // the fields that matter are set below.
         let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_family = rustix::net::AddressFamily::VSOCK.as_raw();
         addr.svm_port = self.port;
         addr.svm_cid = libc::VMADDR_CID_ANY;
-        f(
-            (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as rustix::net::addr::SocketAddrLen,
-        )
+        f((&addr as *const libc::sockaddr_vm).cast(), VSOCK_ADDR_LEN)
     }
 }
 

@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn unclaimed_is_bounded() {
         let r = Reaper::default();
-        for pid in 0..(UNCLAIMED_MAX as i32 + 10) {
+        for pid in 0..(i32::try_from(UNCLAIMED_MAX).unwrap() + 10) {
             r.record(
                 pid,
                 Exit {

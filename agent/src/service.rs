@@ -90,7 +90,8 @@ impl AgentService for Service {
         r.exited_at_unix_nanos = exit
             .at
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
+            // Saturates in 2262, where i64 nanoseconds end.
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         Ok(r)
     }
 
@@ -101,7 +102,13 @@ impl AgentService for Service {
     ) -> R<pb::WriteStreamResponse> {
         let n = self.agent.write_stdin(&req).map_err(status)?;
         let mut r = pb::WriteStreamResponse::new();
-        r.len = n as u32;
+        // n is at most the request's data, which ttrpc caps at 4 MiB.
+        r.len = u32::try_from(n).map_err(|_| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(
+                Code::INTERNAL,
+                format!("wrote {n} bytes, over a u32"),
+            ))
+        })?;
         Ok(r)
     }
 
