@@ -333,4 +333,80 @@ mod tests {
         assert!(!root.join("sb").exists());
         fs::remove_dir_all(&root).unwrap();
     }
+
+    /// An agent that does not answer DestroySandbox: the VMM is asked to
+    /// shut down through its control socket (a stand-in VMM serves it and
+    /// exits on the request), not SIGKILLed; the state folder goes.
+    #[test]
+    fn a_silent_agent_ends_through_the_control_socket() {
+        let Ok(python) = which("python3") else {
+            eprintln!("skipped: no python3");
+            return;
+        };
+        let root = std::env::temp_dir().join(format!("husk-ctl-end-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let dir = StateDir::create(&root, "sb").unwrap();
+        let vmm_script = script(
+            &root.join("ctl-vmm"),
+            &format!(
+                "#!{}\n{}",
+                python.display(),
+                r#"
+import json, os, socket, sys
+d = os.path.dirname(sys.argv[2])
+s = socket.socket(socket.AF_UNIX)
+s.bind(os.path.join(d, "ctl.sock"))
+s.listen(1)
+c, _ = s.accept()
+req = json.loads(c.makefile().readline())
+open(os.path.join(d, "..", "request"), "w").write(json.dumps(req))
+c.sendall(b'{"ok":true}\n')
+sys.exit(0 if req.get("op") == "shutdown" else 3)
+"#
+            ),
+        );
+        let log = fs::File::create(dir.path.join(VMM_LOG)).unwrap();
+        let vmm = VmmProcess::spawn(
+            &vmm_script,
+            &dir.path.join(VM_SPEC),
+            log::LevelFilter::Info,
+            log,
+            "vmm-test",
+        )
+        .unwrap();
+        // The agent's end of the connection is held open and never read.
+        let (ours, _silent_agent) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sandbox = Sandbox {
+            id: "sb".into(),
+            dir: dir.keep(),
+            agent: Agent::new(ours, Duration::from_secs(1)).unwrap(),
+            vmm,
+            slots: Mutex::new(Slots::new(0, 0)),
+            debug_console: false,
+        };
+        // Let the stand-in bind its socket before the agent times out.
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        sandbox.destroy();
+        assert!(t.elapsed() < DESTROY_TIMEOUT, "{:?}", t.elapsed());
+        let request = fs::read_to_string(root.join("request")).unwrap();
+        assert_eq!(
+            husk_vm_config::control::parse_request(request.as_bytes()),
+            Ok(Request::Shutdown {
+                timeout_ms: CONTROL_SHUTDOWN_MS
+            })
+        );
+        assert_eq!(sandbox.vmm.exit_status().as_deref(), Some("exit status: 0"));
+        assert!(!root.join("sb").exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn which(name: &str) -> Result<PathBuf, ()> {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+            .ok_or(())
+    }
 }

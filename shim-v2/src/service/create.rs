@@ -52,9 +52,12 @@ struct Undo {
 }
 
 impl Undo {
-    /// The Create finished: keep everything.
+    /// The Create finished: keep everything. (Emptied field by field:
+    /// assigning a new Undo would drop, and so run, the old one.)
     fn disarm(&mut self) {
-        *self = Undo::default();
+        self.mounted = None;
+        self.sandbox = None;
+        self.marker = None;
     }
 }
 
@@ -330,4 +333,31 @@ fn write_marker(bundle: &Path, state: &Path, owner: bool) -> Result<PathBuf> {
     std::fs::write(&marker, format!("{}\n{owner_word}\n", state.display()))
         .map_err(|e| ServiceError::Internal(format!("writing {}: {e}", marker.display())))?;
     Ok(marker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undo_takes_back_only_what_is_not_disarmed() {
+        let dir = std::env::temp_dir().join(format!("husk-undo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = write_marker(&dir, Path::new("/run/husk/sb"), true).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&marker).unwrap(),
+            "/run/husk/sb\nowner\n"
+        );
+        let mut undo = Undo::default();
+        undo.marker = Some(marker.clone());
+        undo.disarm();
+        drop(undo);
+        assert!(marker.exists(), "a disarmed Undo removed the marker");
+        let mut undo = Undo::default();
+        undo.marker = Some(marker.clone());
+        drop(undo);
+        assert!(!marker.exists(), "an armed Undo left the marker");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
