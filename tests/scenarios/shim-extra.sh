@@ -33,7 +33,7 @@ check_lifecycle() {
   local ev=$!
   # The shell in the container counts.
   # shellcheck disable=SC2016
-  run_ctr life-run run -d "${husk[@]}" "$img" "$id" sh -c 'i=0; while :; do i=$((i+1)); echo $i >/tmp/n; sleep 0.1; done'
+  run_ctr life-run run -d "${husk[@]}" "$img" "$id" sh -c 'i=0; while :; do i=$((i+1)); echo $i >/tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done'
   want "run -d: exit 0" [ "$rc" = 0 ] || return
   want "the container runs" husk_wait_task "$id" "$limit" || return
   run_ctr life-ps task ps "$id"
@@ -45,6 +45,8 @@ check_lifecycle() {
   run_ctr life-resume task resume "$id"
   want "resume: exit 0" [ "$rc" = 0 ]
   want "the task is RUNNING" [ "$(task_status "$id")" = RUNNING ]
+  # The counter file is replaced by rename, so a read never catches it
+  # truncated: an empty read is lost output.
   run_ctr life-n1 task exec --exec-id n1 "$id" cat /tmp/n
   n1=$o
   sleep 2

@@ -605,6 +605,14 @@ mod tests {
                 "control_socket:",
             ),
             (
+                Box::new(|v| v["control_socket"] = json!(format!("/tmp/{}", "c".repeat(103)))),
+                "control_socket: /tmp/ccc",
+            ),
+            (
+                Box::new(|v| v["vsock"]["uds_path"] = json!(format!("/tmp/{}", "v".repeat(103)))),
+                "108 bytes, a socket path has at most 107",
+            ),
+            (
                 Box::new(|v| v["control_soket"] = json!("/tmp/c")),
                 "unknown field `control_soket`",
             ),
