@@ -30,6 +30,9 @@ const MAX_STATE_DIR: usize = limits::MAX_SOCKET_PATH_LEN - "/".len() - 64 - "/ct
 /// but the agent and a container need this much.
 const MIN_MEMORY_MIB: u64 = 64;
 const _: () = assert!(MIN_MEMORY_MIB >= limits::MIN_MEMORY_MIB);
+/// Default caps on a VM sized by its pod (`max_vcpus`, `max_memory_mib`).
+const DEFAULT_MAX_VCPUS: u32 = 8;
+const DEFAULT_MAX_MEMORY_MIB: u64 = 16 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -61,6 +64,8 @@ struct Raw {
     kernel_params: Option<String>,
     vcpus: Option<u32>,
     memory_mib: Option<u64>,
+    max_vcpus: Option<u32>,
+    max_memory_mib: Option<u64>,
     boot_timeout_secs: Option<u64>,
     request_timeout_secs: Option<u64>,
     log_level: Option<String>,
@@ -80,8 +85,14 @@ pub struct Config {
     pub kernel_path: PathBuf,
     pub initrd_path: PathBuf,
     pub kernel_params: String,
+    /// The VM's base vCPUs, before what the pod asks for.
     pub vcpus: u32,
+    /// The VM's base memory (guest kernel, agent), before what the pod
+    /// asks for.
     pub memory_mib: u64,
+    /// Caps on a VM sized by its pod.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u64,
     pub boot_timeout: Duration,
     pub request_timeout: Duration,
     pub log_level: log::LevelFilter,
@@ -196,6 +207,33 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             ),
         ));
     }
+    let vcpus = u32::try_from(range(
+        "vcpus",
+        raw.vcpus.unwrap_or(1).into(),
+        1,
+        limits::MAX_VCPUS.into(),
+    )?)
+    .unwrap_or(1);
+    let memory_mib = range(
+        "memory_mib",
+        raw.memory_mib.unwrap_or(256),
+        MIN_MEMORY_MIB,
+        limits::MAX_MEMORY_MIB,
+    )?;
+    let max_vcpus = u32::try_from(range(
+        "max_vcpus",
+        raw.max_vcpus.unwrap_or(DEFAULT_MAX_VCPUS.max(vcpus)).into(),
+        vcpus.into(),
+        limits::MAX_VCPUS.into(),
+    )?)
+    .unwrap_or(vcpus);
+    let max_memory_mib = range(
+        "max_memory_mib",
+        raw.max_memory_mib
+            .unwrap_or(DEFAULT_MAX_MEMORY_MIB.max(memory_mib)),
+        memory_mib,
+        limits::MAX_MEMORY_MIB,
+    )?;
     Ok(Config {
         source: path.to_path_buf(),
         vmm_path: abs("vmm_path", raw.vmm_path, "/usr/local/bin/husk-vmm")?,
@@ -206,19 +244,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             "/usr/share/husk/husk-agent.initrd",
         )?,
         kernel_params,
-        vcpus: u32::try_from(range(
-            "vcpus",
-            raw.vcpus.unwrap_or(1).into(),
-            1,
-            limits::MAX_VCPUS.into(),
-        )?)
-        .unwrap_or(1),
-        memory_mib: range(
-            "memory_mib",
-            raw.memory_mib.unwrap_or(256),
-            MIN_MEMORY_MIB,
-            limits::MAX_MEMORY_MIB,
-        )?,
+        vcpus,
+        memory_mib,
+        max_vcpus,
+        max_memory_mib,
         boot_timeout: Duration::from_secs(range(
             "boot_timeout_secs",
             raw.boot_timeout_secs.unwrap_or(60),
@@ -307,6 +336,10 @@ mod tests {
         assert_eq!(c.vmm_path, Path::new("/usr/local/bin/husk-vmm"));
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.memory_mib, 256);
+        assert_eq!((c.max_vcpus, c.max_memory_mib), (8, 16384));
+        // A base above the default caps raises them.
+        let c = p("vcpus = 12\nmemory_mib = 20000").unwrap();
+        assert_eq!((c.max_vcpus, c.max_memory_mib), (12, 20000));
         assert_eq!(c.boot_timeout, Duration::from_secs(60));
         assert_eq!(c.request_timeout, Duration::from_secs(30));
         assert_eq!(c.log_level, log::LevelFilter::Info);
@@ -367,6 +400,10 @@ mod tests {
         assert!(e.contains("kernel_params: must be printable"), "{e}");
         let e = err("state_dir = \"/a/very/long/state/directory/path/x\"");
         assert!(e.contains("state_dir: at most 33 bytes"), "{e}");
+        let e = err("vcpus = 2\nmax_vcpus = 1");
+        assert!(e.contains("max_vcpus: must be between 2 and 64, got 1"), "{e}");
+        let e = err("max_memory_mib = 100");
+        assert!(e.contains("max_memory_mib: must be between 256 and"), "{e}");
         let e = err("boot_timeout_secs = 0");
         assert!(e.contains("boot_timeout_secs"), "{e}");
     }

@@ -4,7 +4,8 @@
 //! the agent in the guest driven over vsock. See README.md.
 //!
 //! Modules: `config` (configuration file), `options` (runtime options),
-//! `spec` (bundle, CRI grouping, spec for the guest), `rootfs` (mounts,
+//! `spec` (bundle, CRI grouping, spec for the guest), `sizing` (the VM's
+//! size from the pod's or container's limits), `rootfs` (mounts,
 //! erofs images, pod disk slots), `sandbox` (the VM: state folder, VM
 //! description, the husk-vmm process and its control socket, teardown),
 //! `vsock` (hybrid vsock handshake), `agent` (the agent client), `io`
@@ -22,6 +23,7 @@ mod rootfs;
 mod sandbox;
 mod service;
 mod shim;
+mod sizing;
 mod spec;
 mod vsock;
 

@@ -157,6 +157,45 @@ check_slots() {
   want "the pod goes on" [ "$o" = still-fine ]
 }
 
+# VMs sized by what they run: the base (1 vCPU, 256 MiB) plus a lone
+# container's limits, or plus a pod's totals (the annotations containerd's
+# CRI plugin writes); a pod container that does not fit what is left is
+# refused before it takes anything, and what a deleted one reserved is
+# given back.
+# between N LO HI: LO < N <= HI.
+between() { [ "$1" -gt "$2" ] && [ "$1" -le "$3" ]; }
+
+check_sizing() {
+  run_ctr size-alone run --rm "${husk[@]}" --memory-limit 536870912 --cpus 1 "$img" x-size \
+    sh -c 'grep -c ^processor /proc/cpuinfo; grep MemTotal /proc/meminfo'
+  want "a container with limits runs" [ "$rc" = 0 ] || return
+  local cpus mem
+  cpus=$(sed -n 1p <<<"$o")
+  mem=$(awk '/MemTotal/ {print $2}' <<<"$o")
+  want "its VM has 1 + 1 vCPUs ($cpus)" [ "$cpus" = 2 ]
+  want "its VM has 256 + 512 MiB (MemTotal ${mem:-?} kB)" between "${mem:-0}" $((640 * 1024)) $((768 * 1024))
+  local sandbox=x-sized pod
+  pod=(--annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id="$sandbox")
+  run_ctr size-sb run -d "${husk[@]}" \
+    --annotation io.kubernetes.cri.container-type=sandbox --annotation io.kubernetes.cri.sandbox-id="$sandbox" \
+    --annotation io.kubernetes.cri.sandbox-memory=1073741824 "$img" "$sandbox" sleep 100000
+  want "a pod of 1 GiB starts" [ "$rc" = 0 ] || return
+  want "the pod runs" husk_wait_task "$sandbox" "$limit" || return
+  run_ctr size-big run -d "${husk[@]}" "${pod[@]}" --memory-limit 2147483648 "$img" "$sandbox-big" sleep 100000
+  want "a 2 GiB container in it is refused" [ "$rc" != 0 ]
+  want "... saying it does not fit the pod's 1024 MiB" grep -q "2048 MiB does not fit the 1024 MiB" <<<"$e"
+  # A 900 MiB container allocates and touches 800 MiB: dd's one 800 MiB
+  # buffer, filled from /dev/zero.
+  run_ctr size-touch run --rm "${husk[@]}" "${pod[@]}" --memory-limit 943718400 "$img" "$sandbox-touch" \
+    sh -c 'dd if=/dev/zero of=/dev/null bs=800M count=1 2>&1 && grep MemTotal /proc/meminfo'
+  want "a 900 MiB container in it touches 800 MiB (rc $rc)" [ "$rc" = 0 ]
+  want "... all of them in one read (${o%%$'\n'*})" grep -q "^1+0 records in" <<<"$o"
+  mem=$(awk '/MemTotal/ {print $2}' <<<"$o")
+  want "the pod's VM has 256 + 1024 MiB (MemTotal ${mem:-?} kB)" between "${mem:-0}" $((1152 * 1024)) $((1280 * 1024))
+  run_ctr size-again run --rm "${husk[@]}" "${pod[@]}" --memory-limit 943718400 "$img" "$sandbox-again" true
+  want "after it is deleted, its 900 MiB fit again" [ "$rc" = 0 ]
+}
+
 check_no_boot() {
   run_ctr noboot run --rm "${husk[@]}" --runtime-config-path "$work/no-boot.toml" "$img" x-noboot true
   want "create fails" [ "$rc" != 0 ]
@@ -170,4 +209,4 @@ check_bad_config() {
   want "... naming the key" grep -q "vcpus: must be between 1 and 64, got 0" <<<"$e"
 }
 
-ctr_run_checks lifecycle oom output-at-exit bind-mounts vmm-death slots no-boot bad-config
+ctr_run_checks lifecycle oom output-at-exit bind-mounts vmm-death slots sizing no-boot bad-config

@@ -23,6 +23,7 @@ use husk_vm_config::control::Request;
 use crate::agent::Agent;
 use crate::config::Config;
 use crate::rootfs::{self, RootfsError, Slots};
+use crate::sizing::{Limits, Reservations, SizingError, VmSize};
 use crate::vsock;
 use state_dir::{slot_file, StateDir, CONTROL_SOCKET, VMM_LOG, VMM_PID, VM_SPEC, VSOCK};
 use vmm::VmmProcess;
@@ -72,7 +73,12 @@ pub struct Sandbox {
     pub agent: Agent,
     vmm: VmmProcess,
     slots: Mutex<Slots>,
+    memory: Mutex<Reservations>,
     debug_console: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes `data` to `path`, naming the file in the error.
@@ -88,6 +94,7 @@ impl Sandbox {
         id: &str,
         dir: StateDir,
         cfg: &Config,
+        size: VmSize,
         slots: usize,
         hostname: &str,
         cancel: &AtomicBool,
@@ -96,7 +103,7 @@ impl Sandbox {
             rootfs::create_sparse(&dir.path.join(slot_file(n)), cfg.slot_bytes())?;
         }
         let spec_path = dir.path.join(VM_SPEC);
-        let spec = vm_spec::vm_spec(cfg, &dir.path, slots);
+        let spec = vm_spec::vm_spec(cfg, size, &dir.path, slots);
         // A VmSpec is plain data: serializing it cannot fail.
         write(
             spec_path.clone(),
@@ -128,8 +135,14 @@ impl Sandbox {
             agent,
             vmm,
             slots: Mutex::new(Slots::new(slots, cfg.slot_bytes())),
+            memory: Mutex::new(Reservations::new(size)),
             debug_console: cfg.debug_console,
         };
+        log::info!(
+            "sandbox {id}: {} vCPUs, {} MiB",
+            size.vcpus,
+            size.memory_mib
+        );
         let setup = sandbox
             .agent
             .guest_details()
@@ -177,13 +190,20 @@ impl Sandbox {
                 source,
             })?
             .len();
-        let n = self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(size)?;
+        let n = lock(&self.slots).take(size)?;
         rootfs::write_into_slot(image, &self.dir.join(slot_file(n)))?;
         Ok(slot_disk_serial(n))
+    }
+
+    /// Reserves container `id`'s memory limit in the VM, or says why it
+    /// does not fit.
+    pub fn reserve(&self, id: &str, limits: Limits) -> Result<(), SizingError> {
+        lock(&self.memory).reserve(id, limits)
+    }
+
+    /// Gives back what container `id` reserved.
+    pub fn release(&self, id: &str) {
+        lock(&self.memory).release(id);
     }
 
     /// SIGKILLs the VMM and waits for it.
@@ -274,6 +294,10 @@ mod tests {
         .unwrap()
     }
 
+    fn base(c: &Config) -> VmSize {
+        crate::sizing::size(c, Limits::default())
+    }
+
     fn script(path: &Path, text: &str) -> PathBuf {
         fs::write(path, text).unwrap();
         fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
@@ -287,7 +311,7 @@ mod tests {
         let mut c = cfg("boot_timeout_secs = 5");
         c.vmm_path = "/nonexistent/husk-vmm".into();
         let dir = StateDir::create(&root, "sb").unwrap();
-        let e = Sandbox::boot("sb", dir, &c, 1, "h", &AtomicBool::new(false))
+        let e = Sandbox::boot("sb", dir, &c, base(&c), 1, "h", &AtomicBool::new(false))
             .err()
             .unwrap();
         assert!(matches!(e, SandboxError::Spawn { .. }), "{e}");
@@ -299,7 +323,7 @@ mod tests {
             "#!/bin/sh\necho 'bad config: kernel.path' >&2\nexit 1\n",
         );
         let dir = StateDir::create(&root, "sb").unwrap();
-        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(false))
+        let e = Sandbox::boot("sb", dir, &c, base(&c), 0, "h", &AtomicBool::new(false))
             .err()
             .unwrap()
             .to_string();
@@ -312,7 +336,7 @@ mod tests {
         c.boot_timeout = Duration::from_secs(1);
         let dir = StateDir::create(&root, "sb").unwrap();
         let t = Instant::now();
-        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(false))
+        let e = Sandbox::boot("sb", dir, &c, base(&c), 0, "h", &AtomicBool::new(false))
             .err()
             .unwrap()
             .to_string();
@@ -324,7 +348,7 @@ mod tests {
         c.boot_timeout = Duration::from_secs(600);
         let dir = StateDir::create(&root, "sb").unwrap();
         let t = Instant::now();
-        let e = Sandbox::boot("sb", dir, &c, 0, "h", &AtomicBool::new(true))
+        let e = Sandbox::boot("sb", dir, &c, base(&c), 0, "h", &AtomicBool::new(true))
             .err()
             .unwrap()
             .to_string();
@@ -382,6 +406,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
             agent: Agent::new(ours, Duration::from_secs(1)).unwrap(),
             vmm,
             slots: Mutex::new(Slots::new(0, 0)),
+            memory: Mutex::new(Reservations::new(base(&cfg("")))),
             debug_console: false,
         };
         // Let the stand-in bind its socket before the agent times out.

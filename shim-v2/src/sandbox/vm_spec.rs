@@ -9,6 +9,7 @@ use husk_vm_config::{BlockSpec, KernelSpec, SerialSpec, VmSpec, VsockSpec};
 
 use super::state_dir::{slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, VSOCK};
 use crate::config::Config;
+use crate::sizing::VmSize;
 
 /// The guest's vsock context id (any value from 3 will do: one VM per
 /// socket).
@@ -28,9 +29,9 @@ pub fn kernel_cmdline(cfg: &Config) -> String {
     c
 }
 
-/// The VM of a sandbox whose state folder is `dir`, with `slots` pod disk
-/// slots.
-pub fn vm_spec(cfg: &Config, dir: &Path, slots: usize) -> VmSpec {
+/// The VM of a sandbox whose state folder is `dir`, of `size`, with `slots`
+/// pod disk slots.
+pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize) -> VmSpec {
     let mut block = vec![BlockSpec {
         id: "root".into(),
         path: dir.join(ROOT_IMAGE),
@@ -49,8 +50,8 @@ pub fn vm_spec(cfg: &Config, dir: &Path, slots: usize) -> VmSpec {
         SerialSpec::none()
     };
     VmSpec {
-        vcpus: cfg.vcpus,
-        memory_mib: cfg.memory_mib,
+        vcpus: size.vcpus,
+        memory_mib: size.memory_mib,
         hugepages: false,
         kernel: KernelSpec {
             path: cfg.kernel_path.clone(),
@@ -83,10 +84,14 @@ mod tests {
         .unwrap()
     }
 
+    fn base(c: &Config) -> VmSize {
+        crate::sizing::size(c, crate::sizing::Limits::default())
+    }
+
     #[test]
     fn vm_description() {
         let c = cfg("vcpus = 2\nmemory_mib = 512\nkernel_params = \"loglevel=8\"");
-        let v = vm_spec(&c, Path::new("/run/husk/p1"), 2);
+        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 2);
         assert_eq!((v.vcpus, v.memory_mib), (2, 512));
         assert_eq!(v.kernel.path, PathBuf::from("/k/bzImage"));
         assert_eq!(v.kernel.initrd, Some(PathBuf::from("/k/initrd")));
@@ -109,7 +114,7 @@ mod tests {
         assert!(v.rng);
 
         let c = cfg("debug_console = true");
-        let v = vm_spec(&c, Path::new("/run/husk/p1"), 0);
+        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 0);
         let serial = v.serial.as_ref().unwrap();
         assert_eq!(serial.output, SerialKind::File);
         assert_eq!(serial.path, Some("/run/husk/p1/console.log".into()));
@@ -141,9 +146,19 @@ mod tests {
             husk_vm_config::limits::MAX_VCPUS,
             husk_vm_config::limits::MAX_MEMORY_MIB
         ));
+        // The most a pod can get: everything up to the caps.
+        let size = crate::sizing::size(
+            &c,
+            crate::sizing::Limits {
+                memory_bytes: u64::MAX,
+                cpu_quota: u64::MAX,
+                cpu_period: 1,
+            },
+        );
+        assert_eq!(size.vcpus, husk_vm_config::limits::MAX_VCPUS);
         c.kernel_path = dir.join("bzImage");
         c.initrd_path = dir.join("initrd");
-        let json = serde_json::to_string(&vm_spec(&c, &dir, slots)).unwrap();
+        let json = serde_json::to_string(&vm_spec(&c, size, &dir, slots)).unwrap();
         let vm = husk_vm_config::VmConfig::from_json(&json).unwrap();
         assert_eq!(vm.block.len(), slots + 1);
         assert_eq!(

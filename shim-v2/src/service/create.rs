@@ -22,6 +22,7 @@ use crate::process::Process;
 use crate::rootfs::{self, RootfsError};
 use crate::sandbox::state_dir::{StateDir, ROOT_IMAGE};
 use crate::sandbox::Sandbox;
+use crate::sizing::{self, Limits};
 use crate::spec::{self, GuestSpec, Role};
 
 /// The file in a bundle that tells `shim delete` which sandbox state the
@@ -41,6 +42,11 @@ struct Plan {
     guest: GuestSpec,
     /// The bundle's rootfs folder.
     root: PathBuf,
+    /// What a new VM is sized for: the pod's totals, or the container's
+    /// own limits outside a pod.
+    vm_request: Limits,
+    /// The container's own limits, reserved in its VM.
+    limits: Limits,
 }
 
 /// Undoes the steps of a Create that did not finish.
@@ -48,6 +54,8 @@ struct Plan {
 struct Undo {
     mounted: Option<PathBuf>,
     sandbox: Option<Arc<Sandbox>>,
+    /// A joined sandbox and the container whose memory it reserved.
+    reserved: Option<(Arc<Sandbox>, String)>,
     marker: Option<PathBuf>,
 }
 
@@ -57,6 +65,7 @@ impl Undo {
     fn disarm(&mut self) {
         self.mounted = None;
         self.sandbox = None;
+        self.reserved = None;
         self.marker = None;
     }
 }
@@ -67,6 +76,9 @@ impl Drop for Undo {
             if let Err(e) = rootfs::unmount(&m) {
                 log::warn!("{e}");
             }
+        }
+        if let Some((sb, id)) = self.reserved.take() {
+            sb.release(&id);
         }
         if let Some(sb) = self.sandbox.take() {
             sb.destroy();
@@ -138,6 +150,11 @@ impl Inner {
         };
         let guest = spec::for_guest(&oci, req.terminal, spec::inspect_host)?;
         let root = spec::root_path(&bundle, &oci);
+        let limits = Limits::of_container(&oci)?;
+        let vm_request = match role {
+            Role::PodSandbox => Limits::of_pod(&oci)?,
+            _ => limits,
+        };
         Ok(Plan {
             id,
             bundle,
@@ -148,14 +165,21 @@ impl Inner {
             joining,
             guest,
             root,
+            vm_request,
+            limits,
         })
     }
 
     /// Boots the sandbox's VM, or puts the container's image into the
-    /// joined one; the sandbox and the serial of the container's disk.
+    /// joined one; either way reserves the container's memory in the VM.
+    /// The sandbox and the serial of the container's disk.
     fn sandbox_for(&self, plan: &Plan, undo: &mut Undo) -> Result<(Arc<Sandbox>, String)> {
         let cfg = &plan.cfg;
         if let Some(sb) = &plan.joining {
+            // Before the image takes a disk slot: a container that does
+            // not fit takes nothing.
+            sb.reserve(&plan.id, plan.limits)?;
+            undo.reserved = Some((sb.clone(), plan.id.clone()));
             let image = sb.dir.join(format!("image-{}.erofs", plan.id));
             let built = rootfs::build_erofs(&cfg.mkfs_erofs_path, &plan.root, &image)
                 .map_err(ServiceError::from)
@@ -177,11 +201,14 @@ impl Inner {
             &plan.sandbox_id,
             dir,
             cfg,
+            sizing::size(cfg, plan.vm_request),
             slots,
             &spec::hostname(&plan.oci),
             &self.cancel,
         )?);
         undo.sandbox = Some(sb.clone());
+        // The VM was sized for these limits; only the caps can refuse them.
+        sb.reserve(&plan.id, plan.limits)?;
         Ok((sb, ROOT_DISK_SERIAL.to_string()))
     }
 

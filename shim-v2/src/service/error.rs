@@ -7,6 +7,7 @@ use crate::agent::AgentError;
 use crate::config::ConfigError;
 use crate::rootfs::RootfsError;
 use crate::sandbox::SandboxError;
+use crate::sizing::SizingError;
 use crate::spec::SpecError;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum ServiceError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
+    Sizing(#[from] SizingError),
+    #[error(transparent)]
     Agent(#[from] AgentError),
     #[error("container stdio: {0}")]
     Io(#[from] crate::io::IoError),
@@ -47,6 +50,8 @@ impl ServiceError {
             ServiceError::Invalid(_) | ServiceError::Spec(_) => Code::INVALID_ARGUMENT,
             ServiceError::Precondition(_) | ServiceError::Config(_) => Code::FAILED_PRECONDITION,
             ServiceError::Unsupported(_) => Code::UNIMPLEMENTED,
+            ServiceError::Sizing(SizingError::DoesNotFit { .. }) => Code::RESOURCE_EXHAUSTED,
+            ServiceError::Sizing(_) => Code::INVALID_ARGUMENT,
             ServiceError::Agent(e) => match e.code() {
                 Some(
                     c @ (Code::NOT_FOUND

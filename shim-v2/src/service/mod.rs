@@ -179,6 +179,9 @@ impl Service {
             });
             return Ok(response(exit));
         }
+        if let Some(sb) = sb.as_ref() {
+            sb.release(&req.id);
+        }
         if let Some(sb) = sb.as_ref().filter(|sb| !sb.is_dead()) {
             if let Err(e) = sb.agent.remove_container(&req.id) {
                 if !e.is_not_found() {
