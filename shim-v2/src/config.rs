@@ -401,7 +401,10 @@ mod tests {
         let e = err("state_dir = \"/a/very/long/state/directory/path/x\"");
         assert!(e.contains("state_dir: at most 33 bytes"), "{e}");
         let e = err("vcpus = 2\nmax_vcpus = 1");
-        assert!(e.contains("max_vcpus: must be between 2 and 64, got 1"), "{e}");
+        assert!(
+            e.contains("max_vcpus: must be between 2 and 64, got 1"),
+            "{e}"
+        );
         let e = err("max_memory_mib = 100");
         assert!(e.contains("max_memory_mib: must be between 256 and"), "{e}");
         let e = err("boot_timeout_secs = 0");
