@@ -180,9 +180,10 @@ impl Agent {
             let (flag, name) = validate::ns_flag(ns.typ());
             namespaces.push((flag, name));
             let shared = [libc::CLONE_NEWNET, libc::CLONE_NEWIPC, libc::CLONE_NEWUTS];
+            let shared_pid = req.join_sandbox_pid_namespace && flag == libc::CLONE_NEWPID;
             let path = match (ns.path(), &leader) {
                 (Some(p), _) => Some(p.clone()),
-                (None, Some(l)) if shared.contains(&flag) => Some(
+                (None, Some(l)) if shared.contains(&flag) || shared_pid => Some(
                     Path::new("/proc")
                         .join(l.init.pid.to_string())
                         .join("ns")

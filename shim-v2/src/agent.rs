@@ -80,6 +80,17 @@ fn map_err(call: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
 pub type Result<T> = std::result::Result<T, AgentError>;
 
 /// A connection to the agent. Cloning shares the connection.
+/// Which namespaces of the pod's first container a container joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodJoin {
+    /// Its own (not a pod container).
+    Nothing,
+    /// Network, IPC and UTS, as every Kubernetes pod shares.
+    Shared,
+    /// Those and the PID namespace (shareProcessNamespace).
+    WithPid,
+}
+
 #[derive(Clone)]
 pub struct Agent {
     client: AgentServiceClient,
@@ -155,11 +166,13 @@ impl Agent {
         Ok(())
     }
 
+    /// Creates a container on the disk with `disk_serial`; `join` says
+    /// which of the pod's namespaces it joins.
     pub fn create_container(
         &self,
         id: &str,
         spec_json: Vec<u8>,
-        join_sandbox_namespaces: bool,
+        join: PodJoin,
         disk_serial: &str,
     ) -> Result<()> {
         let mut s = pb::Storage::new();
@@ -168,7 +181,8 @@ impl Agent {
         let mut r = pb::CreateContainerRequest::new();
         r.container_id = id.into();
         r.oci_spec_json = spec_json;
-        r.join_sandbox_namespaces = join_sandbox_namespaces;
+        r.join_sandbox_namespaces = join != PodJoin::Nothing;
+        r.join_sandbox_pid_namespace = join == PodJoin::WithPid;
         r.set_rootfs_storage(s);
         self.client
             .create_container(self.ctx(), &r)

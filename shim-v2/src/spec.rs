@@ -10,7 +10,9 @@
 //! - namespace `path`s are dropped: they name host namespaces (CRI's
 //!   network namespace, the pause container's /proc/<pid>/ns/...), which
 //!   mean nothing in the guest. A pod's containers join the pod's first
-//!   container's network, IPC and UTS namespaces in the guest instead;
+//!   container's network, IPC and UTS namespaces in the guest instead, and
+//!   its PID namespace when the spec named one to join (CRI's
+//!   shareProcessNamespace: [`GuestSpec::joins_pid_namespace`]);
 //! - `hooks` are dropped: they are host programs, and the container runs
 //!   in the guest (husk does not run OCI hooks);
 //! - bind mounts from the host cannot be shared with the guest (no shared
@@ -276,6 +278,9 @@ fn is_bind(m: &Value) -> bool {
 pub struct GuestSpec {
     pub json: Vec<u8>,
     pub copies: Vec<HostCopy>,
+    /// The spec named a PID namespace to join: in a pod, CRI's
+    /// shareProcessNamespace (the pause container's).
+    pub joins_pid_namespace: bool,
 }
 
 /// Rewrites `spec` for the guest (see the module's comment); `inspect`
@@ -290,6 +295,7 @@ pub fn for_guest(
         .as_object_mut()
         .ok_or_else(|| SpecError::Malformed("not an object".into()))?;
     obj.remove("hooks");
+    let mut joins_pid_namespace = false;
     if let Some(p) = obj.get_mut("process").and_then(Value::as_object_mut) {
         p.insert("terminal".into(), Value::Bool(terminal));
     }
@@ -299,7 +305,8 @@ pub fn for_guest(
         .and_then(Value::as_array_mut)
     {
         for ns in nss.iter_mut().filter_map(Value::as_object_mut) {
-            ns.remove("path");
+            let had_path = ns.remove("path").is_some();
+            joins_pid_namespace |= had_path && ns.get("type") == Some(&json!("pid"));
         }
     }
     let mut copies: BTreeMap<String, HostCopy> = BTreeMap::new();
@@ -385,6 +392,7 @@ pub fn for_guest(
     Ok(GuestSpec {
         json,
         copies: copies.into_values().collect(),
+        joins_pid_namespace,
     })
 }
 
@@ -476,6 +484,14 @@ mod tests {
     #[test]
     fn spec_is_rewritten_for_the_guest() {
         let g = for_guest(&base_spec(), true, fake_inspect).unwrap();
+        assert!(!g.joins_pid_namespace);
+        let mut shared = base_spec();
+        shared["linux"]["namespaces"][0]["path"] = json!("/proc/42/ns/pid");
+        assert!(
+            for_guest(&shared, true, fake_inspect)
+                .unwrap()
+                .joins_pid_namespace
+        );
         let v: Value = serde_json::from_slice(&g.json).unwrap();
         assert_eq!(v["root"]["path"], "rootfs");
         assert_eq!(v["root"]["readonly"], true);

@@ -196,6 +196,24 @@ check_sizing() {
   want "after it is deleted, its 900 MiB fit again" [ "$rc" = 0 ]
 }
 
+# A pod container that names a PID namespace to join (CRI's
+# shareProcessNamespace: the pause container's) shares the pod's first
+# container's; one that does not has its own.
+check_pod_pid() {
+  local sandbox=x-pidpod pod
+  pod=(--annotation io.kubernetes.cri.container-type=container --annotation io.kubernetes.cri.sandbox-id="$sandbox")
+  run_ctr pid-sb run -d "${husk[@]}" \
+    --annotation io.kubernetes.cri.container-type=sandbox --annotation io.kubernetes.cri.sandbox-id="$sandbox" \
+    "$img" "$sandbox" sleep 424242
+  want "the pod starts" [ "$rc" = 0 ] || return
+  want "the pod runs" husk_wait_task "$sandbox" "$limit" || return
+  run_ctr pid-shared run --rm "${husk[@]}" "${pod[@]}" --with-ns pid:/proc/1/ns/pid "$img" "$sandbox-shared" \
+    sh -c 'tr "\0" " " </proc/1/cmdline'
+  want "sharing the pod's PID namespace, its PID 1 is the pod's first process ($o)" grep -q '^sleep 424242' <<<"$o"
+  run_ctr pid-own run --rm "${husk[@]}" "${pod[@]}" "$img" "$sandbox-own" sh -c 'tr "\0" " " </proc/1/cmdline'
+  want "without, it is its own PID 1 ($o)" grep -q '^sh -c' <<<"$o"
+}
+
 check_no_boot() {
   run_ctr noboot run --rm "${husk[@]}" --runtime-config-path "$work/no-boot.toml" "$img" x-noboot true
   want "create fails" [ "$rc" != 0 ]
@@ -209,4 +227,4 @@ check_bad_config() {
   want "... naming the key" grep -q "vcpus: must be between 1 and 64, got 0" <<<"$e"
 }
 
-ctr_run_checks lifecycle oom output-at-exit bind-mounts vmm-death slots sizing no-boot bad-config
+ctr_run_checks lifecycle oom output-at-exit bind-mounts vmm-death slots sizing pod-pid no-boot bad-config

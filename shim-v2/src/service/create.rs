@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::error::{Result, ServiceError};
 use super::registry::{lock, Container, Inner};
 use super::watch;
+use crate::agent::PodJoin;
 use crate::config::Config;
 use crate::events::Event;
 use crate::io::{Pumps, StdioPaths};
@@ -285,7 +286,11 @@ fn guest_create(
 ) -> Result<Arc<Process>> {
     copy_host_files(sb, &plan.guest.copies)?;
     let id = plan.id.as_str();
-    let join = matches!(plan.role, Role::PodContainer { .. });
+    let join = match (&plan.role, plan.guest.joins_pid_namespace) {
+        (Role::PodContainer { .. }, true) => PodJoin::WithPid,
+        (Role::PodContainer { .. }, false) => PodJoin::Shared,
+        _ => PodJoin::Nothing,
+    };
     sb.agent
         .create_container(id, std::mem::take(&mut plan.guest.json), join, serial)
         .map_err(|e| {
