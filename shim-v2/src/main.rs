@@ -25,6 +25,7 @@ mod service;
 mod shim;
 mod sizing;
 mod spec;
+mod sync;
 mod vsock;
 
 fn main() {

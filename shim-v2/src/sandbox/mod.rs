@@ -24,6 +24,7 @@ use crate::agent::Agent;
 use crate::config::Config;
 use crate::rootfs::{self, RootfsError, Slots};
 use crate::sizing::{Limits, Reservations, SizingError, VmSize};
+use crate::sync::lock;
 use crate::vsock;
 use state_dir::{slot_file, StateDir, CONTROL_SOCKET, VMM_LOG, VMM_PID, VM_SPEC, VSOCK};
 use vmm::VmmProcess;
@@ -75,10 +76,6 @@ pub struct Sandbox {
     slots: Mutex<Slots>,
     memory: Mutex<Reservations>,
     debug_console: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Writes `data` to `path`, naming the file in the error.

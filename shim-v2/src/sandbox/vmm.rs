@@ -14,12 +14,13 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use rustix::process::{Pid, PidfdFlags, Signal};
 
 use super::state_dir::{VMM_PID, VM_SPEC};
+use crate::sync::lock;
 
 /// How long a SIGKILLed VMM may take to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -41,10 +42,6 @@ struct Exit {
     status: Mutex<Option<String>>,
     cv: Condvar,
     on_exit: Mutex<Option<ExitCallback>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A running (or ended) husk-vmm child.

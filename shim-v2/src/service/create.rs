@@ -13,7 +13,7 @@ use husk_protocols::guest::ROOT_DISK_SERIAL;
 use serde_json::Value;
 
 use super::error::{Result, ServiceError};
-use super::registry::{lock, Container, Inner};
+use super::registry::{Container, Inner};
 use super::watch;
 use crate::agent::PodJoin;
 use crate::config::Config;
@@ -25,6 +25,7 @@ use crate::sandbox::state_dir::{StateDir, ROOT_IMAGE};
 use crate::sandbox::Sandbox;
 use crate::sizing::{self, Limits};
 use crate::spec::{self, GuestSpec, Role};
+use crate::sync::lock;
 
 /// The file in a bundle that tells `shim delete` which sandbox state the
 /// container had: the state folder, and whether the container owned it.

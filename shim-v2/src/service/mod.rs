@@ -25,13 +25,14 @@ use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 
 pub use create::BUNDLE_MARKER;
 use error::{Result, ServiceError};
-use registry::{lock, Container, Inner};
+use registry::{Container, Inner};
 
 use crate::events::{timestamp, Event, Events};
 use crate::io::{Pumps, StdioPaths};
 use crate::process::{Exit, Process, State, EXIT_VM_GONE};
 use crate::rootfs;
 use crate::spec;
+use crate::sync::lock;
 
 #[derive(Clone)]
 pub struct Service {

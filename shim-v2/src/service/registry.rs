@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -17,14 +17,11 @@ use crate::events::{Event, Events};
 use crate::options;
 use crate::process::{Process, State, EXIT_VM_GONE};
 use crate::sandbox::Sandbox;
+use crate::sync::lock;
 
 /// How long an exiting VM's processes may take to report their own exits
 /// (with their output) before they are reported as killed.
 const VM_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
-
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 pub struct Container {
     pub bundle: PathBuf,

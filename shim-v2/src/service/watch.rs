@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::registry::{lock, Inner};
+use super::registry::Inner;
 use crate::events::Event;
 use crate::io::DRAIN_IDLE;
 use crate::process::{exit_status, Process, EXIT_VM_GONE};
 use crate::sandbox::Sandbox;
+use crate::sync::lock;
 
 /// How long a waiter retries a broken agent connection while the VMM runs.
 const WAIT_RETRY_LIMIT: Duration = Duration::from_secs(30);
