@@ -10,13 +10,15 @@
 //! description, the husk-vmm process and its control socket, teardown),
 //! `vsock` (hybrid vsock handshake), `agent` (the agent client), `io`
 //! (stdio threads), `process` (process state), `events` (events to
-//! containerd), `service` (the task API), `shim` (start/delete and the shim
-//! lifecycle).
+//! containerd), `service` (the task API), `marker` (the bundle file `shim
+//! delete` reads), `shim` (start/delete and the shim lifecycle), `sync`
+//! (the lock helper).
 
 mod agent;
 mod config;
 mod events;
 mod io;
+mod marker;
 mod options;
 mod process;
 mod rootfs;

@@ -7,8 +7,7 @@
 //! address is derived from the sandbox id, so `start` for a pod's later
 //! container finds the running pod shim's socket and returns its address.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -17,7 +16,8 @@ use containerd_shim::util::write_address;
 use containerd_shim::{Config, DeleteResponse, Error, ExitSignal, Flags, StartOpts};
 
 use crate::events::{timestamp, Events};
-use crate::service::{Service, BUNDLE_MARKER};
+use crate::marker;
+use crate::service::Service;
 use crate::spec::{self, Role};
 
 pub struct HuskShim {
@@ -35,20 +35,6 @@ pub fn grouping(id: &str, bundle: &Path) -> Result<String, spec::SpecError> {
     Ok(g)
 }
 
-/// Reads the bundle marker: (state folder, whether the container owned it).
-fn read_marker(bundle: &Path) -> Option<(PathBuf, bool)> {
-    let mut text = String::new();
-    std::fs::File::open(bundle.join(BUNDLE_MARKER))
-        .ok()?
-        .take(4096)
-        .read_to_string(&mut text)
-        .ok()?;
-    let mut lines = text.lines();
-    let dir = PathBuf::from(lines.next()?);
-    let owner = lines.next()? == "owner";
-    dir.is_absolute().then_some((dir, owner))
-}
-
 /// What `shim delete` does for a container whose shim is gone: unmount its
 /// rootfs, and if it owned a sandbox, end that sandbox's VM and remove its
 /// state folder.
@@ -59,13 +45,13 @@ pub fn cleanup_bundle(id: &str, bundle: &Path) {
             log::warn!("{id}: {e}");
         }
     }
-    if let Some((dir, owner)) = read_marker(bundle) {
+    if let Some((dir, owner)) = marker::read(bundle) {
         if owner {
             crate::sandbox::vmm::kill_recorded(&dir);
             // The folder holds only files and sockets (nothing mounted).
             crate::sandbox::state_dir::remove(&dir);
         }
-        let _ = std::fs::remove_file(bundle.join(BUNDLE_MARKER));
+        marker::remove(bundle);
     }
 }
 
@@ -112,6 +98,7 @@ impl containerd_shim::Shim for HuskShim {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::marker::BUNDLE_MARKER;
 
     #[test]
     fn grouping_follows_the_sandbox_id() {

@@ -19,6 +19,7 @@ use crate::agent::PodJoin;
 use crate::config::Config;
 use crate::events::Event;
 use crate::io::{Pumps, StdioPaths};
+use crate::marker;
 use crate::process::Process;
 use crate::rootfs::{self, RootfsError};
 use crate::sandbox::state_dir::{StateDir, ROOT_IMAGE};
@@ -26,10 +27,6 @@ use crate::sandbox::Sandbox;
 use crate::sizing::{self, Limits};
 use crate::spec::{self, GuestSpec, Role};
 use crate::sync::lock;
-
-/// The file in a bundle that tells `shim delete` which sandbox state the
-/// container had: the state folder, and whether the container owned it.
-pub const BUNDLE_MARKER: &str = "husk-sandbox";
 
 /// What a Create request asks for, checked, before anything is set up.
 struct Plan {
@@ -358,14 +355,14 @@ fn copy_host_files(sb: &Sandbox, copies: &[spec::HostCopy]) -> Result<()> {
     Ok(())
 }
 
-/// Writes the bundle marker for `shim delete` (see [`BUNDLE_MARKER`]); its
-/// path.
+/// Writes the bundle marker (see [`marker`]); its path.
 fn write_marker(bundle: &Path, state: &Path, owner: bool) -> Result<PathBuf> {
-    let marker = bundle.join(BUNDLE_MARKER);
-    let owner_word = if owner { "owner" } else { "member" };
-    std::fs::write(&marker, format!("{}\n{owner_word}\n", state.display()))
-        .map_err(|e| ServiceError::Internal(format!("writing {}: {e}", marker.display())))?;
-    Ok(marker)
+    marker::write(bundle, state, owner).map_err(|e| {
+        ServiceError::Internal(format!(
+            "writing {}: {e}",
+            bundle.join(marker::BUNDLE_MARKER).display()
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -23,12 +23,12 @@ use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 
-pub use create::BUNDLE_MARKER;
 use error::{Result, ServiceError};
 use registry::{Container, Inner};
 
 use crate::events::{timestamp, Event, Events};
 use crate::io::{Pumps, StdioPaths};
+use crate::marker;
 use crate::process::{Exit, Process, State, EXIT_VM_GONE};
 use crate::rootfs;
 use crate::spec;
@@ -208,7 +208,7 @@ impl Service {
                 log::warn!("{e}");
             }
         }
-        let _ = std::fs::remove_file(c.bundle.join(BUNDLE_MARKER));
+        marker::remove(&c.bundle);
         let last = {
             let mut st = lock(&inner.state);
             st.containers.remove(&req.id);
