@@ -11,6 +11,7 @@ use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use crate::network::GuestNetwork;
 use husk_protocols::agent as pb;
 use husk_protocols::agent_ttrpc::AgentServiceClient;
 use husk_protocols::ttrpc::{self, context, Code};
@@ -142,10 +143,22 @@ impl Agent {
         Ok((sanitize(&r.kernel_release), sanitize(&r.agent_version)))
     }
 
-    pub fn create_sandbox(&self, sandbox_id: &str, hostname: &str) -> Result<()> {
+    /// Sets the sandbox up in the guest: hostname, clock and, given one,
+    /// the pod network.
+    pub fn create_sandbox(
+        &self,
+        sandbox_id: &str,
+        hostname: &str,
+        network: Option<&GuestNetwork>,
+    ) -> Result<()> {
         let mut r = pb::CreateSandboxRequest::new();
         r.sandbox_id = sandbox_id.into();
         r.hostname = hostname.into();
+        if let Some(n) = network {
+            r.interfaces = n.interfaces.clone();
+            r.routes = n.routes.clone();
+            r.neighbors = n.neighbors.clone();
+        }
         r.clock_unix_nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, nanos);

@@ -19,9 +19,10 @@ const MAX_FILE: u64 = 1 << 20;
 /// own parameters use far less than the rest.
 pub const MAX_KERNEL_PARAMS: usize = limits::MAX_CMDLINE_LEN / 2;
 /// Every virtio device the VMM has room for, but the first container's disk,
-/// vsock and rng.
-#[allow(clippy::cast_possible_truncation)] // 16 fits
-pub const MAX_POD_DISK_SLOTS: u32 = (limits::MAX_VIRTIO_DEVICES - 3) as u32;
+/// vsock, rng and the most NICs a pod network has.
+#[allow(clippy::cast_possible_truncation)] // 12 fits
+pub const MAX_POD_DISK_SLOTS: u32 =
+    (limits::MAX_VIRTIO_DEVICES - 3 - crate::network::discover::MAX_INTERFACES) as u32;
 /// Longest `state_dir`: `<state_dir>/<64-byte id>/ctl.sock` must be a
 /// socket path the VMM can bind (CRI's ids are 64 bytes; a longer id gets
 /// the VMM's error naming the socket path).
@@ -391,9 +392,9 @@ mod tests {
         assert!(e.contains("kernel_path: must be an absolute path"), "{e}");
         let e = err("log_level = \"loud\"");
         assert!(e.contains("log_level: must be error"), "{e}");
-        let e = err("pod_disk_slots = 17");
+        let e = err("pod_disk_slots = 13");
         assert!(
-            e.contains("pod_disk_slots: must be between 0 and 16"),
+            e.contains("pod_disk_slots: must be between 0 and 12"),
             "{e}"
         );
         let e = err("kernel_params = \"a\\nb\"");

@@ -19,6 +19,7 @@ mod config;
 mod events;
 mod io;
 mod marker;
+mod network;
 mod options;
 mod process;
 mod rootfs;

@@ -10,9 +10,12 @@
 //! - namespace `path`s are dropped: they name host namespaces (CRI's
 //!   network namespace, the pause container's /proc/<pid>/ns/...), which
 //!   mean nothing in the guest. A pod's containers join the pod's first
-//!   container's network, IPC and UTS namespaces in the guest instead, and
-//!   its PID namespace when the spec named one to join (CRI's
-//!   shareProcessNamespace: [`GuestSpec::joins_pid_namespace`]);
+//!   container's IPC and UTS namespaces in the guest instead, and its PID
+//!   namespace when the spec named one to join (CRI's
+//!   shareProcessNamespace: [`GuestSpec::joins_pid_namespace`]). A network
+//!   namespace with a path (the pod's, [`netns_path`]) is dropped whole:
+//!   the VM's NICs stand for that namespace's interfaces, so the guest's
+//!   own network namespace is the pod's, and every container uses it;
 //! - `hooks` are dropped: they are host programs, and the container runs
 //!   in the guest (husk does not run OCI hooks);
 //! - bind mounts from the host cannot be shared with the guest (no shared
@@ -158,6 +161,17 @@ pub fn root_path(bundle: &Path, spec: &Value) -> PathBuf {
 }
 
 /// The spec's hostname (empty if none).
+/// The spec's network namespace: `None` when it asks for none (the
+/// host's: CRI's hostNetwork, `ctr run --net-host`), `Some(None)` for a new
+/// one, `Some(Some(path))` for one to join (the pod's, which CNI set up).
+pub fn network_namespace(spec: &Value) -> Option<Option<PathBuf>> {
+    spec.pointer("/linux/namespaces")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|ns| ns.get("type") == Some(&json!("network")))
+        .map(|ns| ns.get("path").and_then(Value::as_str).map(PathBuf::from))
+}
+
 pub fn hostname(spec: &Value) -> String {
     spec.get("hostname")
         .and_then(Value::as_str)
@@ -304,6 +318,7 @@ pub fn for_guest(
         .and_then(|l| l.get_mut("namespaces"))
         .and_then(Value::as_array_mut)
     {
+        nss.retain(|ns| !(ns.get("type") == Some(&json!("network")) && ns.get("path").is_some()));
         for ns in nss.iter_mut().filter_map(Value::as_object_mut) {
             let had_path = ns.remove("path").is_some();
             joins_pid_namespace |= had_path && ns.get("type") == Some(&json!("pid"));
@@ -468,6 +483,25 @@ mod tests {
         })
     }
 
+    #[test]
+    fn network_namespace_kinds() {
+        let spec = base_spec();
+        assert_eq!(
+            network_namespace(&spec),
+            Some(Some(PathBuf::from("/var/run/netns/cni-1")))
+        );
+        let mut new = spec.clone();
+        new["linux"]["namespaces"][1] = json!({"type": "network"});
+        assert_eq!(network_namespace(&new), Some(None));
+        let mut host = spec;
+        host["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .remove(1);
+        assert_eq!(network_namespace(&host), None);
+        assert_eq!(network_namespace(&json!({})), None);
+    }
+
     fn fake_inspect(p: &Path) -> HostKind {
         match p.to_str().unwrap() {
             "/var/lib/c/hosts" | "/var/lib/c/resolv.conf" => HostKind::File { size: 100 },
@@ -498,9 +532,16 @@ mod tests {
         assert_eq!(v["process"]["terminal"], true);
         assert!(v.get("hooks").is_none());
         assert_eq!(v["x-unknown"]["kept"], true);
-        for ns in v["linux"]["namespaces"].as_array().unwrap() {
+        let nss = v["linux"]["namespaces"].as_array().unwrap();
+        for ns in nss {
             assert!(ns.get("path").is_none(), "{ns}");
         }
+        let types: Vec<_> = nss.iter().map(|ns| ns["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            ["pid", "ipc", "mount"],
+            "the pod's netns is the VM's own"
+        );
         let m = v["mounts"].as_array().unwrap();
         assert_eq!(m[0]["source"], "proc");
         let hosts = m[1]["source"].as_str().unwrap();

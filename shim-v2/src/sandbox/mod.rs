@@ -22,6 +22,7 @@ use husk_vm_config::control::Request;
 
 use crate::agent::Agent;
 use crate::config::Config;
+use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::{self, RootfsError, Slots};
 use crate::sizing::{Limits, Reservations, SizingError, VmSize};
 use crate::sync::lock;
@@ -65,6 +66,8 @@ pub enum SandboxError {
     },
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 /// A running VM and its agent.
@@ -76,6 +79,8 @@ pub struct Sandbox {
     slots: Mutex<Slots>,
     memory: Mutex<Reservations>,
     debug_console: bool,
+    /// The pod network's taps and redirects, removed after the VMM ends.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 /// Writes `data` to `path`, naming the file in the error.
@@ -85,8 +90,11 @@ fn write(path: PathBuf, data: &[u8]) -> Result<(), SandboxError> {
 
 impl Sandbox {
     /// Boots the VM of sandbox `id` in `dir` (which holds root.erofs), with
-    /// `slots` pod disk slots, and sets the sandbox up in the guest. On
-    /// failure the VMM is killed and the folder removed.
+    /// `slots` pod disk slots and, given the pod's network namespace
+    /// `netns`, a NIC on each of its interfaces; and sets the sandbox up in
+    /// the guest. On failure the VMM is killed, the network taken back and
+    /// the folder removed.
+    #[allow(clippy::too_many_arguments)]
     pub fn boot(
         id: &str,
         dir: StateDir,
@@ -94,13 +102,52 @@ impl Sandbox {
         size: VmSize,
         slots: usize,
         hostname: &str,
+        netns: Option<&Path>,
         cancel: &AtomicBool,
     ) -> Result<Sandbox, SandboxError> {
         for n in 1..=slots {
             rootfs::create_sparse(&dir.path.join(slot_file(n)), cfg.slot_bytes())?;
         }
+        let mut network = netns.map(PodNetwork::setup).transpose()?;
+        let booted = Sandbox::boot_vm(
+            id,
+            &dir,
+            cfg,
+            size,
+            slots,
+            hostname,
+            network.as_ref(),
+            cancel,
+        );
+        match booted {
+            Ok(mut sandbox) => {
+                sandbox.network = Mutex::new(network);
+                dir.keep();
+                Ok(sandbox)
+            }
+            Err(e) => {
+                if let Some(n) = network.as_mut() {
+                    n.teardown();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn boot_vm(
+        id: &str,
+        dir: &StateDir,
+        cfg: &Config,
+        size: VmSize,
+        slots: usize,
+        hostname: &str,
+        network: Option<&PodNetwork>,
+        cancel: &AtomicBool,
+    ) -> Result<Sandbox, SandboxError> {
         let spec_path = dir.path.join(VM_SPEC);
-        let spec = vm_spec::vm_spec(cfg, size, &dir.path, slots);
+        let nics = network.map(PodNetwork::nics).unwrap_or_default();
+        let spec = vm_spec::vm_spec(cfg, size, &dir.path, slots, nics);
         // A VmSpec is plain data: serializing it cannot fail.
         write(
             spec_path.clone(),
@@ -112,7 +159,8 @@ impl Sandbox {
             source,
         })?;
         let name = format!("vmm-{}", id.get(..8).unwrap_or(id));
-        let vmm = VmmProcess::spawn(&cfg.vmm_path, &spec_path, cfg.log_level, log, &name)?;
+        let netns = network.map(|n| n.netns.fd());
+        let vmm = VmmProcess::spawn(&cfg.vmm_path, &spec_path, cfg.log_level, log, &name, netns)?;
         log::info!("sandbox {id}: VMM pid {} started", vmm.pid);
         // For `shim delete`, should this shim die during the boot.
         let _ = write(dir.path.join(VMM_PID), vmm.pid.to_string().as_bytes());
@@ -134,6 +182,7 @@ impl Sandbox {
             slots: Mutex::new(Slots::new(slots, cfg.slot_bytes())),
             memory: Mutex::new(Reservations::new(size)),
             debug_console: cfg.debug_console,
+            network: Mutex::new(None),
         };
         log::info!(
             "sandbox {id}: {} vCPUs, {} MiB",
@@ -145,7 +194,8 @@ impl Sandbox {
             .guest_details()
             .and_then(|(release, version)| {
                 log::info!("sandbox {id}: guest kernel {release}, agent {version}");
-                sandbox.agent.create_sandbox(id, hostname)
+                let guest_net = network.map(|n| &n.guest);
+                sandbox.agent.create_sandbox(id, hostname, guest_net)
             });
         if let Err(source) = setup {
             sandbox.kill();
@@ -154,7 +204,6 @@ impl Sandbox {
                 diagnostics: sandbox.diagnostics(),
             });
         }
-        dir.keep();
         Ok(sandbox)
     }
 
@@ -230,6 +279,9 @@ impl Sandbox {
                 );
                 self.kill();
             }
+        }
+        if let Some(mut n) = lock(&self.network).take() {
+            n.teardown();
         }
         state_dir::remove(&self.dir);
         log::info!("sandbox {}: ended", self.id);
@@ -308,9 +360,18 @@ mod tests {
         let mut c = cfg("boot_timeout_secs = 5");
         c.vmm_path = "/nonexistent/husk-vmm".into();
         let dir = StateDir::create(&root, "sb").unwrap();
-        let e = Sandbox::boot("sb", dir, &c, base(&c), 1, "h", &AtomicBool::new(false))
-            .err()
-            .unwrap();
+        let e = Sandbox::boot(
+            "sb",
+            dir,
+            &c,
+            base(&c),
+            1,
+            "h",
+            None,
+            &AtomicBool::new(false),
+        )
+        .err()
+        .unwrap();
         assert!(matches!(e, SandboxError::Spawn { .. }), "{e}");
         assert!(!root.join("sb").exists());
 
@@ -320,10 +381,19 @@ mod tests {
             "#!/bin/sh\necho 'bad config: kernel.path' >&2\nexit 1\n",
         );
         let dir = StateDir::create(&root, "sb").unwrap();
-        let e = Sandbox::boot("sb", dir, &c, base(&c), 0, "h", &AtomicBool::new(false))
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Sandbox::boot(
+            "sb",
+            dir,
+            &c,
+            base(&c),
+            0,
+            "h",
+            None,
+            &AtomicBool::new(false),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("the VMM exited"), "{e}");
         assert!(e.contains("bad config: kernel.path"), "{e}");
         assert!(!root.join("sb").exists());
@@ -333,10 +403,19 @@ mod tests {
         c.boot_timeout = Duration::from_secs(1);
         let dir = StateDir::create(&root, "sb").unwrap();
         let t = Instant::now();
-        let e = Sandbox::boot("sb", dir, &c, base(&c), 0, "h", &AtomicBool::new(false))
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Sandbox::boot(
+            "sb",
+            dir,
+            &c,
+            base(&c),
+            0,
+            "h",
+            None,
+            &AtomicBool::new(false),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("did not answer within boot_timeout_secs"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(8));
         assert!(!root.join("sb").exists());
@@ -345,10 +424,19 @@ mod tests {
         c.boot_timeout = Duration::from_secs(600);
         let dir = StateDir::create(&root, "sb").unwrap();
         let t = Instant::now();
-        let e = Sandbox::boot("sb", dir, &c, base(&c), 0, "h", &AtomicBool::new(true))
-            .err()
-            .unwrap()
-            .to_string();
+        let e = Sandbox::boot(
+            "sb",
+            dir,
+            &c,
+            base(&c),
+            0,
+            "h",
+            None,
+            &AtomicBool::new(true),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("cancelled"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(8));
         assert!(!root.join("sb").exists());
@@ -393,6 +481,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
             log::LevelFilter::Info,
             log,
             "vmm-test",
+            None,
         )
         .unwrap();
         // The agent's end of the connection is held open and never read.
@@ -405,6 +494,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
             slots: Mutex::new(Slots::new(0, 0)),
             memory: Mutex::new(Reservations::new(base(&cfg("")))),
             debug_console: false,
+            network: Mutex::new(None),
         };
         // Let the stand-in bind its socket before the agent times out.
         std::thread::sleep(Duration::from_millis(300));

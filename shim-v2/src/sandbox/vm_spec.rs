@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use husk_protocols::guest::{slot_disk_serial, AGENT_PORT, AGENT_PORT_PARAM, ROOT_DISK_SERIAL};
-use husk_vm_config::{BlockSpec, KernelSpec, SerialSpec, VmSpec, VsockSpec};
+use husk_vm_config::{BlockSpec, KernelSpec, NetSpec, SerialSpec, VmSpec, VsockSpec};
 
 use super::state_dir::{slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, VSOCK};
 use crate::config::Config;
@@ -30,8 +30,8 @@ pub fn kernel_cmdline(cfg: &Config) -> String {
 }
 
 /// The VM of a sandbox whose state folder is `dir`, of `size`, with `slots`
-/// pod disk slots.
-pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize) -> VmSpec {
+/// pod disk slots and the pod network's NICs `net`.
+pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize, net: Vec<NetSpec>) -> VmSpec {
     let mut block = vec![BlockSpec {
         id: "root".into(),
         path: dir.join(ROOT_IMAGE),
@@ -64,7 +64,7 @@ pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize) -> VmSpec {
             guest_cid: GUEST_CID,
             uds_path: dir.join(VSOCK),
         }),
-        net: Vec::new(),
+        net,
         rng: true,
         control_socket: Some(dir.join(CONTROL_SOCKET)),
     }
@@ -91,7 +91,7 @@ mod tests {
     #[test]
     fn vm_description() {
         let c = cfg("vcpus = 2\nmemory_mib = 512\nkernel_params = \"loglevel=8\"");
-        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 2);
+        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 2, Vec::new());
         assert_eq!((v.vcpus, v.memory_mib), (2, 512));
         assert_eq!(v.kernel.path, PathBuf::from("/k/bzImage"));
         assert_eq!(v.kernel.initrd, Some(PathBuf::from("/k/initrd")));
@@ -114,7 +114,7 @@ mod tests {
         assert!(v.rng);
 
         let c = cfg("debug_console = true");
-        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 0);
+        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 0, Vec::new());
         let serial = v.serial.as_ref().unwrap();
         assert_eq!(serial.output, SerialKind::File);
         assert_eq!(serial.path, Some("/run/husk/p1/console.log".into()));
@@ -158,7 +158,15 @@ mod tests {
         assert_eq!(size.vcpus, husk_vm_config::limits::MAX_VCPUS);
         c.kernel_path = dir.join("bzImage");
         c.initrd_path = dir.join("initrd");
-        let json = serde_json::to_string(&vm_spec(&c, size, &dir, slots)).unwrap();
+        // As many NICs as a pod network may have.
+        let nics = (0..crate::network::discover::MAX_INTERFACES)
+            .map(|n| NetSpec {
+                id: format!("net{n}"),
+                tap: crate::network::tap::tap_name(n),
+                mac: Some(format!("02:00:00:00:00:0{n}")),
+            })
+            .collect();
+        let json = serde_json::to_string(&vm_spec(&c, size, &dir, slots, nics)).unwrap();
         let vm = husk_vm_config::VmConfig::from_json(&json).unwrap();
         assert_eq!(vm.block.len(), slots + 1);
         assert_eq!(

@@ -53,13 +53,15 @@ pub struct VmmProcess {
 
 impl VmmProcess {
     /// Starts `vmm --config <spec> --log-level <level>` with stderr to
-    /// `log`; `name` names its thread.
+    /// `log`, inside network namespace `netns` if given (the pod's, where
+    /// its taps are); `name` names its thread.
     pub fn spawn(
         vmm: &Path,
         spec: &Path,
         log_level: log::LevelFilter,
         log: fs::File,
         name: &str,
+        netns: Option<Arc<OwnedFd>>,
     ) -> Result<VmmProcess, SpawnError> {
         let err = |source| SpawnError {
             vmm: vmm.to_path_buf(),
@@ -80,6 +82,9 @@ impl VmmProcess {
                 rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
                     .map_err(io::Error::from)
             });
+        }
+        if let Some(fd) = netns {
+            crate::network::NetNs::enter_on_spawn(fd, &mut cmd);
         }
         let exit = Arc::new(Exit::default());
         let (tx, rx) = mpsc::sync_channel(1);

@@ -46,6 +46,8 @@ struct Plan {
     vm_request: Limits,
     /// The container's own limits, reserved in its VM.
     limits: Limits,
+    /// A new VM's pod network namespace (CNI's), whose interfaces it gets.
+    netns: Option<PathBuf>,
 }
 
 /// Undoes the steps of a Create that did not finish.
@@ -147,6 +149,15 @@ impl Inner {
             }
             (_, None) => None,
         };
+        let netns = match (&role, spec::network_namespace(&oci)) {
+            (Role::PodContainer { .. }, _) => None,
+            (_, None) => {
+                return Err(ServiceError::Unsupported(
+                    "the host's network namespace (hostNetwork, ctr --net-host)",
+                ))
+            }
+            (_, Some(path)) => path,
+        };
         let guest = spec::for_guest(&oci, req.terminal, spec::inspect_host)?;
         let root = spec::root_path(&bundle, &oci);
         let limits = Limits::of_container(&oci)?;
@@ -166,6 +177,7 @@ impl Inner {
             root,
             vm_request,
             limits,
+            netns,
         })
     }
 
@@ -203,6 +215,7 @@ impl Inner {
             sizing::size(cfg, plan.vm_request),
             slots,
             &spec::hostname(&plan.oci),
+            plan.netns.as_deref(),
             &self.cancel,
         )?);
         undo.sandbox = Some(sb.clone());
