@@ -105,3 +105,6 @@ impl PodNetwork {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -108,7 +108,7 @@ impl NetNs {
 
 /// `name` on PATH, else in /usr/sbin or /sbin, else `name` (the spawn
 /// error then names it).
-fn find_tool(name: &str) -> PathBuf {
+pub(super) fn find_tool(name: &str) -> PathBuf {
     let on_path = std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
