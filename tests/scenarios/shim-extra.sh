@@ -4,7 +4,10 @@
 # pause/resume, ps, metrics, update, OOM events, no output lost at exit
 # (init and exec), host bind mounts copied into the guest, a VMM that dies
 # under its container, pod disk slots running out, a VM that does not boot
-# in time, a bad configuration. After each check nothing may be left.
+# in time, a bad configuration, SIGTERM to a PID 1 that handles it (husk
+# and runc), a pod network namespace's network in the VM (node <-> pod
+# ping and HTTP), and the bad network inputs. After each check nothing may
+# be left.
 #
 #   tests/run.sh shim-extra   (after scripts/build.sh, which builds the
 #                              shim-client example it uses)
@@ -215,6 +218,75 @@ check_pod_pid() {
   want "without, it is its own PID 1 ($o)" grep -q '^tr ' <<<"$o"
 }
 
+# StopContainer's first step: SIGTERM to a container whose PID 1 handles it
+# (busybox top) ends it at once, with husk as with runc.
+check_stop_sigterm() {
+  local rt id t0 rts=("${husk[@]}")
+  for rt in husk runc; do
+    id=x-term-$rt
+    [ "$rt" = husk ] || rts=(--runtime io.containerd.runc.v2)
+    run_ctr "term-run-$rt" run -d "${rts[@]}" "$img" "$id" top -b -d 1
+    want "$rt: top runs" husk_wait_task "$id" "$limit" || return
+    # As critest's stop spec: the signal about a second after start.
+    sleep 1
+    t0=$(now_ms)
+    run_ctr "term-kill-$rt" task kill "$id"
+    want "$rt: kill: exit 0" [ "$rc" = 0 ]
+    want "$rt: top (PID 1) ends on SIGTERM within 10 s" wait_until 10 task_is "$id" STOPPED
+    echo "    $rt: stopped $(( $(now_ms) - t0 )) ms after SIGTERM"
+    hctr task delete "$id" >/dev/null 2>&1
+    hctr container delete "$id" >/dev/null 2>&1
+  done
+}
+
+# A container given a network namespace to join (what CRI gives a pod:
+# CNI's veth, addresses and routes in it) gets the namespace's network in
+# its VM: the node pings it and fetches from its HTTP server, the guest
+# sees the interface as CNI left it and reaches the node; afterwards the
+# tap and the redirects are gone and the namespace is as CNI left it.
+check_pod_net() {
+  local ns=husk-x-net id=x-net peer=hx-net0 before after
+  ip netns add "$ns"
+  ip link add "$peer" type veth peer name eth0 netns "$ns"
+  ip addr add 10.77.0.1/24 dev "$peer"
+  ip link set "$peer" up
+  ip -n "$ns" link set eth0 address 02:42:0a:4d:00:02 up
+  ip -n "$ns" addr add 10.77.0.2/24 dev eth0
+  ip -n "$ns" route add default via 10.77.0.1
+  before=$(ip -n "$ns" -d -o link show; ip netns exec "$ns" tc qdisc show)
+  # shellcheck disable=SC2016
+  run_ctr net-run run -d "${husk[@]}" --with-ns "network:/var/run/netns/$ns" "$img" "$id" \
+    sh -c 'echo hello-from-husk >/tmp/index.html; exec httpd -f -p 8080 -h /tmp'
+  want "run -d with the netns: exit 0" [ "$rc" = 0 ] || { ip netns del "$ns"; return; }
+  want "the container runs" husk_wait_task "$id" "$limit"
+  want "the node pings the pod" busybox ping -c 3 -W 10 10.77.0.2
+  want "the node fetches from the pod's HTTP server" \
+    wait_until 20 sh -c 'busybox wget -q -T 5 -O- http://10.77.0.2:8080/ | grep -q hello-from-husk'
+  run_ctr net-addr task exec --exec-id a "$id" ip -o addr show eth0
+  want "the guest has eth0 10.77.0.2/24 ($o)" grep -q 'inet 10.77.0.2/24' <<<"$o"
+  run_ctr net-link task exec --exec-id l "$id" cat /sys/class/net/eth0/address
+  want "... with the veth's MAC ($o)" [ "$o" = 02:42:0a:4d:00:02 ]
+  run_ctr net-route task exec --exec-id r "$id" ip route
+  want "... and CNI's default route ($o)" grep -q 'default via 10.77.0.1' <<<"$o"
+  run_ctr net-ping task exec --exec-id p "$id" ping -c 2 -W 10 10.77.0.1
+  want "the pod pings the node" [ "$rc" = 0 ]
+  hctr task kill -s KILL "$id" >/dev/null 2>&1
+  wait_until 30 task_is "$id" STOPPED
+  hctr task delete "$id" >/dev/null 2>&1
+  hctr container delete "$id" >/dev/null 2>&1
+  wait_until 20 sh -c "! ip -n $ns -o link show | grep -q husk_tap"
+  after=$(ip -n "$ns" -d -o link show; ip netns exec "$ns" tc qdisc show)
+  want "after delete the namespace is as CNI left it (no tap, no redirect)" [ "$before" = "$after" ]
+  ip netns del "$ns"
+  # Bad input: a namespace that does not exist, and the host's.
+  run_ctr net-missing run --rm "${husk[@]}" --with-ns network:/var/run/netns/husk-no-such "$img" x-net-missing true
+  want "a netns that does not exist: refused" [ "$rc" != 0 ]
+  want "... naming it" grep -q "pod network namespace /var/run/netns/husk-no-such" <<<"$e"
+  run_ctr net-host run --rm "${husk[@]}" --net-host "$img" x-net-host true
+  want "the host's network (--net-host): refused" [ "$rc" != 0 ]
+  want "... saying why" grep -q "host's network namespace" <<<"$e"
+}
+
 check_no_boot() {
   run_ctr noboot run --rm "${husk[@]}" --runtime-config-path "$work/no-boot.toml" "$img" x-noboot true
   want "create fails" [ "$rc" != 0 ]
@@ -228,4 +300,4 @@ check_bad_config() {
   want "... naming the key" grep -q "vcpus: must be between 1 and 64, got 0" <<<"$e"
 }
 
-ctr_run_checks lifecycle oom output-at-exit bind-mounts vmm-death slots sizing pod-pid no-boot bad-config
+ctr_run_checks lifecycle oom output-at-exit bind-mounts vmm-death slots sizing pod-pid stop-sigterm pod-net no-boot bad-config

@@ -65,12 +65,16 @@ husk_count() {
 }
 
 # husk_leftovers STATE_DIR: prints what a finished test left behind (live
-# husk processes, mounts under STATE_DIR, entries in STATE_DIR, containerd
-# tasks and containers); prints nothing when all is clean.
+# husk processes, husk's taps in any named network namespace, mounts under
+# STATE_DIR, entries in STATE_DIR, containerd tasks and containers); prints
+# nothing when all is clean.
 husk_leftovers() {
-  local state=$1 p
+  local state=$1 p ns
   p=$(husk_procs)
   [ -z "$p" ] || awk '{ sub(/^ */, "process: "); print }' <<<"$p"
+  for ns in $(ip netns list 2>/dev/null | awk '{ print $1 }'); do
+    ip -n "$ns" -o link show 2>/dev/null | awk -v ns="$ns" '$2 ~ /^husk_tap/ { print "tap: " ns " " $2 }'
+  done
   findmnt -rn -o TARGET | awk -v d="$state" 'index($0, d) == 1 { print "mount: " $0 }'
   [ ! -d "$state" ] || find "$state" -mindepth 1 | sed 's/^/file: /'
   hctr tasks ls -q 2>/dev/null | sed 's/^/task: /'
