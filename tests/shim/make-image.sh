@@ -6,6 +6,9 @@
 #
 #   tests/shim/make-image.sh [NAME]     # NAME default localhost/husk-busybox:latest
 #
+# HUSK_IMAGE_EXTRA="/usr/bin/iperf3 ..." adds host programs, each with the
+# shared libraries `ldd` names, at the same paths (the benchmarks' tools).
+#
 # The archive is reproducible (fixed times, owners and order; gzip without a
 # time stamp) and cached under $HUSK_CACHE/images (default ~/.cache/husk),
 # keyed by the busybox binary, this script and the image name: a second run
@@ -18,8 +21,17 @@ busybox=${HUSK_BUSYBOX:-/bin/busybox}
 ! command -v file >/dev/null || ! file -L "$busybox" | grep -q 'dynamically linked' ||
   { echo "make-image: $busybox is dynamically linked; the image needs busybox-static" >&2; exit 1; }
 
+# The extra programs and their libraries (ldd's "=> /path" and the loader).
+extra=()
+for p in ${HUSK_IMAGE_EXTRA:-}; do
+  [ -x "$p" ] || { echo "make-image: HUSK_IMAGE_EXTRA names $p, which is not an executable" >&2; exit 1; }
+  extra+=("$p")
+  while read -r lib; do extra+=("$lib"); done < <(ldd "$p" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+done
+mapfile -t extra < <(printf '%s\n' "${extra[@]}" | sort -u | sed '/^$/d')
+
 cache=${HUSK_CACHE:-$HOME/.cache/husk}/images
-key=$( { sha256sum "$busybox" "$here/make-image.sh" | cut -d' ' -f1; echo "$name"; } | sha256sum | cut -c1-16)
+key=$( { sha256sum "$busybox" "$here/make-image.sh" ${extra[@]+"${extra[@]}"} | cut -d' ' -f1; echo "$name ${extra[*]}"; } | sha256sum | cut -c1-16)
 out="$cache/husk-busybox-$key.tar"
 if [ -s "$out" ]; then
   echo "$out"
@@ -30,7 +42,7 @@ tmp=$(mktemp "$out.XXXXXX")
 trap 'rm -f "$tmp"' EXIT
 
 # The applets, as paths relative to the root (bin/sh, usr/bin/awk, ...).
-HUSK_APPLETS=$("$busybox" --list-full) python3 - "$busybox" "$name" "$tmp" <<'PY'
+HUSK_APPLETS=$("$busybox" --list-full) HUSK_EXTRA_FILES="${extra[*]}" python3 - "$busybox" "$name" "$tmp" <<'PY'
 import gzip, hashlib, io, json, os, sys, tarfile
 
 busybox, name, out = sys.argv[1:4]
@@ -68,8 +80,20 @@ def files():
     }
     for p, d in etc.items():
         entries.append((p, info(p, tarfile.REGTYPE, 0o644, size=len(d)), d))
+    extra = [p.lstrip("/") for p in os.environ.get("HUSK_EXTRA_FILES", "").split()]
+    for p in extra:
+        parts = p.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in dirs:
+                dirs[d] = 0o755
+                entries.append((d, info(d, tarfile.DIRTYPE, 0o755), None))
+        with open("/" + p, "rb") as f:
+            data = f.read()
+        entries.append((p, info(p, tarfile.REGTYPE, 0o755, size=len(data)), data))
     for a in applets:
-        entries.append((a, info(a, tarfile.SYMTYPE, 0o777, linkname="/bin/busybox"), None))
+        if a not in extra:
+            entries.append((a, info(a, tarfile.SYMTYPE, 0o777, linkname="/bin/busybox"), None))
     # Sorted by path: a parent directory sorts before what it holds.
     return [(t, d) for _, t, d in sorted(entries, key=lambda e: e[0])]
 
