@@ -16,6 +16,12 @@ packages=(
   containerd runc
   # the shell scripts' lint (scripts/shellcheck.sh)
   shellcheck
+  # the CRI conformance harness (tests/cri/): Go to build crictl and critest
+  # from ../shared/tools/cri-tools, the CNI plugins (bridge, host-local,
+  # loopback, portmap in /usr/lib/cni), util-linux's ipcmk for critest's
+  # HostIPC spec, gcc's static libc for the test images' small programs;
+  # iperf3 for the pod network benchmark
+  golang-go containernetworking-plugins util-linux libc6-dev iptables iperf3
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -39,4 +39,7 @@ source "$repo/target/husk-artifacts.env"
 stage "cargo test" cargo test --locked --workspace
 stage "install test" "$repo/tests/shim/install-test.sh"
 stage "test machinery self-test" "$repo/tests/selftest/helpers.sh"
+# The CRI suite's tools and images, built on the host (Go under the test
+# machine's TCG would take many times longer); cached, so seconds when built.
+stage "CRI tools and images (tests/cri)" bash -c "'$repo/tests/cri/tools.sh' && '$repo/tests/cri/make-images.sh'"
 stage "scenarios (tests/run.sh)" "$repo/tests/run.sh"

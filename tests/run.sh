@@ -15,7 +15,10 @@
 # A scenario is a bash script; it finds the build outputs in the environment
 # (target/husk-artifacts.env, written by scripts/build.sh) and a folder for
 # results in $HUSK_OUT. Its exit code is the scenario's verdict. Line 2 of
-# the script, "# timeout: N", sets its time limit in seconds (default 600).
+# the script, "# timeout: N", sets its time limit in seconds (default 600);
+# HUSK_SCENARIO_TIMEOUT replaces it (for a long documented run, such as
+# the full CRI suite). HUSK_{BENCH,SHIM,SOAK,STALL,CRITEST}_* variables
+# reach the scenario in the test machine.
 #
 # The test machine's shape (for the stall investigation, tests/soak/stall.sh;
 # the defaults are what CI runs): HUSK_L1_ACCEL (QEMU -accel), HUSK_L1_CPU
@@ -174,7 +177,7 @@ run_nested() {
     [ -z "$prev" ] || [ ! -f "$prev/passed" ] || cp "$prev/passed" "$out/passed"
     {
       grep -E '^export ' "$artifacts"
-      env | grep -E '^HUSK_(BENCH|SHIM|SOAK|STALL)_[A-Z_]*=' | while IFS='=' read -r k v; do
+      env | grep -E '^HUSK_(BENCH|SHIM|SOAK|STALL|CRITEST)_[A-Z_]*=' | while IFS='=' read -r k v; do
         printf 'export %s=%q\n' "$k" "$v"
       done || true
       echo "export HUSK_REPO=$repo HUSK_SCENARIO=$script HUSK_OUT=/tmp/husk-out HUSK_TEST_MODE=nested"
@@ -239,7 +242,7 @@ for name in "$@"; do
   esac
   [ -f "$script" ] || { echo "no scenario $script" >&2; exit 2; }
   limit=$(sed -n '2s/^# timeout: *\([0-9]*\).*/\1/p' "$script")
-  limit=${limit:-600}
+  limit=${HUSK_SCENARIO_TIMEOUT:-${limit:-600}}
   log="$logdir/${name//\//-}.log"
   : >"$log"
   say "=== scenario $name ($mode, limit ${limit}s, log $log)"

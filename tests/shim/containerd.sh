@@ -33,6 +33,16 @@
 #                       containerd-shim-husk-v2 for runtime io.containerd.husk.v2
 #   HUSK_REPO           the checkout (default: found from this file)
 #
+# CRI mode (opt-in, for tests/cri/critest.sh: Kubernetes' CRI through
+# containerd's CRI plugin): HUSK_CTRD_CRI=1 adds to the config
+#   HUSK_CTRD_CNI_CONF_DIR  the CNI network configs (required)
+#   HUSK_CTRD_CNI_BIN_DIR   the CNI plugins (default /usr/lib/cni, Debian's)
+#   HUSK_CTRD_REGISTRY      HOST:PORT of a plain-http registry that mirrors
+#                           registry.k8s.io and gcr.io (tests/cri/registry.py)
+#   HUSK_CTRD_SANDBOX_IMAGE the pod sandbox image (default registry.k8s.io/pause:3.6)
+# and the namespace defaults to k8s.io, the CRI plugin's, so that hctr and
+# the teardown see the pods' containers.
+#
 # The runtime is registered exactly as configs/containerd-husk.toml tells
 # users to: that snippet is appended to the generated config, with its
 # ConfigPath pointed at $HUSK_CONFIG.
@@ -45,7 +55,7 @@ husk_ctrd__repo() {
 
 husk_ctrd__init() {
   HUSK_CTRD_DIR=${HUSK_CTRD_DIR:-/var/lib/husk-test/containerd}
-  HUSK_CTRD_NS=${HUSK_CTRD_NS:-husk-test}
+  if [ "${HUSK_CTRD_CRI:-}" = 1 ]; then HUSK_CTRD_NS=${HUSK_CTRD_NS:-k8s.io}; else HUSK_CTRD_NS=${HUSK_CTRD_NS:-husk-test}; fi
   HUSK_CTRD_SNAPSHOTTER=${HUSK_CTRD_SNAPSHOTTER:-overlayfs}
   HUSK_CTRD_ADDR=$HUSK_CTRD_DIR/containerd.sock
   if [ -z "${HUSK_CTRD_LOG:-}" ]; then
@@ -95,12 +105,39 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   runtime_type = "io.containerd.runc.v2"
 
 EOF
+  [ "${HUSK_CTRD_CRI:-}" != 1 ] || husk_ctrd__cri_config
   if [ -f "$snippet" ]; then
     echo "# ---- configs/containerd-husk.toml (ConfigPath -> $cfgpath) ----"
     sed "s|/etc/husk/configuration.toml|$cfgpath|g" "$snippet"
   else
     husk_ctrd__say "warning: no $snippet; the CRI plugin does not know husk"
   fi
+}
+
+# CRI mode's part of the config (see the header).
+husk_ctrd__cri_config() {
+  local host
+  cat <<EOF
+# ---- CRI mode (HUSK_CTRD_CRI=1) ----
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "${HUSK_CTRD_SANDBOX_IMAGE:-registry.k8s.io/pause:3.6}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "${HUSK_CTRD_CNI_BIN_DIR:-/usr/lib/cni}"
+    conf_dir = "${HUSK_CTRD_CNI_CONF_DIR:?CRI mode needs HUSK_CTRD_CNI_CONF_DIR}"
+    max_conf_num = 1
+EOF
+  if [ -n "${HUSK_CTRD_REGISTRY:-}" ]; then
+    for host in registry.k8s.io gcr.io; do
+      cat <<EOF
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."$host"]
+    endpoint = ["http://$HUSK_CTRD_REGISTRY"]
+EOF
+    done
+  fi
+  echo
 }
 
 husk_ctrd_start() {
@@ -132,7 +169,7 @@ husk_ctrd_start() {
   for i in $(seq 1200); do
     if hctr version >/dev/null 2>&1; then
       {
-        echo "export HUSK_CTRD_DIR=$d HUSK_CTRD_NS=$HUSK_CTRD_NS HUSK_CTRD_SNAPSHOTTER=$HUSK_CTRD_SNAPSHOTTER"
+        echo "export HUSK_CTRD_DIR=$d HUSK_CTRD_NS=$HUSK_CTRD_NS HUSK_CTRD_SNAPSHOTTER=$HUSK_CTRD_SNAPSHOTTER HUSK_CTRD_CRI=${HUSK_CTRD_CRI:-}"
         echo "export HUSK_CTRD_LOG=$HUSK_CTRD_LOG HUSK_CTRD_PID=$HUSK_CTRD_PID"
       } >"$d/env"
       husk_ctrd__say "containerd $HUSK_CTRD_PID answers on $HUSK_CTRD_ADDR after $((i / 10)).$((i % 10)) s (log $HUSK_CTRD_LOG)"
