@@ -8,6 +8,7 @@
 //! interrupt line through [`VirtioDevice::activate`]. Each device lives in
 //! its own module, as in Firecracker's `devices/virtio/<dev>/`.
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod device;
@@ -33,6 +34,7 @@ pub type GuestMemory = GuestMemoryMmap<()>;
 pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
+pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
 
 /// Feature bit every husk device offers: virtio 1.x (no legacy interface).
