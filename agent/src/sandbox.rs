@@ -1,7 +1,9 @@
-//! The sandbox (pod) level set-up from CreateSandbox: hostname, guest
-//! sysctls and the clock. As an ordinary process (host tests) the agent
-//! has its own UTS namespace, so the hostname is set there; the clock and
-//! sysctls belong to the host then and are only validated.
+//! The sandbox (pod) level set-up from CreateSandbox: hostname, the pod's
+//! network (`network`), guest sysctls and the clock. As an ordinary process
+//! (host tests) the agent has its own UTS namespace, so the hostname is set
+//! there; the clock and sysctls belong to the host then and are only
+//! validated, as is the network unless a test gave the agent a network
+//! namespace of its own.
 
 use std::fs;
 use std::path::Path;
@@ -9,7 +11,7 @@ use std::path::Path;
 use husk_protocols::agent::CreateSandboxRequest;
 
 use crate::error::{invalid, io_ctx, Result};
-use crate::validate;
+use crate::{network, validate};
 
 /// Longest hostname the kernel takes (HOST_NAME_MAX).
 const HOSTNAME_MAX: usize = 64;
@@ -35,8 +37,15 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     if req.clock_unix_nanos < 0 {
         return Err(invalid("clock_unix_nanos is negative"));
     }
+    let net = network::plan(req).map_err(invalid)?;
     if !req.hostname.is_empty() {
         crate::sys::sethostname(&req.hostname).map_err(io_ctx("sethostname"))?;
+    }
+    // Before the sysctls, which may name the interfaces.
+    if network::owns_netns(pid1) {
+        network::configure(&net)?;
+    } else {
+        crate::log!("in the host's network namespace: leaving the network alone");
     }
     if !pid1 {
         crate::log!("not PID 1: leaving the host's clock and sysctls alone");
