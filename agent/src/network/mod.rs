@@ -42,15 +42,21 @@ fn failed(what: impl std::fmt::Display) -> impl FnOnce(NlError) -> NetError {
 
 /// Whether the agent may change the network namespace it is in: as PID 1
 /// (the guest), or on a host in a network namespace other than that of
-/// its pid namespace's init (one a test made for it). Otherwise it is the
-/// host's, which the agent must leave alone.
+/// the process that started it (`unshare --net husk-agent ...`: one made
+/// for it). Otherwise it is the host's (or a container's the tests run
+/// in), which the agent must leave alone. Not init's namespace: PID 1 of
+/// the host may be out of reach (/proc/1/ns is ptrace-guarded).
 pub fn owns_netns(pid1: bool) -> bool {
     if pid1 {
         return true;
     }
+    let Some(parent) = rustix::process::getppid() else {
+        return false;
+    };
     let ns = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
-    match (ns("/proc/self/ns/net"), ns("/proc/1/ns/net")) {
-        (Ok(own), Ok(init)) => own != init,
+    let parent = format!("/proc/{}/ns/net", parent.as_raw_nonzero());
+    match (ns("/proc/self/ns/net"), ns(&parent)) {
+        (Ok(own), Ok(starter)) => own != starter,
         // Without a way to tell, assume it is the host's.
         _ => false,
     }
