@@ -4,6 +4,7 @@
 
 use crate::cgroup::CgroupError;
 use crate::container::SpawnError;
+use crate::network::NetError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -19,6 +20,8 @@ pub enum AgentError {
     Spawn(#[from] SpawnError),
     #[error("cgroup: {0}")]
     Cgroup(#[from] CgroupError),
+    #[error("network: {0}")]
+    Network(#[from] NetError),
     #[error("{context}: {source}")]
     Io {
         context: String,

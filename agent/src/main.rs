@@ -17,6 +17,7 @@ mod error;
 mod init;
 #[macro_use]
 mod log;
+mod network;
 mod oom;
 mod paths;
 mod pid1;

@@ -1,7 +1,9 @@
-//! The sandbox (pod) level set-up from CreateSandbox: hostname, guest
-//! sysctls and the clock. As an ordinary process (host tests) the agent
-//! has its own UTS namespace, so the hostname is set there; the clock and
-//! sysctls belong to the host then and are only validated.
+//! The sandbox (pod) level set-up from CreateSandbox: hostname, the pod's
+//! network (`network`), guest sysctls and the clock. As an ordinary process
+//! (host tests) the agent has its own UTS namespace, so the hostname is set
+//! there; the clock and sysctls belong to the host then and are only
+//! validated, as is the network unless a test gave the agent a network
+//! namespace of its own.
 
 use std::fs;
 use std::path::Path;
@@ -9,7 +11,7 @@ use std::path::Path;
 use husk_protocols::agent::CreateSandboxRequest;
 
 use crate::error::{invalid, io_ctx, Result};
-use crate::validate;
+use crate::{network, validate};
 
 /// Longest hostname the kernel takes (HOST_NAME_MAX).
 const HOSTNAME_MAX: usize = 64;
@@ -25,10 +27,12 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     {
         return Err(invalid(format!("hostname {:?} is malformed", req.hostname)));
     }
+    let net = network::plan(req).map_err(invalid)?;
     for k in req.sysctls.keys() {
         validate::sysctl_key(k).map_err(invalid)?;
         let path = Path::new("/proc/sys").join(k.replace('.', "/"));
-        if !path.exists() {
+        // An interface's keys appear once the network set-up named it.
+        if !path.exists() && !names_an_interface(k, &net) {
             return Err(invalid(format!("sysctl {k} does not exist in this kernel")));
         }
     }
@@ -37,6 +41,12 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     }
     if !req.hostname.is_empty() {
         crate::sys::sethostname(&req.hostname).map_err(io_ctx("sethostname"))?;
+    }
+    // Before the sysctls, which may name the interfaces.
+    if network::owns_netns(pid1) {
+        network::configure(&net)?;
+    } else {
+        crate::log!("in the host's network namespace: leaving the network alone");
     }
     if !pid1 {
         crate::log!("not PID 1: leaving the host's clock and sysctls alone");
@@ -55,4 +65,46 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
             .map_err(|e| io_ctx("clock_settime")(e.into()))?;
     }
     Ok(())
+}
+
+/// Whether sysctl `key` is one of a planned interface's
+/// (net.ipv4.conf.eth0.rp_filter, net.ipv6.neigh.eth0.*, ...).
+fn names_an_interface(key: &str, net: &network::Plan) -> bool {
+    const PER_INTERFACE: [&str; 4] = [
+        "net.ipv4.conf.",
+        "net.ipv6.conf.",
+        "net.ipv4.neigh.",
+        "net.ipv6.neigh.",
+    ];
+    PER_INTERFACE.iter().any(|p| {
+        key.strip_prefix(p).is_some_and(|rest| {
+            net.interfaces.iter().any(|i| {
+                rest.strip_prefix(i.name.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+            })
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interfaces_sysctls_are_known_before_it_is_named() {
+        let mut req = CreateSandboxRequest::new();
+        let mut itf = husk_protocols::agent::Interface::new();
+        itf.name = "eth0".into();
+        itf.mac = "02:00:00:00:00:aa".into();
+        req.interfaces.push(itf);
+        let net = network::plan(&req).unwrap();
+        assert!(names_an_interface("net.ipv4.conf.eth0.rp_filter", &net));
+        assert!(names_an_interface(
+            "net.ipv6.neigh.eth0.base_reachable_time_ms",
+            &net
+        ));
+        assert!(!names_an_interface("net.ipv4.conf.eth01.rp_filter", &net));
+        assert!(!names_an_interface("net.ipv4.conf.eth1.rp_filter", &net));
+        assert!(!names_an_interface("net.core.somaxconn", &net));
+    }
 }

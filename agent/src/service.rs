@@ -12,6 +12,7 @@ use husk_protocols::ttrpc::{self, Code, TtrpcContext};
 use crate::agent::Agent;
 use crate::container::SpawnError;
 use crate::error::AgentError;
+use crate::network::NetError;
 
 /// What main should do once a call asks the agent to end.
 pub enum Shutdown {
@@ -33,7 +34,12 @@ fn status(e: AgentError) -> ttrpc::Error {
         // The set-up process refuses what the spec asks and the kernel
         // cannot do (a missing exec, a bad mount): the caller's input.
         AgentError::Spawn(SpawnError::Setup(_)) => Code::INVALID_ARGUMENT,
-        AgentError::Spawn(_) | AgentError::Cgroup(_) | AgentError::Io { .. } => Code::INTERNAL,
+        // The host's VM has no NIC for an interface of the request.
+        AgentError::Network(NetError::NoNic { .. }) => Code::FAILED_PRECONDITION,
+        AgentError::Spawn(_)
+        | AgentError::Cgroup(_)
+        | AgentError::Network(_)
+        | AgentError::Io { .. } => Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
 }
