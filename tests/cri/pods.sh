@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Pods as Kubernetes runs them, through containerd's CRI plugin with crictl
+# (the harness: tests/cri/lib.sh): two husk pods and one runc pod on the
+# CNI bridge (tests/cri/cni.conflist).
+#   - an HTTP server in husk pod A answers the node, husk pod B and runc
+#     pod C; A and B ping each other, and C pings A;
+#   - A's DNS config and hostname reach its container (resolv.conf, uname);
+#   - A is a 1 GiB pod: a 900 MiB container in it allocates and touches
+#     800 MiB; a 2 GiB container is refused, saying why;
+#   - A shares one PID namespace (shareProcessNamespace): its containers'
+#     PID 1 is the pod's pause;
+#   - bad input: a CNI network that gives a pod no interface (loopback
+#     only) fails RunPodSandbox with the reason, leaving nothing;
+#   - after `crictl rmp`, no VMM, shim, tap, CNI netns, mount or state
+#     folder of husk's is left.
+#
+#   tests/run.sh cri-pods      (in the test machine; needs KVM)
+# Results in $HUSK_OUT/cri-pods: pod configs, crictl output, containerd's
+# log with the shim's, the VMs' consoles.
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+say() { echo "[cri-pods] $*"; }
+
+cri_up cri-pods husk || exit 1
+img=registry.k8s.io/e2e-test-images/busybox:1.29-2
+# Every call may wait for a VM to boot in the nested machine.
+crit() { cri --timeout 600s "$@"; }
+crit pull "$img" >/dev/null || { echo "FAIL: pulling $img"; exit 1; }
+
+# pod NAME HANDLER [JSON of extra PodSandboxConfig fields]: runs a pod;
+# prints its id.
+pod() {
+  local name=$1 handler=$2 extra=${3:-'{}'}
+  mkdir -p "$work/logs/$name"
+  python3 - "$name" "$work/logs/$name" "$extra" >"$work/pod-$name.json" <<'PY'
+import json, sys
+name, logs, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+cfg = {"metadata": {"name": name, "namespace": "husk-test", "uid": name + "-uid", "attempt": 0},
+       "log_directory": logs, "linux": {}}
+cfg.update(extra)
+print(json.dumps(cfg))
+PY
+  crit runp --runtime "$handler" "$work/pod-$name.json" 2>"$work/runp-$name.err"
+}
+
+# ctr_in POD_ID POD_NAME NAME [MEMORY_BYTES] -- COMMAND...: creates and starts
+# a container; prints its id.
+ctr_in() {
+  local pid=$1 pname=$2 name=$3 mem=$4 id
+  shift 5
+  python3 - "$name" "$img" "$mem" "$@" >"$work/ctr-$pname-$name.json" <<'PY'
+import json, sys
+name, img, mem, cmd = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+cfg = {"metadata": {"name": name}, "image": {"image": img}, "command": cmd,
+       "log_path": name + ".log", "linux": {"resources": {}}}
+if mem:
+    cfg["linux"]["resources"]["memory_limit_in_bytes"] = mem
+print(json.dumps(cfg))
+PY
+  id=$(crit create "$pid" "$work/ctr-$pname-$name.json" "$work/pod-$pname.json" 2>"$work/create-$pname-$name.err") || return 1
+  crit start "$id" >/dev/null 2>>"$work/create-$pname-$name.err" || return 1
+  echo "$id"
+}
+pod_ip() { crit inspectp -o json "$1" | python3 -c 'import json, sys; print(json.load(sys.stdin)["status"]["network"]["ip"])'; }
+# ex CONTAINER COMMAND...: crictl exec, output in $o, exit code in $rc.
+ex() { o=$(crit exec "$@" 2>&1); rc=$?; }
+
+t0=$(now_ms)
+a=$(pod a husk '{"hostname": "husk-pod-a",
+  "dns_config": {"servers": ["10.88.0.1"], "searches": ["husk.test"], "options": ["ndots:2"]},
+  "linux": {"resources": {"memory_limit_in_bytes": 1073741824},
+            "security_context": {"namespace_options": {"pid": 0}}}}')
+want "husk pod A (1 GiB, shared PID namespace) runs ($(( ($(now_ms) - t0) / 1000 )) s)" [ -n "$a" ] ||
+  { cat "$work/runp-a.err"; exit 1; }
+b=$(pod b husk)
+want "husk pod B runs" [ -n "$b" ] || cat "$work/runp-b.err"
+c=$(pod c runc)
+want "runc pod C runs" [ -n "$c" ] || cat "$work/runp-c.err"
+ip_a=$(pod_ip "$a") ip_b=$(pod_ip "$b") ip_c=$(pod_ip "$c")
+say "pod IPs: A $ip_a, B $ip_b, C $ip_c"
+
+web=$(ctr_in "$a" a web 0 -- sh -c 'mkdir -p /www && echo hello-from-husk-pod-a >/www/index.html && exec httpd -f -p 80 -h /www')
+want "A's web server starts" [ -n "$web" ] || cat "$work/create-a-web.err"
+sb=$(ctr_in "$b" b sleeper 0 -- sleep 100000)
+want "B's container starts" [ -n "$sb" ]
+sc=$(ctr_in "$c" c sleeper 0 -- sleep 100000)
+want "C's container starts" [ -n "$sc" ]
+
+fetch() { busybox wget -q -T 5 -O- "http://$ip_a/" 2>/dev/null | grep -q hello-from-husk-pod-a; }
+want "the node fetches A's page" wait_until 30 fetch
+ex "$sb" wget -q -T 10 -O- "http://$ip_a/"
+want "husk pod B fetches A's page ($o)" grep -q hello-from-husk-pod-a <<<"$o"
+ex "$sc" wget -q -T 10 -O- "http://$ip_a/"
+want "runc pod C fetches A's page ($o)" grep -q hello-from-husk-pod-a <<<"$o"
+ex "$web" ping -c 2 -W 10 "$ip_b"
+want "A pings B" [ "$rc" = 0 ]
+ex "$sb" ping -c 2 -W 10 "$ip_a"
+want "B pings A" [ "$rc" = 0 ]
+ex "$sc" ping -c 2 -W 10 "$ip_a"
+want "C (runc) pings A" [ "$rc" = 0 ]
+want "the node pings B" busybox ping -c 2 -W 10 "$ip_b"
+
+ex "$web" cat /etc/resolv.conf
+dns_ok() { grep -q "^nameserver 10.88.0.1" <<<"$o" && grep -q "^search husk.test" <<<"$o" && grep -q "ndots:2" <<<"$o"; }
+want "A's resolv.conf has the pod's DNS server, search and options ($(tr '\n' ';' <<<"$o"))" dns_ok
+ex "$web" hostname
+want "A's hostname is the pod's ($o)" [ "$o" = husk-pod-a ]
+ex "$web" sh -c 'tr "\0" " " </proc/1/cmdline'
+want "A shares its PID namespace: PID 1 is the pause ($o)" grep -q pause <<<"$o"
+
+touch_id=$(ctr_in "$a" a touch $((900 << 20)) -- sh -c 'dd if=/dev/zero of=/dev/null bs=800M count=1 2>&1; grep MemTotal /proc/meminfo')
+want "a 900 MiB container starts in the 1 GiB pod" [ -n "$touch_id" ]
+exited() { crit inspect -o json "$1" 2>/dev/null | grep -q CONTAINER_EXITED; }
+want "... and ends" wait_until 300 exited "$touch_id"
+o=$(crit logs "$touch_id" 2>&1)
+want "... it touches 800 MiB in one read ($(head -1 <<<"$o"))" grep -q "^1+0 records in" <<<"$o"
+mem=$(awk '/MemTotal/ {print $2}' <<<"$o")
+mem_ok() { [ "${mem:-0}" -ge $((1152 * 1024)) ] && [ "${mem:-0}" -le $((1280 * 1024)) ]; }
+want "... in a VM of 256 + 1024 MiB (MemTotal ${mem:-?} kB)" mem_ok
+big=$(ctr_in "$a" a big $((2048 << 20)) -- true)
+want "a 2 GiB container in the 1 GiB pod is refused" [ -z "$big" ]
+want "... saying it does not fit" grep -q "does not fit" "$work/create-a-big.err"
+
+t0=$(now_ms)
+crit rmp -f "$a" "$b" "$c" >/dev/null
+want "crictl rmp of the three pods ($(( ($(now_ms) - t0) / 1000 )) s)" [ $? = 0 ]
+want "nothing of husk's is left (VMM, shim, tap, mount, state folder)" husk_wait_clean "$state" 60
+left_ns() { ls /var/run/netns/cni-* >/dev/null 2>&1; }
+want "no CNI network namespace is left" wait_until 30 not left_ns
+
+# A CNI network that sets up nothing but loopback: the pod has no
+# interface to give its VM.
+cp "$work/cni/10-$network.conflist" "$work/bridge.conflist"
+cat >"$work/cni/10-$network.conflist" <<JSON
+{"cniVersion": "1.0.0", "name": "$network", "plugins": [{"type": "loopback"}]}
+JSON
+sleep 3 # containerd reloads the CNI config on the change
+nope=$(pod lo-only husk)
+want "a pod whose network has no interface is refused" [ -z "$nope" ]
+want "... saying so ($(tail -c 300 "$work/runp-lo-only.err"))" grep -q "no Ethernet interface" "$work/runp-lo-only.err"
+want "... leaving nothing" husk_wait_clean "$state" 60
+cp "$work/bridge.conflist" "$work/cni/10-$network.conflist"
+crit rmp -fa >/dev/null 2>&1
+
+say "$want_failed expectation(s) failed"
+if [ "$want_failed" != 0 ]; then
+  echo "FAIL cri-pods"
+  exit 1
+fi
+echo "PASS cri-pods"
