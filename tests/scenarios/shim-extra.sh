@@ -197,6 +197,12 @@ check_sizing() {
   want "the pod's VM has 256 + 1024 MiB (MemTotal ${mem:-?} kB)" between "${mem:-0}" $((1152 * 1024)) $((1280 * 1024))
   run_ctr size-again run --rm "${husk[@]}" "${pod[@]}" --memory-limit 943718400 "$img" "$sandbox-again" true
   want "after it is deleted, its 900 MiB fit again" [ "$rc" = 0 ]
+  # Bad input: a pod whose size annotation is not a number.
+  run_ctr size-garbage run --rm "${husk[@]}" --annotation io.kubernetes.cri.container-type=sandbox \
+    --annotation io.kubernetes.cri.sandbox-id=x-garbage --annotation io.kubernetes.cri.sandbox-memory=lots \
+    "$img" x-garbage true
+  want "a pod sized 'lots' is refused" [ "$rc" != 0 ]
+  want "... naming the annotation" grep -q 'annotation io.kubernetes.cri.sandbox-memory: "lots" is not a number' <<<"$e"
 }
 
 # A pod container that names a PID namespace to join (CRI's
