@@ -231,7 +231,7 @@ check_stop_sigterm() {
   for rt in husk runc; do
     id=x-term-$rt
     [ "$rt" = husk ] || rts=(--runtime io.containerd.runc.v2)
-    run_ctr "term-run-$rt" run -d "${rts[@]}" "$img" "$id" top -b -d 1
+    run_ctr "term-run-$rt" run -d "${rts[@]}" "$img" "$id" top
     want "$rt: top runs" husk_wait_task "$id" "$limit" || return
     # As critest's stop spec: the signal about a second after start.
     sleep 1
