@@ -50,6 +50,23 @@ for t in $tests; do
         echo "HUSK_TEST net FAILED"
       fi
       ;;
+    balloon)
+      # Free page reporting: touch ~400 MiB (a tmpfs file), free it, and stay
+      # up while the host watches husk-vmm's RSS fall; the host ends the VM.
+      # The negotiated features first (bit 5: VIRTIO_BALLOON_F_REPORTING).
+      for d in /sys/bus/virtio/devices/*; do
+        [ "$(cat "$d/device")" = 0x0005 ] && echo "HUSK_TEST balloon features $(cat "$d/features")"
+      done
+      # The host samples its baseline on that line.
+      sleep 3
+      mkdir -p /mnt/fill && mount -t tmpfs -o size=450m fill /mnt/fill &&
+        dd if=/dev/zero of=/mnt/fill/f bs=1M count=400 2>/dev/null &&
+        echo "HUSK_TEST balloon touched" || echo "HUSK_TEST balloon FAILED"
+      # The host samples the touched RSS meanwhile.
+      sleep 5
+      rm /mnt/fill/f && echo "HUSK_TEST balloon freed $(grep MemFree /proc/meminfo | tr -s ' ')"
+      while :; do sleep 3600; done
+      ;;
     idle)
       # Stay up (for memory measurements); the host ends the VM.
       echo "HUSK_TEST idle"

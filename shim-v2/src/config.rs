@@ -19,10 +19,16 @@ const MAX_FILE: u64 = 1 << 20;
 /// own parameters use far less than the rest.
 pub const MAX_KERNEL_PARAMS: usize = limits::MAX_CMDLINE_LEN / 2;
 /// Every virtio device the VMM has room for, but the first container's disk,
-/// vsock, rng and the most NICs a pod network has.
+/// vsock, rng and the most NICs a pod network has (and the balloon with
+/// `free_page_reporting`: see [`max_pod_disk_slots`]).
 #[allow(clippy::cast_possible_truncation)] // 12 fits
 pub const MAX_POD_DISK_SLOTS: u32 =
     (limits::MAX_VIRTIO_DEVICES - 3 - crate::network::discover::MAX_INTERFACES) as u32;
+
+/// The most pod disk slots a VM has room for: the balloon takes one.
+pub fn max_pod_disk_slots(free_page_reporting: bool) -> u32 {
+    MAX_POD_DISK_SLOTS - u32::from(free_page_reporting)
+}
 /// Longest `state_dir`: `<state_dir>/<64-byte id>/ctl.sock` must be a
 /// socket path the VMM can bind (CRI's ids are 64 bytes; a longer id gets
 /// the VMM's error naming the socket path).
@@ -71,6 +77,7 @@ struct Raw {
     request_timeout_secs: Option<u64>,
     log_level: Option<String>,
     debug_console: Option<bool>,
+    free_page_reporting: Option<bool>,
     state_dir: Option<PathBuf>,
     mkfs_erofs_path: Option<PathBuf>,
     pod_disk_slots: Option<u32>,
@@ -98,6 +105,9 @@ pub struct Config {
     pub request_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub debug_console: bool,
+    /// Give the VM a virtio-balloon with free page reporting, so the
+    /// memory its guest frees goes back to the host.
+    pub free_page_reporting: bool,
     pub state_dir: PathBuf,
     pub mkfs_erofs_path: PathBuf,
     pub pod_disk_slots: u32,
@@ -198,6 +208,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         }
     };
     let state_dir = abs("state_dir", raw.state_dir, "/run/husk")?;
+    let free_page_reporting = raw.free_page_reporting.unwrap_or(true);
     // <state_dir>/<64-hex sandbox id>/ctl.sock must fit sun_path.
     if state_dir.as_os_str().len() > MAX_STATE_DIR {
         return Err(invalid(
@@ -263,6 +274,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         )?),
         log_level,
         debug_console: raw.debug_console.unwrap_or(false),
+        free_page_reporting,
         state_dir,
         mkfs_erofs_path: abs(
             "mkfs_erofs_path",
@@ -273,7 +285,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             "pod_disk_slots",
             raw.pod_disk_slots.unwrap_or(4).into(),
             0,
-            MAX_POD_DISK_SLOTS.into(),
+            max_pod_disk_slots(free_page_reporting).into(),
         )?)
         .unwrap_or(0),
         pod_disk_slot_size_mib: range(
@@ -347,6 +359,7 @@ mod tests {
         assert!(!c.debug_console);
         assert_eq!(c.state_dir, Path::new("/run/husk"));
         assert_eq!(c.pod_disk_slots, 4);
+        assert!(c.free_page_reporting);
         assert_eq!(c.slot_bytes(), 2 << 30);
     }
 
@@ -371,6 +384,7 @@ mod tests {
             debug_console = true
             state_dir = "/tmp/h"
             pod_disk_slots = 0
+            free_page_reporting = false
         "#)
         .unwrap();
         assert_eq!(c.vmm_path, Path::new("/opt/husk/husk-vmm"));
@@ -380,6 +394,7 @@ mod tests {
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert!(c.debug_console);
         assert_eq!(c.pod_disk_slots, 0);
+        assert!(!c.free_page_reporting);
     }
 
     #[test]
@@ -392,7 +407,12 @@ mod tests {
         assert!(e.contains("kernel_path: must be an absolute path"), "{e}");
         let e = err("log_level = \"loud\"");
         assert!(e.contains("log_level: must be error"), "{e}");
-        let e = err("pod_disk_slots = 13");
+        let e = err("pod_disk_slots = 12");
+        assert!(
+            e.contains("pod_disk_slots: must be between 0 and 11"),
+            "{e}"
+        );
+        let e = err("pod_disk_slots = 13\nfree_page_reporting = false");
         assert!(
             e.contains("pod_disk_slots: must be between 0 and 12"),
             "{e}"

@@ -13,7 +13,10 @@ pub mod limits;
 pub mod spec;
 mod validate;
 
-pub use spec::{BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec};
+pub use spec::{
+    BalloonSpec, BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec,
+};
 pub use validate::{
-    BlockConfig, ConfigError, KernelConfig, NetConfig, SerialOutput, VmConfig, VsockConfig,
+    BalloonConfig, BlockConfig, ConfigError, KernelConfig, NetConfig, SerialOutput, VmConfig,
+    VsockConfig,
 };

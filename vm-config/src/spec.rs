@@ -28,6 +28,9 @@ pub struct VmSpec {
     /// A virtio-rng device fed from the host's getrandom(2).
     #[serde(default, skip_serializing_if = "is_false")]
     pub rng: bool,
+    /// A virtio-balloon device; absent, none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonSpec>,
     /// Where the VMM serves its control socket ([`crate::control`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
@@ -109,6 +112,17 @@ pub struct NetSpec {
     /// `xx:xx:xx:xx:xx:xx`; the guest picks one if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+}
+
+/// A virtio-balloon device. husk never inflates it; it is there for free
+/// page reporting, by which the guest hands the pages it frees back to the
+/// host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonSpec {
+    /// Offer VIRTIO_BALLOON_F_REPORTING.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub free_page_reporting: bool,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -7,7 +7,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::limits::*;
-use crate::spec::{BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec};
+use crate::spec::{
+    BalloonSpec, BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec,
+};
 
 /// An error in the VM description.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +53,7 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     pub net: Vec<NetConfig>,
     pub rng: bool,
+    pub balloon: Option<BalloonConfig>,
     pub control_socket: Option<PathBuf>,
 }
 
@@ -82,6 +85,11 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonConfig {
+    pub free_page_reporting: bool,
+}
+
 impl VmConfig {
     /// Reads and validates the VM description at `path`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
@@ -103,6 +111,7 @@ impl VmConfig {
             + self.net.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
+            + usize::from(self.balloon.is_some())
     }
 }
 
@@ -160,6 +169,10 @@ impl VmSpec {
             net.push(n.validate(i)?);
         }
         let vsock = self.vsock.map(VsockSpec::validate).transpose()?;
+        let balloon = self
+            .balloon
+            .map(|b| b.validate(self.hugepages))
+            .transpose()?;
         let control_socket = self
             .control_socket
             .map(|p| socket_path("control_socket", p))
@@ -175,6 +188,7 @@ impl VmSpec {
             vsock,
             net,
             rng: self.rng,
+            balloon,
             control_socket,
         };
         let devices = config.virtio_device_count();
@@ -182,7 +196,7 @@ impl VmSpec {
             return Err(invalid(
                 "block",
                 format!(
-                    "{devices} virtio devices (block + net + vsock + rng), at most {MAX_VIRTIO_DEVICES}"
+                    "{devices} virtio devices (block + net + vsock + rng + balloon), at most {MAX_VIRTIO_DEVICES}"
                 ),
             ));
         }
@@ -280,6 +294,23 @@ impl VsockSpec {
         Ok(VsockConfig {
             guest_cid,
             uds_path,
+        })
+    }
+}
+
+impl BalloonSpec {
+    fn validate(self, hugepages: bool) -> Result<BalloonConfig, ConfigError> {
+        // Huge pages are reserved for the VM up front and reported 4 KiB
+        // ranges could not be dropped from them: reporting would gain
+        // nothing, so it is refused rather than silently useless.
+        if self.free_page_reporting && hugepages {
+            return Err(invalid(
+                "balloon.free_page_reporting",
+                "cannot give huge pages back to the host (hugepages is true)",
+            ));
+        }
+        Ok(BalloonConfig {
+            free_page_reporting: self.free_page_reporting,
         })
     }
 }
@@ -448,6 +479,7 @@ mod tests {
                 "vsock": {"guest_cid": 3, "uds_path": self.p("vsock.sock")},
                 "net": [{"id": "eth0", "tap": "tap0", "mac": "02:00:00:00:00:01"}],
                 "rng": true,
+                "balloon": {"free_page_reporting": true},
                 "control_socket": self.p("ctl.sock")
             })
         }
@@ -479,7 +511,13 @@ mod tests {
         assert_eq!(c.vsock.as_ref().unwrap().guest_cid, 3);
         assert_eq!(c.net[0].mac, Some([2, 0, 0, 0, 0, 1]));
         assert!(c.rng);
-        assert_eq!(c.virtio_device_count(), 4);
+        assert_eq!(
+            c.balloon,
+            Some(BalloonConfig {
+                free_page_reporting: true
+            })
+        );
+        assert_eq!(c.virtio_device_count(), 5);
     }
 
     #[test]
@@ -492,6 +530,7 @@ mod tests {
         assert_eq!(c.serial, SerialOutput::Stdout);
         assert!(c.block.is_empty() && c.net.is_empty() && c.vsock.is_none());
         assert!(!c.rng && !c.hugepages && c.control_socket.is_none());
+        assert_eq!(c.balloon, None);
         assert_eq!(c.kernel.cmdline, "");
     }
 
@@ -624,6 +663,16 @@ mod tests {
                 Box::new(|v| v["serial"]["output"] = json!("tty")),
                 "unknown variant `tty`",
             ),
+            (
+                Box::new(|v| v["balloon"]["free_page_report"] = json!(true)),
+                "unknown field `free_page_report`",
+            ),
+            (
+                Box::new(|v| {
+                    v["hugepages"] = json!(true);
+                }),
+                "balloon.free_page_reporting: cannot give huge pages back",
+            ),
             (Box::new(|v| v["vcpus"] = json!(-1)), "invalid config JSON"),
         ];
         for (edit, want) in cases {
@@ -641,7 +690,26 @@ mod tests {
                 .collect();
             v["block"] = json!(blocks);
         });
-        assert!(got.contains("21 virtio devices"), "{got}");
+        assert!(got.contains("22 virtio devices"), "{got}");
+    }
+
+    #[test]
+    fn empty_balloon_section_is_a_balloon_without_reporting() {
+        let fx = Fixture::new("balloon");
+        let mut v = fx.full();
+        v["balloon"] = json!({});
+        v["hugepages"] = json!(true);
+        let c = VmConfig::from_json(&v.to_string()).unwrap();
+        assert_eq!(
+            c.balloon,
+            Some(BalloonConfig {
+                free_page_reporting: false
+            })
+        );
+        // And it is left out again when serialized.
+        let spec: VmSpec = serde_json::from_value(v).unwrap();
+        let back = serde_json::to_value(&spec).unwrap();
+        assert_eq!(back["balloon"], json!({}));
     }
 
     #[test]

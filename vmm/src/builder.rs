@@ -18,6 +18,7 @@ use crate::control::{ControlError, ControlServer};
 use crate::devices::bus::{Bus, BusError, SharedBusDevice};
 use crate::devices::legacy::i8042::I8042Device;
 use crate::devices::legacy::serial::{self, SerialDevice, SerialStdin};
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
@@ -165,7 +166,7 @@ impl VirtioContext<'_> {
     }
 }
 
-/// Attaches the config's virtio devices (block, net, vsock, rng), each behind
+/// Attaches the config's virtio devices (block, net, vsock, rng, balloon), each behind
 /// its own virtio-mmio transport placed with [`VirtioContext::add_mmio_device`].
 pub fn attach_virtio_devices(
     config: &VmConfig,
@@ -194,6 +195,11 @@ pub fn attach_virtio_devices(
     if config.rng {
         let rng = Rng::new().map_err(|e| device_error("rng".to_string(), e))?;
         attach(ctx, rng, "virtio-rng")?;
+    }
+    if let Some(b) = &config.balloon {
+        let balloon = Balloon::new(b.free_page_reporting)
+            .map_err(|e| device_error("balloon".to_string(), e))?;
+        attach(ctx, balloon, "virtio-balloon")?;
     }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use husk_protocols::guest::{slot_disk_serial, AGENT_PORT, AGENT_PORT_PARAM, ROOT_DISK_SERIAL};
-use husk_vm_config::{BlockSpec, KernelSpec, NetSpec, SerialSpec, VmSpec, VsockSpec};
+use husk_vm_config::{BalloonSpec, BlockSpec, KernelSpec, NetSpec, SerialSpec, VmSpec, VsockSpec};
 
 use super::state_dir::{slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, VSOCK};
 use crate::config::Config;
@@ -66,6 +66,9 @@ pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize, net: Vec<Ne
         }),
         net,
         rng: true,
+        balloon: cfg.free_page_reporting.then_some(BalloonSpec {
+            free_page_reporting: true,
+        }),
         control_socket: Some(dir.join(CONTROL_SOCKET)),
     }
 }
@@ -112,6 +115,12 @@ mod tests {
         assert_eq!(vsock.guest_cid, 3);
         assert_eq!(v.control_socket, Some("/run/husk/p1/ctl.sock".into()));
         assert!(v.rng);
+        assert_eq!(
+            v.balloon,
+            Some(BalloonSpec {
+                free_page_reporting: true
+            })
+        );
 
         let c = cfg("debug_console = true");
         let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 0, Vec::new());
@@ -123,26 +132,39 @@ mod tests {
             "console=ttyS0 reboot=k panic=-1 husk.agent_port=1024"
         );
         assert_eq!(v.block.len(), 1);
+
+        let c = cfg("free_page_reporting = false");
+        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 0, Vec::new());
+        assert_eq!(v.balloon, None);
     }
 
     /// What the shim writes, the VMM accepts: the largest configuration
-    /// the shim allows passes the VMM's validation.
+    /// the shim allows passes the VMM's validation, with the balloon and
+    /// without.
     #[test]
     fn the_vmm_accepts_what_the_shim_builds() {
-        let dir = std::env::temp_dir().join(format!("husk-vmspec-{}", std::process::id()));
+        the_vmm_accepts_the_largest(true);
+        the_vmm_accepts_the_largest(false);
+    }
+
+    fn the_vmm_accepts_the_largest(free_page_reporting: bool) {
+        let dir = std::env::temp_dir().join(format!(
+            "husk-vmspec-{}-{free_page_reporting}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         for f in ["bzImage", "initrd"] {
             std::fs::write(dir.join(f), b"x").unwrap();
         }
-        let slots = crate::config::MAX_POD_DISK_SLOTS as usize;
+        let slots = crate::config::max_pod_disk_slots(free_page_reporting) as usize;
         for n in 1..=slots {
             std::fs::write(dir.join(slot_file(n)), b"").unwrap();
         }
         std::fs::write(dir.join(ROOT_IMAGE), b"").unwrap();
         let params = "x".repeat(crate::config::MAX_KERNEL_PARAMS);
         let mut c = cfg(&format!(
-            "vcpus = {}\nmemory_mib = {}\nkernel_params = \"{params}\"\ndebug_console = true",
+            "vcpus = {}\nmemory_mib = {}\nkernel_params = \"{params}\"\ndebug_console = true\nfree_page_reporting = {free_page_reporting}",
             husk_vm_config::limits::MAX_VCPUS,
             husk_vm_config::limits::MAX_MEMORY_MIB
         ));
@@ -169,6 +191,7 @@ mod tests {
         let json = serde_json::to_string(&vm_spec(&c, size, &dir, slots, nics)).unwrap();
         let vm = husk_vm_config::VmConfig::from_json(&json).unwrap();
         assert_eq!(vm.block.len(), slots + 1);
+        assert_eq!(vm.balloon.is_some(), free_page_reporting);
         assert_eq!(
             vm.virtio_device_count(),
             husk_vm_config::limits::MAX_VIRTIO_DEVICES

@@ -102,13 +102,13 @@ fn bad_ranges_are_refused_untouched_and_the_device_keeps_working() {
     fill(g.mem, 0x10_0000, 0x70_0000, 0xc3);
     let end = MEM_SIZE as u64;
     let bad: [(u64, u32, bool); 7] = [
-        (end, 0x1000, true),               // past the end of RAM
-        (end - 0x1000, 0x2000, true),      // straddles the end
-        (u64::MAX - 0xfff, 0x1000, true),  // wraps
-        (u64::MAX & !0xfff, 0x2000, true), // wraps, aligned
-        (FREE + 0x800, 0x1000, true),      // unaligned address
-        (FREE, 0x1800, true),              // unaligned length
-        (FREE, FREE_LEN, false),           // device-readable
+        (end, 0x1000, true),              // past the end of RAM
+        (end - 0x1000, 0x2000, true),     // straddles the end
+        (u64::MAX - 0xfff, 0x1000, true), // wraps
+        (!0xfff_u64, 0x2000, true),       // wraps, aligned
+        (FREE + 0x800, 0x1000, true),     // unaligned address
+        (FREE, 0x1800, true),             // unaligned length
+        (FREE, FREE_LEN, false),          // device-readable
     ];
     for d in bad {
         let head = g.reporting.add_chain(&[d]);
@@ -148,7 +148,7 @@ fn discard_checks_ranges_against_each_region() {
         Err(DiscardError::OutsideRam { .. })
     ));
     assert!(matches!(
-        discard(&mem, u64::MAX & !0xfff, 0x1000),
+        discard(&mem, !0xfff_u64, 0x1000),
         Err(DiscardError::Overflow { .. })
     ));
     assert!(matches!(
