@@ -71,9 +71,11 @@ measure() {
   echo "${rtt:-nan} $up $down"
 }
 
-read -r h_rtt h_up h_down < <(measure husk 1)
+res=$(measure husk 1) || exit 1
+read -r h_rtt h_up h_down <<<"$res"
 say "husk: rtt ${h_rtt} ms, node->pod ${h_up} Mbit/s, pod->node ${h_down} Mbit/s"
-read -r r_rtt r_up r_down < <(measure runc 2)
+res=$(measure runc 2) || exit 1
+read -r r_rtt r_up r_down <<<"$res"
 say "runc: rtt ${r_rtt} ms, node->pod ${r_up} Mbit/s, pod->node ${r_down} Mbit/s"
 husk_wait_clean "$state" 60 >/dev/null || say "warning: husk left something behind"
 

@@ -23,12 +23,17 @@ busybox=${HUSK_BUSYBOX:-/bin/busybox}
 
 # The extra programs and their libraries (ldd's "=> /path" and the loader).
 extra=()
+libs() { ldd "$1" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'; }
 for p in ${HUSK_IMAGE_EXTRA:-}; do
   [ -x "$p" ] || { echo "make-image: HUSK_IMAGE_EXTRA names $p, which is not an executable" >&2; exit 1; }
-  extra+=("$p")
-  while read -r lib; do extra+=("$lib"); done < <(ldd "$p" 2>/dev/null | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
+  # (No process substitution: the test machine has no /dev/fd.)
+  # shellcheck disable=SC2207
+  extra+=("$p" $(libs "$p"))
 done
-mapfile -t extra < <(printf '%s\n' "${extra[@]}" | sort -u | sed '/^$/d')
+if [ ${#extra[@]} -gt 0 ]; then
+  # shellcheck disable=SC2207
+  extra=($(printf '%s\n' "${extra[@]}" | sort -u))
+fi
 
 cache=${HUSK_CACHE:-$HOME/.cache/husk}/images
 key=$( { sha256sum "$busybox" "$here/make-image.sh" ${extra[@]+"${extra[@]}"} | cut -d' ' -f1; echo "$name ${extra[*]}"; } | sha256sum | cut -c1-16)
