@@ -88,11 +88,14 @@ want "B's container starts" [ -n "$sb" ]
 sc=$(ctr_in "$c" c sleeper 0 -- sleep 100000)
 want "C's container starts" [ -n "$sc" ]
 
-fetch() { busybox wget -q -T 5 -O- "http://$ip_a/" 2>/dev/null | grep -q hello-from-husk-pod-a; }
+# curl on the node; nc in the pods (Debian's static busybox wget crashes
+# resolving, with any runtime).
+fetch() { curl -s -m 5 "http://$ip_a/" | grep -q hello-from-husk-pod-a; }
+get() { ex "$1" sh -c "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 $ip_a 80"; }
 want "the node fetches A's page" wait_until 30 fetch
-ex "$sb" wget -q -T 10 -O- "http://$ip_a/"
+get "$sb"
 want "husk pod B fetches A's page ($o)" grep -q hello-from-husk-pod-a <<<"$o"
-ex "$sc" wget -q -T 10 -O- "http://$ip_a/"
+get "$sc"
 want "runc pod C fetches A's page ($o)" grep -q hello-from-husk-pod-a <<<"$o"
 ex "$web" ping -c 2 -W 10 "$ip_b"
 want "A pings B" [ "$rc" = 0 ]
