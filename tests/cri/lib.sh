@@ -36,7 +36,7 @@ source "$repo/tests/shim/lib.sh"
 source "$repo/tests/lib/common.sh"
 
 network=husk-cri bridge=husk-cri0
-registry_pid='' sampler=''
+registry_pid='' sampler='' cni_dir=/run/husk-cri-cni
 
 # ---- teardown ------------------------------------------------------------
 # shellcheck disable=SC2317 # called by the EXIT trap
@@ -60,7 +60,7 @@ cri_down() {
     umount "$ns" 2>/dev/null; rm -f "$ns"; left=1
   done
   ! ip link show "$bridge" >/dev/null 2>&1 || ip link delete "$bridge"
-  rm -rf "/var/lib/cni/networks/$network"
+  rm -rf "/var/lib/cni/networks/$network" "${cni_dir:?}"
   rm -f /var/lib/cni/results/"$network"-*
   if command -v iptables >/dev/null; then
     # The bridge plugin's masquerade rules carry the network's name in
@@ -83,7 +83,10 @@ cri_up() {
   export HUSK_OUT=$out
   work=$out/$1
   state=${HUSK_SHIM_STATE:-/run/husk-cri}
-  mkdir -p "$work/vm-logs" "$work/cni"
+  # The CNI config folder on a local file system: containerd watches it
+  # (inotify), which $HUSK_OUT on the test machine's 9p cannot tell.
+  cni_dir=/run/husk-cri-cni
+  mkdir -p "$work/vm-logs" "$cni_dir"
   export HUSK_SHIM_STATE_DIR=$state
 
   t=$(now_ms)
@@ -101,7 +104,7 @@ cri_up() {
   wait_until 30 test -s "$work/registry.port" || { echo "FAIL: the registry did not start"; cat "$work/registry.log"; return 1; }
   port=$(cat "$work/registry.port")
   say "registry 127.0.0.1:$port (pid $registry_pid, log $work/registry.log)"
-  cp "$cri_here/cni.conflist" "$work/cni/10-$network.conflist"
+  cp "$cri_here/cni.conflist" "$cni_dir/10-$network.conflist"
 
   if [ "${2:-}" = husk ]; then
     for f in "${HUSK_VMM:-}" "${HUSK_GUEST_KERNEL:-}/bzImage" "${HUSK_INITRD:-}" "${HUSK_BIN:-}/containerd-shim-husk-v2"; do
@@ -111,7 +114,7 @@ cri_up() {
     export HUSK_CONFIG=${HUSK_CONFIG:-$work/configuration.toml}
     [ -f "$HUSK_CONFIG" ] || husk_shim_config "$HUSK_CONFIG" "$state" boot_timeout_secs=120 request_timeout_secs=120
   fi
-  export HUSK_CTRD_CRI=1 HUSK_CTRD_CNI_CONF_DIR=$work/cni HUSK_CTRD_REGISTRY=127.0.0.1:$port
+  export HUSK_CTRD_CRI=1 HUSK_CTRD_CNI_CONF_DIR=$cni_dir HUSK_CTRD_REGISTRY=127.0.0.1:$port
   export HUSK_CTRD_DIR=${HUSK_CTRD_DIR:-/var/lib/husk-test/cri-containerd} HUSK_CTRD_LOG=${HUSK_CTRD_LOG:-$work/containerd.log}
   husk_ctrd_start || { echo "FAIL: containerd did not start"; return 1; }
   cp "$HUSK_CTRD_DIR/config.toml" "$work/containerd.toml"

@@ -135,8 +135,8 @@ want "no CNI network namespace is left" wait_until 30 not left_ns
 
 # A CNI network that sets up nothing but loopback: the pod has no
 # interface to give its VM.
-cp "$work/cni/10-$network.conflist" "$work/bridge.conflist"
-cat >"$work/cni/10-$network.conflist" <<JSON
+cp "$cni_dir/10-$network.conflist" "$work/bridge.conflist"
+cat >"$cni_dir/10-$network.conflist" <<JSON
 {"cniVersion": "1.0.0", "name": "$network", "plugins": [{"type": "loopback"}]}
 JSON
 sleep 3 # containerd reloads the CNI config on the change
@@ -144,7 +144,7 @@ nope=$(pod lo-only husk)
 want "a pod whose network has no interface is refused" [ -z "$nope" ]
 want "... saying so ($(tail -c 300 "$work/runp-lo-only.err"))" grep -q "no Ethernet interface" "$work/runp-lo-only.err"
 want "... leaving nothing" husk_wait_clean "$state" 60
-cp "$work/bridge.conflist" "$work/cni/10-$network.conflist"
+cp "$work/bridge.conflist" "$cni_dir/10-$network.conflist"
 crit rmp -fa >/dev/null 2>&1
 
 say "$want_failed expectation(s) failed"
