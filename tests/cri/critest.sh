@@ -79,7 +79,7 @@ for h in "${handlers[@]}"; do
   took[$h]=$(( ($(now_ms) - t) / 1000 ))
   say "critest $h: exit $rc in ${took[$h]} s; $(grep -aE '^(Ran|PASS|FAIL)' "$work/critest-$h.log" | tr '\n' ' ')"
   # Between handlers: no pod of one run may meet the next.
-  "$tools/crictl" --runtime-endpoint "$endpoint" rmp -fa >/dev/null 2>&1
+  "$tools/crictl" --runtime-endpoint "$endpoint" rmp --force --all >/dev/null 2>&1
 done
 
 # ---- the table -------------------------------------------------------------

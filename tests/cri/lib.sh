@@ -21,7 +21,7 @@
 #     tests/cri/cni.conflist (bridge husk-cri0, host-local 10.88.0.0/16,
 #     portmap) with Debian's plugins;
 #   - for husk, the shim's configuration (the build's VMM, kernel, initrd).
-# Teardown: every pod (crictl rmp -fa), containerd and its shims, the VMs,
+# Teardown: every pod (crictl rmp --force --all), containerd and its shims, the VMs,
 # the registry, then what a pod may leave when a runtime fails: CNI netns,
 # the bridge, host-local's leases and the CNI result cache, the network's
 # iptables chains, mounts.
@@ -45,8 +45,8 @@ cri_down() {
   stall_unwatch
   [ -z "$sampler" ] || { kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null; }
   if [ -S "${HUSK_CTRD_ADDR:-/nonexistent}" ]; then
-    timeout 300 "$tools/crictl" --runtime-endpoint "unix://$HUSK_CTRD_ADDR" rmp -fa >"$work/teardown-rmp.log" 2>&1 ||
-      { say "crictl rmp -fa failed:"; indent '    ' <"$work/teardown-rmp.log"; }
+    timeout 300 "$tools/crictl" --runtime-endpoint "unix://$HUSK_CTRD_ADDR" rmp --force --all >"$work/teardown-rmp.log" 2>&1 ||
+      { say "crictl rmp --force --all failed:"; indent '    ' <"$work/teardown-rmp.log"; }
   fi
   husk_ctrd_stop || left=1
   for p in $(husk_procs | awk '{ print $1 }'); do kill -KILL "$p" 2>/dev/null; left=1; done

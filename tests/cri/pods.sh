@@ -145,7 +145,7 @@ want "a pod whose network has no interface is refused" [ -z "$nope" ]
 want "... saying so ($(tail -c 300 "$work/runp-lo-only.err"))" grep -q "no Ethernet interface" "$work/runp-lo-only.err"
 want "... leaving nothing" husk_wait_clean "$state" 60
 cp "$work/bridge.conflist" "$cni_dir/10-$network.conflist"
-crit rmp -fa >/dev/null 2>&1
+crit rmp --force --all >/dev/null 2>&1
 
 say "$want_failed expectation(s) failed"
 if [ "$want_failed" != 0 ]; then
