@@ -293,6 +293,11 @@ check_pod_net() {
   run_ctr net-missing run --rm "${husk[@]}" --with-ns network:/var/run/netns/husk-no-such "$img" x-net-missing true
   want "a netns that does not exist: refused" [ "$rc" != 0 ]
   want "... naming it" grep -q "pod network namespace /var/run/netns/husk-no-such" <<<"$e"
+  ip netns add husk-x-empty
+  run_ctr net-empty run --rm "${husk[@]}" --with-ns network:/var/run/netns/husk-x-empty "$img" x-net-empty true
+  ip netns del husk-x-empty
+  want "a netns with no interface (lo only): refused" [ "$rc" != 0 ]
+  want "... saying so" grep -q "no Ethernet interface: CNI set up none" <<<"$e"
   run_ctr net-host run --rm "${husk[@]}" --net-host "$img" x-net-host true
   want "the host's network (--net-host): refused" [ "$rc" != 0 ]
   want "... saying why" grep -q "host's network namespace" <<<"$e"
