@@ -9,6 +9,8 @@ use std::fs;
 use std::path::Path;
 
 use husk_protocols::agent::CreateSandboxRequest;
+use husk_protocols::guest::{POD_SHM_DIR, POD_SHM_OPTIONS};
+use rustix::mount::MountFlags;
 
 use crate::error::{invalid, io_ctx, Result};
 use crate::{network, validate};
@@ -52,6 +54,7 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
         crate::log!("not PID 1: leaving the host's clock and sysctls alone");
         return Ok(());
     }
+    pod_shm()?;
     for (k, v) in &req.sysctls {
         let path = Path::new("/proc/sys").join(k.replace('.', "/"));
         fs::write(&path, v).map_err(io_ctx(format!("sysctl {k}")))?;
@@ -63,6 +66,23 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
         };
         rustix::time::clock_settime(rustix::time::ClockId::Realtime, ts)
             .map_err(|e| io_ctx("clock_settime")(e.into()))?;
+    }
+    Ok(())
+}
+
+/// Mounts the pod's /dev/shm (see [`POD_SHM_DIR`]), once.
+fn pod_shm() -> Result<()> {
+    let dir = Path::new(POD_SHM_DIR);
+    fs::create_dir_all(dir).map_err(io_ctx(format!("creating {POD_SHM_DIR}")))?;
+    let mounted = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_ctx("reading mountinfo"))?
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(POD_SHM_DIR));
+    if !mounted {
+        let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        crate::sys::mount(Path::new("shm"), dir, "tmpfs", flags, POD_SHM_OPTIONS).map_err(
+            io_ctx(format!("mounting the pod's /dev/shm at {POD_SHM_DIR}")),
+        )?;
     }
     Ok(())
 }

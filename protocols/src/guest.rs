@@ -22,6 +22,13 @@ pub fn slot_disk_serial(n: usize) -> String {
 /// Where the agent puts files the shim copies in from the host (a
 /// container's /etc/hosts, resolv.conf, ...).
 pub const HOST_FILES_DIR: &str = "/run/husk/host";
+/// The pod's /dev/shm: a tmpfs the agent mounts at CreateSandbox (mode
+/// 1777, 64 MiB, CRI's default size), which the shim binds at /dev/shm in
+/// each container of the pod in place of CRI's host /dev/shm, so that the
+/// pod's containers share it as they share its IPC namespace.
+pub const POD_SHM_DIR: &str = "/run/husk/shm";
+/// Its size and mode, as tmpfs options.
+pub const POD_SHM_OPTIONS: &str = "mode=1777,size=65536k";
 /// Where the agent puts each container's state, under the container's id.
 pub const CONTAINERS_DIR: &str = "/run/husk/containers";
 

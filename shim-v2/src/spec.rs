@@ -27,7 +27,8 @@
 //!   /etc/hostname, /etc/resolv.conf, /dev/termination-log, secrets and
 //!   config maps). It is a one-way snapshot taken at create time: later
 //!   host changes are not seen, guest writes do not reach the host. The
-//!   CRI /dev/shm bind becomes a tmpfs; an empty host directory becomes
+//!   CRI /dev/shm bind becomes a bind of the pod's one /dev/shm in the
+//!   guest ([`POD_SHM_DIR`]); an empty host directory becomes
 //!   a tmpfs of the container's own. Anything else (sockets, devices,
 //!   larger trees) fails Create with an error naming the mount.
 
@@ -35,7 +36,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use husk_protocols::guest::HOST_FILES_DIR;
+use husk_protocols::guest::{HOST_FILES_DIR, POD_SHM_DIR};
 use serde_json::{json, Value};
 
 /// CRI: "sandbox" or "container".
@@ -357,10 +358,12 @@ pub fn for_guest(
                 });
             };
             if destination == "/dev/shm" {
-                tmpfs(
-                    m,
-                    json!(["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
-                );
+                *m = json!({
+                    "destination": destination,
+                    "type": "bind",
+                    "source": POD_SHM_DIR,
+                    "options": ["rbind", "nosuid", "noexec", "nodev"],
+                });
                 continue;
             }
             let guest = guest_name(&source);
@@ -548,7 +551,7 @@ mod tests {
         assert!(hosts.starts_with("/run/husk/host/") && hosts.ends_with("-hosts"));
         assert_eq!(m[1]["options"], json!(["rbind", "rprivate", "rw"]));
         assert!(m[2]["source"].as_str().unwrap().ends_with("-resolv.conf"));
-        assert_eq!(m[3]["type"], "tmpfs");
+        assert_eq!(m[3]["source"], POD_SHM_DIR, "the pod's one /dev/shm");
         assert_eq!(m[3]["destination"], "/dev/shm");
         assert_eq!(m[4]["type"], "tmpfs");
         assert!(m[4]["options"].as_array().unwrap().contains(&json!("ro")));

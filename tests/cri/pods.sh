@@ -8,7 +8,7 @@
 #   - A is a 1 GiB pod: a 900 MiB container in it allocates and touches
 #     800 MiB; a 2 GiB container is refused, saying why;
 #   - A shares one PID namespace (shareProcessNamespace): its containers'
-#     PID 1 is the pod's pause;
+#     PID 1 is the pod's pause; and one /dev/shm;
 #   - bad input: a CNI network that gives a pod no interface (loopback
 #     only) fails RunPodSandbox with the reason, leaving nothing;
 #   - after `crictl rmp`, no VMM, shim, tap, CNI netns, mount or state
@@ -113,9 +113,15 @@ want "A's hostname is the pod's ($o)" [ "$o" = husk-pod-a ]
 ex "$web" sh -c 'tr "\0" " " </proc/1/cmdline'
 want "A shares its PID namespace: PID 1 is the pause ($o)" grep -q pause <<<"$o"
 
+ex "$web" sh -c 'echo shared-by-the-pod >/dev/shm/husk-shared'
+shm_id=$(ctr_in "$a" a shm 0 -- cat /dev/shm/husk-shared)
+exited() { crit inspect -o json "$1" 2>/dev/null | grep -q CONTAINER_EXITED; }
+wait_until 120 exited "$shm_id"
+o=$(crit logs "$shm_id" 2>&1)
+want "A's containers share one /dev/shm ($o)" grep -q shared-by-the-pod <<<"$o"
+
 touch_id=$(ctr_in "$a" a touch $((900 << 20)) -- sh -c 'dd if=/dev/zero of=/dev/null bs=800M count=1 2>&1; grep MemTotal /proc/meminfo')
 want "a 900 MiB container starts in the 1 GiB pod" [ -n "$touch_id" ]
-exited() { crit inspect -o json "$1" 2>/dev/null | grep -q CONTAINER_EXITED; }
 want "... and ends" wait_until 300 exited "$touch_id"
 o=$(crit logs "$touch_id" 2>&1)
 want "... it touches 800 MiB in one read ($(head -1 <<<"$o"))" grep -q "^1+0 records in" <<<"$o"
