@@ -88,7 +88,12 @@ print(f"\nnode <-> pod network: husk (VM NIC on a tap, tc redirect to the veth) 
       f"ping x{pings}, iperf3 {secs} s TCP; environment: {mode}")
 print(f"| {'metric':<34} | {'husk':>12} | {'runc':>12} | {'husk/runc':>9} |")
 print(f"|{'-' * 36}|{'-' * 14}|{'-' * 14}|{'-' * 11}|")
-print(f"| {'ping round trip (avg)':<34} | {h_rtt:>9.3f} ms | {r_rtt:>9.3f} ms | {h_rtt / r_rtt:>8.2f}x |")
-print(f"| {'TCP node -> pod':<34} | {h_up:>6.1f} Mbit/s | {r_up:>6.1f} Mbit/s | {h_up / r_up:>8.2f}x |")
-print(f"| {'TCP pod -> node':<34} | {h_down:>6.1f} Mbit/s | {r_down:>6.1f} Mbit/s | {h_down / r_down:>8.2f}x |")
+def ratio(a, b):
+    return f"{a / b:>8.2f}x" if b > 0 else f"{'n/a':>9}"
+print(f"| {'ping round trip (avg)':<34} | {h_rtt:>9.3f} ms | {r_rtt:>9.3f} ms | {ratio(h_rtt, r_rtt)} |")
+print(f"| {'TCP node -> pod':<34} | {h_up:>6.1f} Mbit/s | {r_up:>6.1f} Mbit/s | {ratio(h_up, r_up)} |")
+print(f"| {'TCP pod -> node':<34} | {h_down:>6.1f} Mbit/s | {r_down:>6.1f} Mbit/s | {ratio(h_down, r_down)} |")
+if r_rtt == 0 or h_rtt % 1 == 0:
+    print("(busybox ping's round trips here are whole clock ticks: the test machine's L1 runs "
+          "with highres=off, so a round trip under one tick reads 0)")
 PY
