@@ -23,7 +23,7 @@ if [ -n "$crictl" ] && [ -n "$critest" ] && [ "$(dirname "$crictl")" = "$(dirnam
 fi
 
 src=${HUSK_CRI_TOOLS_DIR:-$(dirname "$repo")/shared/tools/cri-tools}
-archive=$(find "$src" -maxdepth 1 -name 'cri-tools-*.tar.gz' 2>/dev/null | sort | tail -n 1)
+archive=$(find "$src" -maxdepth 1 -name 'cri-tools-*.tar.gz' 2>/dev/null | sort | tail -n 1 || true)
 if [ -z "$archive" ] || [ ! -x "$src/build.sh" ]; then
   echo "tools.sh: no crictl/critest on PATH and no cri-tools archive with build.sh in $src (HUSK_CRI_TOOLS_DIR)" >&2
   exit 1
