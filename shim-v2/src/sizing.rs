@@ -71,7 +71,8 @@ impl Limits {
             }
             text.parse::<u64>().map_err(|_| SizingError::BadAnnotation {
                 key,
-                value: v.to_string(),
+                // The text itself; anything but a string as JSON.
+                value: v.as_str().map_or_else(|| v.to_string(), str::to_string),
             })
         };
         Ok(Limits {
@@ -250,6 +251,11 @@ mod tests {
             );
             assert!(e.to_string().contains(key), "{e}");
         }
+        let e = Limits::of_pod(&pod("lots", "1", "1")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("annotation {SANDBOX_MEMORY}: \"lots\" is not a number of the right range")
+        );
         let e = Limits::of_container(&json!({"linux": {"resources": {"memory": {"limit": -7}}}}))
             .unwrap_err();
         assert!(
