@@ -44,10 +44,8 @@ impl NetNs {
         if fs.f_type != NSFS_MAGIC {
             return Err(bad("not a namespace file".into()));
         }
+        let ino = file.metadata().map_err(|e| bad(e.to_string()))?.ino();
         let fd = OwnedFd::from(file);
-        let ino = std::fs::metadata(path)
-            .map_err(|e| bad(e.to_string()))?
-            .ino();
         let own = std::fs::metadata("/proc/self/ns/net").map_err(|e| bad(e.to_string()))?;
         if ino == own.ino() {
             return Err(bad("the shim's own (the host's) network namespace".into()));
