@@ -1,0 +1,274 @@
+//! VmSpec::validate: what it accepts and how it names what it refuses.
+
+use super::*;
+use serde_json::{json, Value};
+
+/// A temp dir with a "kernel", "initrd" and "disk" file.
+struct Fixture {
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["kernel", "initrd", "disk"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        Self { dir }
+    }
+    fn p(&self, f: &str) -> String {
+        self.dir.join(f).to_str().unwrap().to_owned()
+    }
+    fn full(&self) -> Value {
+        json!({
+            "vcpus": 2, "memory_mib": 256, "hugepages": false,
+            "kernel": {"path": self.p("kernel"), "cmdline": "console=ttyS0 reboot=k", "initrd": self.p("initrd")},
+            "serial": {"output": "file", "path": self.p("serial.log")},
+            "block": [{"id": "rootfs", "path": self.p("disk"), "read_only": true, "serial": "disk0"}],
+            "vsock": {"guest_cid": 3, "uds_path": self.p("vsock.sock")},
+            "net": [{"id": "eth0", "tap": "tap0", "mac": "02:00:00:00:00:01"}],
+            "rng": true,
+            "balloon": {"free_page_reporting": true},
+            "control_socket": self.p("ctl.sock")
+        })
+    }
+    /// The error message after applying `edit` to the full config.
+    fn err(&self, edit: impl FnOnce(&mut Value)) -> String {
+        let mut v = self.full();
+        edit(&mut v);
+        VmConfig::from_json(&v.to_string()).unwrap_err().to_string()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn parses_full_config() {
+    let fx = Fixture::new("full");
+    let c = VmConfig::from_json(&fx.full().to_string()).unwrap();
+    assert_eq!(c.vcpus, 2);
+    assert_eq!(c.memory_mib, 256);
+    assert_eq!(c.kernel.cmdline, "console=ttyS0 reboot=k");
+    assert_eq!(c.kernel.initrd, Some(PathBuf::from(fx.p("initrd"))));
+    assert_eq!(c.serial, SerialOutput::File(fx.p("serial.log").into()));
+    assert_eq!(c.block[0].serial.as_deref(), Some("disk0"));
+    assert!(c.block[0].read_only);
+    assert_eq!(c.vsock.as_ref().unwrap().guest_cid, 3);
+    assert_eq!(c.net[0].mac, Some([2, 0, 0, 0, 0, 1]));
+    assert!(c.rng);
+    assert_eq!(
+        c.balloon,
+        Some(BalloonConfig {
+            free_page_reporting: true
+        })
+    );
+    assert_eq!(c.virtio_device_count(), 5);
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let fx = Fixture::new("min");
+    let c = VmConfig::from_json(
+        &json!({"vcpus": 1, "memory_mib": 128, "kernel": {"path": fx.p("kernel")}}).to_string(),
+    )
+    .unwrap();
+    assert_eq!(c.serial, SerialOutput::Stdout);
+    assert!(c.block.is_empty() && c.net.is_empty() && c.vsock.is_none());
+    assert!(!c.rng && !c.hugepages && c.control_socket.is_none());
+    assert_eq!(c.balloon, None);
+    assert_eq!(c.kernel.cmdline, "");
+}
+
+#[test]
+fn rejects_each_bad_field() {
+    let fx = Fixture::new("bad");
+    type Edit = Box<dyn FnOnce(&mut Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|v| v["vcpus"] = json!(0)),
+            "vcpus: must be between 1 and 64, got 0",
+        ),
+        (
+            Box::new(|v| v["vcpus"] = json!(65)),
+            "vcpus: must be between 1 and 64, got 65",
+        ),
+        (
+            Box::new(|v| v["memory_mib"] = json!(8)),
+            "memory_mib: must be between 32",
+        ),
+        (
+            Box::new(|v| {
+                v["hugepages"] = json!(true);
+                v["memory_mib"] = json!(129)
+            }),
+            "memory_mib: must be a multiple of 2",
+        ),
+        (
+            Box::new(|v| v["kernel"]["path"] = json!("/x")),
+            "kernel.path: /x: No such file",
+        ),
+        (
+            Box::new(|v| v["kernel"]["path"] = json!("/")),
+            "kernel.path: /: is a directory",
+        ),
+        (
+            Box::new(|v| v["kernel"]["initrd"] = json!("/nope")),
+            "kernel.initrd: /nope: No such file",
+        ),
+        (
+            Box::new(|v| v["kernel"]["cmdline"] = json!("a".repeat(2000))),
+            "kernel.cmdline: 2000 bytes",
+        ),
+        (
+            Box::new(|v| v["kernel"]["cmdline"] = json!("a\nb")),
+            "kernel.cmdline: must be printable ASCII",
+        ),
+        (
+            Box::new(|v| v["serial"] = json!({"output": "file"})),
+            "serial.path: required",
+        ),
+        (
+            Box::new(|v| v["serial"] = json!({"output": "stdout", "path": "/tmp/x"})),
+            "serial.path: only allowed",
+        ),
+        (
+            Box::new(|v| v["serial"] = json!({"output": "file", "path": "/no/such/dir/log"})),
+            "serial.path: /no/such/dir/log: parent directory does not exist",
+        ),
+        (
+            Box::new(|v| v["block"][0]["path"] = json!("/x")),
+            "block[0].path: /x: No such file",
+        ),
+        (
+            Box::new(|v| v["block"][0]["id"] = json!("")),
+            "block[0].id: \"\" must be",
+        ),
+        (
+            Box::new(|v| v["block"][0]["id"] = json!("a b")),
+            "block[0].id: \"a b\" must be",
+        ),
+        (
+            Box::new(|v| v["block"][0]["serial"] = json!("x".repeat(21))),
+            "block[0].serial: 21 bytes, at most 20",
+        ),
+        (
+            Box::new(|v| v["net"][0]["id"] = json!("rootfs")),
+            "net[0].id: duplicate device id \"rootfs\"",
+        ),
+        (
+            Box::new(|v| v["net"][0]["mac"] = json!("02:00:00:00:00")),
+            "net[0].mac: \"02:00:00:00:00\" is not a MAC",
+        ),
+        (
+            Box::new(|v| v["net"][0]["mac"] = json!("02:00:00:00:00:zz")),
+            "net[0].mac:",
+        ),
+        (
+            Box::new(|v| v["net"][0]["mac"] = json!("01:00:00:00:00:01")),
+            "net[0].mac: \"01:00:00:00:00:01\" is a multicast",
+        ),
+        (
+            Box::new(|v| v["net"][0]["tap"] = json!("a-very-long-tap-name")),
+            "net[0].tap:",
+        ),
+        (Box::new(|v| v["net"][0]["tap"] = json!("")), "net[0].tap:"),
+        (
+            Box::new(|v| v["vsock"]["guest_cid"] = json!(2)),
+            "vsock.guest_cid: must be between 3 and 4294967294, got 2",
+        ),
+        (
+            Box::new(|v| v["vsock"]["guest_cid"] = json!(1u64 << 32)),
+            "vsock.guest_cid:",
+        ),
+        (
+            Box::new(|v| v["vsock"]["uds_path"] = json!("/no/dir/v.sock")),
+            "vsock.uds_path:",
+        ),
+        (
+            Box::new(|v| v["control_socket"] = json!("/no/dir/c.sock")),
+            "control_socket:",
+        ),
+        (
+            Box::new(|v| v["control_socket"] = json!(format!("/tmp/{}", "c".repeat(103)))),
+            "control_socket: /tmp/ccc",
+        ),
+        (
+            Box::new(|v| v["vsock"]["uds_path"] = json!(format!("/tmp/{}", "v".repeat(103)))),
+            "108 bytes, a socket path has at most 107",
+        ),
+        (
+            Box::new(|v| v["control_soket"] = json!("/tmp/c")),
+            "unknown field `control_soket`",
+        ),
+        (
+            Box::new(|v| v["kernel"]["cmd_line"] = json!("x")),
+            "unknown field `cmd_line`",
+        ),
+        (
+            Box::new(|v| v["serial"]["output"] = json!("tty")),
+            "unknown variant `tty`",
+        ),
+        (
+            Box::new(|v| v["balloon"]["free_page_report"] = json!(true)),
+            "unknown field `free_page_report`",
+        ),
+        (
+            Box::new(|v| {
+                v["hugepages"] = json!(true);
+            }),
+            "balloon.free_page_reporting: cannot give huge pages back",
+        ),
+        (Box::new(|v| v["vcpus"] = json!(-1)), "invalid config JSON"),
+    ];
+    for (edit, want) in cases {
+        let got = fx.err(edit);
+        assert!(got.contains(want), "expected {want:?} in {got:?}");
+    }
+}
+
+#[test]
+fn too_many_virtio_devices() {
+    let fx = Fixture::new("many");
+    let got = fx.err(|v| {
+        let blocks: Vec<Value> = (0..18)
+            .map(|i| json!({"id": format!("d{i}"), "path": fx.p("disk")}))
+            .collect();
+        v["block"] = json!(blocks);
+    });
+    assert!(got.contains("22 virtio devices"), "{got}");
+}
+
+#[test]
+fn empty_balloon_section_is_a_balloon_without_reporting() {
+    let fx = Fixture::new("balloon");
+    let mut v = fx.full();
+    v["balloon"] = json!({});
+    v["hugepages"] = json!(true);
+    let c = VmConfig::from_json(&v.to_string()).unwrap();
+    assert_eq!(
+        c.balloon,
+        Some(BalloonConfig {
+            free_page_reporting: false
+        })
+    );
+    // And it is left out again when serialized.
+    let spec: VmSpec = serde_json::from_value(v).unwrap();
+    let back = serde_json::to_value(&spec).unwrap();
+    assert_eq!(back["balloon"], json!({}));
+}
+
+#[test]
+fn mac_parsing() {
+    assert_eq!(
+        parse_mac("02:aB:00:ff:10:01"),
+        Ok([2, 0xab, 0, 0xff, 0x10, 1])
+    );
+    assert!(parse_mac("02:00:00:00:00:01:02").is_err());
+    assert!(parse_mac("2:00:00:00:00:01").is_err());
+    assert!(parse_mac("").is_err());
+}
