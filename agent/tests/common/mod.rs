@@ -82,7 +82,8 @@ pub fn rootfs() -> String {
         .into_owned()
 }
 
-fn ctx() -> context::Context {
+/// A call context without a deadline.
+pub fn ctx() -> context::Context {
     context::with_timeout(0)
 }
 
