@@ -138,3 +138,36 @@ fn user_namespace_maps_root() {
     assert_eq!(a.wait("userns", ""), 0);
     a.remove("userns", false).unwrap();
 }
+
+/// `rootfsPropagation: rshared` with an rshared volume, as containerd asks
+/// for a Bidirectional mount: the root turns shared after pivot_root (which
+/// refuses a new root whose parent mount is shared) and the volume's
+/// writes reach the host.
+#[test]
+fn rshared_root_and_volume() {
+    let Some(a) = TestAgent::start() else { return };
+    let vol = common::scratch().join(format!("husk-rshared-vol-{}", std::process::id()));
+    std::fs::create_dir_all(&vol).unwrap();
+    let mut s = common::spec(&[
+        "sh",
+        "-c",
+        "echo hi > /vol/out; grep -E '^[0-9]+ [0-9]+ [^ ]+ [^ ]+ / ' /proc/self/mountinfo",
+    ]);
+    s["linux"]["rootfsPropagation"] = json!("rshared");
+    s["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"destination": "/vol", "type": "bind", "source": vol,
+                     "options": ["rbind", "rshared", "rw"]}));
+    a.create_spec("rshared", &s).unwrap();
+    a.close_stdin("rshared", "");
+    a.start_c("rshared").unwrap();
+    let out = a.read_all("rshared", "", false);
+    let err = a.read_all("rshared", "", true);
+    assert_eq!(a.wait("rshared", ""), 0, "stderr: {err}");
+    a.remove("rshared", false).unwrap();
+    let written = std::fs::read_to_string(vol.join("out"));
+    std::fs::remove_dir_all(&vol).unwrap();
+    assert_eq!(written.unwrap(), "hi\n");
+    assert!(out.contains(" shared:"), "the root is not shared: {out}");
+}

@@ -63,7 +63,14 @@ print("|".join(re.sub(r"([][\\.+*?(){}|^$])", r"\\\1", l.strip()) + "$" for l in
 fi
 skip=("-ginkgo.skip=public image with digest should be pulled and removed")
 [ -z "${HUSK_CRITEST_SKIP:-}" ] || skip+=("-ginkgo.skip=$HUSK_CRITEST_SKIP")
-say "mode: $([ "$full" = 1 ] && echo "full suite" || echo "CI subset ($(grep -cvE '^\s*(#|$)' "$here/ci-subset.txt") specs, tests/cri/ci-subset.txt)"); handlers: ${handlers[*]}"
+if [ -n "${HUSK_CRITEST_FOCUS:-}" ]; then
+  mode="focus $HUSK_CRITEST_FOCUS"
+elif [ "$full" = 1 ]; then
+  mode="full suite"
+else
+  mode="CI subset ($(grep -cvE '^\s*(#|$)' "$here/ci-subset.txt") specs, tests/cri/ci-subset.txt)"
+fi
+say "mode: $mode; handlers: ${handlers[*]}"
 
 declare -A took
 for h in "${handlers[@]}"; do

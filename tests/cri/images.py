@@ -6,7 +6,7 @@ oci-layout, index.json, blobs/sha256/...), for tests/cri/registry.py to serve.
 
 BUSYBOX is Debian's static busybox; BINDIR holds the static programs
 tests/cri/make-images.sh compiled (pause, nnp, nginx). Every image but
-pause starts from one busybox layer (busybox, a symlink per applet, the
+pause starts from one busybox layer (busybox, a hard link per applet, the
 /etc/passwd and /etc/group of the busybox:1.29 image, and pgrep and ipcs,
 which critest runs and Debian's busybox lacks, as small scripts); each
 adds a layer of its own. index.json names each image's manifest with the
@@ -70,7 +70,10 @@ def layer(entries):
                 extra.append(d(q))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for _, t, data in sorted(entries + extra, key=lambda e: e[0]):
+        # By path, but a hard link after the file it names (tar extracts in
+        # order).
+        order = lambda e: (e[1].type == tarfile.LNKTYPE, e[0])
+        for _, t, data in sorted(entries + extra, key=order):
             tf.addfile(t, io.BytesIO(data) if data is not None else None)
     raw = buf.getvalue()
     gz = io.BytesIO()
@@ -145,7 +148,10 @@ def busybox_layer():
     es += [f("etc/passwd", PASSWD), f("etc/group", GROUP), f("etc/hosts", "127.0.0.1\tlocalhost\n"),
            f("bin/pgrep", PGREP, 0o755), f("usr/bin/ipcs", IPCS, 0o755)]
     taken = {"bin/pgrep", "usr/bin/pgrep", "usr/bin/ipcs", "bin/ipcs"}
-    es += [entry(a, tarfile.SYMTYPE, 0o777, linkname="/bin/busybox") for a in applets if a not in taken]
+    # Hard links, as the busybox image has: critest's MaskedPaths spec masks
+    # /bin/ls and expects /bin/sh still to run (with symlinks the mask would
+    # land on /bin/busybox itself).
+    es += [entry(a, tarfile.LNKTYPE, 0o755, linkname="bin/busybox") for a in applets if a not in taken]
     return layer(es)
 
 

@@ -26,6 +26,12 @@ fn is_bind(m: &Mount) -> bool {
     m.typ().as_deref() == Some("bind") || options(m).is_bind()
 }
 
+fn has_root_propagation(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .is_some_and(|l| l.rootfs_propagation().is_some())
+}
+
 fn root_propagation(spec: &Spec) -> MountPropagationFlags {
     match spec
         .linux()
@@ -46,6 +52,16 @@ fn root_propagation(spec: &Spec) -> MountPropagationFlags {
 pub fn setup(spec: &Spec, rootfs: &Path) -> io::Result<()> {
     // Nothing done from here on may propagate back to the agent's mounts.
     sys::change_propagation(Path::new("/"), root_propagation(spec))?;
+    // pivot_root(2) refuses (EINVAL) a new root whose parent mount is
+    // shared, as it is once the root above was made rshared: make that one
+    // mount private in this namespace, as runc does.
+    let parent = ctx(
+        super::mountinfo::mount_holding(rootfs),
+        "finding the rootfs's mount",
+    )?;
+    if parent.shared {
+        sys::change_propagation(&parent.mount_point, MountPropagationFlags::PRIVATE)?;
+    }
     sys::bind(rootfs, rootfs, true)?;
     let mounts = spec.mounts().clone().unwrap_or_default();
     for m in &mounts {
@@ -63,6 +79,14 @@ pub fn setup(spec: &Spec, rootfs: &Path) -> io::Result<()> {
     // The old root is now stacked under the new one at "."; detach it.
     ctx(sys::umount_detach(Path::new(".")), "detaching the old root")?;
     ctx(std::env::set_current_dir("/"), "chdir /")?;
+    // The new root is the rootfs bind, private from its parent: give it
+    // the propagation the spec asks for.
+    if has_root_propagation(spec) {
+        ctx(
+            sys::change_propagation(Path::new("/"), root_propagation(spec)),
+            "the root's propagation",
+        )?;
+    }
     Ok(())
 }
 
