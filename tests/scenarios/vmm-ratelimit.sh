@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# timeout: 300
+# timeout: 600
 # husk-vmm's rate limiters against a real guest: three disks of one VM, read
 # whole by the guest with direct I/O. vda has no limit (the machine's own
 # speed), vdb a bandwidth limit of 10 MiB/s (1 MiB per 100 ms), vdc a
