@@ -32,6 +32,24 @@ for t in $tests; do
         echo "HUSK_TEST disk-ro read: $(dd if=/dev/vdb bs=512 count=1 2>/dev/null | head -n1)"
       fi
       ;;
+    disk-rate)
+      # Reads every disk whole with direct I/O (no page cache, no
+      # readahead), timing each by the guest's uptime; the host turns that
+      # into rates. 1 MiB requests, or 4 KiB ones on a disk whose serial
+      # says "ops" (for a request-rate limit).
+      for d in /sys/block/vd*; do
+        d=${d##*/}
+        bs=1M
+        case "$(cat "/sys/block/$d/serial" 2>/dev/null)" in ops*) bs=4k ;; esac
+        t0=$(cut -d' ' -f1 /proc/uptime)
+        if dd if="/dev/$d" of=/dev/null bs="$bs" iflag=direct 2>/dev/null; then
+          t1=$(cut -d' ' -f1 /proc/uptime)
+          echo "HUSK_TEST disk-rate $d bs=$bs bytes=$(($(cat "/sys/block/$d/size") * 512)) secs=$t0..$t1"
+        else
+          echo "HUSK_TEST disk-rate $d FAILED"
+        fi
+      done
+      ;;
     rng)
       echo "HUSK_TEST rng $(cat /sys/class/misc/hw_random/rng_current) $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \n')"
       ;;

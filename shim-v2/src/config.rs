@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use husk_vm_config::limits;
+use husk_vm_config::{limits, RateLimiterSpec, TokenBucketSpec};
 use serde::Deserialize;
 
 /// The configuration file when neither the runtime options nor the
@@ -82,6 +82,10 @@ struct Raw {
     mkfs_erofs_path: Option<PathBuf>,
     pod_disk_slots: Option<u32>,
     pod_disk_slot_size_mib: Option<u64>,
+    disk_bandwidth_bytes_per_sec: Option<u64>,
+    disk_ops_per_sec: Option<u64>,
+    net_rx_bytes_per_sec: Option<u64>,
+    net_tx_bytes_per_sec: Option<u64>,
 }
 
 /// The validated configuration.
@@ -112,6 +116,12 @@ pub struct Config {
     pub mkfs_erofs_path: PathBuf,
     pub pod_disk_slots: u32,
     pub pod_disk_slot_size_mib: u64,
+    /// The VMM's limit on each of the VM's disks; None: unlimited.
+    pub disk_rate_limiter: Option<RateLimiterSpec>,
+    /// The VMM's limits on what each NIC of the VM receives and sends;
+    /// None: unlimited.
+    pub net_rx_rate_limiter: Option<RateLimiterSpec>,
+    pub net_tx_rate_limiter: Option<RateLimiterSpec>,
 }
 
 /// Picks the configuration file: the runtime option's path, else the
@@ -178,6 +188,10 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             ))
         }
     };
+    // A rate: 0 (the default) is no limit; the VMM takes up to its
+    // largest bucket.
+    let rate =
+        |key: &'static str, v: Option<u64>| range(key, v.unwrap_or(0), 0, limits::MAX_BUCKET_SIZE);
     let kernel_params = raw.kernel_params.unwrap_or_default();
     if kernel_params.len() > MAX_KERNEL_PARAMS {
         return Err(invalid(
@@ -294,7 +308,41 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             16,
             1 << 20,
         )?,
+        disk_rate_limiter: per_second_limiter(
+            rate(
+                "disk_bandwidth_bytes_per_sec",
+                raw.disk_bandwidth_bytes_per_sec,
+            )?,
+            rate("disk_ops_per_sec", raw.disk_ops_per_sec)?,
+        ),
+        net_rx_rate_limiter: per_second_limiter(
+            rate("net_rx_bytes_per_sec", raw.net_rx_bytes_per_sec)?,
+            0,
+        ),
+        net_tx_rate_limiter: per_second_limiter(
+            rate("net_tx_bytes_per_sec", raw.net_tx_bytes_per_sec)?,
+            0,
+        ),
     })
+}
+
+/// A rate limiter of `bytes` and `ops` per second (0: no limit on that),
+/// None when neither is limited. Each bucket holds one second's worth: a
+/// device idle for a second may go that far at full speed, and over any
+/// longer time the rate holds.
+fn per_second_limiter(bytes: u64, ops: u64) -> Option<RateLimiterSpec> {
+    let bucket = |per_sec: u64| {
+        (per_sec > 0).then_some(TokenBucketSpec {
+            size: per_sec,
+            one_time_burst: 0,
+            refill_time_ms: 1000,
+        })
+    };
+    let spec = RateLimiterSpec {
+        bandwidth: bucket(bytes),
+        ops: bucket(ops),
+    };
+    (spec.bandwidth.is_some() || spec.ops.is_some()).then_some(spec)
 }
 
 impl Config {
@@ -361,6 +409,46 @@ mod tests {
         assert_eq!(c.pod_disk_slots, 4);
         assert!(c.free_page_reporting);
         assert_eq!(c.slot_bytes(), 2 << 30);
+        assert_eq!(c.disk_rate_limiter, None);
+        assert_eq!(c.net_rx_rate_limiter, None);
+        assert_eq!(c.net_tx_rate_limiter, None);
+    }
+
+    #[test]
+    fn rate_limits_are_per_second_buckets() {
+        let second = |size| {
+            Some(TokenBucketSpec {
+                size,
+                one_time_burst: 0,
+                refill_time_ms: 1000,
+            })
+        };
+        let c = p("disk_bandwidth_bytes_per_sec = 10485760\ndisk_ops_per_sec = 500\nnet_tx_bytes_per_sec = 1250000")
+            .unwrap();
+        assert_eq!(
+            c.disk_rate_limiter,
+            Some(RateLimiterSpec {
+                bandwidth: second(10 << 20),
+                ops: second(500),
+            })
+        );
+        assert_eq!(c.net_rx_rate_limiter, None);
+        assert_eq!(
+            c.net_tx_rate_limiter,
+            Some(RateLimiterSpec {
+                bandwidth: second(1_250_000),
+                ops: None,
+            })
+        );
+        let c = p("disk_ops_per_sec = 100\nnet_rx_bytes_per_sec = 0").unwrap();
+        assert_eq!(
+            c.disk_rate_limiter,
+            Some(RateLimiterSpec {
+                bandwidth: None,
+                ops: second(100),
+            })
+        );
+        assert_eq!(c.net_rx_rate_limiter, None);
     }
 
     #[test]
@@ -430,6 +518,13 @@ mod tests {
         assert!(e.contains("max_memory_mib: must be between 256 and"), "{e}");
         let e = err("boot_timeout_secs = 0");
         assert!(e.contains("boot_timeout_secs"), "{e}");
+        let e = err("disk_bandwidth_bytes_per_sec = 2199023255552");
+        assert!(
+            e.contains("disk_bandwidth_bytes_per_sec: must be between 0 and 1099511627776, got 2199023255552"),
+            "{e}"
+        );
+        let e = err("net_rx_bytes_per_sec = -1");
+        assert!(e.contains("net_rx_bytes_per_sec"), "{e}");
     }
 
     #[test]

@@ -14,9 +14,10 @@ pub mod spec;
 mod validate;
 
 pub use spec::{
-    BalloonSpec, BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec,
+    BalloonSpec, BlockSpec, KernelSpec, NetSpec, RateLimiterSpec, SerialKind, SerialSpec,
+    TokenBucketSpec, VmSpec, VsockSpec,
 };
 pub use validate::{
-    BalloonConfig, BlockConfig, ConfigError, KernelConfig, NetConfig, SerialOutput, VmConfig,
-    VsockConfig,
+    BalloonConfig, BlockConfig, ConfigError, KernelConfig, NetConfig, RateLimiterConfig,
+    SerialOutput, TokenBucketConfig, VmConfig, VsockConfig,
 };

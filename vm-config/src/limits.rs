@@ -24,3 +24,9 @@ pub const MAX_ID_LEN: usize = 32;
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
 /// Smallest guest vsock context id: 0-2 are the hypervisor, local and host.
 pub const MIN_GUEST_CID: u32 = 3;
+/// Largest rate-limiter token bucket (`size` and `one_time_burst`), in bytes
+/// or operations: 1 TiB, far above any real limit, so that a value past it
+/// is a mistake (a unit confused, a digit too many) and is refused.
+pub const MAX_BUCKET_SIZE: u64 = 1 << 40;
+/// Longest rate-limiter refill time: one hour.
+pub const MAX_REFILL_TIME_MS: u64 = 3_600_000;

@@ -91,6 +91,10 @@ pub struct BlockSpec {
     /// What the guest reads as the disk's serial (VIRTIO_BLK_T_GET_ID).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Limits on the guest's requests: bytes read or written, and requests;
+    /// absent, unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterSpec>,
 }
 
 /// A virtio-vsock device, served on the host as a hybrid vsock Unix socket
@@ -112,6 +116,42 @@ pub struct NetSpec {
     /// `xx:xx:xx:xx:xx:xx`; the guest picks one if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// Limits on the frames the guest receives (bytes, frames); absent,
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterSpec>,
+    /// Limits on the frames the guest sends (bytes, frames); absent,
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterSpec>,
+}
+
+/// Rate limits of one device path, as Firecracker's: a token bucket of
+/// bytes and one of operations (requests or frames), each optional. An
+/// operation goes ahead when both buckets hold enough tokens; otherwise the
+/// device stops taking requests until the buckets have refilled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucketSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucketSpec>,
+}
+
+/// A token bucket: it holds up to `size` tokens, starts full, and refills
+/// from empty to full in `refill_time_ms` (a rate of `size` tokens per
+/// `refill_time_ms`). `one_time_burst` tokens more are there at the start
+/// and never refill. An operation larger than `size` still goes ahead once
+/// the bucket is full, and the bucket then stays empty for as long as the
+/// excess takes to refill.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketSpec {
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub one_time_burst: u64,
+    pub refill_time_ms: u64,
 }
 
 /// A virtio-balloon device. husk never inflates it; it is there for free
@@ -127,4 +167,8 @@ pub struct BalloonSpec {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

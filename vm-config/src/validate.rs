@@ -4,11 +4,13 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 
 use crate::limits::*;
 use crate::spec::{
-    BalloonSpec, BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec,
+    BalloonSpec, BlockSpec, KernelSpec, NetSpec, RateLimiterSpec, SerialKind, SerialSpec,
+    TokenBucketSpec, VmSpec, VsockSpec,
 };
 
 /// An error in the VM description.
@@ -70,6 +72,8 @@ pub struct BlockConfig {
     pub path: PathBuf,
     pub read_only: bool,
     pub serial: Option<String>,
+    /// None: unlimited.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +87,27 @@ pub struct NetConfig {
     pub id: String,
     pub tap: String,
     pub mac: Option<[u8; 6]>,
+    /// None: unlimited.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// None: unlimited.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+/// A rate limiter with at least one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimiterConfig {
+    pub bandwidth: Option<TokenBucketConfig>,
+    pub ops: Option<TokenBucketConfig>,
+}
+
+/// A token bucket whose numbers are in range: a size and refill time of at
+/// least 1, so the VMM's rate arithmetic never divides by zero, and at most
+/// [`MAX_BUCKET_SIZE`] and [`MAX_REFILL_TIME_MS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBucketConfig {
+    pub size: NonZeroU64,
+    pub one_time_burst: u64,
+    pub refill_time_ms: NonZeroU64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,11 +290,14 @@ impl BlockSpec {
                 ));
             }
         }
+        let rate_limiter =
+            validate_rate_limiter(&format!("block[{i}].rate_limiter"), self.rate_limiter)?;
         Ok(BlockConfig {
             id: self.id,
             path,
             read_only: self.read_only,
             serial: self.serial,
+            rate_limiter,
         })
     }
 }
@@ -334,10 +362,67 @@ impl NetSpec {
             .as_deref()
             .map(|m| parse_mac(m).map_err(|r| invalid(format!("net[{i}].mac"), r)))
             .transpose()?;
+        let rx_rate_limiter =
+            validate_rate_limiter(&format!("net[{i}].rx_rate_limiter"), self.rx_rate_limiter)?;
+        let tx_rate_limiter =
+            validate_rate_limiter(&format!("net[{i}].tx_rate_limiter"), self.tx_rate_limiter)?;
         Ok(NetConfig {
             id: self.id,
             tap: self.tap,
             mac,
+            rx_rate_limiter,
+            tx_rate_limiter,
+        })
+    }
+}
+
+/// A rate limiter's buckets; one with neither bucket limits nothing and
+/// is None, as an absent one.
+fn validate_rate_limiter(
+    field: &str,
+    spec: Option<RateLimiterSpec>,
+) -> Result<Option<RateLimiterConfig>, ConfigError> {
+    let Some(spec) = spec else {
+        return Ok(None);
+    };
+    let bucket = |name: &str, b: Option<TokenBucketSpec>| {
+        b.map(|b| b.validate(&format!("{field}.{name}")))
+            .transpose()
+    };
+    let config = RateLimiterConfig {
+        bandwidth: bucket("bandwidth", spec.bandwidth)?,
+        ops: bucket("ops", spec.ops)?,
+    };
+    Ok((config.bandwidth.is_some() || config.ops.is_some()).then_some(config))
+}
+
+impl TokenBucketSpec {
+    fn validate(self, field: &str) -> Result<TokenBucketConfig, ConfigError> {
+        let out_of_range = |name: &str, v: u64, lo: u64, hi: u64| {
+            invalid(
+                format!("{field}.{name}"),
+                format!("must be between {lo} and {hi}, got {v}"),
+            )
+        };
+        let positive = |name: &str, v: u64, hi: u64| {
+            NonZeroU64::new(v)
+                .filter(|n| n.get() <= hi)
+                .ok_or_else(|| out_of_range(name, v, 1, hi))
+        };
+        let size = positive("size", self.size, MAX_BUCKET_SIZE)?;
+        let refill_time_ms = positive("refill_time_ms", self.refill_time_ms, MAX_REFILL_TIME_MS)?;
+        if self.one_time_burst > MAX_BUCKET_SIZE {
+            return Err(out_of_range(
+                "one_time_burst",
+                self.one_time_burst,
+                0,
+                MAX_BUCKET_SIZE,
+            ));
+        }
+        Ok(TokenBucketConfig {
+            size,
+            one_time_burst: self.one_time_burst,
+            refill_time_ms,
         })
     }
 }

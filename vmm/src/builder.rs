@@ -26,6 +26,7 @@ use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{GuestMemory, IrqTrigger, VirtioDevice};
 use crate::loader::{self, LoaderError};
+use crate::rate_limiter::RateLimiter;
 use crate::vmm::{EventManager, Subscriber, VmResources, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, ExitSignal, Vcpu, VcpuError};
@@ -175,16 +176,27 @@ pub fn attach_virtio_devices(
     // Block devices first, in config order, so the guest names them
     // vda, vdb, ... as the description lists them.
     for b in &config.block {
+        let what = || format!("block[{}]", b.id);
+        let limiter =
+            RateLimiter::new(b.rate_limiter.as_ref()).map_err(|e| device_error(what(), e))?;
         let block = Block::new(BlockConfig {
             path: b.path.clone(),
             read_only: b.read_only,
             serial: b.serial.clone(),
         })
-        .map_err(|e| device_error(format!("block[{}]", b.id), e))?;
+        .map_err(|e| device_error(what(), e))?
+        .with_rate_limiter(limiter);
         attach(ctx, block, "virtio-blk")?;
     }
     for n in &config.net {
-        let net = Net::new(&n.tap, n.mac).map_err(|e| device_error(format!("net[{}]", n.id), e))?;
+        let what = || format!("net[{}]", n.id);
+        let rx =
+            RateLimiter::new(n.rx_rate_limiter.as_ref()).map_err(|e| device_error(what(), e))?;
+        let tx =
+            RateLimiter::new(n.tx_rate_limiter.as_ref()).map_err(|e| device_error(what(), e))?;
+        let net = Net::new(&n.tap, n.mac)
+            .map_err(|e| device_error(what(), e))?
+            .with_rate_limiters(rx, tx);
         attach(ctx, net, "virtio-net")?;
     }
     if let Some(v) = &config.vsock {

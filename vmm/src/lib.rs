@@ -12,6 +12,7 @@ pub mod builder;
 pub mod control;
 pub mod devices;
 pub mod loader;
+pub mod rate_limiter;
 pub mod signals;
 pub mod vmm;
 pub mod vstate;

@@ -94,6 +94,9 @@ impl PodNetwork {
                 id: format!("net{n}"),
                 tap: tap.clone(),
                 mac: Some(i.mac.clone()),
+                // The VM's description sets the configured limits.
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
             })
             .collect()
     }

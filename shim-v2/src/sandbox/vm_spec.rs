@@ -30,20 +30,31 @@ pub fn kernel_cmdline(cfg: &Config) -> String {
 }
 
 /// The VM of a sandbox whose state folder is `dir`, of `size`, with `slots`
-/// pod disk slots and the pod network's NICs `net`.
+/// pod disk slots and the pod network's NICs `net`; every disk and NIC gets
+/// the configured rate limits.
 pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize, net: Vec<NetSpec>) -> VmSpec {
     let mut block = vec![BlockSpec {
         id: "root".into(),
         path: dir.join(ROOT_IMAGE),
         read_only: true,
         serial: Some(ROOT_DISK_SERIAL.into()),
+        rate_limiter: cfg.disk_rate_limiter.clone(),
     }];
     block.extend((1..=slots).map(|n| BlockSpec {
         id: slot_file(n),
         path: dir.join(slot_file(n)),
         read_only: true,
         serial: Some(slot_disk_serial(n)),
+        rate_limiter: cfg.disk_rate_limiter.clone(),
     }));
+    let net = net
+        .into_iter()
+        .map(|n| NetSpec {
+            rx_rate_limiter: cfg.net_rx_rate_limiter.clone(),
+            tx_rate_limiter: cfg.net_tx_rate_limiter.clone(),
+            ..n
+        })
+        .collect();
     let serial = if cfg.debug_console {
         SerialSpec::file(dir.join(CONSOLE_LOG))
     } else {
@@ -138,6 +149,34 @@ mod tests {
         assert_eq!(v.balloon, None);
     }
 
+    #[test]
+    fn every_disk_and_nic_gets_the_configured_limits() {
+        let nic = NetSpec {
+            id: "net0".into(),
+            tap: "tap0".into(),
+            mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        let c = cfg("");
+        let v = vm_spec(&c, base(&c), Path::new("/p"), 2, vec![nic.clone()]);
+        assert!(v.block.iter().all(|b| b.rate_limiter.is_none()));
+        assert_eq!(v.net, vec![nic.clone()]);
+
+        let c = cfg("disk_bandwidth_bytes_per_sec = 1000\nnet_rx_bytes_per_sec = 2000");
+        let v = vm_spec(&c, base(&c), Path::new("/p"), 2, vec![nic]);
+        assert_eq!(v.block.len(), 3);
+        for b in &v.block {
+            let limiter = b.rate_limiter.as_ref().unwrap();
+            assert_eq!(limiter.bandwidth.as_ref().unwrap().size, 1000);
+            assert_eq!(limiter.ops, None);
+        }
+        let rx = v.net[0].rx_rate_limiter.as_ref().unwrap();
+        assert_eq!(rx.bandwidth.as_ref().unwrap().size, 2000);
+        assert_eq!(v.net[0].tx_rate_limiter, None);
+        assert_eq!(v.net[0].tap, "tap0");
+    }
+
     /// What the shim writes, the VMM accepts: the largest configuration
     /// the shim allows passes the VMM's validation, with the balloon and
     /// without.
@@ -164,9 +203,11 @@ mod tests {
         std::fs::write(dir.join(ROOT_IMAGE), b"").unwrap();
         let params = "x".repeat(crate::config::MAX_KERNEL_PARAMS);
         let mut c = cfg(&format!(
-            "vcpus = {}\nmemory_mib = {}\nkernel_params = \"{params}\"\ndebug_console = true\nfree_page_reporting = {free_page_reporting}",
+            "vcpus = {}\nmemory_mib = {}\nkernel_params = \"{params}\"\ndebug_console = true\nfree_page_reporting = {free_page_reporting}\n\
+             disk_bandwidth_bytes_per_sec = {max}\ndisk_ops_per_sec = {max}\nnet_rx_bytes_per_sec = {max}\nnet_tx_bytes_per_sec = {max}",
             husk_vm_config::limits::MAX_VCPUS,
-            husk_vm_config::limits::MAX_MEMORY_MIB
+            husk_vm_config::limits::MAX_MEMORY_MIB,
+            max = husk_vm_config::limits::MAX_BUCKET_SIZE,
         ));
         // The most a pod can get: everything up to the caps.
         let size = crate::sizing::size(
@@ -186,6 +227,8 @@ mod tests {
                 id: format!("net{n}"),
                 tap: crate::network::tap::tap_name(n),
                 mac: Some(format!("02:00:00:00:00:0{n}")),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
             })
             .collect();
         let json = serde_json::to_string(&vm_spec(&c, size, &dir, slots, nics)).unwrap();
@@ -196,6 +239,11 @@ mod tests {
             vm.virtio_device_count(),
             husk_vm_config::limits::MAX_VIRTIO_DEVICES
         );
+        assert!(vm.block.iter().all(|b| b.rate_limiter.is_some()));
+        assert!(vm
+            .net
+            .iter()
+            .all(|n| n.rx_rate_limiter.is_some() && n.tx_rate_limiter.is_some()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

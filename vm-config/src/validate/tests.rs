@@ -25,9 +25,13 @@ impl Fixture {
             "vcpus": 2, "memory_mib": 256, "hugepages": false,
             "kernel": {"path": self.p("kernel"), "cmdline": "console=ttyS0 reboot=k", "initrd": self.p("initrd")},
             "serial": {"output": "file", "path": self.p("serial.log")},
-            "block": [{"id": "rootfs", "path": self.p("disk"), "read_only": true, "serial": "disk0"}],
+            "block": [{"id": "rootfs", "path": self.p("disk"), "read_only": true, "serial": "disk0",
+                       "rate_limiter": {"bandwidth": {"size": 1_048_576, "one_time_burst": 4_194_304, "refill_time_ms": 100},
+                                        "ops": {"size": 100, "refill_time_ms": 1000}}}],
             "vsock": {"guest_cid": 3, "uds_path": self.p("vsock.sock")},
-            "net": [{"id": "eth0", "tap": "tap0", "mac": "02:00:00:00:00:01"}],
+            "net": [{"id": "eth0", "tap": "tap0", "mac": "02:00:00:00:00:01",
+                     "rx_rate_limiter": {"bandwidth": {"size": 125_000, "refill_time_ms": 10}},
+                     "tx_rate_limiter": {"ops": {"size": 1000, "refill_time_ms": 1000}}}],
             "rng": true,
             "balloon": {"free_page_reporting": true},
             "control_socket": self.p("ctl.sock")
@@ -60,6 +64,32 @@ fn parses_full_config() {
     assert!(c.block[0].read_only);
     assert_eq!(c.vsock.as_ref().unwrap().guest_cid, 3);
     assert_eq!(c.net[0].mac, Some([2, 0, 0, 0, 0, 1]));
+    let bucket = |size, one_time_burst, refill_time_ms| TokenBucketConfig {
+        size: NonZeroU64::new(size).unwrap(),
+        one_time_burst,
+        refill_time_ms: NonZeroU64::new(refill_time_ms).unwrap(),
+    };
+    assert_eq!(
+        c.block[0].rate_limiter,
+        Some(RateLimiterConfig {
+            bandwidth: Some(bucket(1 << 20, 4 << 20, 100)),
+            ops: Some(bucket(100, 0, 1000)),
+        })
+    );
+    assert_eq!(
+        c.net[0].rx_rate_limiter,
+        Some(RateLimiterConfig {
+            bandwidth: Some(bucket(125_000, 0, 10)),
+            ops: None,
+        })
+    );
+    assert_eq!(
+        c.net[0].tx_rate_limiter,
+        Some(RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(1000, 0, 1000)),
+        })
+    );
     assert!(c.rng);
     assert_eq!(
         c.balloon,
@@ -224,6 +254,42 @@ fn rejects_each_bad_field() {
             "balloon.free_page_reporting: cannot give huge pages back",
         ),
         (Box::new(|v| v["vcpus"] = json!(-1)), "invalid config JSON"),
+        (
+            Box::new(|v| v["block"][0]["rate_limiter"]["bandwidth"]["refill_time_ms"] = json!(0)),
+            "block[0].rate_limiter.bandwidth.refill_time_ms: must be between 1 and 3600000, got 0",
+        ),
+        (
+            Box::new(|v| v["block"][0]["rate_limiter"]["ops"]["refill_time_ms"] = json!(3_600_001)),
+            "block[0].rate_limiter.ops.refill_time_ms: must be between 1 and 3600000, got 3600001",
+        ),
+        (
+            Box::new(|v| v["block"][0]["rate_limiter"]["bandwidth"]["size"] = json!(0)),
+            "block[0].rate_limiter.bandwidth.size: must be between 1 and 1099511627776, got 0",
+        ),
+        (
+            Box::new(|v| v["net"][0]["rx_rate_limiter"]["bandwidth"]["size"] = json!(1u64 << 41)),
+            "net[0].rx_rate_limiter.bandwidth.size: must be between 1 and 1099511627776, got 2199023255552",
+        ),
+        (
+            Box::new(|v| v["net"][0]["tx_rate_limiter"]["ops"]["one_time_burst"] = json!(u64::MAX)),
+            "net[0].tx_rate_limiter.ops.one_time_burst: must be between 0 and 1099511627776",
+        ),
+        (
+            Box::new(|v| v["net"][0]["tx_rate_limiter"]["ops"]["size"] = json!(-5)),
+            "invalid config JSON",
+        ),
+        (
+            Box::new(|v| v["net"][0]["tx_rate_limiter"]["ops"] = json!({"size": 10})),
+            "missing field `refill_time_ms`",
+        ),
+        (
+            Box::new(|v| v["block"][0]["rate_limiter"]["bytes"] = json!({})),
+            "unknown field `bytes`",
+        ),
+        (
+            Box::new(|v| v["net"][0]["rate_limiter"] = json!({})),
+            "unknown field `rate_limiter`",
+        ),
     ];
     for (edit, want) in cases {
         let got = fx.err(edit);
@@ -260,6 +326,43 @@ fn empty_balloon_section_is_a_balloon_without_reporting() {
     let spec: VmSpec = serde_json::from_value(v).unwrap();
     let back = serde_json::to_value(&spec).unwrap();
     assert_eq!(back["balloon"], json!({}));
+}
+
+#[test]
+fn an_empty_rate_limiter_limits_nothing() {
+    let fx = Fixture::new("rl-empty");
+    let mut v = fx.full();
+    v["block"][0]["rate_limiter"] = json!({});
+    v["net"][0]["rx_rate_limiter"] = json!({});
+    v["net"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("tx_rate_limiter");
+    let c = VmConfig::from_json(&v.to_string()).unwrap();
+    assert_eq!(c.block[0].rate_limiter, None);
+    assert_eq!(c.net[0].rx_rate_limiter, None);
+    assert_eq!(c.net[0].tx_rate_limiter, None);
+}
+
+#[test]
+fn rate_limiters_round_trip_and_zero_burst_is_left_out() {
+    let fx = Fixture::new("rl-json");
+    let spec: VmSpec = serde_json::from_value(fx.full()).unwrap();
+    let back = serde_json::to_value(&spec).unwrap();
+    assert_eq!(
+        back["block"][0]["rate_limiter"]["ops"],
+        json!({"size": 100, "refill_time_ms": 1000})
+    );
+    assert_eq!(back["block"][0], fx.full()["block"][0]);
+    assert_eq!(back["net"][0], fx.full()["net"][0]);
+    let plain: VmSpec = serde_json::from_value(
+        json!({"vcpus": 1, "memory_mib": 128, "kernel": {"path": "/k"},
+               "block": [{"id": "d", "path": "/d"}], "net": [{"id": "n", "tap": "t"}]}),
+    )
+    .unwrap();
+    let plain = serde_json::to_value(&plain).unwrap();
+    assert_eq!(plain["block"][0], json!({"id": "d", "path": "/d"}));
+    assert_eq!(plain["net"][0], json!({"id": "n", "tap": "t"}));
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! Requests are parsed and executed in [`request`], so the part that faces a
 //! hostile guest can be tested on its own; features, config space, the queue
 //! loop, interrupts and event-manager plumbing are [`DeviceState`]'s; this
-//! module opens the disk and lays out its features and config space.
+//! module opens the disk, lays out its features and config space, and
+//! holds requests back while its [`RateLimiter`] says so (each request costs
+//! one operation, and its data length in bytes for reads and writes).
 
 mod request;
 
@@ -16,10 +18,11 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::warn;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 
-use request::{handle_chain, Disk, ID_LEN, SECTOR_SIZE};
+use request::{complete, Disk, ID_LEN, SECTOR_SIZE};
 pub use request::{DataBuffer, ParseError, Request, RequestError, RequestType};
 
 use super::{DeviceEvent, DeviceState, VirtioDevice, TYPE_BLOCK};
+use crate::rate_limiter::RateLimiter;
 
 /// Size of the one request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -60,6 +63,7 @@ pub enum BlockError {
 pub struct Block {
     disk: Disk,
     state: DeviceState,
+    limiter: RateLimiter,
 }
 
 impl Block {
@@ -106,7 +110,15 @@ impl Block {
         Ok(Block {
             disk: Disk::new(file, capacity, cfg.read_only, id),
             state,
+            limiter: RateLimiter::unlimited(),
         })
+    }
+
+    /// Limits the guest's requests (unlimited without). Set before the
+    /// device joins the event loop, which then watches the limiter's timer.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = limiter;
+        self
     }
 
     /// The disk size in 512-byte sectors.
@@ -114,12 +126,25 @@ impl Block {
         self.disk.capacity()
     }
 
-    /// Processes every available request on queue `index` and interrupts the
-    /// guest if it asked for it.
+    /// Processes the available requests on queue `index`, as many as the
+    /// rate limiter lets through, and interrupts the guest if it asked for
+    /// it. A request the limiter holds back stays first in the queue until
+    /// its timer fires.
     pub fn process_queue(&mut self, index: usize) {
+        if self.limiter.is_blocked() {
+            return;
+        }
         let disk = &self.disk;
-        self.state
-            .process_queue(index, |chain, mem| handle_chain(disk, chain, mem));
+        let limiter = &mut self.limiter;
+        self.state.process_queue_until(index, |chain, mem| {
+            // Malformed requests cost an operation too: parsing them is
+            // the device's work all the same.
+            let parsed = Request::parse(chain, mem);
+            let bytes = parsed.as_ref().map_or(0, Request::transfer_len);
+            limiter
+                .consume(bytes, 1)
+                .then(|| complete(disk, parsed, mem))
+        });
     }
 }
 
@@ -141,11 +166,20 @@ impl VirtioDevice for Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         self.state.init(ops);
+        self.limiter.register(ops, self.state.name());
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if let DeviceEvent::Queue(index) = self.state.handle_event(events.fd(), ops) {
-            self.process_queue(index);
+        let fd = events.fd();
+        match self.state.handle_event(fd, ops) {
+            DeviceEvent::Queue(index) => self.process_queue(index),
+            DeviceEvent::Other if self.limiter.is_timer(fd) => {
+                self.limiter.on_timer();
+                if self.state.is_activated() {
+                    self.process_queue(0);
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -402,7 +402,19 @@ impl DeviceState {
     pub fn process_queue(
         &mut self,
         index: usize,
-        handle: impl FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32,
+        mut handle: impl FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32,
+    ) {
+        self.process_queue_until(index, |chain, mem| Some(handle(chain, mem)));
+    }
+
+    /// [`process_queue`](Self::process_queue) for a handler that may refuse
+    /// a chain for now (None): the chain stays first in the queue and
+    /// processing stops until the device calls again
+    /// ([`process_chains`]).
+    pub fn process_queue_until(
+        &mut self,
+        index: usize,
+        handle: impl FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> Option<u32>,
     ) {
         let name = self.name;
         let Some(active) = self.active.as_mut() else {

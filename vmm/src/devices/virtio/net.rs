@@ -5,6 +5,13 @@
 //! (IFF_VNET_HDR) reads and writes as is. The device is driven by the event
 //! manager like vsock: the tap fd and the queue notifications. The tap
 //! wrapper lives in [`tap`].
+//!
+//! Each direction has a [`RateLimiter`] (unlimited unless configured); a
+//! frame costs one operation and its length in bytes (the Ethernet frame,
+//! without the vnet header). A tx frame the limiter holds back stays first
+//! in the tx queue; an rx frame stays the pending frame, and the tap is not
+//! read meanwhile, so the host kernel queues (and in the end drops) what
+//! comes next. Each resumes when its limiter's timer fires.
 
 pub mod tap;
 
@@ -16,6 +23,7 @@ use self::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::chain::{ChainError, Direction, SgList};
 use super::queue_events::{signal_used, SignalError};
 use super::{DeviceEvent, DeviceState, GuestMemory, VirtioDevice, TYPE_NET};
+use crate::rate_limiter::RateLimiter;
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -48,6 +56,8 @@ pub struct Net {
     pending_frame: Option<Vec<u8>>,
     /// Whether the tap fd is currently polled for IN.
     tap_polled: bool,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
 }
 
 impl Net {
@@ -75,24 +85,48 @@ impl Net {
             tap: Tap::open(tap_name)?,
             pending_frame: None,
             tap_polled: false,
+            rx_limiter: RateLimiter::unlimited(),
+            tx_limiter: RateLimiter::unlimited(),
         })
+    }
+
+    /// Limits the frames the guest receives (`rx`) and sends (`tx`).
+    /// Set before the device joins the event loop, which then watches the
+    /// limiters' timers.
+    pub fn with_rate_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
     }
 
     pub fn tap_name(&self) -> &str {
         self.tap.name()
     }
 
-    /// Sends every frame the guest queued on tx to the tap. Returns whether
-    /// any chain was consumed.
+    /// Sends the frames the guest queued on tx to the tap, as many as the
+    /// tx rate limiter lets through. Returns whether any chain was consumed.
     pub fn process_tx(&mut self) -> Result<bool, NetError> {
         let active = self.state.active_mut().ok_or(NetError::NotActivated)?;
+        if self.tx_limiter.is_blocked() {
+            return Ok(false);
+        }
         let mem = &active.mem;
         let queue = &mut active.queues[TXQ].queue;
         let mut used = false;
         let mut frame = Vec::new();
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            match read_tx_frame(mem, chain, &mut frame) {
+            let read = read_tx_frame(mem, chain, &mut frame);
+            // A malformed chain costs an operation, no bytes.
+            let bytes = read
+                .as_ref()
+                .map_or(0, |()| frame.len().saturating_sub(VNET_HDR_LEN));
+            if !self.tx_limiter.consume(bytes as u64, 1) {
+                // First in the queue again for when the timer fires.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                break;
+            }
+            match read {
                 Ok(()) => match self.tap.write_frame(&frame) {
                     Ok(_) => {}
                     // Like a full NIC queue: the frame is lost, TCP resends.
@@ -112,10 +146,14 @@ impl Net {
         Ok(used)
     }
 
-    /// Moves frames from the tap into rx buffers until either runs out.
-    /// Returns whether any buffer was used.
+    /// Moves frames from the tap into rx buffers until either runs out or
+    /// the rx rate limiter says to wait. Returns whether any buffer was
+    /// used.
     pub fn process_rx(&mut self) -> Result<bool, NetError> {
         let active = self.state.active_mut().ok_or(NetError::NotActivated)?;
+        if self.rx_limiter.is_blocked() {
+            return Ok(false);
+        }
         let mem = &active.mem;
         let queue = &mut active.queues[RXQ].queue;
         let mut used = false;
@@ -151,6 +189,13 @@ impl Net {
                 );
                 queue.set_next_avail(queue.next_avail().wrapping_sub(1));
                 continue;
+            }
+            let bytes = frame.len().saturating_sub(VNET_HDR_LEN);
+            if !self.rx_limiter.consume(bytes as u64, 1) {
+                // The buffer back for later, the frame kept for it.
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                self.pending_frame = Some(frame);
+                break;
             }
             let len = match sg.write_at(mem, 0, &frame) {
                 Ok(n) => n,
@@ -269,6 +314,8 @@ impl VirtioDevice for Net {
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         self.state.init(ops);
+        self.rx_limiter.register(ops, "net rx");
+        self.tx_limiter.register(ops, "net tx");
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -276,12 +323,18 @@ impl MutEventSubscriber for Net {
         match self.state.handle_event(fd, ops) {
             DeviceEvent::Activated => return self.handle_activate(ops),
             DeviceEvent::Handled => return,
-            DeviceEvent::Other if !self.state.is_activated() => {
-                tracing::warn!(fd, "net: event before activation");
-                return;
-            }
+            // Unblocked: the processing below resumes that direction.
+            DeviceEvent::Other if self.rx_limiter.is_timer(fd) => self.rx_limiter.on_timer(),
+            DeviceEvent::Other if self.tx_limiter.is_timer(fd) => self.tx_limiter.on_timer(),
             // The tap's readiness needs no bookkeeping: process_rx reads it.
             DeviceEvent::Queue(_) | DeviceEvent::Other => {}
+        }
+        if !self.state.is_activated() {
+            // A timer that fired after a reset: nothing to resume.
+            if !self.rx_limiter.is_timer(fd) && !self.tx_limiter.is_timer(fd) {
+                tracing::warn!(fd, "net: event before activation");
+            }
+            return;
         }
         if let Err(e) = self.process_queues() {
             tracing::error!(error = %e, "net: processing queues");

@@ -89,15 +89,21 @@ pub fn take_notification(queues: &[ActiveQueue], fd: RawFd, dev: &str) -> Option
 /// Hands every available chain of `queue` to `handle`, which returns the
 /// bytes it wrote to the chain, puts it in the used ring and interrupts the
 /// guest if it asked for it. `dev` names the device in logs.
+///
+/// A handler may refuse a chain for now (a rate limiter's) by returning
+/// None: the chain goes back to the avail ring, where the next call finds
+/// it first, and processing stops. Queue notifications then stay off: the
+/// device resumes the queue by itself (on its timer), and a guest kick
+/// meanwhile would be a wasted exit.
 pub fn process_chains(
     dev: &str,
     mem: &GuestMemory,
     queue: &mut Queue,
     irq: &IrqTrigger,
-    mut handle: impl FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> u32,
+    mut handle: impl FnMut(DescriptorChain<&GuestMemory>, &GuestMemory) -> Option<u32>,
 ) {
     let mut used_any = false;
-    loop {
+    'rounds: loop {
         if let Err(e) = queue.disable_notification(mem) {
             warn!(error = %e, "{dev}: disabling queue notifications");
             break;
@@ -106,7 +112,10 @@ pub fn process_chains(
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             popped += 1;
             let head = chain.head_index();
-            let len = handle(chain, mem);
+            let Some(len) = handle(chain, mem) else {
+                queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                break 'rounds;
+            };
             if let Err(e) = queue.add_used(mem, head, len) {
                 warn!(error = %e, head, "{dev}: adding a used element");
             }

@@ -237,6 +237,16 @@ impl Request {
     fn data_len(&self) -> u64 {
         self.data.iter().map(|b| u64::from(b.len)).sum()
     }
+
+    /// The bytes the request moves between disk and guest memory: what a
+    /// rate limiter's bandwidth bucket charges. Its data for reads and
+    /// writes; nothing for flushes, GET_ID and the rest.
+    pub fn transfer_len(&self) -> u64 {
+        match self.kind {
+            RequestType::In | RequestType::Out => self.data_len(),
+            _ => 0,
+        }
+    }
 }
 
 /// The backing file and what the guest may do with it.
@@ -386,13 +396,10 @@ impl Disk {
     }
 }
 
-/// Handles one chain; returns the used length to report for it.
-pub fn handle_chain(
-    disk: &Disk,
-    chain: impl Iterator<Item = Descriptor>,
-    mem: &GuestMemory,
-) -> u32 {
-    let (status_addr, status, written) = match Request::parse(chain, mem) {
+/// Executes a parsed request, or reports why it could not be parsed, and
+/// writes its status byte; returns the used length to report for it.
+pub fn complete(disk: &Disk, parsed: Result<Request, ParseError>, mem: &GuestMemory) -> u32 {
+    let (status_addr, status, written) = match parsed {
         Err(ParseError {
             status: None,
             error,
