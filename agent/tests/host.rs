@@ -615,3 +615,43 @@ fn log_lines_reach_a_connected_listener() {
     );
     let _ = std::fs::remove_file(&log_sock);
 }
+
+/// A container's program and an exec start with fds 0, 1 and 2 only, even
+/// when the agent holds an fd without CLOEXEC (here one it inherited as
+/// fd 7, which every child of the agent inherits in turn).
+#[test]
+fn programs_start_with_stdio_only() {
+    let Some(a) = TestAgent::start_with(|agent, sock, cgroup_parent| {
+        let mut c = std::process::Command::new(agent);
+        c.arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--cgroup-parent")
+            .arg(cgroup_parent)
+            .stdout(std::process::Stdio::null());
+        // SAFETY: dup2 is async-signal-safe and allocates nothing; fd 7
+        // comes without CLOEXEC.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                if libc::dup2(2, 7) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c
+    }) else {
+        return;
+    };
+    let fds = "ls /proc/$$/fd | tr '\\n' ' '";
+    let (out, err, status) = a.run("c", &["sh", "-c", fds]);
+    assert_eq!((out.as_str(), status), ("0 1 2 ", 0), "{err}");
+    a.create("d", &["sleep", "100"]);
+    a.start_c("d").unwrap();
+    a.exec("d", "e", &["sh", "-c", fds], false).unwrap();
+    a.close_stdin("d", "e");
+    assert_eq!(a.read_all("d", "e", false), "0 1 2 ");
+    assert_eq!(a.wait("d", "e"), 0);
+    a.signal("d", "", libc::SIGKILL, false).unwrap();
+    a.wait("d", "");
+    a.remove("d", false).unwrap();
+}
