@@ -15,6 +15,7 @@ use rustix::process::Signal;
 
 use crate::cgroup::{Cgroup, CgroupRoot};
 use crate::container::{self, Container, IdMaps, Process, Status};
+use crate::devices::DeviceError;
 use crate::error::{invalid, io_ctx, AgentError, Result};
 use crate::hostfiles::{HostFiles, HostFilesError};
 use crate::oom::OomWatcher;
@@ -164,6 +165,9 @@ impl Agent {
             .and_then(|l| l.resources().clone())
             .unwrap_or_default();
         let writes = Cgroup::check(&self.cgroups, &resources).map_err(invalid)?;
+        let device_rules =
+            crate::devices::rules(resources.devices().as_deref().unwrap_or_default())
+                .map_err(invalid)?;
         let _creating = lock(&self.creating);
         if self.get(id).is_ok() {
             return Err(AgentError::Exists(format!("container {id:?}")));
@@ -216,6 +220,15 @@ impl Agent {
         let spawned = cgroup
             .apply(&writes)
             .map_err(AgentError::from)
+            .and_then(|()| {
+                crate::devices::attach(cgroup.path(), &device_rules).map_err(|e| match e {
+                    DeviceError::Bpf { what, path, source } => AgentError::Io {
+                        context: format!("{what} the device filter of {path}"),
+                        source,
+                    },
+                    other => invalid(other),
+                })
+            })
             .and_then(|()| {
                 let cfg = InitConfig {
                     namespaces: actions,

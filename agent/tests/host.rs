@@ -655,3 +655,50 @@ fn programs_start_with_stdio_only() {
     a.wait("d", "");
     a.remove("d", false).unwrap();
 }
+
+/// The container's cgroup gets a device filter (cgroup v2, BPF): runc's
+/// defaults are open, any other device only if linux.resources.devices
+/// allows it. Major 240 is unassigned: opening it when allowed fails with
+/// ENXIO (no driver), when denied by the filter with EPERM.
+#[test]
+fn devices_are_filtered_by_the_cgroup() {
+    let Some(a) = TestAgent::start() else { return };
+    let run = |id: &str, rules: serde_json::Value| {
+        let mut s = common::spec(&[
+            "sh",
+            "-c",
+            "head -c 1 /dev/zero | wc -c; cat /dev/husk-test 2>&1; true",
+        ]);
+        s["linux"]["devices"] = serde_json::json!([
+            {"path": "/dev/husk-test", "type": "c", "major": 240, "minor": 0, "fileMode": 438}
+        ]);
+        s["linux"]["resources"]["devices"] = rules;
+        a.create_spec(id, &s).unwrap();
+        a.close_stdin(id, "");
+        a.start_c(id).unwrap();
+        let out = a.read_all(id, "", false);
+        assert_eq!(a.wait(id, ""), 0);
+        a.remove(id, false).unwrap();
+        out
+    };
+    let out = run(
+        "deny",
+        serde_json::json!([{"allow": false, "access": "rwm"}]),
+    );
+    assert!(out.starts_with("1\n"), "/dev/zero is a default: {out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let out = run(
+        "allow",
+        serde_json::json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 240, "minor": 0, "access": "r"}
+        ]),
+    );
+    assert!(out.contains("No such device or address"), "{out}");
+    let (c, _) = common::code(a.create_spec("bad", &{
+        let mut s = common::spec(&["true"]);
+        s["linux"]["resources"]["devices"] = serde_json::json!([{"allow": true, "access": "x"}]);
+        s
+    }));
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+}
