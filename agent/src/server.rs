@@ -35,7 +35,7 @@ use husk_protocols::ttrpc::{
 /// reconnect while the old one drains.
 pub const MAX_CONNECTIONS: usize = 4;
 /// Calls in flight on one connection (each a thread while it runs).
-pub const MAX_IN_FLIGHT: usize = 256;
+pub const MAX_IN_FLIGHT: usize = 1024;
 /// Shortest time between two log lines about refused connections.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The host's vsock CID (VMADDR_CID_HOST).
