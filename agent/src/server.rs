@@ -11,8 +11,10 @@
 //!   counted, with a log line at most every [`REFUSAL_LOG_INTERVAL`];
 //! - at most [`MAX_CONNECTIONS`] connections; one more is closed at once;
 //! - one reader thread per connection, and one thread per call in flight,
-//!   at most [`MAX_IN_FLIGHT`] per connection (the shim's waits, reads and
-//!   OOM watch each hold one); a call beyond gets RESOURCE_EXHAUSTED;
+//!   at most [`MAX_IN_FLIGHT`] in all (the shim's waits, reads and OOM
+//!   watch each hold one); a call beyond gets RESOURCE_EXHAUSTED. The bound
+//!   is the agent's, not a connection's: a call outlives its connection
+//!   until its handler returns (a wait, until its process ends);
 //! - every request gets an answer: a payload or method that does not decode
 //!   gets INVALID_ARGUMENT or UNIMPLEMENTED; a frame that cannot be read
 //!   (over 4 MiB, cut short) closes the connection.
@@ -34,7 +36,7 @@ use husk_protocols::ttrpc::{
 /// Connections served at once. The shim holds one; a few more cover a
 /// reconnect while the old one drains.
 pub const MAX_CONNECTIONS: usize = 4;
-/// Calls in flight on one connection (each a thread while it runs).
+/// Calls in flight on all connections (each a thread while it runs).
 pub const MAX_IN_FLIGHT: usize = 1024;
 /// Shortest time between two log lines about refused connections.
 pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -127,6 +129,7 @@ fn admit(peers: Peers, addr: Option<&rustix::net::SocketAddrAny>) -> Result<(), 
 
 fn accept_loop(listener: &OwnedFd, peers: Peers, methods: &Arc<Methods>) {
     let live = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let mut refusals = Refusals {
         total: 0,
         unlogged: 0,
@@ -158,10 +161,11 @@ fn accept_loop(listener: &OwnedFd, peers: Peers, methods: &Arc<Methods>) {
         live.fetch_add(1, Ordering::SeqCst);
         let live2 = live.clone();
         let methods = methods.clone();
+        let in_flight = in_flight.clone();
         let spawned = std::thread::Builder::new()
             .name("ttrpc-conn".into())
             .spawn(move || {
-                serve_connection(conn, &methods);
+                serve_connection(conn, &methods, in_flight);
                 live2.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -175,7 +179,8 @@ fn accept_loop(listener: &OwnedFd, peers: Peers, methods: &Arc<Methods>) {
 /// under the lock) and its calls in flight.
 struct Conn {
     writer: Mutex<std::fs::File>,
-    in_flight: AtomicUsize,
+    /// The agent's calls in flight (shared by all connections).
+    in_flight: Arc<AtomicUsize>,
     fd: i32,
 }
 
@@ -258,7 +263,7 @@ fn read_frame(r: &mut impl Read) -> io::Result<Frame> {
     Ok(Frame::Whole(mh, buf))
 }
 
-fn serve_connection(sock: OwnedFd, methods: &Arc<Methods>) {
+fn serve_connection(sock: OwnedFd, methods: &Arc<Methods>, in_flight: Arc<AtomicUsize>) {
     let fd = sock.as_raw_fd();
     let mut reader = match sock.as_fd().try_clone_to_owned() {
         Ok(r) => std::fs::File::from(r),
@@ -269,7 +274,7 @@ fn serve_connection(sock: OwnedFd, methods: &Arc<Methods>) {
     };
     let conn = Arc::new(Conn {
         writer: Mutex::new(std::fs::File::from(sock)),
-        in_flight: AtomicUsize::new(0),
+        in_flight,
         fd,
     });
     // Dropped when the connection ends: handlers that watch for
@@ -328,7 +333,7 @@ fn serve_connection(sock: OwnedFd, methods: &Arc<Methods>) {
             conn.error(
                 mh.stream_id,
                 Code::RESOURCE_EXHAUSTED,
-                format!("over {MAX_IN_FLIGHT} calls in flight on this connection"),
+                format!("over {MAX_IN_FLIGHT} calls in flight"),
             );
             continue;
         }
