@@ -3,9 +3,6 @@
 //! after. `service` turns these into ttrpc answers.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -18,7 +15,9 @@ use rustix::process::Signal;
 
 use crate::cgroup::{Cgroup, CgroupRoot};
 use crate::container::{self, Container, IdMaps, Process, Status};
+use crate::devices::DeviceError;
 use crate::error::{invalid, io_ctx, AgentError, Result};
+use crate::hostfiles::{HostFiles, HostFilesError};
 use crate::oom::OomWatcher;
 use crate::reaper::{Exit, Reaper};
 use crate::sync::{InitConfig, NsAction, Work};
@@ -45,6 +44,8 @@ pub struct Agent {
     storages: Mutex<HashMap<String, storage::RootfsMount>>,
     pub pid1: bool,
     cap_last_cap: u32,
+    /// CopyFile's folder.
+    host_files: HostFiles,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -57,6 +58,7 @@ impl Agent {
         oom: Arc<OomWatcher>,
         cgroups: CgroupRoot,
         pid1: bool,
+        host_files: HostFiles,
     ) -> Agent {
         let cap_last_cap = crate::sys::read_trimmed("/proc/sys/kernel/cap_last_cap")
             .parse()
@@ -72,6 +74,7 @@ impl Agent {
             storages: Mutex::default(),
             pid1,
             cap_last_cap,
+            host_files,
         }
     }
 
@@ -162,6 +165,9 @@ impl Agent {
             .and_then(|l| l.resources().clone())
             .unwrap_or_default();
         let writes = Cgroup::check(&self.cgroups, &resources).map_err(invalid)?;
+        let device_rules =
+            crate::devices::rules(resources.devices().as_deref().unwrap_or_default())
+                .map_err(invalid)?;
         let _creating = lock(&self.creating);
         if self.get(id).is_ok() {
             return Err(AgentError::Exists(format!("container {id:?}")));
@@ -214,6 +220,15 @@ impl Agent {
         let spawned = cgroup
             .apply(&writes)
             .map_err(AgentError::from)
+            .and_then(|()| {
+                crate::devices::attach(cgroup.path(), &device_rules).map_err(|e| match e {
+                    DeviceError::Bpf { what, path, source } => AgentError::Io {
+                        context: format!("{what} the device filter of {path}"),
+                        source,
+                    },
+                    other => invalid(other),
+                })
+            })
             .and_then(|()| {
                 let cfg = InitConfig {
                     namespaces: actions,
@@ -476,23 +491,19 @@ impl Agent {
         if req.file_mode & !0o7777 != 0 {
             return Err(invalid(format!("file_mode {:o}", req.file_mode)));
         }
-        let what = format!("copying to {}", path.display());
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(io_ctx(&what))?;
-        }
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create(true).mode(req.file_mode);
-        if req.offset == 0 {
-            opts.truncate(true);
-        }
-        let mut f = opts.open(path).map_err(io_ctx(&what))?;
-        if req.offset == 0 {
-            f.set_permissions(fs::Permissions::from_mode(req.file_mode))
-                .map_err(io_ctx(&what))?;
-            crate::sys::chown(path, req.uid, req.gid).map_err(io_ctx(&what))?;
-        }
-        f.seek(SeekFrom::Start(offset))
-            .and_then(|_| f.write_all(&req.data))
-            .map_err(io_ctx(&what))
+        let chunk = crate::hostfiles::Chunk {
+            offset,
+            data: &req.data,
+            mode: req.file_mode,
+            uid: req.uid,
+            gid: req.gid,
+        };
+        self.host_files.write(path, &chunk).map_err(|e| match e {
+            HostFilesError::Io { what, path, source } => AgentError::Io {
+                context: format!("CopyFile: {what} {}", path.display()),
+                source,
+            },
+            other => invalid(other),
+        })
     }
 }

@@ -13,7 +13,9 @@
 mod agent;
 mod cgroup;
 mod container;
+mod devices;
 mod error;
+mod hostfiles;
 mod init;
 #[macro_use]
 mod log;
@@ -24,6 +26,7 @@ mod pid1;
 mod reaper;
 mod sandbox;
 mod seccomp;
+mod server;
 mod service;
 mod stdio;
 mod storage;
@@ -33,23 +36,25 @@ mod syscalls_x86_64;
 mod validate;
 
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use husk_protocols::agent_ttrpc::create_agent_service;
-use husk_protocols::ttrpc::Server;
 
 /// The line every boot test waits for on the guest console.
 const MARKER: &str = "HUSK_GUEST_READY";
 
 const USAGE: &str =
-    "usage: husk-agent [--listen unix:///path] [--log-listen unix:///path] [--cgroup-parent NAME]";
+    "usage: husk-agent [--listen unix:///path] [--log-listen unix:///path] [--cgroup-parent NAME] [--host-files DIR]";
 
 struct Args {
     listen: Option<String>,
     log_listen: Option<String>,
     cgroup_parent: String,
+    /// CopyFile's folder (host tests); the guest's is HOST_FILES_DIR.
+    host_files: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -57,6 +62,7 @@ fn parse_args() -> anyhow::Result<Args> {
         listen: None,
         log_listen: None,
         cgroup_parent: "husk".into(),
+        host_files: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -64,6 +70,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--listen" => args.listen = Some(it.next().context(USAGE)?),
             "--log-listen" => args.log_listen = Some(it.next().context(USAGE)?),
             "--cgroup-parent" => args.cgroup_parent = it.next().context(USAGE)?,
+            "--host-files" => args.host_files = Some(it.next().context(USAGE)?),
             _ => bail!("unknown argument {a:?}\n{USAGE}"),
         }
     }
@@ -76,7 +83,6 @@ fn parse_args() -> anyhow::Result<Args> {
 fn serve(pid1: bool) -> anyhow::Result<()> {
     let args = parse_args()?;
     reaper::block_sigchld().context("blocking SIGCHLD")?;
-    let mut server = Server::new();
     if pid1 {
         pid1::mount_all();
     } else {
@@ -99,12 +105,13 @@ fn serve(pid1: bool) -> anyhow::Result<()> {
             log::serve(fd)?;
         }
     }
-    if let Some(listen) = args.listen.as_deref() {
+    let (listener, peers) = if let Some(listen) = args.listen.as_deref() {
         let path = listen
             .strip_prefix("unix://")
             .context("--listen takes unix:///path")?;
         let _ = std::fs::remove_file(path);
-        server = server.bind(listen).context("binding the socket")?;
+        let l = std::os::unix::net::UnixListener::bind(path).context("binding the socket")?;
+        (OwnedFd::from(l), server::Peers::Any)
     } else if pid1 {
         if !pid1::has_vsock_device() {
             // Nobody can ever reach the agent: say the guest is up (the
@@ -116,28 +123,26 @@ fn serve(pid1: bool) -> anyhow::Result<()> {
         let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
         let port = pid1::port_from_cmdline(&cmdline).map_err(anyhow::Error::msg)?;
         let fd = pid1::vsock_listener(port).with_context(|| format!("vsock port {port}"))?;
-        // The server owns the listening fd from here on.
-        server = server
-            .add_listener(std::os::fd::IntoRawFd::into_raw_fd(fd))
-            .context("vsock listener")?;
+        (fd, server::Peers::HostOnly)
     } else {
         bail!("{USAGE}");
-    }
+    };
     let reaper = reaper::start().context("starting the reaper")?;
     let oom = oom::OomWatcher::start().context("starting the OOM watcher")?;
     let cgroups = cgroup::CgroupRoot::open(&args.cgroup_parent, pid1).context("cgroup v2")?;
-    let agent = Arc::new(agent::Agent::new(reaper, oom, cgroups, pid1));
+    let host_files = hostfiles::HostFiles::new(
+        args.host_files
+            .as_deref()
+            .unwrap_or(husk_protocols::guest::HOST_FILES_DIR),
+    );
+    let agent = Arc::new(agent::Agent::new(reaper, oom, cgroups, pid1, host_files));
     let (tx, rx) = mpsc::channel();
     let service = service::Service {
         agent: agent.clone(),
         shutdown: Mutex::new(tx),
     };
-    let mut server = server
-        .register_service(create_agent_service(Arc::new(service)))
-        .set_thread_count_min(1)
-        .set_thread_count_default(2)
-        .set_thread_count_max(16);
-    server.start().context("starting the ttrpc server")?;
+    server::start(listener, peers, create_agent_service(Arc::new(service)))
+        .context("starting the ttrpc server")?;
 
     print_marker();
 

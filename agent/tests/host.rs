@@ -615,3 +615,92 @@ fn log_lines_reach_a_connected_listener() {
     );
     let _ = std::fs::remove_file(&log_sock);
 }
+
+/// A container's program and an exec start with fds 0, 1 and 2 only, even
+/// when the agent holds an fd without CLOEXEC (here one it inherited as
+/// fd 7, which every child of the agent inherits in turn).
+#[test]
+fn programs_start_with_stdio_only() {
+    let Some(a) = TestAgent::start_with(|agent, sock, cgroup_parent| {
+        let mut c = std::process::Command::new(agent);
+        c.arg("--listen")
+            .arg(format!("unix://{}", sock.display()))
+            .arg("--cgroup-parent")
+            .arg(cgroup_parent)
+            .stdout(std::process::Stdio::null());
+        // SAFETY: dup2 is async-signal-safe and allocates nothing; fd 7
+        // comes without CLOEXEC.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut c, || {
+                if libc::dup2(2, 7) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c
+    }) else {
+        return;
+    };
+    // The shell's own fds, listed by a child (no pipe of the shell's
+    // open meanwhile; not the last command, so the shell does not exec it).
+    let fds = "ls /proc/$$/fd; exit 0";
+    let (out, err, status) = a.run("c", &["sh", "-c", fds]);
+    assert_eq!((out.as_str(), status), ("0\n1\n2\n", 0), "{err}");
+    a.create("d", &["sleep", "100"]);
+    a.start_c("d").unwrap();
+    a.exec("d", "e", &["sh", "-c", fds], false).unwrap();
+    a.close_stdin("d", "e");
+    assert_eq!(a.read_all("d", "e", false), "0\n1\n2\n");
+    assert_eq!(a.wait("d", "e"), 0);
+    a.signal("d", "", libc::SIGKILL, false).unwrap();
+    a.wait("d", "");
+    a.remove("d", false).unwrap();
+}
+
+/// The container's cgroup gets a device filter (cgroup v2, BPF): runc's
+/// defaults are open, any other device only if linux.resources.devices
+/// allows it. Major 240 is unassigned: opening it when allowed fails with
+/// ENXIO (no driver), when denied by the filter with EPERM.
+#[test]
+fn devices_are_filtered_by_the_cgroup() {
+    let Some(a) = TestAgent::start() else { return };
+    let run = |id: &str, rules: serde_json::Value| {
+        let mut s = common::spec(&[
+            "sh",
+            "-c",
+            "head -c 1 /dev/zero | wc -c; cat /dev/husk-test 2>&1; true",
+        ]);
+        s["linux"]["devices"] = serde_json::json!([
+            {"path": "/dev/husk-test", "type": "c", "major": 240, "minor": 0, "fileMode": 438}
+        ]);
+        s["linux"]["resources"]["devices"] = rules;
+        a.create_spec(id, &s).unwrap();
+        a.close_stdin(id, "");
+        a.start_c(id).unwrap();
+        let out = a.read_all(id, "", false);
+        assert_eq!(a.wait(id, ""), 0);
+        a.remove(id, false).unwrap();
+        out
+    };
+    let out = run(
+        "deny",
+        serde_json::json!([{"allow": false, "access": "rwm"}]),
+    );
+    assert!(out.starts_with("1\n"), "/dev/zero is a default: {out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let out = run(
+        "allow",
+        serde_json::json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 240, "minor": 0, "access": "r"}
+        ]),
+    );
+    assert!(out.contains("No such device or address"), "{out}");
+    let (c, _) = common::code(a.create_spec("bad", &{
+        let mut s = common::spec(&["true"]);
+        s["linux"]["resources"]["devices"] = serde_json::json!([{"allow": true, "access": "x"}]);
+        s
+    }));
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+}

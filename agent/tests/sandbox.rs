@@ -46,10 +46,12 @@ fn sandbox_guest_details_and_copy_file() {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     assert_ne!(host.trim(), "pod-1", "the host's hostname is left alone");
 
-    let dir = std::env::temp_dir().join(format!("husk-copy-{}", std::process::id()));
+    // CopyFile writes under HOST_FILES_DIR, which is the harness's
+    // host-files folder for an agent on the host.
+    let dir = common::host_files(&a.sock);
     let path = dir.join("sub/file");
     let mut r = pb::CopyFileRequest::new();
-    r.path = path.to_string_lossy().into_owned();
+    r.path = format!("{}/sub/file", husk_protocols::guest::HOST_FILES_DIR);
     r.file_size = 10;
     r.file_mode = 0o640;
     r.data = b"hello".to_vec();
@@ -68,7 +70,17 @@ fn sandbox_guest_details_and_copy_file() {
     r.offset = 0;
     r.path = "/tmp/../etc/x".into();
     assert!(a.client.copy_file(ctx(), &r).is_err(), "dotdot");
-    std::fs::remove_dir_all(&dir).unwrap();
+    // Outside the folder: refused, not written.
+    let stray = std::env::temp_dir().join(format!("husk-copy-{}", std::process::id()));
+    r.path = stray.to_string_lossy().into_owned();
+    let (c, msg) = common::code(a.client.copy_file(ctx(), &r));
+    assert_eq!(c, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(!stray.exists());
+    // A symlink planted in the folder leads nowhere outside it.
+    std::os::unix::fs::symlink(&stray, dir.join("planted")).unwrap();
+    r.path = format!("{}/planted", husk_protocols::guest::HOST_FILES_DIR);
+    let _ = a.client.copy_file(ctx(), &r);
+    assert!(!stray.exists(), "a planted symlink led the write out");
 }
 
 /// An agent in a network namespace of its own (not PID 1) sets up the

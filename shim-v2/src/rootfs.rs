@@ -238,11 +238,35 @@ pub fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), RootfsError> {
     Ok(())
 }
 
+/// Where the shim mounts containerd's rootfs mounts and what it builds the
+/// image from: always `<bundle>/rootfs`, as runc's shim does, whatever the
+/// spec's `root.path` says (a spec naming `/` or `../..` must not make the
+/// shim mount over, image, or unmount a host path).
+pub fn bundle_rootfs(bundle: &Path) -> PathBuf {
+    bundle.join("rootfs")
+}
+
+/// Creates `<bundle>/rootfs` for the rootfs mounts; a symlink there is
+/// refused (mount(2) would follow it out of the bundle).
+pub fn prepare_mountpoint(root: &Path) -> Result<(), RootfsError> {
+    match fs::symlink_metadata(root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(io_err("preparing", root)(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a directory (a symlink?)",
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir(root).map_err(io_err("creating", root))
+        }
+        Err(e) => Err(io_err("preparing", root)(e)),
+    }
+}
+
 /// Unmounts everything mounted at `target` (stacked mounts included);
-/// nothing mounted is not an error.
+/// nothing mounted is not an error. A symlink at `target` is not followed.
 pub fn unmount(target: &Path) -> Result<(), RootfsError> {
     for _ in 0..64 {
-        match rustix::mount::unmount(target, UnmountFlags::DETACH) {
+        match rustix::mount::unmount(target, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
             Ok(()) => {}
             Err(Errno::INVAL | Errno::NOENT) => return Ok(()),
             Err(e) => return Err(io_err("unmounting", target)(e.into())),

@@ -39,11 +39,9 @@ pub fn grouping(id: &str, bundle: &Path) -> Result<String, spec::SpecError> {
 /// rootfs, and if it owned a sandbox, end that sandbox's VM and remove its
 /// state folder.
 pub fn cleanup_bundle(id: &str, bundle: &Path) {
-    if let Ok(s) = spec::read(bundle) {
-        let root = spec::root_path(bundle, &s);
-        if let Err(e) = crate::rootfs::unmount(&root) {
-            log::warn!("{id}: {e}");
-        }
+    // Only where the shim mounts: never a path the spec names.
+    if let Err(e) = crate::rootfs::unmount(&crate::rootfs::bundle_rootfs(bundle)) {
+        log::warn!("{id}: {e}");
     }
     if let Some((dir, owner)) = marker::read(bundle) {
         if owner {
@@ -150,5 +148,79 @@ mod tests {
         cleanup_bundle("c", &bundle);
         assert!(!state.exists());
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn is_mountpoint(p: &Path) -> bool {
+        let me = std::fs::canonicalize(p).unwrap();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(me.to_str().unwrap()))
+    }
+
+    fn tmpfs(at: &Path) {
+        rustix::mount::mount(
+            "husk-test",
+            at,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .unwrap();
+    }
+
+    /// Whatever the spec's root.path says (an absolute host path, a path
+    /// climbing out with `../..`), shim delete unmounts `<bundle>/rootfs`
+    /// only: mounts elsewhere stay.
+    #[test]
+    fn cleanup_unmounts_the_bundle_rootfs_only() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return;
+        }
+        let top = std::env::temp_dir().join(format!("husk-rootpath-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        let bundle = top.join("a/b/bundle");
+        let outside_abs = top.join("host-mount");
+        let outside_rel = top.join("a/rel-mount");
+        for d in [&bundle.join("rootfs"), &outside_abs, &outside_rel] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        // A private mount namespace of this thread's own would be cleaner,
+        // but the test's mounts are few and undone below.
+        tmpfs(&outside_abs);
+        tmpfs(&outside_rel);
+        for root_path in [
+            outside_abs.to_str().unwrap(),
+            "../../rel-mount",
+            "../../../host-mount",
+        ] {
+            tmpfs(&bundle.join("rootfs"));
+            std::fs::write(
+                bundle.join("config.json"),
+                serde_json::json!({"root": {"path": root_path}}).to_string(),
+            )
+            .unwrap();
+            cleanup_bundle("c", &bundle);
+            assert!(!is_mountpoint(&bundle.join("rootfs")), "{root_path}");
+            assert!(
+                is_mountpoint(&outside_abs),
+                "{root_path}: unmounted the host's"
+            );
+            assert!(
+                is_mountpoint(&outside_rel),
+                "{root_path}: unmounted the host's"
+            );
+        }
+        // A symlink at <bundle>/rootfs is not followed.
+        std::fs::remove_dir(bundle.join("rootfs")).unwrap();
+        std::os::unix::fs::symlink(&outside_abs, bundle.join("rootfs")).unwrap();
+        cleanup_bundle("c", &bundle);
+        assert!(is_mountpoint(&outside_abs), "followed a symlink");
+        assert!(crate::rootfs::prepare_mountpoint(&bundle.join("rootfs")).is_err());
+        for m in [&outside_abs, &outside_rel] {
+            crate::rootfs::unmount(m).unwrap();
+        }
+        std::fs::remove_dir_all(&top).unwrap();
     }
 }

@@ -6,7 +6,9 @@
 //!
 //! What changes on the way into the guest:
 //! - `root.path` stays: it is a host path the agent does not read (the
-//!   agent is told where the root file system is, `rootfs_storage`);
+//!   agent is told where the root file system is, `rootfs_storage`), and
+//!   the shim does not read it either: the host tree is always
+//!   `<bundle>/rootfs` (`rootfs::bundle_rootfs`);
 //! - namespace `path`s are dropped: they name host namespaces (CRI's
 //!   network namespace, the pause container's /proc/<pid>/ns/...), which
 //!   mean nothing in the guest. A pod's containers join the pod's first
@@ -150,15 +152,6 @@ impl Role {
             _ => id,
         }
     }
-}
-
-/// The spec's root path, resolved against the bundle.
-pub fn root_path(bundle: &Path, spec: &Value) -> PathBuf {
-    let p = spec
-        .pointer("/root/path")
-        .and_then(Value::as_str)
-        .unwrap_or("rootfs");
-    bundle.join(p)
 }
 
 /// The spec's hostname (empty if none).

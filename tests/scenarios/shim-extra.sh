@@ -316,4 +316,25 @@ check_bad_config() {
   want "... naming the key" grep -q "vcpus: must be between 1 and 64, got 0" <<<"$e"
 }
 
-ctr_run_checks lifecycle oom output-at-exit bind-mounts vmm-death slots sizing pod-pid stop-sigterm pod-net no-boot bad-config
+# The agent's vsock port cannot be reached from inside a container: the
+# guest kernel has no vsock loopback (guest-kernel/guest.config), so a
+# connect to VMADDR_CID_LOCAL (1) or the guest's own CID (3, the shim's
+# vsock.guest_cid) fails with ENODEV; and the agent would close any peer
+# but the host (CID 2) anyway (agent/src/server.rs). A connect that
+# succeeded would print "reply:" and exit 0.
+check_agent_port() {
+  local probe="$repo/target/x86_64-unknown-linux-gnu/release/husk-vsock-probe" tar
+  want "the vsock probe is built (scripts/build.sh)" [ -x "$probe" ] || return
+  tar=$(HUSK_IMAGE_EXTRA="$probe" "$repo/tests/shim/make-image.sh" localhost/husk-vsock:latest) || true
+  want "an image with the probe" [ -s "$tar" ] || return
+  hctr images import --snapshotter "$HUSK_CTRD_SNAPSHOTTER" "$tar" >/dev/null 2>&1
+  run_ctr agent-port run --rm "${husk[@]}" localhost/husk-vsock:latest x-agent-port sh -c \
+    "for cid in 1 3; do $probe connect \$cid 1024 hello 2>&1; echo cid\$cid=\$?; done"
+  want "the container ran: exit 0" [ "$rc" = 0 ]
+  want "CID 1 (local) port 1024: the connect fails" grep -q "^cid1=1" <<<"$o"
+  want "CID 3 (the guest's own) port 1024: the connect fails" grep -q "^cid3=1" <<<"$o"
+  want "... at connect, not after" [ "$(grep -c 'connect:' <<<"$o")" = 2 ]
+  want "... never connected" not grep -q "reply:" <<<"$o"
+}
+
+ctr_run_checks agent-port lifecycle oom output-at-exit bind-mounts vmm-death slots sizing pod-pid stop-sigterm pod-net no-boot bad-config

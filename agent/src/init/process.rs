@@ -176,7 +176,31 @@ pub fn finish(p: &Process, prepared: &Prepared, cap_last_cap: u32) -> io::Error 
     }
 }
 
+/// Marks every fd from 3 up close-on-exec: the program starts with its
+/// stdio only, whatever the agent or this process opened without CLOEXEC.
+/// Closed only by a successful execve, so the channel still carries a
+/// set-up error; done first, before a seccomp filter could refuse it.
+fn close_inherited_fds() -> io::Result<()> {
+    // The raw syscall: glibc's close_range wrapper is newer than some
+    // targets' glibc, and musl has none.
+    // SAFETY: close_range takes integers and touches only this process's
+    // fd table.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn finish_inner(p: &Process, prepared: &Prepared, cap_last_cap: u32) -> io::Result<()> {
+    ctx(close_inherited_fds(), "close_range")?;
     // The set-up process is never a group leader (it was forked), so this
     // cannot fail with EPERM.
     ctx(rustix::process::setsid().map_err(io::Error::from), "setsid")?;

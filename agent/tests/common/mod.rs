@@ -115,6 +115,11 @@ pub fn has_controller(c: &str) -> bool {
         .any(|x| x == c)
 }
 
+/// CopyFile's folder of the agent listening on `sock` (`start` passes it).
+pub fn host_files(sock: &Path) -> PathBuf {
+    sock.with_extension("host-files")
+}
+
 impl TestAgent {
     /// None (after saying why) where the host cannot run the tests.
     pub fn start() -> Option<TestAgent> {
@@ -124,6 +129,8 @@ impl TestAgent {
                 .arg(format!("unix://{}", sock.display()))
                 .arg("--cgroup-parent")
                 .arg(cgroup_parent)
+                .arg("--host-files")
+                .arg(host_files(sock))
                 .stdout(Stdio::null());
             c
         })
@@ -303,6 +310,7 @@ impl Drop for TestAgent {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.sock);
+        let _ = std::fs::remove_dir_all(host_files(&self.sock));
         // Containers a failed test left behind.
         let base = self.cgroup_base();
         for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {

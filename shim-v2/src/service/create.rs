@@ -21,7 +21,7 @@ use crate::events::Event;
 use crate::io::{Pumps, StdioPaths};
 use crate::marker;
 use crate::process::Process;
-use crate::rootfs::{self, RootfsError};
+use crate::rootfs;
 use crate::sandbox::state_dir::{StateDir, ROOT_IMAGE};
 use crate::sandbox::Sandbox;
 use crate::sizing::{self, Limits};
@@ -96,18 +96,22 @@ impl Inner {
         let _creating = lock(&self.creating);
         let mut plan = self.plan(req)?;
         let mut undo = Undo::default();
-        let mounted = mount_rootfs(&plan, req, &mut undo)?;
+        mount_rootfs(&plan, req, &mut undo)?;
         let (sb, serial) = self.sandbox_for(&plan, &mut undo)?;
-        // The image holds the tree now: the host mount is not needed.
+        // The image holds the tree now: the host mount is not needed, and
+        // nothing the shim mounted outlives Create (Delete unmounts nothing).
         if let Some(m) = undo.mounted.take() {
-            rootfs::unmount(&m)?;
+            if let Err(e) = rootfs::unmount(&m) {
+                undo.mounted = Some(m);
+                return Err(e.into());
+            }
         }
         let owner = !matches!(plan.role, Role::PodContainer { .. });
         undo.marker = Some(write_marker(&plan.bundle, &sb.dir, owner)?);
         let init = guest_create(&mut plan, req, &sb, &serial)?;
         let new_sandbox = undo.sandbox.is_some();
         undo.disarm();
-        self.register(plan, req, sb, init, mounted, new_sandbox)
+        self.register(plan, req, sb, init, new_sandbox)
     }
 
     /// Checks the request and finds the sandbox the container goes into.
@@ -159,7 +163,7 @@ impl Inner {
             (_, Some(path)) => path,
         };
         let guest = spec::for_guest(&oci, req.terminal, spec::inspect_host)?;
-        let root = spec::root_path(&bundle, &oci);
+        let root = rootfs::bundle_rootfs(&bundle);
         let limits = Limits::of_container(&oci)?;
         let vm_request = match role {
             Role::PodSandbox => Limits::of_pod(&oci)?,
@@ -232,12 +236,10 @@ impl Inner {
         req: &api::CreateTaskRequest,
         sb: Arc<Sandbox>,
         init: Arc<Process>,
-        mounted: Option<PathBuf>,
         new_sandbox: bool,
     ) -> Result<u32> {
         let container = Arc::new(Container {
             bundle: plan.bundle,
-            mounted,
             init: init.clone(),
             execs: Mutex::new(HashMap::new()),
         });
@@ -269,23 +271,17 @@ impl Inner {
 }
 
 /// Mounts containerd's rootfs mounts at the bundle's rootfs, if it sent
-/// any (otherwise the bundle's rootfs is a ready tree).
-fn mount_rootfs(
-    plan: &Plan,
-    req: &api::CreateTaskRequest,
-    undo: &mut Undo,
-) -> Result<Option<PathBuf>> {
+/// any (otherwise the bundle's rootfs is a ready tree). Create unmounts
+/// them once the image is built.
+fn mount_rootfs(plan: &Plan, req: &api::CreateTaskRequest, undo: &mut Undo) -> Result<()> {
     if req.rootfs.is_empty() {
-        return Ok(None);
+        return Ok(());
     }
-    std::fs::create_dir_all(&plan.root).map_err(|source| RootfsError::Io {
-        what: "creating",
-        path: plan.root.clone(),
-        source,
-    })?;
-    rootfs::mount_all(&req.rootfs, &plan.root)?;
+    rootfs::prepare_mountpoint(&plan.root)?;
+    // Armed before the first mount: mount_all may stop half-way.
     undo.mounted = Some(plan.root.clone());
-    Ok(Some(plan.root.clone()))
+    rootfs::mount_all(&req.rootfs, &plan.root)?;
+    Ok(())
 }
 
 /// Creates the container in the guest and connects its stdio; its init.

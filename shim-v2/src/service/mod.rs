@@ -30,7 +30,6 @@ use crate::events::{timestamp, Event, Events};
 use crate::io::{Pumps, StdioPaths};
 use crate::marker;
 use crate::process::{Exit, Process, State, EXIT_VM_GONE};
-use crate::rootfs;
 use crate::spec;
 use crate::sync::lock;
 
@@ -202,11 +201,6 @@ impl Service {
         p.stop_io();
         for e in lock(&c.execs).drain().map(|(_, e)| e) {
             e.stop_io();
-        }
-        if let Some(m) = c.mounted.as_ref() {
-            if let Err(e) = rootfs::unmount(m) {
-                log::warn!("{e}");
-            }
         }
         marker::remove(&c.bundle);
         let last = {

@@ -25,8 +25,6 @@ const VM_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct Container {
     pub bundle: PathBuf,
-    /// Where containerd's rootfs mounts went, if the shim mounted them.
-    pub mounted: Option<PathBuf>,
     pub init: Arc<Process>,
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
 }
