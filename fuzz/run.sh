@@ -52,12 +52,18 @@ for t in "${targets[@]}"; do
   artifacts=$here/artifacts/$t/
   mkdir -p "$work" "$artifacts"
   log=$here/target/$t.log
+  # The targets' scratch files (disk image, sockets, rootfs trees) go here,
+  # removed after the run.
+  scratch=$here/target/tmp/$t
+  rm -rf "$scratch"
+  mkdir -p "$scratch"
   start=$(date +%s)
   rc=0
-  "$here/target/$triple/release/$t" "$work" "$here/corpus/$t" \
+  TMPDIR=$scratch "$here/target/$triple/release/$t" "$work" "$here/corpus/$t" \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
     -artifact_prefix="$artifacts" -print_final_stats=1 >"$log" 2>&1 || rc=$?
   took=$(($(date +%s) - start))
+  rm -rf "$scratch"
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
   cov=$(grep -oE 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1)
   corp=$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]*' "$log" | tail -1)

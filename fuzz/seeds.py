@@ -135,6 +135,13 @@ put("vsock", "rw-shutdown-rst", vsock_mem([
     (vsock_hdr(OP_SHUTDOWN, dst_port=52), b""),
     (vsock_hdr(OP_RST, dst_port=52), b""),
 ]))
+put("vsock", "connection-life", vsock_mem([
+    (vsock_hdr(OP_REQUEST), b""),
+    (vsock_hdr(OP_RW, 5), b"hello"),
+    (vsock_hdr(OP_CREDIT_UPDATE), b""),
+    (vsock_hdr(OP_SHUTDOWN), b""),
+    (vsock_hdr(OP_RST), b""),
+]))
 put("vsock", "connect-line", "CONNECT 1024\n")
 
 # --- virtio-net tx ------------------------------------------------------------

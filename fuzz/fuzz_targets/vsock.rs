@@ -1,10 +1,12 @@
 //! virtio-vsock: a guest whose memory is the fuzz input kicks the tx queue
 //! (queue 1) of a vsock device; its packets go through `parse_tx` to the
-//! muxer (guest connects to absent host ports are refused with RST, stray
+//! muxer (a guest connect to host port 1024 reaches a listening host
+//! socket and gets a connection, other ports are refused with RST, stray
 //! packets are answered with RST), then the rx queue (queue 0) takes the
 //! device's replies. The input's first line is also tried as the hybrid
 //! vsock handshake (`CONNECT <port>`) a host client sends.
 #![no_main]
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -44,9 +46,17 @@ fuzz_target!(|data: &[u8]| {
         );
     }
 
-    let mut dev = Vsock::new(GUEST_CID, uds_path()).expect("a vsock device");
+    let path = uds_path();
+    // The host service a guest connects to: `<uds_path>_<port>`. Nothing
+    // accepts; the kernel's backlog completes the connect.
+    let service = PathBuf::from(format!("{}_1024", path.display()));
+    let listener = UnixListener::bind(&service).expect("a host service socket");
+    let mut dev = Vsock::new(GUEST_CID, path).expect("a vsock device");
     dev.activate(guest_memory(data), irq(), active_queues(3))
         .expect("activating on three queues");
     let _ = dev.process_tx();
     let _ = dev.process_rx();
+    drop(dev);
+    drop(listener);
+    let _ = std::fs::remove_file(&service);
 });
