@@ -13,6 +13,8 @@
 # nightly-only): a safe-Rust bug shows as a panic, which libFuzzer reports as
 # a crash; debug assertions and overflow checks are on. `--target` keeps the
 # flags off build scripts and proc macros, which must not be instrumented.
+# fuzz/Cargo.lock pins the versions; it is not built --locked, so that a
+# dependency the husk crates gain is added rather than failing the build.
 #
 # Each target's seeds are fuzz/corpus/<target>/ (see fuzz/seeds.py); what a
 # run learns goes to fuzz/target/corpus/<target>/ (not committed), so the
@@ -42,7 +44,7 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
 bins=()
 for t in "${targets[@]}"; do bins+=(--bin "$t"); done
 start=$(date +%s)
-(cd "$here" && cargo build --locked --release --target "$triple" "${bins[@]}")
+(cd "$here" && cargo build --release --target "$triple" "${bins[@]}")
 echo "[fuzz] build: $(($(date +%s) - start)) s"
 
 failed=()
