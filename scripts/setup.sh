@@ -6,7 +6,8 @@
 set -euo pipefail
 
 packages=(
-  # guest kernel build (guest-kernel/build.sh)
+  # guest kernel build (guest-kernel/build.sh); build-essential's g++ also
+  # compiles libFuzzer for the fuzz targets (fuzz/run.sh)
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils python3
   # guest image and container images
   cpio gzip busybox-static erofs-utils e2fsprogs umoci

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs shellcheck over every shell script of the repository: the *.sh files and
 # the files without an extension whose first line runs a shell (.ci/run),
-# outside target/ and .git/. Sourced files are followed (paths relative to
-# the script: `# shellcheck source=../shim/lib.sh`). scripts/test.sh runs it;
+# outside target/, fuzz/target/, fuzz/corpus/ and .git/. Sourced files are
+# followed (paths relative to the script:
+# `# shellcheck source=../shim/lib.sh`). scripts/test.sh runs it;
 # `scripts/shellcheck.sh --list` prints the files.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,7 +15,7 @@ while IFS= read -r -d '' f; do
     *.sh) files+=("$f") ;;
     *) head -n 1 "$f" | grep -qE '^#!.*[/ ](ba|da|k)?sh( |$)' && files+=("$f") ;;
   esac
-done < <(find . \( -path ./target -o -path ./.git \) -prune -o -type f \( -name '*.sh' -o ! -name '*.*' \) -print0 | sort -z)
+done < <(find . \( -path ./target -o -path ./fuzz/target -o -path ./fuzz/corpus -o -path ./.git \) -prune -o -type f \( -name '*.sh' -o ! -name '*.*' \) -print0 | sort -z)
 
 if [ "${1:-}" = --list ]; then
   printf '%s\n' "${files[@]}"

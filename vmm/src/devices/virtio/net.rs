@@ -251,8 +251,8 @@ impl Net {
 }
 
 /// Gathers a tx chain (vnet header + frame, all device-readable) into
-/// `frame`.
-fn read_tx_frame<M>(
+/// `frame` (public for the fuzz targets).
+pub fn read_tx_frame<M>(
     mem: &GuestMemory,
     chain: virtio_queue::DescriptorChain<M>,
     frame: &mut Vec<u8>,
@@ -270,7 +270,7 @@ where
 }
 
 #[derive(Debug, thiserror::Error)]
-enum TxError {
+pub enum TxError {
     #[error("bad descriptor chain: {0}")]
     Chain(#[from] ChainError),
     #[error("chain of {0} bytes is shorter than the vnet header")]

@@ -416,8 +416,9 @@ fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
     Ok(stream)
 }
 
-/// Parses `CONNECT <port>` (without the newline).
-fn parse_connect(line: &[u8]) -> Result<u32, &'static str> {
+/// Parses `CONNECT <port>` (without the newline): the first line a host
+/// client sends on the listener (public for the fuzz targets).
+pub fn parse_connect(line: &[u8]) -> Result<u32, &'static str> {
     let line = std::str::from_utf8(line).map_err(|_| "CONNECT line is not UTF-8")?;
     let port = line
         .strip_prefix("CONNECT ")

@@ -1,0 +1,70 @@
+//! The shim's spec rewriting: an OCI spec (config.json, from containerd and
+//! the image) in, the spec the guest gets out, plus what the shim reads of
+//! it (network namespace, hostname, root path, sizing limits and
+//! annotations). Host paths are not looked at: bind-mount sources are
+//! classified from their name (`file`, `dir`, `empty`, `big` in it), so
+//! every branch of the mount policy is reachable.
+//!
+//! The shim is a binary crate: spec.rs, config.rs and sizing.rs are compiled
+//! in here from shim-v2/src as the crate root their `crate::` paths need.
+#![no_main]
+#![allow(dead_code, unused_imports)]
+
+#[path = "../../shim-v2/src/config.rs"]
+mod config;
+#[path = "../../shim-v2/src/network/mod.rs"]
+mod network;
+#[path = "../../shim-v2/src/sizing.rs"]
+mod sizing;
+#[path = "../../shim-v2/src/spec.rs"]
+mod spec;
+
+use std::path::{Path, PathBuf};
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use spec::HostKind;
+
+fn inspect(path: &Path) -> HostKind {
+    let s = path.to_string_lossy();
+    if s.contains("big") {
+        HostKind::File {
+            size: spec::MAX_COPY_BYTES + 1,
+        }
+    } else if s.contains("file") {
+        HostKind::File { size: 10 }
+    } else if s.contains("empty") {
+        HostKind::EmptyDir
+    } else if s.contains("dir") {
+        HostKind::Dir {
+            files: vec![(PathBuf::from("a"), 1), (PathBuf::from("b/c"), 2)],
+            total: 3,
+        }
+    } else {
+        HostKind::Other("not a regular file or directory".into())
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(value) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let _ = spec::network_namespace(&value);
+    let _ = spec::hostname(&value);
+    let _ = spec::root_path(Path::new("/run/bundle"), &value);
+    let _ = sizing::Limits::of_pod(&value).map(|l| (l.vcpus(), l.memory_mib()));
+    let _ = sizing::Limits::of_container(&value).map(|l| (l.vcpus(), l.memory_mib()));
+    for terminal in [false, true] {
+        if let Ok(out) = spec::for_guest(&value, terminal, inspect) {
+            let out: Value = serde_json::from_slice(&out.json).expect("the rewritten spec is JSON");
+            assert!(out.get("hooks").is_none(), "hooks reach the guest");
+            // Rewriting is idempotent on what it changes: the guest's spec
+            // rewritten again binds nothing new from the host.
+            if let Ok(again) =
+                spec::for_guest(&out, terminal, |_| HostKind::Other("a guest path".into()))
+            {
+                assert!(again.copies.is_empty());
+            }
+        }
+    }
+});
