@@ -115,6 +115,9 @@ fn common(list: &mut List) -> Result<(), BackendError> {
         Sysno::sched_yield,
         // Signal handlers (vCPU kick, SIGTERM, SIGSYS) return through it.
         Sysno::rt_sigreturn,
+        // The kernel resumes a timed wait through it after a stop and
+        // continue (SIGSTOP, a debugger).
+        Sysno::restart_syscall,
         // glibc blocks signals around pthread_kill and at thread exit.
         Sysno::rt_sigprocmask,
         // std removes its stack-overflow signal stack when a thread ends.
