@@ -5,8 +5,10 @@
 # reads entropy from virtio-rng, and host and guest programs talk over vsock
 # both ways (Firecracker's hybrid vsock: CONNECT on the VMM's Unix socket for
 # host-to-guest, <socket>_PORT for guest-to-host), and the guest pings the
-# host through virtio-net on a tap. Nothing is left behind. The bzImage
-# boots here (vmm-boot covers the PVH entry, which can stall when nested).
+# host through virtio-net on a tap. Every thread of the running VMM is under
+# its seccomp filter, and serves all of that. Nothing is left behind. The
+# bzImage boots here (vmm-boot covers the PVH entry, which can stall when
+# nested).
 set -euo pipefail
 source "$HUSK_REPO/tests/lib/common.sh"
 [ -c /dev/kvm ] || fail "no /dev/kvm"
@@ -59,6 +61,20 @@ if [ "$rc" -ne 0 ]; then
   sed 's/^/    vmm| /' "$work/vmm.log"
   fail "husk-vmm ended before its guest printed anything"
 fi
+# seccomp: the guest runs, so the main thread and vcpu0 have installed
+# their filters; every thread must be in filter mode (Seccomp: 2).
+threads=0
+for status in /proc/"$vmm"/task/*/status; do
+  mode=$(awk '/^Seccomp:/ { print $2 }' "$status" 2>/dev/null)
+  name=$(awk '/^Name:/ { print $2 }' "$status" 2>/dev/null)
+  if [ "$mode" != 2 ]; then
+    kill "$server" "$vmm" 2>/dev/null
+    fail "husk-vmm thread ${name:-?} ($status) has Seccomp: ${mode:-none}, not 2"
+  fi
+  threads=$((threads + 1))
+done
+[ "$threads" -ge 2 ] || { kill "$server" "$vmm" 2>/dev/null; fail "husk-vmm has $threads threads, not main + vcpu0"; }
+echo "seccomp: all $threads husk-vmm threads in filter mode"
 timeout 300 python3 "$HUSK_REPO/tests/lib/vsock_host.py" connect "$uds" 5000 ping >"$work/connect.out" 2>&1
 connect_rc=$?
 timeout 300 tail --pid="$vmm" -f /dev/null

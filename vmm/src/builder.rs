@@ -27,6 +27,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{GuestMemory, IrqTrigger, VirtioDevice};
 use crate::loader::{self, LoaderError};
 use crate::rate_limiter::RateLimiter;
+use crate::seccomp::Filters;
 use crate::vmm::{EventManager, Subscriber, VmResources, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, ExitSignal, Vcpu, VcpuError};
@@ -255,8 +256,10 @@ fn eventfd() -> Result<EventFd, BuildError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)
 }
 
-/// Builds and starts the VM `config` describes.
-pub fn build_vm(config: &VmConfig) -> Result<BuiltVm, BuildError> {
+/// Builds and starts the VM `config` describes. With `seccomp`, each vCPU
+/// thread installs its filter before it enters the guest; the caller
+/// installs the main thread's once this returns.
+pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<BuiltVm, BuildError> {
     let mem = memory::create(config.memory_mib, config.hugepages)?;
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
@@ -370,7 +373,12 @@ pub fn build_vm(config: &VmConfig) -> Result<BuiltVm, BuildError> {
     let mmio_bus = Arc::new(mmio_bus);
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
-        match v.start(pio_bus.clone(), mmio_bus.clone(), exit.clone()) {
+        match v.start(
+            pio_bus.clone(),
+            mmio_bus.clone(),
+            exit.clone(),
+            seccomp.cloned(),
+        ) {
             Ok(h) => handles.push(h),
             Err(e) => {
                 vcpu::stop_all(&mut handles);

@@ -5,7 +5,8 @@
 //! memory, vCPUs and devices, and the running VM ([`vmm`]) serves them until the guest resets or the control
 //! socket ([`control`]) asks it to stop. The [`loader`] places the kernel,
 //! initrd and command line; [`arch`] and [`vstate`] hold the x86-64 and KVM
-//! specifics.
+//! specifics. [`seccomp`] confines each thread to the system calls it needs
+//! while the guest runs.
 
 pub mod arch;
 pub mod builder;
@@ -13,6 +14,7 @@ pub mod control;
 pub mod devices;
 pub mod loader;
 pub mod rate_limiter;
+pub mod seccomp;
 pub mod signals;
 pub mod vmm;
 pub mod vstate;

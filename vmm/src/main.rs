@@ -3,16 +3,20 @@
 //! `husk-vmm --config vm.json [--log-format text|json] [--log-level info]`
 //! runs the VM the config describes until the guest resets or powers off
 //! (exit 0), a control-socket shutdown completes (exit 0), or something
-//! fails (exit 1, with the reason logged).
+//! fails (exit 1, with the reason logged). A thread that makes a system
+//! call outside its seccomp filter ends the VMM with exit status 159
+//! (`seccomp::BAD_SYSCALL_EXIT_CODE`), the call named in the log.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use husk_vm_config::VmConfig;
 use husk_vmm::builder::build_vm;
-use husk_vmm::vstate::vcpu::ExitReason;
+use husk_vmm::seccomp::{Filters, ThreadKind};
+use husk_vmm::vstate::vcpu::{self, ExitReason};
 use husk_vmm::{signals, vmm};
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -33,6 +37,10 @@ struct Args {
     /// Log level or tracing filter (e.g. "info", "husk_vmm=debug").
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Run without seccomp filters: for debugging a missing system call
+    /// only, never in production.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {
@@ -52,7 +60,21 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 fn run(args: &Args) -> anyhow::Result<ExitReason> {
     let config = VmConfig::from_file(&args.config)?;
     signals::install_termination_handler()?;
-    let mut built = build_vm(&config).context("cannot start the VM")?;
+    let filters = if args.no_seccomp {
+        tracing::warn!(
+            "--no-seccomp: the VMM runs WITHOUT seccomp filters; a guest that \
+             compromises it can make any system call. For debugging only."
+        );
+        None
+    } else {
+        Some(Arc::new(Filters::new(vcpu::kick_signal())?))
+    };
+    let mut built = build_vm(&config, filters.as_ref()).context("cannot start the VM")?;
+    // After the vCPU threads are spawned (they have their own filter) and
+    // before the event loop first serves the guest.
+    if let Some(filters) = &filters {
+        filters.install(ThreadKind::Main)?;
+    }
     let reason = vmm::run(&built.vmm, &mut built.event_manager)?;
     // Dropping the VMM removes the control socket.
     drop(built);

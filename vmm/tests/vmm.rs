@@ -88,11 +88,16 @@ fn build_bzimage_guest(dir: &TempDir, name: &str) -> PathBuf {
 }
 
 fn spawn_vmm(dir: &TempDir, config: &Value) -> Child {
+    spawn_vmm_with_args(dir, config, &[])
+}
+
+fn spawn_vmm_with_args(dir: &TempDir, config: &Value, args: &[&str]) -> Child {
     let path = dir.path("vm.json");
     std::fs::write(&path, config.to_string()).unwrap();
     Command::new(VMM)
         .arg("--config")
         .arg(&path)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -471,6 +476,91 @@ fn sigterm_stops_the_vm_cleanly() {
     assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
     assert!(stderr.contains("termination signal received"), "{stderr}");
     assert!(!sock.exists(), "control socket removed on SIGTERM");
+}
+
+/// (thread name, the `Seccomp:` field) of each thread of process `pid`.
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        modes.push((field("Name:"), field("Seccomp:")));
+    }
+    modes.sort();
+    modes
+}
+
+/// Every thread of a running VMM (main, vcpu0, vcpu1) is in seccomp
+/// filter mode (2) and keeps serving the guest and the control socket;
+/// `--no-seccomp` leaves them unfiltered (0) and says so in the log.
+#[test]
+fn every_thread_runs_under_a_seccomp_filter() {
+    for (args, mode) in [(&[][..], "2"), (&["--no-seccomp"][..], "0")] {
+        let dir = TempDir::new(&format!("seccomp{mode}"));
+        let guest = build_guest(&dir, "hello_spin");
+        let serial = dir.path("serial.log");
+        let sock = dir.path("ctl.sock");
+        let child = spawn_vmm_with_args(
+            &dir,
+            &json!({
+                "vcpus": 2, "memory_mib": 64,
+                "kernel": {"path": guest, "cmdline": ""},
+                "serial": {"output": "file", "path": serial},
+                "control_socket": sock,
+            }),
+            args,
+        );
+        let mut ctl = Control::connect(&sock);
+        wait_for("the guest's line", Duration::from_secs(30), || {
+            std::fs::read(&serial).is_ok_and(|b| b == b"husk guest: spinning\r\n")
+        });
+        assert_eq!(
+            ctl.send(json!({"op": "status"})),
+            json!({"ok": true, "state": "running"})
+        );
+        // The VMM's own threads, and on newer host kernels KVM's NX huge
+        // page recovery worker, which lives in the VM's process (it runs
+        // no user code; it inherits the mode of the vCPU thread that
+        // started it).
+        let ours = |seen: &[(String, String)]| {
+            let names: Vec<&str> = seen
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .filter(|n| !n.starts_with("kvm-"))
+                .collect();
+            names == ["husk-vmm", "vcpu0", "vcpu1"] && seen.iter().all(|(_, m)| m == mode)
+        };
+        // vCPU threads install their filter as they start: give them time.
+        let start = Instant::now();
+        let mut seen = seccomp_modes(child.id());
+        while !ours(&seen) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+            seen = seccomp_modes(child.id());
+        }
+        assert!(ours(&seen), "threads and their seccomp mode: {seen:?}");
+        assert_eq!(
+            ctl.send(json!({"op": "pause"})),
+            json!({"ok": true, "state": "paused"})
+        );
+        assert_eq!(
+            ctl.send(json!({"op": "shutdown", "timeout_ms": 100})),
+            json!({"ok": true})
+        );
+        let (status, stderr) = wait_exit(child, Duration::from_secs(30));
+        assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+        assert_eq!(
+            stderr.contains("WITHOUT seccomp filters"),
+            mode == "0",
+            "{stderr}"
+        );
+        assert!(!sock.exists(), "control socket removed on exit");
+    }
 }
 
 /// Runs a hand-made guest that ends by resetting the machine; returns what

@@ -20,6 +20,7 @@ use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs, BootProtocol};
 use crate::devices::bus::Bus;
 use crate::devices::virtio::GuestMemory;
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 
 /// The kick signal is SIGRTMIN + this.
 const KICK_SIGNAL_OFFSET: i32 = 0;
@@ -114,6 +115,12 @@ pub enum VcpuError {
     },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("vCPU {index}: {source}")]
+    Seccomp {
+        index: u8,
+        #[source]
+        source: SeccompError,
+    },
     #[error("cannot spawn the thread of vCPU {index}: {source}")]
     Spawn {
         index: u8,
@@ -199,10 +206,15 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     }
 }
 
+/// The real-time signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
+
 /// Installs the kick signal handler (once per process is enough; repeated
 /// calls are harmless).
 pub fn install_kick_handler() -> Result<(), VcpuError> {
-    register_signal_handler(SIGRTMIN() + KICK_SIGNAL_OFFSET, handle_kick).map_err(VcpuError::Signal)
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
 }
 
 /// A configured vCPU, not yet running.
@@ -275,12 +287,14 @@ impl Vcpu {
         Ok(Self { index, fd })
     }
 
-    /// Starts the vCPU's thread.
+    /// Starts the vCPU's thread; with `seccomp`, the thread installs the
+    /// vCPU filter before it first enters the guest.
     pub fn start(
         self,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
         exit: Arc<ExitSignal>,
+        seccomp: Option<Arc<Filters>>,
     ) -> Result<VcpuHandle, VcpuError> {
         let index = self.index;
         let control = Arc::new(VcpuControl {
@@ -293,7 +307,20 @@ impl Vcpu {
         let thread_control = control.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.thread_main(&pio, &mmio, &exit, &thread_control))
+            .spawn(move || {
+                let filtered = seccomp.map_or(Ok(()), |f| f.install(ThreadKind::Vcpu));
+                match filtered {
+                    Ok(()) => self.thread_main(&pio, &mmio, &exit, &thread_control),
+                    // The guest never runs unfiltered: this vCPU stays out
+                    // and the VM stops on the error.
+                    Err(source) => {
+                        exit.report(ExitReason::Error(
+                            VcpuError::Seccomp { index, source }.to_string(),
+                        ));
+                        thread_control.set_state(State::Exited);
+                    }
+                }
+            })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(VcpuHandle {
             index,
@@ -438,7 +465,7 @@ impl VcpuHandle {
     /// Interrupts KVM_RUN so the thread looks at its request.
     fn kick(&self) {
         if let Some(t) = &self.thread {
-            if let Err(e) = t.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET) {
+            if let Err(e) = t.kill(kick_signal()) {
                 tracing::warn!(vcpu = self.index, "cannot kick vCPU thread: {e}");
             }
         }
@@ -505,7 +532,7 @@ pub fn stop_all(vcpus: &mut [VcpuHandle]) {
                 if exited {
                     break;
                 }
-                if let Err(e) = t.kill(SIGRTMIN() + KICK_SIGNAL_OFFSET) {
+                if let Err(e) = t.kill(kick_signal()) {
                     tracing::warn!(vcpu = v.index, "cannot kick vCPU thread: {e}");
                     break;
                 }
