@@ -14,9 +14,9 @@ pub mod spec;
 mod validate;
 
 pub use spec::{
-    BalloonSpec, BlockSpec, KernelSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec,
+    BalloonSpec, BlockSpec, KernelSpec, LogSpec, NetSpec, SerialKind, SerialSpec, VmSpec, VsockSpec,
 };
 pub use validate::{
-    BalloonConfig, BlockConfig, ConfigError, KernelConfig, NetConfig, SerialOutput, VmConfig,
-    VsockConfig,
+    BalloonConfig, BlockConfig, ConfigError, ConsoleLimits, KernelConfig, LogLimits, NetConfig,
+    SerialOutput, VmConfig, VsockConfig,
 };
