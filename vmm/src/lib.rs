@@ -5,13 +5,14 @@
 //! memory, vCPUs and devices, and the running VM ([`vmm`]) serves them until the guest resets or the control
 //! socket ([`control`]) asks it to stop. The [`loader`] places the kernel,
 //! initrd and command line; [`arch`] and [`vstate`] hold the x86-64 and KVM
-//! specifics.
+//! specifics. [`logger`] bounds what the guest can make the VMM write.
 
 pub mod arch;
 pub mod builder;
 pub mod control;
 pub mod devices;
 pub mod loader;
+pub mod logger;
 pub mod signals;
 pub mod vmm;
 pub mod vstate;
