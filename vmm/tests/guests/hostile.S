@@ -20,7 +20,9 @@
 #define WINDOW          0x1000
 #define WINDOWS         19
 #define ROUNDS          8
+#ifndef FLOOD_BYTES                     /* cc -DFLOOD_BYTES=... for more */
 #define FLOOD_BYTES     (256 * 1024)
+#endif
 #define OUTSIDE_RAM     0x7ff00000      /* below the MMIO windows, past RAM */
 #define DESC_F_INDIRECT 4
 
