@@ -876,6 +876,7 @@ fn hostile_guest_log_stops_at_its_cap() {
         "hostile-cap",
         json!({"max_bytes": 65536, "burst": 10000, "interval_ms": 10}),
     );
+    eprintln!("log {} bytes: {status}", stderr.len());
     assert!(stderr.len() <= 65536, "log {} bytes", stderr.len());
     assert_eq!(stderr.matches("log capped at 65536 bytes").count(), 1);
     let log = &status["counters"]["log"];
