@@ -7,7 +7,8 @@
 # register garbage, then up to 100 MiB of garbage to the serial port) for
 # HUSK_HOSTILE_SECS (default 60) seconds; VM B runs the real kernel and
 # answers vsock pings. Asserts: A's VMM keeps answering its control socket
-# and stays up, its RSS grows by less than 5%, its log and console stay
+# and stays up, its own memory (RSS outside guest RAM) grows by less than
+# 5% from 15 s into the attack to its end, its log and console stay
 # under their caps, its status counts the suppressed lines and the dropped
 # console bytes; B answers over vsock before, during and after. Prints the
 # numbers.
@@ -58,6 +59,11 @@ cat >"$work/b.json" <<JSON
 JSON
 
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+# own_kib PID GUEST_KIB: the VMM's RSS outside guest RAM (its one mapping
+# of GUEST_KIB), which the guest may fill up to its size.
+own_kib() {
+  awk -v g="$2" '/^Size:/ { size = $2 } /^Rss:/ { if (size != g) t += $2 } END { print t + 0 }' "/proc/$1/smaps"
+}
 # ctl SOCKET JSON: one control request; prints the reply line (10 s at most).
 ctl() {
   python3 - "$1" "$2" <<'PY'
@@ -127,7 +133,9 @@ if [ "$rc" -ne 0 ]; then
 fi
 start=$(now_ms)
 rss_a0=$(rss_kib "$vm_a")
-echo "hostile guest started; RSS A ${rss_a0} KiB, B ${rss_b0} KiB"
+own_a0=$(own_kib "$vm_a" 65536)
+own_a15=
+echo "hostile guest started; RSS A ${rss_a0} KiB (own ${own_a0} KiB), B ${rss_b0} KiB"
 
 # The hostile guest runs; A must answer its control socket throughout, B
 # its vsock pings.
@@ -141,12 +149,14 @@ while [ $(( $(now_ms) - start )) -lt $(( hostile_secs * 1000 )) ]; do
   [ "$(field "$status" state)" = running ] || fail "A's status: $status"
   [ "$(field "$(ctl "$work/b.ctl" '{"op":"status"}')" state)" = running ] || fail "B is not running"
   ping_b
+  if [ -z "$own_a15" ] && [ $(( $(now_ms) - start )) -ge 15000 ]; then own_a15=$(own_kib "$vm_a" 65536); fi
   sleep 5
 done
 rss_a1=$(rss_kib "$vm_a")
+own_a1=$(own_kib "$vm_a" 65536)
 rss_b1=$(rss_kib "$vm_b")
 status=$(ctl "$work/a.ctl" '{"op":"status"}')
-echo "after ${hostile_secs} s: RSS A ${rss_a0} -> ${rss_a1} KiB, B ${rss_b0} -> ${rss_b1} KiB; slowest status reply ${slowest} ms; B answered ${pings} vsock pings"
+echo "after ${hostile_secs} s: RSS A ${rss_a0} -> ${rss_a1} KiB (own ${own_a0} -> ${own_a15} at 15 s -> ${own_a1}), B ${rss_b0} -> ${rss_b1} KiB; slowest status reply ${slowest} ms; B answered ${pings} vsock pings"
 echo "A's status: $status"
 
 # A stops cleanly when told to (its guest ignores Ctrl-Alt-Del: forced).
@@ -169,7 +179,7 @@ tail -n 1 "$work/a.log" | grep -q 'VM stopped: Requested' || fail "A's log does 
 # Bounds.
 [ "$log_a" -le "$log_max" ] || fail "A's log is ${log_a} bytes, over its cap"
 [ "$con_a" -le "$console_max" ] || fail "A's console is ${con_a} bytes, over its cap"
-[ $(( rss_a1 * 100 )) -lt $(( rss_a0 * 105 )) ] || fail "A's RSS grew from ${rss_a0} to ${rss_a1} KiB (5% or more)"
+[ $(( own_a1 * 100 )) -lt $(( ${own_a15:-$own_a0} * 105 )) ] || fail "A's own memory grew from ${own_a15:-$own_a0} to ${own_a1} KiB (5% or more)"
 mmio_suppressed=$(field "$status" counters guest_faults mmio suppressed)
 [ "${mmio_suppressed:-0}" -gt 0 ] || fail "no suppressed register-fault lines counted: $status"
 grep -q 'suppressed=' "$work/a.log" || fail "A's log never says how many lines it suppressed"
