@@ -85,6 +85,12 @@ for t in $tests; do
       rm /mnt/fill/f && echo "HUSK_TEST balloon freed $(grep MemFree /proc/meminfo | tr -s ' ')"
       while :; do sleep 3600; done
       ;;
+    vsock-serve)
+      # Answer every host connection to vsock port 5000 (one line, then
+      # `pong:<line>`) until the host ends the VM.
+      echo "HUSK_TEST vsock-serve"
+      while :; do husk-vsock-probe listen 5000 >/dev/null || sleep 1; done
+      ;;
     idle)
       # Stay up (for memory measurements); the host ends the VM.
       echo "HUSK_TEST idle"

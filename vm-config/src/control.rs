@@ -4,6 +4,10 @@
 //! `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`,
 //! `{"op":"shutdown","timeout_ms":N}`. Replies are `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`; a bad request only earns an error reply.
+//! A status reply also carries the [`VmCounters`]: what the guest made the
+//! VMM log, drop or suppress.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,12 +44,91 @@ pub enum VmState {
     Paused,
 }
 
+/// What the guest did wrong, as the VMM counts and rate-limits its log
+/// lines about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestFaultKind {
+    /// A bad access to a virtio-mmio device's registers.
+    Mmio,
+    /// An access to a guest-physical address no device or memory backs.
+    Unmapped,
+    /// A bad virtqueue: ring indexes, descriptor chains.
+    Queue,
+    /// A malformed or failed device request (block, net, vsock, rng,
+    /// balloon).
+    Request,
+    /// A device state change gone wrong, or one the guest can repeat at will
+    /// (activation, reset).
+    Device,
+    /// The serial console failing to write.
+    Console,
+}
+
+impl GuestFaultKind {
+    pub const ALL: [GuestFaultKind; 6] = [
+        Self::Mmio,
+        Self::Unmapped,
+        Self::Queue,
+        Self::Request,
+        Self::Device,
+        Self::Console,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mmio => "mmio",
+            Self::Unmapped => "unmapped",
+            Self::Queue => "queue",
+            Self::Request => "request",
+            Self::Device => "device",
+            Self::Console => "console",
+        }
+    }
+}
+
+/// One kind of guest fault: how many happened, and how many of their log
+/// lines the rate limit suppressed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultCount {
+    pub events: u64,
+    pub suppressed: u64,
+}
+
+/// The guest console's output: bytes written, and bytes dropped by the
+/// rate limit and by the size cap.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleCount {
+    pub written_bytes: u64,
+    pub dropped_rate_bytes: u64,
+    pub dropped_cap_bytes: u64,
+}
+
+/// The VMM's log: bytes written, lines dropped after its cap, and whether
+/// the cap was reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCount {
+    pub written_bytes: u64,
+    pub dropped_lines: u64,
+    pub capped: bool,
+}
+
+/// The counters a status reply carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCounters {
+    pub guest_faults: BTreeMap<GuestFaultKind, FaultCount>,
+    pub console: ConsoleCount,
+    pub log: LogCount,
+}
+
 /// A control reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<VmState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<VmCounters>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -55,6 +138,7 @@ impl Response {
         Self {
             ok: true,
             state: None,
+            counters: None,
             error: None,
         }
     }
@@ -66,10 +150,20 @@ impl Response {
         }
     }
 
+    /// A status reply: the state and the counters.
+    pub fn status(state: VmState, counters: VmCounters) -> Self {
+        Self {
+            state: Some(state),
+            counters: Some(counters),
+            ..Self::ok()
+        }
+    }
+
     pub fn error(error: impl Into<String>) -> Self {
         Self {
             ok: false,
             state: None,
+            counters: None,
             error: Some(error.into()),
         }
     }
@@ -177,5 +271,39 @@ mod tests {
             Err("no".to_string())
         );
         assert!(parse_reply(b"{").unwrap_err().starts_with("bad reply"));
+    }
+
+    #[test]
+    fn status_replies_carry_counters_by_kind_name() {
+        let mut counters = VmCounters::default();
+        counters.guest_faults.insert(
+            GuestFaultKind::Mmio,
+            FaultCount {
+                events: 5,
+                suppressed: 3,
+            },
+        );
+        counters.console.dropped_cap_bytes = 7;
+        let line = reply_line(&Response::status(VmState::Running, counters.clone()));
+        let text = std::str::from_utf8(&line).unwrap();
+        assert!(
+            text.contains(r#""guest_faults":{"mmio":{"events":5,"suppressed":3}}"#),
+            "{text}"
+        );
+        assert!(text.contains(r#""dropped_cap_bytes":7"#), "{text}");
+        let back = parse_reply(&line[..line.len() - 1]).unwrap();
+        assert_eq!(back.counters, Some(counters));
+        // A reply without counters (an older VMM) still parses.
+        assert_eq!(
+            parse_reply(br#"{"ok":true,"state":"running"}"#)
+                .unwrap()
+                .counters,
+            None
+        );
+        let names: Vec<_> = GuestFaultKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["mmio", "unmapped", "queue", "request", "device", "console"]
+        );
     }
 }

@@ -30,3 +30,24 @@ pub const MIN_GUEST_CID: u32 = 3;
 pub const MAX_BUCKET_SIZE: u64 = 1 << 40;
 /// Longest rate-limiter refill time: one hour.
 pub const MAX_REFILL_TIME_MS: u64 = 3_600_000;
+
+/// The VMM's log (stderr, a file the shim keeps in host memory): its
+/// default size cap and the range a description may ask for.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 4 << 20;
+pub const MIN_LOG_MAX_BYTES: u64 = 64 << 10;
+pub const MAX_LOG_MAX_BYTES: u64 = 1 << 30;
+/// Guest-caused log lines per kind: the first `burst`, then one per
+/// interval.
+pub const DEFAULT_LOG_BURST: u32 = 10;
+pub const MAX_LOG_BURST: u32 = 10_000;
+pub const DEFAULT_LOG_INTERVAL_MS: u64 = 1000;
+pub const MIN_LOG_INTERVAL_MS: u64 = 10;
+pub const MAX_LOG_INTERVAL_MS: u64 = 3_600_000;
+/// The guest console's output: its default size cap and rate, and their
+/// ranges.
+pub const DEFAULT_CONSOLE_MAX_BYTES: u64 = 4 << 20;
+pub const MIN_CONSOLE_MAX_BYTES: u64 = 4 << 10;
+pub const MAX_CONSOLE_MAX_BYTES: u64 = 1 << 30;
+pub const DEFAULT_CONSOLE_BYTES_PER_SEC: u64 = 256 << 10;
+pub const MIN_CONSOLE_BYTES_PER_SEC: u64 = 1 << 10;
+pub const MAX_CONSOLE_BYTES_PER_SEC: u64 = 1 << 30;

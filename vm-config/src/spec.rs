@@ -34,6 +34,9 @@ pub struct VmSpec {
     /// Where the VMM serves its control socket ([`crate::control`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_socket: Option<PathBuf>,
+    /// Bounds on the VMM's own log (its stderr); defaults if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,13 +58,22 @@ pub enum SerialKind {
 }
 
 /// `{"output": "file", "path": ...}`, `{"output": "stdout"}` or
-/// `{"output": "none"}`.
+/// `{"output": "none"}`, optionally with `max_bytes` and `bytes_per_sec`
+/// (the guest writes this output: both bound what it can make the host
+/// store; [`crate::limits`] has the defaults).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SerialSpec {
     pub output: SerialKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    /// Most bytes written in all; later output is dropped and counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Most bytes written per second (a token bucket holding one second's
+    /// worth); the excess is dropped and counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_sec: Option<u64>,
 }
 
 impl SerialSpec {
@@ -69,6 +81,8 @@ impl SerialSpec {
         Self {
             output: SerialKind::File,
             path: Some(path.into()),
+            max_bytes: None,
+            bytes_per_sec: None,
         }
     }
 
@@ -76,8 +90,24 @@ impl SerialSpec {
         Self {
             output: SerialKind::None,
             path: None,
+            max_bytes: None,
+            bytes_per_sec: None,
         }
     }
+}
+
+/// The VMM's log (stderr): its size cap and how lines the guest causes
+/// (bad register accesses, bad descriptors, failed requests) are rate
+/// limited: per kind, the first `burst` lines, then one per `interval_ms`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_ms: Option<u64>,
 }
 
 /// A virtio-blk disk backed by a host file.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::limits::*;
 use crate::spec::{
-    BalloonSpec, BlockSpec, KernelSpec, NetSpec, RateLimiterSpec, SerialKind, SerialSpec,
+    BalloonSpec, BlockSpec, KernelSpec, LogSpec, NetSpec, RateLimiterSpec, SerialKind, SerialSpec,
     TokenBucketSpec, VmSpec, VsockSpec,
 };
 
@@ -51,12 +51,48 @@ pub struct VmConfig {
     pub hugepages: bool,
     pub kernel: KernelConfig,
     pub serial: SerialOutput,
+    pub console_limits: ConsoleLimits,
     pub block: Vec<BlockConfig>,
     pub vsock: Option<VsockConfig>,
     pub net: Vec<NetConfig>,
     pub rng: bool,
     pub balloon: Option<BalloonConfig>,
     pub control_socket: Option<PathBuf>,
+    pub log: LogLimits,
+}
+
+/// Bounds on the guest console's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsoleLimits {
+    pub max_bytes: u64,
+    pub bytes_per_sec: u64,
+}
+
+impl Default for ConsoleLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
+            bytes_per_sec: DEFAULT_CONSOLE_BYTES_PER_SEC,
+        }
+    }
+}
+
+/// Bounds on the VMM's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    pub max_bytes: u64,
+    pub burst: u32,
+    pub interval_ms: u64,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_LOG_MAX_BYTES,
+            burst: DEFAULT_LOG_BURST,
+            interval_ms: DEFAULT_LOG_INTERVAL_MS,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,7 +208,8 @@ impl VmSpec {
         }
 
         let kernel = self.kernel.validate()?;
-        let serial = validate_serial(self.serial)?;
+        let (serial, console_limits) = validate_serial(self.serial)?;
+        let log = self.log.unwrap_or_default().validate()?;
 
         let mut ids = HashSet::new();
         let mut unique_id = |field: String, id: &str| -> Result<(), ConfigError> {
@@ -209,12 +246,14 @@ impl VmSpec {
             hugepages: self.hugepages,
             kernel,
             serial,
+            console_limits,
             block,
             vsock,
             net,
             rng: self.rng,
             balloon,
             control_socket,
+            log,
         };
         let devices = config.virtio_device_count();
         if devices > MAX_VIRTIO_DEVICES {
@@ -260,16 +299,82 @@ impl KernelSpec {
     }
 }
 
-fn validate_serial(serial: Option<SerialSpec>) -> Result<SerialOutput, ConfigError> {
+fn validate_serial(
+    serial: Option<SerialSpec>,
+) -> Result<(SerialOutput, ConsoleLimits), ConfigError> {
     let Some(serial) = serial else {
-        return Ok(SerialOutput::Stdout);
+        return Ok((SerialOutput::Stdout, ConsoleLimits::default()));
     };
-    match (serial.output, serial.path) {
-        (SerialKind::File, Some(p)) => Ok(SerialOutput::File(new_file_path("serial.path", p)?)),
-        (SerialKind::File, None) => Err(invalid("serial.path", "required with output \"file\"")),
-        (_, Some(_)) => Err(invalid("serial.path", "only allowed with output \"file\"")),
-        (SerialKind::Stdout, None) => Ok(SerialOutput::Stdout),
-        (SerialKind::None, None) => Ok(SerialOutput::None),
+    let limits = ConsoleLimits {
+        max_bytes: in_range(
+            "serial.max_bytes",
+            serial.max_bytes,
+            DEFAULT_CONSOLE_MAX_BYTES,
+            MIN_CONSOLE_MAX_BYTES..=MAX_CONSOLE_MAX_BYTES,
+        )?,
+        bytes_per_sec: in_range(
+            "serial.bytes_per_sec",
+            serial.bytes_per_sec,
+            DEFAULT_CONSOLE_BYTES_PER_SEC,
+            MIN_CONSOLE_BYTES_PER_SEC..=MAX_CONSOLE_BYTES_PER_SEC,
+        )?,
+    };
+    let output = match (serial.output, serial.path) {
+        (SerialKind::File, Some(p)) => SerialOutput::File(new_file_path("serial.path", p)?),
+        (SerialKind::File, None) => {
+            return Err(invalid("serial.path", "required with output \"file\""))
+        }
+        (_, Some(_)) => return Err(invalid("serial.path", "only allowed with output \"file\"")),
+        (SerialKind::Stdout, None) => SerialOutput::Stdout,
+        (SerialKind::None, None) => SerialOutput::None,
+    };
+    Ok((output, limits))
+}
+
+impl LogSpec {
+    fn validate(self) -> Result<LogLimits, ConfigError> {
+        Ok(LogLimits {
+            max_bytes: in_range(
+                "log.max_bytes",
+                self.max_bytes,
+                DEFAULT_LOG_MAX_BYTES,
+                MIN_LOG_MAX_BYTES..=MAX_LOG_MAX_BYTES,
+            )?,
+            burst: in_range(
+                "log.burst",
+                self.burst,
+                DEFAULT_LOG_BURST,
+                1..=MAX_LOG_BURST,
+            )?,
+            interval_ms: in_range(
+                "log.interval_ms",
+                self.interval_ms,
+                DEFAULT_LOG_INTERVAL_MS,
+                MIN_LOG_INTERVAL_MS..=MAX_LOG_INTERVAL_MS,
+            )?,
+        })
+    }
+}
+
+/// `value`, or `default` if absent; refused outside `range`.
+fn in_range<T: Copy + PartialOrd + fmt::Display>(
+    field: &str,
+    value: Option<T>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError> {
+    let v = value.unwrap_or(default);
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "must be between {} and {}, got {v}",
+                range.start(),
+                range.end()
+            ),
+        ))
     }
 }
 

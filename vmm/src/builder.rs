@@ -267,9 +267,11 @@ pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<Bui
 
     // Legacy devices on the port I/O bus.
     let mut pio_bus = Bus::new();
-    let out = serial::open_output(&config.serial).map_err(|source| BuildError::SerialOutput {
-        target: config.serial.to_string(),
-        source,
+    let out = serial::open_output(&config.serial, config.console_limits).map_err(|source| {
+        BuildError::SerialOutput {
+            target: config.serial.to_string(),
+            source,
+        }
     })?;
     let serial = SerialDevice::new(eventfd()?, out);
     vm.register_irqfd(serial.irq_evt(), SERIAL_IRQ)?;

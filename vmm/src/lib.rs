@@ -6,13 +6,14 @@
 //! socket ([`control`]) asks it to stop. The [`loader`] places the kernel,
 //! initrd and command line; [`arch`] and [`vstate`] hold the x86-64 and KVM
 //! specifics. [`seccomp`] confines each thread to the system calls it needs
-//! while the guest runs.
+//! while the guest runs; [`logger`] bounds what the guest can make the VMM write.
 
 pub mod arch;
 pub mod builder;
 pub mod control;
 pub mod devices;
 pub mod loader;
+pub mod logger;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod signals;

@@ -17,7 +17,7 @@ use husk_vm_config::VmConfig;
 use husk_vmm::builder::build_vm;
 use husk_vmm::seccomp::{Filters, ThreadKind};
 use husk_vmm::vstate::vcpu::{self, ExitReason};
-use husk_vmm::{signals, vmm};
+use husk_vmm::{logger, signals, vmm};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -48,7 +48,7 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
         .with_context(|| format!("bad --log-level {:?}", args.log_level))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(logger::log_file::CappedStderr)
         .with_thread_names(true);
     match args.log_format {
         LogFormat::Text => builder.init(),
@@ -59,6 +59,7 @@ fn init_logging(args: &Args) -> anyhow::Result<()> {
 
 fn run(args: &Args) -> anyhow::Result<ExitReason> {
     let config = VmConfig::from_file(&args.config)?;
+    logger::configure(&config);
     signals::install_termination_handler()?;
     let filters = if args.no_seccomp {
         tracing::warn!(
@@ -106,7 +107,10 @@ fn main() -> ExitCode {
         eprintln!("husk-vmm: {e:#}");
         return ExitCode::from(2);
     }
-    match run(&args) {
+    let result = run(&args);
+    // Why the VMM stopped is logged even past the log's cap.
+    logger::log_file::LOG.closing();
+    match result {
         Ok(ExitReason::Error(e)) => {
             tracing::error!("VM stopped on an error: {e}");
             ExitCode::from(1)

@@ -132,7 +132,7 @@ impl Vmm {
     fn handle_request(&mut self, request: Request) -> Response {
         tracing::debug!("control request {request:?}");
         match request {
-            Request::Status {} => Response::state(self.state),
+            Request::Status {} => Response::status(self.state, crate::logger::counters()),
             Request::Pause {} => match self.pause() {
                 Ok(()) => Response::state(self.state),
                 Err(e) => Response::error(e),

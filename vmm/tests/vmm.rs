@@ -183,6 +183,19 @@ impl Control {
     fn send(&mut self, request: Value) -> Value {
         self.send_raw(&request.to_string())
     }
+
+    /// A status request; checks the reply's counters and leaves them out.
+    fn status(&mut self) -> Value {
+        let mut reply = self.send(json!({"op": "status"}));
+        let counters = reply
+            .as_object_mut()
+            .and_then(|o| o.remove("counters"))
+            .unwrap_or_default();
+        for part in ["guest_faults", "console", "log"] {
+            assert!(counters[part].is_object(), "{part} in {counters}");
+        }
+        reply
+    }
 }
 
 #[test]
@@ -252,18 +265,12 @@ fn control_socket_pauses_resumes_and_shuts_down() {
         std::fs::read(&serial).is_ok_and(|b| b == b"husk guest: spinning\r\n")
     });
 
-    assert_eq!(
-        ctl.send(json!({"op": "status"})),
-        json!({"ok": true, "state": "running"})
-    );
+    assert_eq!(ctl.status(), json!({"ok": true, "state": "running"}));
     assert_eq!(
         ctl.send(json!({"op": "pause"})),
         json!({"ok": true, "state": "paused"})
     );
-    assert_eq!(
-        ctl.send(json!({"op": "status"})),
-        json!({"ok": true, "state": "paused"})
-    );
+    assert_eq!(ctl.status(), json!({"ok": true, "state": "paused"}));
     assert_eq!(
         ctl.send(json!({"op": "pause"})),
         json!({"ok": true, "state": "paused"})
@@ -288,10 +295,7 @@ fn control_socket_pauses_resumes_and_shuts_down() {
     }
     // A second client is served too.
     let mut other = Control::connect(&sock);
-    assert_eq!(
-        other.send(json!({"op": "status"})),
-        json!({"ok": true, "state": "running"})
-    );
+    assert_eq!(other.status(), json!({"ok": true, "state": "running"}));
 
     // The guest ignores Ctrl-Alt-Del (it has no keyboard driver), so the
     // shutdown is forced after the timeout; that still exits 0.
@@ -418,10 +422,7 @@ fn real_kernel_prints_banner_and_command_line() {
     );
     // Ask while the kernel is still early in its boot.
     let mut ctl = Control::connect(&sock);
-    assert_eq!(
-        ctl.send(json!({"op": "status"})),
-        json!({"ok": true, "state": "running"})
-    );
+    assert_eq!(ctl.status(), json!({"ok": true, "state": "running"}));
 
     let want_cmdline = format!("Command line: {cmdline}");
     let start = Instant::now();
@@ -465,10 +466,7 @@ fn sigterm_stops_the_vm_cleanly() {
         }),
     );
     let mut ctl = Control::connect(&sock);
-    assert_eq!(
-        ctl.send(json!({"op": "status"})),
-        json!({"ok": true, "state": "running"})
-    );
+    assert_eq!(ctl.status(), json!({"ok": true, "state": "running"}));
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     // SAFETY: signals our own child process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -827,4 +825,169 @@ fn virtio_devices_sit_where_the_command_line_says() {
          window 0: device 2\nwindow 1: device 2\nwindow 2: device 19\nwindow 3: device 4\n\
          window 4: magic ffffffff\n"
     );
+}
+
+/// Bytes tests/guests/hostile.S sends to COM1's transmit register: its
+/// "hostile: ..." lines (start, 8 rounds, devices done, flood done) and
+/// its 256 KiB flood.
+const HOSTILE_CONSOLE_BYTES: u64 = 15 + 8 * 20 + 22 + 20 + 256 * 1024;
+
+/// The VMM's own resident memory: its RSS outside guest RAM (the one
+/// mapping of `guest_kib`), which the guest fills as it likes up to its size.
+fn rss_kib(pid: u32, guest_kib: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let kib = |l: &str, key: &str| -> Option<u64> {
+        l.strip_prefix(key)?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    let (mut size, mut total) = (0, 0);
+    for l in smaps.lines() {
+        if let Some(v) = kib(l, "Size:") {
+            size = v;
+        } else if let Some(v) = kib(l, "Rss:") {
+            if size != guest_kib {
+                total += v;
+            }
+        }
+    }
+    total
+}
+
+/// Boots tests/guests/hostile.S with a disk, vsock, rng and balloon and
+/// the log limits `log`; waits (answering status all along) until every
+/// byte of its console flood is accounted for. Returns the last status,
+/// the VMM's stderr, the console file's size, the VMM's own RSS (outside
+/// guest RAM) when the guest started and when it was done, and how long it
+/// took.
+fn run_hostile(name: &str, log: Value) -> (Value, String, u64, u64, u64, Duration) {
+    let dir = TempDir::new(name);
+    let guest = build_guest(&dir, "hostile");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let serial = dir.path("serial.log");
+    let sock = dir.path("ctl.sock");
+    let child = spawn_vmm(
+        &dir,
+        &json!({
+            "vcpus": 1, "memory_mib": 64,
+            "kernel": {"path": guest},
+            "serial": {"output": "file", "path": serial, "max_bytes": 8192, "bytes_per_sec": 1024},
+            "block": [{"id": "disk0", "path": disk}],
+            "vsock": {"guest_cid": 3, "uds_path": dir.path("v.sock")},
+            "rng": true,
+            "balloon": {"free_page_reporting": true},
+            "control_socket": sock,
+            "log": log,
+        }),
+    );
+    let start = Instant::now();
+    let mut ctl = Control::connect(&sock);
+    wait_for("the guest's first line", Duration::from_secs(30), || {
+        std::fs::read(&serial).is_ok_and(|b| b.starts_with(b"hostile: start\n"))
+    });
+    let rss_start = rss_kib(child.id(), 64 << 10);
+    let mut status;
+    loop {
+        status = ctl.send(json!({"op": "status"}));
+        assert_eq!(status["state"], "running", "{status}");
+        let c = &status["counters"]["console"];
+        let offered = ["written_bytes", "dropped_rate_bytes", "dropped_cap_bytes"]
+            .iter()
+            .map(|k| c[k].as_u64().unwrap())
+            .sum::<u64>();
+        // The cap's note is written on top of what the guest sent.
+        let note = if c["dropped_cap_bytes"].as_u64() > Some(0) {
+            "\n[husk-vmm: console output capped at 8192 bytes; the rest is dropped]\n".len() as u64
+        } else {
+            0
+        };
+        if offered - note == HOSTILE_CONSOLE_BYTES {
+            break;
+        }
+        assert!(offered - note < HOSTILE_CONSOLE_BYTES, "{status}");
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the hostile guest did not finish: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = start.elapsed();
+    let rss_end = rss_kib(child.id(), 64 << 10);
+    assert_eq!(
+        ctl.send(json!({"op": "shutdown", "timeout_ms": 100})),
+        json!({"ok": true})
+    );
+    let (exit, stderr) = wait_exit(child, Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(0), "{stderr}");
+    let console_len = std::fs::metadata(&serial).unwrap().len();
+    (status, stderr, console_len, rss_start, rss_end, took)
+}
+
+fn fault_count(status: &Value, kind: &str, what: &str) -> u64 {
+    status["counters"]["guest_faults"][kind][what]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A hostile guest kernel (tests/guests/hostile.S: garbage to every
+/// register, looping, overlapping and out-of-memory descriptor chains, bad
+/// rings, a console flood) against the default log limits: the VMM keeps
+/// answering, logs at most `burst` lines per kind plus one per second,
+/// counts the rest, and keeps the console under its cap and rate.
+#[test]
+fn hostile_guest_is_bounded() {
+    let (status, stderr, console_len, rss_start, rss_end, took) = run_hostile("hostile", json!({}));
+    eprintln!(
+        "hostile guest: {took:?}, RSS {rss_start} -> {rss_end} KiB, log {} bytes, console {console_len} bytes\n{status}",
+        stderr.len()
+    );
+    for kind in ["mmio", "queue", "request", "unmapped", "device"] {
+        assert!(fault_count(&status, kind, "events") > 0, "{kind}: {status}");
+    }
+    // The register faults come from the vCPU, thousands at once; the queue
+    // faults from the device's thread, as many as it got to before the
+    // guest reset it.
+    assert!(
+        fault_count(&status, "mmio", "suppressed") > 20_000,
+        "{status}"
+    );
+    // Per kind: the burst of 10, then one a second (the run took `took`).
+    let warnings = stderr.lines().filter(|l| l.contains(" WARN ")).count() as u64;
+    let bound = 6 * (10 + took.as_secs() + 1);
+    assert!(
+        warnings <= bound,
+        "{warnings} > {bound} warnings:\n{stderr}"
+    );
+    assert!(stderr.contains("suppressed="), "{stderr}");
+    let c = &status["counters"]["console"];
+    assert!(console_len <= 8192, "console {console_len} bytes");
+    assert_eq!(c["written_bytes"].as_u64(), Some(console_len));
+    assert!(c["dropped_rate_bytes"].as_u64() > Some(0), "{status}");
+    assert!(
+        rss_end < rss_start + rss_start / 20,
+        "RSS grew from {rss_start} to {rss_end} KiB"
+    );
+}
+
+/// The same guest with a generous rate limit and the smallest log cap: the
+/// log stops at its cap with one line saying so, and still ends with why
+/// the VMM stopped.
+#[test]
+fn hostile_guest_log_stops_at_its_cap() {
+    let (status, stderr, ..) = run_hostile(
+        "hostile-cap",
+        json!({"max_bytes": 65536, "burst": 10000, "interval_ms": 10}),
+    );
+    eprintln!("log {} bytes: {status}", stderr.len());
+    assert!(stderr.len() <= 65536, "log {} bytes", stderr.len());
+    assert_eq!(stderr.matches("log capped at 65536 bytes").count(), 1);
+    let log = &status["counters"]["log"];
+    assert_eq!(log["capped"], true, "{status}");
+    assert!(log["dropped_lines"].as_u64() > Some(0), "{status}");
+    let after_cap = &stderr[stderr.find("log capped at").unwrap()..];
+    assert!(after_cap.contains("VM stopped"), "{after_cap}");
 }

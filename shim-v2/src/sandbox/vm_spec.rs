@@ -5,7 +5,13 @@
 use std::path::Path;
 
 use husk_protocols::guest::{slot_disk_serial, AGENT_PORT, AGENT_PORT_PARAM, ROOT_DISK_SERIAL};
-use husk_vm_config::{BalloonSpec, BlockSpec, KernelSpec, NetSpec, SerialSpec, VmSpec, VsockSpec};
+use husk_vm_config::limits::{
+    DEFAULT_CONSOLE_BYTES_PER_SEC, DEFAULT_CONSOLE_MAX_BYTES, DEFAULT_LOG_BURST,
+    DEFAULT_LOG_INTERVAL_MS, DEFAULT_LOG_MAX_BYTES,
+};
+use husk_vm_config::{
+    BalloonSpec, BlockSpec, KernelSpec, LogSpec, NetSpec, SerialSpec, VmSpec, VsockSpec,
+};
 
 use super::state_dir::{slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, VSOCK};
 use crate::config::Config;
@@ -55,8 +61,14 @@ pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize, net: Vec<Ne
             ..n
         })
         .collect();
+    // The console log and the VMM's log are files in the state folder, in
+    // host memory, written at the guest's will: both are capped.
     let serial = if cfg.debug_console {
-        SerialSpec::file(dir.join(CONSOLE_LOG))
+        SerialSpec {
+            max_bytes: Some(DEFAULT_CONSOLE_MAX_BYTES),
+            bytes_per_sec: Some(DEFAULT_CONSOLE_BYTES_PER_SEC),
+            ..SerialSpec::file(dir.join(CONSOLE_LOG))
+        }
     } else {
         SerialSpec::none()
     };
@@ -81,6 +93,11 @@ pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize, net: Vec<Ne
             free_page_reporting: true,
         }),
         control_socket: Some(dir.join(CONTROL_SOCKET)),
+        log: Some(LogSpec {
+            max_bytes: Some(DEFAULT_LOG_MAX_BYTES),
+            burst: Some(DEFAULT_LOG_BURST),
+            interval_ms: Some(DEFAULT_LOG_INTERVAL_MS),
+        }),
     }
 }
 
@@ -138,6 +155,13 @@ mod tests {
         let serial = v.serial.as_ref().unwrap();
         assert_eq!(serial.output, SerialKind::File);
         assert_eq!(serial.path, Some("/run/husk/p1/console.log".into()));
+        assert_eq!(serial.max_bytes, Some(4 << 20));
+        assert_eq!(serial.bytes_per_sec, Some(256 << 10));
+        let log = v.log.as_ref().unwrap();
+        assert_eq!(
+            (log.max_bytes, log.burst, log.interval_ms),
+            (Some(4 << 20), Some(10), Some(1000))
+        );
         assert_eq!(
             v.kernel.cmdline,
             "console=ttyS0 reboot=k panic=-1 husk.agent_port=1024"
@@ -235,6 +259,8 @@ mod tests {
         let vm = husk_vm_config::VmConfig::from_json(&json).unwrap();
         assert_eq!(vm.block.len(), slots + 1);
         assert_eq!(vm.balloon.is_some(), free_page_reporting);
+        assert_eq!(vm.console_limits, husk_vm_config::ConsoleLimits::default());
+        assert_eq!(vm.log, husk_vm_config::LogLimits::default());
         assert_eq!(
             vm.virtio_device_count(),
             husk_vm_config::limits::MAX_VIRTIO_DEVICES

@@ -1,12 +1,14 @@
 //! containerd's task API (shim v2) over husk sandboxes: the ttrpc layer
 //! (every call of the `Task` service) and the calls too small for a module
 //! of their own. Create is [`create`], the registry of containers
-//! [`registry`], the threads watching the guest [`watch`], Stats [`stats`].
+//! [`registry`], the threads watching the guest [`watch`] (whose events
+//! [`coalesce`] bounds), Stats [`stats`].
 //!
 //! One shim process serves one sandbox: a container alone in its VM, or a
 //! Kubernetes pod (its sandbox container first, then the pod's containers,
 //! which join its VM). The VM goes when its last container is deleted.
 
+mod coalesce;
 mod create;
 mod error;
 mod registry;

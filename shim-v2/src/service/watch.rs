@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::coalesce::{Coalescer, Pacer, Verdict};
 use super::registry::Inner;
 use crate::events::Event;
 use crate::io::DRAIN_IDLE;
@@ -14,6 +15,10 @@ use crate::sync::lock;
 
 /// How long a waiter retries a broken agent connection while the VMM runs.
 const WAIT_RETRY_LIMIT: Duration = Duration::from_secs(30);
+/// At most one TaskOOM per container per interval; the rest are counted.
+const OOM_INTERVAL: Duration = Duration::from_secs(1);
+/// Most OOM events a second the shim takes from the guest at all.
+const OOM_EVENTS_PER_SEC: u32 = 50;
 
 /// Waits for a started process's exit in the guest, then for its output,
 /// then reports it.
@@ -86,8 +91,13 @@ pub fn watch_sandbox(inner: &Arc<Inner>, sb: &Arc<Sandbox>) {
     spawn_oom_watcher(inner.clone(), sb.clone());
 }
 
-/// Reports the guest's OOM kills as TaskOOM.
+/// Reports the guest's OOM kills as TaskOOM: at most one per container per
+/// [`OOM_INTERVAL`], and no more than [`OOM_EVENTS_PER_SEC`] taken from
+/// the guest, so that a flood from the agent floods neither containerd nor
+/// the shim.
 fn spawn_oom_watcher(inner: Arc<Inner>, sb: Arc<Sandbox>) {
+    let mut coalescer = Coalescer::new(OOM_INTERVAL);
+    let mut pacer = Pacer::new(OOM_EVENTS_PER_SEC);
     let spawned = std::thread::Builder::new()
         .name("oom".into())
         .spawn(move || loop {
@@ -98,8 +108,20 @@ fn spawn_oom_watcher(inner: Arc<Inner>, sb: Arc<Sandbox>) {
                 Ok(id) => {
                     let known = lock(&inner.state).containers.contains_key(&id);
                     if known {
-                        log::info!("container {id}: OOM kill in the guest");
-                        inner.events.send(Event::Oom { id });
+                        match coalescer.admit(&id, Instant::now()) {
+                            Verdict::Send { suppressed } => {
+                                log::info!(
+                                    "container {id}: OOM kill in the guest ({suppressed} more since the last reported, {} in all not reported)",
+                                    coalescer.suppressed_total()
+                                );
+                                inner.events.send(Event::Oom { id });
+                            }
+                            Verdict::Drop => {}
+                        }
+                    }
+                    let wait = pacer.took(Instant::now());
+                    if !wait.is_zero() {
+                        std::thread::sleep(wait);
                     }
                 }
                 Err(e) => {

@@ -24,7 +24,7 @@ impl Fixture {
         json!({
             "vcpus": 2, "memory_mib": 256, "hugepages": false,
             "kernel": {"path": self.p("kernel"), "cmdline": "console=ttyS0 reboot=k", "initrd": self.p("initrd")},
-            "serial": {"output": "file", "path": self.p("serial.log")},
+            "serial": {"output": "file", "path": self.p("serial.log"), "max_bytes": 1048576, "bytes_per_sec": 4096},
             "block": [{"id": "rootfs", "path": self.p("disk"), "read_only": true, "serial": "disk0",
                        "rate_limiter": {"bandwidth": {"size": 1_048_576, "one_time_burst": 4_194_304, "refill_time_ms": 100},
                                         "ops": {"size": 100, "refill_time_ms": 1000}}}],
@@ -34,7 +34,8 @@ impl Fixture {
                      "tx_rate_limiter": {"ops": {"size": 1000, "refill_time_ms": 1000}}}],
             "rng": true,
             "balloon": {"free_page_reporting": true},
-            "control_socket": self.p("ctl.sock")
+            "control_socket": self.p("ctl.sock"),
+            "log": {"max_bytes": 65536, "burst": 3, "interval_ms": 500}
         })
     }
     /// The error message after applying `edit` to the full config.
@@ -60,6 +61,21 @@ fn parses_full_config() {
     assert_eq!(c.kernel.cmdline, "console=ttyS0 reboot=k");
     assert_eq!(c.kernel.initrd, Some(PathBuf::from(fx.p("initrd"))));
     assert_eq!(c.serial, SerialOutput::File(fx.p("serial.log").into()));
+    assert_eq!(
+        c.console_limits,
+        ConsoleLimits {
+            max_bytes: 1 << 20,
+            bytes_per_sec: 4096
+        }
+    );
+    assert_eq!(
+        c.log,
+        LogLimits {
+            max_bytes: 65536,
+            burst: 3,
+            interval_ms: 500
+        }
+    );
     assert_eq!(c.block[0].serial.as_deref(), Some("disk0"));
     assert!(c.block[0].read_only);
     assert_eq!(c.vsock.as_ref().unwrap().guest_cid, 3);
@@ -112,6 +128,28 @@ fn minimal_config_gets_defaults() {
     assert!(!c.rng && !c.hugepages && c.control_socket.is_none());
     assert_eq!(c.balloon, None);
     assert_eq!(c.kernel.cmdline, "");
+    assert_eq!(
+        c.console_limits,
+        ConsoleLimits {
+            max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
+            bytes_per_sec: DEFAULT_CONSOLE_BYTES_PER_SEC
+        }
+    );
+    assert_eq!(
+        c.log,
+        LogLimits {
+            max_bytes: DEFAULT_LOG_MAX_BYTES,
+            burst: DEFAULT_LOG_BURST,
+            interval_ms: DEFAULT_LOG_INTERVAL_MS
+        }
+    );
+    // An empty log section is the defaults too.
+    let c = VmConfig::from_json(
+        &json!({"vcpus": 1, "memory_mib": 128, "kernel": {"path": fx.p("kernel")}, "log": {}})
+            .to_string(),
+    )
+    .unwrap();
+    assert_eq!(c.log, LogLimits::default());
 }
 
 #[test]
@@ -289,6 +327,46 @@ fn rejects_each_bad_field() {
         (
             Box::new(|v| v["net"][0]["rate_limiter"] = json!({})),
             "unknown field `rate_limiter`",
+        ),
+        (
+            Box::new(|v| v["serial"]["max_bytes"] = json!(0)),
+            "serial.max_bytes: must be between 4096 and 1073741824, got 0",
+        ),
+        (
+            Box::new(|v| v["serial"]["max_bytes"] = json!(1u64 << 31)),
+            "serial.max_bytes: must be between",
+        ),
+        (
+            Box::new(|v| v["serial"]["bytes_per_sec"] = json!(10)),
+            "serial.bytes_per_sec: must be between 1024 and 1073741824, got 10",
+        ),
+        (
+            Box::new(|v| v["serial"]["max_bytes"] = json!(-1)),
+            "invalid config JSON",
+        ),
+        (
+            Box::new(|v| v["log"]["max_bytes"] = json!(1000)),
+            "log.max_bytes: must be between 65536 and 1073741824, got 1000",
+        ),
+        (
+            Box::new(|v| v["log"]["burst"] = json!(0)),
+            "log.burst: must be between 1 and 10000, got 0",
+        ),
+        (
+            Box::new(|v| v["log"]["burst"] = json!(1u64 << 33)),
+            "invalid config JSON",
+        ),
+        (
+            Box::new(|v| v["log"]["interval_ms"] = json!(0)),
+            "log.interval_ms: must be between 10 and 3600000, got 0",
+        ),
+        (
+            Box::new(|v| v["log"]["rate"] = json!(1)),
+            "unknown field `rate`",
+        ),
+        (
+            Box::new(|v| v["serial"]["max_byte"] = json!(1)),
+            "unknown field `max_byte`",
         ),
     ];
     for (edit, want) in cases {

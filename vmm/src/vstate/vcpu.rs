@@ -6,6 +6,8 @@
 //! thread's `kvm_run`, so KVM_RUN returns EINTR even if the signal lands
 //! just before the vCPU enters the guest.
 
+use crate::guest_debug;
+use husk_vm_config::control::GuestFaultKind;
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -383,14 +385,22 @@ impl Vcpu {
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !mmio.read(addr, data) {
-                    tracing::debug!(vcpu = index, "MMIO read of unmapped {addr:#x}");
+                    guest_debug!(
+                        GuestFaultKind::Unmapped,
+                        vcpu = index,
+                        "MMIO read of unmapped {addr:#x}"
+                    );
                     data.fill(0xff);
                 }
                 return RunOutcome::Continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if !mmio.write(addr, data) {
-                    tracing::debug!(vcpu = index, "MMIO write to unmapped {addr:#x}");
+                    guest_debug!(
+                        GuestFaultKind::Unmapped,
+                        vcpu = index,
+                        "MMIO write to unmapped {addr:#x}"
+                    );
                 }
                 return RunOutcome::Continue;
             }

@@ -1,6 +1,7 @@
 //! The 8250 UART at 0x3f8 (COM1), from vm-superio: the guest's console.
-//! Output goes to stdout, a file, or nowhere; its interrupt (IRQ 4) is an
-//! irqfd so KVM injects it without a VMM round trip.
+//! Output goes to stdout, a file, or nowhere, within the console's limits
+//! ([`BoundedConsole`]); its interrupt (IRQ 4) is an irqfd so KVM injects
+//! it without a VMM round trip.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -14,16 +15,22 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::IrqEvt;
 use crate::devices::bus::BusDevice;
-use husk_vm_config::SerialOutput;
+use crate::guest_warn;
+use crate::logger::console::{self, BoundedConsole};
+use husk_vm_config::control::GuestFaultKind;
+use husk_vm_config::{ConsoleLimits, SerialOutput};
 
 /// Where serial output is written.
 pub type SerialOut = Box<dyn Write + Send>;
 
-/// Opens the serial output sink the config names.
-pub fn open_output(output: &SerialOutput) -> io::Result<SerialOut> {
+/// Opens the serial output sink the config names, within `limits`.
+pub fn open_output(output: &SerialOutput, limits: ConsoleLimits) -> io::Result<SerialOut> {
+    let bounded = |w: SerialOut| -> SerialOut {
+        Box::new(BoundedConsole::new(w, limits, &console::COUNTERS))
+    };
     Ok(match output {
-        SerialOutput::Stdout => Box::new(io::stdout()),
-        SerialOutput::File(path) => Box::new(create_file(path)?),
+        SerialOutput::Stdout => bounded(Box::new(io::stdout())),
+        SerialOutput::File(path) => bounded(Box::new(create_file(path)?)),
         SerialOutput::None => Box::new(io::sink()),
     })
 }
@@ -79,7 +86,7 @@ impl BusDevice for SerialDevice {
         if let ([b], Ok(offset)) = (data, u8::try_from(offset)) {
             if let Err(e) = self.serial.write(offset, *b) {
                 // Losing console output must not stop the guest.
-                tracing::warn!("serial output: {e}");
+                guest_warn!(GuestFaultKind::Console, "serial output: {e}");
             }
         }
     }
@@ -195,7 +202,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("husk-serial-{}", std::process::id()));
         std::fs::write(&path, b"old contents").unwrap();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let out = open_output(&SerialOutput::File(path.clone())).unwrap();
+        let out = open_output(&SerialOutput::File(path.clone()), ConsoleLimits::default()).unwrap();
         let mut dev = SerialDevice::new(evt, out);
         dev.write(0, b"n");
         assert_eq!(std::fs::read(&path).unwrap(), b"n");

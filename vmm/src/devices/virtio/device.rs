@@ -18,13 +18,15 @@
 //! eventfds when the event loop delivers that event
 //! ([`DeviceState::handle_event`]).
 
+use crate::{guest_debug, guest_warn};
+use husk_vm_config::control::GuestFaultKind;
 use std::io;
 use std::ops::Range;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use tracing::{debug, error, warn};
+use tracing::{error, warn};
 use virtio_queue::{DescriptorChain, Queue};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -233,9 +235,11 @@ impl DeviceState {
     pub fn set_acked_features(&mut self, features: u64) {
         let unoffered = features & !self.avail_features;
         if unoffered != 0 {
-            warn!(
+            guest_warn!(
+                GuestFaultKind::Mmio,
                 unoffered,
-                "{}: ignoring features it did not offer", self.name
+                "{}: ignoring features it did not offer",
+                self.name
             );
         }
         self.acked_features = features & self.avail_features;
@@ -270,7 +274,8 @@ impl DeviceState {
             });
         match range.and_then(|r| self.config.get_mut(r)) {
             Some(dst) => dst.copy_from_slice(data),
-            None => warn!(
+            None => guest_warn!(
+                GuestFaultKind::Mmio,
                 offset,
                 len = data.len(),
                 "{}: write to read-only config space ignored",
@@ -366,9 +371,11 @@ impl DeviceState {
         if self.stale.iter().any(|e| e.as_raw_fd() == fd) {
             // The guest kicked just before a reset: drop the fd now rather
             // than let a level-triggered fd spin the loop.
-            debug!(
+            guest_debug!(
+                GuestFaultKind::Queue,
                 fd,
-                "{}: event on a queue eventfd from before a reset", self.name
+                "{}: event on a queue eventfd from before a reset",
+                self.name
             );
             self.sync_registrations(ops);
             return DeviceEvent::Handled;
@@ -418,11 +425,19 @@ impl DeviceState {
     ) {
         let name = self.name;
         let Some(active) = self.active.as_mut() else {
-            debug!(index, "{name}: queue event before activation");
+            guest_debug!(
+                GuestFaultKind::Queue,
+                index,
+                "{name}: queue event before activation"
+            );
             return;
         };
         let Some(q) = active.queues.get_mut(index) else {
-            warn!(index, "{name}: event for a queue the device does not have");
+            guest_warn!(
+                GuestFaultKind::Queue,
+                index,
+                "{name}: event for a queue the device does not have"
+            );
             return;
         };
         process_chains(name, &active.mem, &mut q.queue, &active.irq, handle);

@@ -7,9 +7,10 @@
 //! data path never goes through here (queue notifications arrive as KVM
 //! ioeventfds the device polls).
 
+use crate::{guest_debug, guest_warn};
+use husk_vm_config::control::GuestFaultKind;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tracing::{debug, warn};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -177,7 +178,8 @@ impl MmioTransport {
         let sel = self.queue_sel as usize;
         let q = self.queues.get_mut(sel);
         if q.is_none() {
-            warn!(
+            guest_warn!(
+                GuestFaultKind::Mmio,
                 queue = sel,
                 "virtio-mmio: access to a queue the device does not have"
             );
@@ -208,7 +210,11 @@ impl MmioTransport {
             // Config space never changes under the driver's feet.
             reg::VIRTIO_MMIO_CONFIG_GENERATION => 0,
             _ => {
-                warn!(offset, "virtio-mmio: read of an unknown register");
+                guest_warn!(
+                    GuestFaultKind::Mmio,
+                    offset,
+                    "virtio-mmio: read of an unknown register"
+                );
                 0
             }
         }
@@ -226,7 +232,8 @@ impl MmioTransport {
             VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FAILED,
         );
         let bad_state = || {
-            warn!(
+            guest_warn!(
+                GuestFaultKind::Mmio,
                 offset,
                 value = v,
                 "virtio-mmio: register write ignored in this device status"
@@ -239,7 +246,11 @@ impl MmioTransport {
             reg::VIRTIO_MMIO_DRIVER_FEATURES if features_open => {
                 let sel = self.driver_features_sel;
                 if !set_features_page(&mut self.driver_features, sel, v) {
-                    warn!(sel, "virtio-mmio: driver features write to a page past 1");
+                    guest_warn!(
+                        GuestFaultKind::Mmio,
+                        sel,
+                        "virtio-mmio: driver features write to a page past 1"
+                    );
                 }
             }
             reg::VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
@@ -284,7 +295,8 @@ impl MmioTransport {
             | reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH
             | reg::VIRTIO_MMIO_QUEUE_USED_LOW
             | reg::VIRTIO_MMIO_QUEUE_USED_HIGH => bad_state(),
-            _ => warn!(
+            _ => guest_warn!(
+                GuestFaultKind::Mmio,
                 offset,
                 value = v,
                 "virtio-mmio: write to an unknown or read-only register"
@@ -296,16 +308,21 @@ impl MmioTransport {
     /// builder registered it): forward it to the same eventfd.
     fn notify(&self, index: u32) {
         if !self.status_is(VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET) {
-            warn!(index, "virtio-mmio: queue notify before DRIVER_OK ignored");
+            guest_warn!(
+                GuestFaultKind::Mmio,
+                index,
+                "virtio-mmio: queue notify before DRIVER_OK ignored"
+            );
             return;
         }
         match self.notify.get(index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    warn!(index, error = %e, "virtio-mmio: signalling the queue notify eventfd");
+                    guest_warn!(GuestFaultKind::Device, index, error = %e, "virtio-mmio: signalling the queue notify eventfd");
                 }
             }
-            None => warn!(
+            None => guest_warn!(
+                GuestFaultKind::Mmio,
                 index,
                 "virtio-mmio: notify for a queue the device does not have"
             ),
@@ -321,7 +338,8 @@ impl MmioTransport {
         }
         let old = self.status;
         if v & old != old {
-            warn!(
+            guest_warn!(
+                GuestFaultKind::Mmio,
                 old,
                 new = v,
                 "virtio-mmio: driver tried to clear status bits without a reset"
@@ -342,7 +360,8 @@ impl MmioTransport {
             (ACK, DRIVER) => self.status |= DRIVER,
             (b, FEATURES_OK) if b == ACK | DRIVER => self.features_ok(),
             (b, VIRTIO_CONFIG_S_DRIVER_OK) if b == ACK | DRIVER | FEATURES_OK => self.driver_ok(),
-            _ => warn!(
+            _ => guest_warn!(
+                GuestFaultKind::Mmio,
                 old,
                 new = v,
                 "virtio-mmio: invalid device status transition ignored"
@@ -359,7 +378,12 @@ impl MmioTransport {
                 self.status |= VIRTIO_CONFIG_S_FEATURES_OK;
             }
             // Refusing leaves FEATURES_OK clear, which the driver reads back.
-            Err(e) => warn!(offered, acked, "virtio-mmio: features refused: {e}"),
+            Err(e) => guest_warn!(
+                GuestFaultKind::Mmio,
+                offered,
+                acked,
+                "virtio-mmio: features refused: {e}"
+            ),
         }
     }
 
@@ -367,10 +391,10 @@ impl MmioTransport {
         match self.activate() {
             Ok(()) => self.status |= VIRTIO_CONFIG_S_DRIVER_OK,
             Err(e) => {
-                warn!(error = %e, "virtio-mmio: activation failed, device needs reset");
+                guest_warn!(GuestFaultKind::Device, error = %e, "virtio-mmio: activation failed, device needs reset");
                 self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 if let Err(e) = self.irq.trigger(INT_CONFIG) {
-                    warn!(error = %e, "virtio-mmio: raising the config interrupt");
+                    guest_warn!(GuestFaultKind::Device, error = %e, "virtio-mmio: raising the config interrupt");
                 }
             }
         }
@@ -426,10 +450,13 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        debug!("virtio-mmio: driver reset");
+        guest_debug!(GuestFaultKind::Device, "virtio-mmio: driver reset");
         let was_active = self.device().is_activated();
         if was_active && !self.device().reset() {
-            warn!("virtio-mmio: device cannot be reset");
+            guest_warn!(
+                GuestFaultKind::Device,
+                "virtio-mmio: device cannot be reset"
+            );
             self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
             return;
         }
@@ -458,7 +485,8 @@ impl crate::devices::bus::BusDevice for MmioTransport {
         } else if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_register(offset).to_le_bytes());
         } else {
-            warn!(
+            guest_warn!(
+                GuestFaultKind::Mmio,
                 offset,
                 len = data.len(),
                 "virtio-mmio: register read of the wrong width"
@@ -471,12 +499,17 @@ impl crate::devices::bus::BusDevice for MmioTransport {
             if self.status_is(VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FAILED) {
                 self.device().write_config(offset - CONFIG_SPACE, data);
             } else {
-                warn!(offset, "virtio-mmio: config write before DRIVER ignored");
+                guest_warn!(
+                    GuestFaultKind::Mmio,
+                    offset,
+                    "virtio-mmio: config write before DRIVER ignored"
+                );
             }
         } else if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         } else {
-            warn!(
+            guest_warn!(
+                GuestFaultKind::Mmio,
                 offset,
                 len = data.len(),
                 "virtio-mmio: register write of the wrong width"

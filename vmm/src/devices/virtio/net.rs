@@ -15,7 +15,9 @@
 
 pub mod tap;
 
+use crate::{guest_debug, guest_error, guest_warn};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use husk_vm_config::control::GuestFaultKind;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::QueueT;
 
@@ -131,11 +133,15 @@ impl Net {
                     Ok(_) => {}
                     // Like a full NIC queue: the frame is lost, TCP resends.
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        tracing::debug!("net: tap full, tx frame dropped");
+                        guest_debug!(GuestFaultKind::Request, "net: tap full, tx frame dropped");
                     }
-                    Err(e) => tracing::warn!(error = %e, "net: tap write failed, frame dropped"),
+                    Err(e) => {
+                        guest_warn!(GuestFaultKind::Request, error = %e, "net: tap write failed, frame dropped")
+                    }
                 },
-                Err(e) => tracing::warn!(error = %e, "net: dropping malformed tx chain"),
+                Err(e) => {
+                    guest_warn!(GuestFaultKind::Request, error = %e, "net: dropping malformed tx chain")
+                }
             }
             queue.add_used(mem, head, 0)?;
             used = true;
@@ -173,7 +179,7 @@ impl Net {
             let sg = match SgList::from_chain(mem, chain, Direction::DeviceWritable, usize::MAX) {
                 Ok(sg) => sg,
                 Err(e) => {
-                    tracing::warn!(error = %e, "net: unusable rx buffer");
+                    guest_warn!(GuestFaultKind::Queue, error = %e, "net: unusable rx buffer");
                     queue.add_used(mem, head, 0)?;
                     used = true;
                     self.pending_frame = Some(frame);
@@ -182,7 +188,8 @@ impl Net {
             };
             if frame.len() > sg.len() {
                 // Without mergeable buffers a frame must fit one chain.
-                tracing::warn!(
+                guest_warn!(
+                    GuestFaultKind::Request,
                     frame = frame.len(),
                     buffer = sg.len(),
                     "net: rx frame larger than the guest buffer, dropped"
@@ -200,7 +207,7 @@ impl Net {
             let len = match sg.write_at(mem, 0, &frame) {
                 Ok(n) => n,
                 Err(e) => {
-                    tracing::warn!(error = %e, "net: writing an rx frame failed, dropped");
+                    guest_warn!(GuestFaultKind::Request, error = %e, "net: writing an rx frame failed, dropped");
                     0
                 }
             };
@@ -337,7 +344,7 @@ impl MutEventSubscriber for Net {
             return;
         }
         if let Err(e) = self.process_queues() {
-            tracing::error!(error = %e, "net: processing queues");
+            guest_error!(GuestFaultKind::Queue, error = %e, "net: processing queues");
         }
         self.update_tap_interest(ops);
     }

@@ -6,6 +6,8 @@
 //!
 //! [`DeviceState`]: super::DeviceState
 
+use crate::{guest_error, guest_warn};
+use husk_vm_config::control::GuestFaultKind;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 
@@ -105,7 +107,7 @@ pub fn process_chains(
     let mut used_any = false;
     'rounds: loop {
         if let Err(e) = queue.disable_notification(mem) {
-            warn!(error = %e, "{dev}: disabling queue notifications");
+            guest_warn!(GuestFaultKind::Queue, error = %e, "{dev}: disabling queue notifications");
             break;
         }
         let mut popped = 0usize;
@@ -117,7 +119,7 @@ pub fn process_chains(
                 break 'rounds;
             };
             if let Err(e) = queue.add_used(mem, head, len) {
-                warn!(error = %e, head, "{dev}: adding a used element");
+                guest_warn!(GuestFaultKind::Queue, error = %e, head, "{dev}: adding a used element");
             }
             used_any = true;
         }
@@ -126,12 +128,12 @@ pub fn process_chains(
         match queue.enable_notification(mem) {
             Ok(true) if popped > 0 => continue,
             Ok(true) => {
-                warn!("{dev}: avail ring index is invalid");
+                guest_warn!(GuestFaultKind::Queue, "{dev}: avail ring index is invalid");
                 break;
             }
             Ok(false) => break,
             Err(e) => {
-                warn!(error = %e, "{dev}: enabling queue notifications");
+                guest_warn!(GuestFaultKind::Queue, error = %e, "{dev}: enabling queue notifications");
                 break;
             }
         }
@@ -140,7 +142,7 @@ pub fn process_chains(
         return;
     }
     if let Err(e) = signal_used(mem, queue, irq) {
-        error!(error = %e, "{dev}: telling the guest about used buffers");
+        guest_error!(GuestFaultKind::Queue, error = %e, "{dev}: telling the guest about used buffers");
     }
 }
 

@@ -4,10 +4,12 @@
 //! [`MAX_BYTES_PER_REQUEST`] per chain so a guest cannot make the device
 //! thread copy gigabytes for one notification.
 
+use crate::{guest_debug, guest_warn};
+use husk_vm_config::control::GuestFaultKind;
 use std::io;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::{debug, error, warn};
+use tracing::error;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
@@ -55,13 +57,17 @@ pub fn handle_chain(chain: impl Iterator<Item = Descriptor>, mem: &GuestMemory) 
             break;
         }
         if !desc.is_write_only() {
-            debug!("virtio-rng: skipping a device-readable descriptor");
+            guest_debug!(
+                GuestFaultKind::Request,
+                "virtio-rng: skipping a device-readable descriptor"
+            );
             continue;
         }
         let n = budget.min(desc.len() as usize);
         // Checked up front so a bad buffer is never half written.
         if !mem.check_range(desc.addr(), n) {
-            warn!(
+            guest_warn!(
+                GuestFaultKind::Request,
                 addr = desc.addr().0,
                 len = n,
                 "virtio-rng: buffer outside guest memory"
@@ -74,7 +80,7 @@ pub fn handle_chain(chain: impl Iterator<Item = Descriptor>, mem: &GuestMemory) 
             break;
         }
         if let Err(e) = mem.write_slice(&buf, desc.addr()) {
-            warn!(error = %e, addr = desc.addr().0, len = n, "virtio-rng: writing guest memory");
+            guest_warn!(GuestFaultKind::Request, error = %e, addr = desc.addr().0, len = n, "virtio-rng: writing guest memory");
             break;
         }
         budget -= n;

@@ -18,10 +18,12 @@
 
 mod discard;
 
+use crate::{guest_info, guest_warn};
+use husk_vm_config::control::GuestFaultKind;
 use std::io;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 use virtio_queue::DescriptorChain;
 
 pub use discard::{discard, DiscardError, PAGE_SIZE};
@@ -114,7 +116,11 @@ impl Balloon {
             _ => {
                 // A queue 2 without F_REPORTING would be the stats queue,
                 // which husk does not offer: hand the buffers back.
-                warn!(index, "virtio-balloon: chains on a queue it does not serve");
+                guest_warn!(
+                    GuestFaultKind::Queue,
+                    index,
+                    "virtio-balloon: chains on a queue it does not serve"
+                );
                 self.state.process_queue(index, |_, _| 0);
             }
         }
@@ -192,7 +198,8 @@ impl MutEventSubscriber for Balloon {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match self.state.handle_event(events.fd(), ops) {
             DeviceEvent::Queue(index) => self.process_queue(index),
-            DeviceEvent::Activated => info!(
+            DeviceEvent::Activated => guest_info!(
+                GuestFaultKind::Device,
                 free_page_reporting = self.state.has_feature(VIRTIO_BALLOON_F_REPORTING),
                 "virtio-balloon: driver ready"
             ),

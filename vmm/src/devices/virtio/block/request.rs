@@ -8,11 +8,12 @@
 //! first descriptor, the status byte in the last one and the data buffers in
 //! between.
 
+use crate::guest_warn;
+use husk_vm_config::control::GuestFaultKind;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use tracing::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
@@ -404,20 +405,20 @@ pub fn complete(disk: &Disk, parsed: Result<Request, ParseError>, mem: &GuestMem
             status: None,
             error,
         }) => {
-            warn!(%error, "virtio-blk: malformed request without a status byte");
+            guest_warn!(GuestFaultKind::Request, %error, "virtio-blk: malformed request without a status byte");
             return 0;
         }
         Err(ParseError {
             status: Some(addr),
             error,
         }) => {
-            warn!(%error, "virtio-blk: malformed request");
+            guest_warn!(GuestFaultKind::Request, %error, "virtio-blk: malformed request");
             (addr, error.status(), 0)
         }
         Ok(req) => match disk.execute(&req, mem) {
             Ok(written) => (req.status, STATUS_OK, written),
             Err(error) => {
-                warn!(%error, kind = ?req.kind, sector = req.sector, "virtio-blk: request failed");
+                guest_warn!(GuestFaultKind::Request, %error, kind = ?req.kind, sector = req.sector, "virtio-blk: request failed");
                 (req.status, error.status(), 0)
             }
         },
@@ -425,7 +426,7 @@ pub fn complete(disk: &Disk, parsed: Result<Request, ParseError>, mem: &GuestMem
     match mem.write_obj(status, status_addr) {
         Ok(()) => written.saturating_add(1),
         Err(e) => {
-            warn!(error = %e, "virtio-blk: writing the status byte");
+            guest_warn!(GuestFaultKind::Request, error = %e, "virtio-blk: writing the status byte");
             0
         }
     }

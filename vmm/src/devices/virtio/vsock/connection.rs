@@ -11,6 +11,8 @@
 //! (`peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`), so host data sits in the
 //! kernel's socket buffer, not in the VMM.
 
+use crate::guest_warn;
+use husk_vm_config::control::GuestFaultKind;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
@@ -241,7 +243,8 @@ impl Connection {
                 self.flush_to_host();
             }
             (op, state) => {
-                tracing::warn!(
+                guest_warn!(
+                    GuestFaultKind::Request,
                     ?op,
                     ?state,
                     port = self.local_port,
@@ -254,7 +257,8 @@ impl Connection {
 
     fn forward_to_host(&mut self, data: &[u8]) {
         if self.peer_shutdown & SHUTDOWN_SEND != 0 {
-            tracing::warn!(
+            guest_warn!(
+                GuestFaultKind::Request,
                 port = self.local_port,
                 "vsock: guest sent data after SHUTDOWN_SEND"
             );
@@ -263,7 +267,8 @@ impl Connection {
         }
         let buffered = (self.rx_cnt - self.fwd_cnt).0 as usize;
         if buffered + data.len() > CONN_BUF_SIZE as usize {
-            tracing::warn!(
+            guest_warn!(
+                GuestFaultKind::Request,
                 port = self.local_port,
                 "vsock: guest exceeded its credit, resetting"
             );
@@ -330,7 +335,7 @@ impl Connection {
     }
 
     fn host_error(&mut self, e: std::io::Error) {
-        tracing::warn!(port = self.local_port, error = %e, "vsock: host stream failed, resetting");
+        guest_warn!(GuestFaultKind::Request, port = self.local_port, error = %e, "vsock: host stream failed, resetting");
         self.kill();
     }
 

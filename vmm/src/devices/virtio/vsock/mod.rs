@@ -10,6 +10,8 @@ pub mod connection;
 pub mod muxer;
 pub mod packet;
 
+use crate::{guest_error, guest_warn};
+use husk_vm_config::control::GuestFaultKind;
 use std::collections::HashMap;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -103,14 +105,17 @@ impl Vsock {
             match packet::parse_tx(mem, chain, self.guest_cid) {
                 Ok(pkt) => self.muxer.send_pkt(&pkt),
                 Err(PacketError::Unsupported(hdr)) => {
-                    tracing::warn!(
+                    guest_warn!(
+                        GuestFaultKind::Request,
                         op = hdr.op,
                         type_ = hdr.type_,
                         "vsock: unsupported packet, resetting"
                     );
                     self.muxer.reset_reply(&hdr);
                 }
-                Err(e) => tracing::warn!(error = %e, "vsock: dropping malformed tx packet"),
+                Err(e) => {
+                    guest_warn!(GuestFaultKind::Request, error = %e, "vsock: dropping malformed tx packet")
+                }
             }
             queue.add_used(mem, head, 0)?;
             used = true;
@@ -136,7 +141,7 @@ impl Vsock {
             let buf = match RxBuffer::new(mem, chain) {
                 Ok(buf) => buf,
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: unusable rx buffer");
+                    guest_warn!(GuestFaultKind::Queue, error = %e, "vsock: unusable rx buffer");
                     queue.add_used(mem, head, 0)?;
                     used = true;
                     continue;
@@ -151,7 +156,7 @@ impl Vsock {
             let len = match buf.write(mem, &hdr, &data) {
                 Ok(len) => len,
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: writing rx packet failed, packet lost");
+                    guest_warn!(GuestFaultKind::Request, error = %e, "vsock: writing rx packet failed, packet lost");
                     0
                 }
             };
@@ -292,7 +297,7 @@ impl MutEventSubscriber for Vsock {
             }
         }
         if let Err(e) = self.process_queues() {
-            tracing::error!(error = %e, "vsock: processing queues");
+            guest_error!(GuestFaultKind::Queue, error = %e, "vsock: processing queues");
         }
         self.sync_registrations(ops);
         self.arm_kill_timer();

@@ -8,6 +8,8 @@
 //! wait in a graveyard until the device has unregistered them, so an fd
 //! number is never reused while the event manager still knows it.
 
+use crate::{guest_debug, guest_warn};
+use husk_vm_config::control::GuestFaultKind;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::ops::Bound;
@@ -236,7 +238,10 @@ impl Muxer {
             return;
         }
         if self.rst_queue.len() >= MAX_PENDING_RST {
-            tracing::warn!("vsock: rx backlog full, dropping an RST");
+            guest_warn!(
+                GuestFaultKind::Request,
+                "vsock: rx backlog full, dropping an RST"
+            );
             return;
         }
         self.rst_queue.push_back(hdr.reset_reply());
@@ -246,7 +251,8 @@ impl Muxer {
     pub fn send_pkt(&mut self, pkt: &TxPacket) {
         let hdr = &pkt.hdr;
         if hdr.dst_cid != HOST_CID {
-            tracing::warn!(
+            guest_warn!(
+                GuestFaultKind::Request,
                 dst_cid = hdr.dst_cid,
                 "vsock: packet not for the host, dropped"
             );
@@ -271,7 +277,10 @@ impl Muxer {
             self.sweep_expired(Instant::now());
         }
         if self.connection_count() >= MAX_CONNECTIONS {
-            tracing::warn!("vsock: too many connections, refusing a guest connection");
+            guest_warn!(
+                GuestFaultKind::Request,
+                "vsock: too many connections, refusing a guest connection"
+            );
             return self.reset_reply(hdr);
         }
         let mut path = self.uds_path.clone().into_os_string();
@@ -279,7 +288,7 @@ impl Muxer {
         let stream = match connect_nonblocking(Path::new(&path)) {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(path = ?path, error = %e, "vsock: guest connect failed");
+                guest_debug!(GuestFaultKind::Request, path = ?path, error = %e, "vsock: guest connect failed");
                 return self.reset_reply(hdr);
             }
         };
@@ -309,7 +318,8 @@ impl Muxer {
             .collect();
         for key in expired {
             if let Some(conn) = self.conns.get_mut(&key) {
-                tracing::debug!(
+                guest_debug!(
+                    GuestFaultKind::Request,
                     port = key.local_port,
                     "vsock: shutdown timed out, resetting"
                 );
