@@ -38,6 +38,9 @@ stage "build (kernels, images)" "$repo/scripts/build.sh"
 source "$repo/target/husk-artifacts.env"
 stage "cargo test" cargo test --locked --workspace
 stage "install test" "$repo/tests/shim/install-test.sh"
+# Coverage-guided fuzzing, bounded: each target 10 s from its seeds and what
+# earlier runs here learned (fuzz/README.md has the longer campaign).
+stage "fuzz (10 targets x 10 s)" "$repo/fuzz/run.sh" 10
 stage "test machinery self-test" "$repo/tests/selftest/helpers.sh"
 # The CRI suite's tools and images, built on the host (Go under the test
 # machine's TCG would take many times longer); cached, so seconds when built.
