@@ -364,9 +364,10 @@ impl Sandbox {
     }
 }
 
-/// Readies the jail of the sandbox in `dir`: what the VMM opens becomes
-/// `user`'s (its sockets folder, disks, console log), and the root's mount
-/// point is made.
+/// Readies the jail of the sandbox in `dir`: what the VMM opens in the
+/// state folder becomes `user`'s (its sockets folder, vm.json, disks,
+/// console log; the kernel and initrd must be readable by it), and the
+/// root's mount point is made.
 fn prepare_jail(
     user: jail::JailUser,
     cfg: &Config,
@@ -374,6 +375,7 @@ fn prepare_jail(
     slots: usize,
 ) -> Result<jail::Jail, SandboxError> {
     jail::give(user, &dir.join(RUN_DIR))?;
+    jail::give(user, &dir.join(VM_SPEC))?;
     jail::give(user, &dir.join(ROOT_IMAGE))?;
     for n in 1..=slots {
         jail::give(user, &dir.join(slot_file(n)))?;
