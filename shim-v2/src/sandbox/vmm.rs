@@ -255,3 +255,56 @@ pub fn kill_recorded(dir: &Path) {
         let _ = rustix::process::kill_process(pid, Signal::KILL);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `shim delete`'s kill: only the process whose stderr is the folder's
+    /// vmm.log (a jailed VMM's command line names no host path).
+    #[test]
+    fn kill_recorded_kills_only_the_folders_vmm() {
+        let root = std::env::temp_dir().join(format!("husk-killrec-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (a, b) = (root.join("a"), root.join("b"));
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        let fake = root.join("fake-vmm");
+        fs::write(&fake, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        let spawn = |dir: &Path| {
+            let log = fs::File::create(dir.join(VMM_LOG)).unwrap();
+            let vmm = VmmProcess::spawn(
+                &fake,
+                Path::new("/vm.json"),
+                log::LevelFilter::Info,
+                log,
+                "vmm-killrec",
+                None,
+                Confinement::default(),
+            )
+            .unwrap();
+            fs::write(dir.join(VMM_PID), vmm.pid.to_string()).unwrap();
+            vmm
+        };
+        let vmm_a = spawn(&a);
+        let vmm_b = spawn(&b);
+        // b's pid recorded in a's folder: not a's VMM, not killed.
+        fs::write(a.join(VMM_PID), vmm_b.pid.to_string()).unwrap();
+        kill_recorded(&a);
+        assert!(!vmm_b.wait(Duration::from_millis(300)));
+        kill_recorded(&b);
+        assert!(vmm_b.wait(Duration::from_secs(5)));
+        assert_eq!(vmm_b.exit_status().as_deref(), Some("signal: 9 (SIGKILL)"));
+        // Garbage and missing records are ignored.
+        fs::write(a.join(VMM_PID), "1").unwrap();
+        kill_recorded(&a);
+        fs::write(a.join(VMM_PID), "x").unwrap();
+        kill_recorded(&a);
+        kill_recorded(&root.join("none"));
+        assert!(!vmm_a.is_dead());
+        vmm_a.kill();
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
