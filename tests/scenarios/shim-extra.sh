@@ -309,6 +309,9 @@ check_pod_net() {
 # own PID namespace (PID 1 there), in the cgroup of its spec's cgroupsPath
 # (ctr: /NAMESPACE/ID) with memory.max = guest + 64 MiB + 1/32 and one CPU
 # per vCPU; after delete no cgroup, mount or jail folder is left.
+# names DIR: the names in DIR, sorted, each followed by a space.
+names() { find "$1" -mindepth 1 -maxdepth 1 -printf '%f\n' | LC_ALL=C sort | tr '\n' ' '; }
+
 check_jail() {
   local id=x-jail vmm st root cg mem cpu
   run_ctr jail-run run -d "${husk[@]}" "$img" "$id" sleep 100000
@@ -328,11 +331,11 @@ check_jail() {
   want "its own mount namespace" [ "$(readlink "/proc/$vmm/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ]
   want "its own PID namespace, PID 1 there" \
     sh -c "[ \"\$(readlink /proc/$vmm/ns/pid)\" != \"\$(readlink /proc/self/ns/pid)\" ] && grep -qE '^NSpid:\s+$vmm\s+1\$' $st"
-  root=$(ls "/proc/$vmm/root" | tr '\n' ' ')
-  echo "    its root: $root; /dev: $(ls "/proc/$vmm/root/dev" | tr '\n' ' ')"
+  root=$(names "/proc/$vmm/root")
+  echo "    its root: $root; /dev: $(names "/proc/$vmm/root/dev")"
   want "its root lists only the jail's entries ($root)" \
     [ "$root" = "console.log dev husk-vmm initrd kernel root.erofs run vm.json " ]
-  want "its /run holds its two sockets" [ "$(ls "/proc/$vmm/root/run" | tr '\n' ' ')" = "ctl.sock vsock " ]
+  want "its /run holds its two sockets" [ "$(names "/proc/$vmm/root/run")" = "ctl.sock vsock " ]
   want "only stdin, stdout, stderr and what it opened: no fd of the shim" \
     not sh -c "ls -l /proc/$vmm/fd | grep -qE 'containerd|\\.sock|/bundle|fifo'"
   cg=$(cat "/proc/$vmm/cgroup")
