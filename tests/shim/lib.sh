@@ -55,7 +55,8 @@ PY
 # characters of a process name.)
 husk_procs() {
   local pid stat args b log
-  while read -r pid stat args; do
+  # A pipe, not < <(...): the test machine has no /dev/fd.
+  ps -eo pid=,stat=,args= | while read -r pid stat args; do
     [[ $stat == Z* ]] && continue
     b=${args%% *}
     b=${b##*/}
@@ -68,7 +69,7 @@ husk_procs() {
         [ -z "${HUSK_CTRD_ADDR:-}" ] || [[ "$args " == *"-address $HUSK_CTRD_ADDR "* ]] || continue
         echo "$pid $args" ;;
     esac
-  done < <(ps -eo pid=,stat=,args=)
+  done
 }
 
 # husk_count NAME: how many live processes NAME (husk-vmm or the shim) run.
