@@ -310,7 +310,7 @@ check_pod_net() {
 # (ctr: /NAMESPACE/ID) with memory.max = guest + 64 MiB + 1/32 and one CPU
 # per vCPU; after delete no cgroup, mount or jail folder is left.
 # names DIR: the names in DIR, sorted, each followed by a space.
-names() { find "$1" -mindepth 1 -maxdepth 1 -printf '%f\n' | LC_ALL=C sort | tr '\n' ' '; }
+names() { find "$1/" -mindepth 1 -maxdepth 1 -printf '%f\n' | LC_ALL=C sort | tr '\n' ' '; }
 
 check_jail() {
   local id=x-jail vmm st root cg mem cpu
