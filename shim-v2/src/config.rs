@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_vm_config::{limits, RateLimiterSpec, TokenBucketSpec};
+
+use crate::sandbox::jail::JailUser;
 use serde::Deserialize;
 
 /// The configuration file when neither the runtime options nor the
@@ -29,10 +31,10 @@ pub const MAX_POD_DISK_SLOTS: u32 =
 pub fn max_pod_disk_slots(free_page_reporting: bool) -> u32 {
     MAX_POD_DISK_SLOTS - u32::from(free_page_reporting)
 }
-/// Longest `state_dir`: `<state_dir>/<64-byte id>/ctl.sock` must be a
+/// Longest `state_dir`: `<state_dir>/<64-byte id>/run/ctl.sock` must be a
 /// socket path the VMM can bind (CRI's ids are 64 bytes; a longer id gets
 /// the VMM's error naming the socket path).
-const MAX_STATE_DIR: usize = limits::MAX_SOCKET_PATH_LEN - "/".len() - 64 - "/ctl.sock".len();
+const MAX_STATE_DIR: usize = limits::MAX_SOCKET_PATH_LEN - "/".len() - 64 - "/run/ctl.sock".len();
 /// Smallest guest RAM the shim asks for: the VMM boots a kernel in less,
 /// but the agent and a container need this much.
 const MIN_MEMORY_MIB: u64 = 64;
@@ -40,6 +42,10 @@ const _: () = assert!(MIN_MEMORY_MIB >= limits::MIN_MEMORY_MIB);
 /// Default caps on a VM sized by its pod (`max_vcpus`, `max_memory_mib`).
 const DEFAULT_MAX_VCPUS: u32 = 8;
 const DEFAULT_MAX_MEMORY_MIB: u64 = 16 << 10;
+/// The jailed VMM's default uid and gid: ids no account on the host uses
+/// (Debian reserves 65000-65533 and never allocates them), so the VMMs
+/// share them with no other process or file.
+pub const DEFAULT_JAIL_ID: u32 = 65500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -86,6 +92,10 @@ struct Raw {
     disk_ops_per_sec: Option<u64>,
     net_rx_bytes_per_sec: Option<u64>,
     net_tx_bytes_per_sec: Option<u64>,
+    jail: Option<bool>,
+    sandbox_cgroup: Option<bool>,
+    jail_uid: Option<u32>,
+    jail_gid: Option<u32>,
 }
 
 /// The validated configuration.
@@ -122,6 +132,11 @@ pub struct Config {
     /// None: unlimited.
     pub net_rx_rate_limiter: Option<RateLimiterSpec>,
     pub net_tx_rate_limiter: Option<RateLimiterSpec>,
+    /// The user the VMM runs as in its jail; `None`: no jail (`jail =
+    /// false`, for debugging), the VMM runs as the shim does.
+    pub jail: Option<JailUser>,
+    /// Run the VMM in the sandbox's host cgroup, sized by the VM.
+    pub sandbox_cgroup: bool,
 }
 
 /// Picks the configuration file: the runtime option's path, else the
@@ -260,6 +275,23 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         memory_mib,
         limits::MAX_MEMORY_MIB,
     )?;
+    let jail = match (raw.jail.unwrap_or(true), raw.jail_uid, raw.jail_gid) {
+        (false, _, _) => None,
+        (true, None, None) => Some(JailUser {
+            uid: DEFAULT_JAIL_ID,
+            gid: DEFAULT_JAIL_ID,
+        }),
+        (true, Some(_), None) => {
+            return Err(invalid("jail_gid", "must be set with jail_uid".into()))
+        }
+        (true, None, Some(_)) => {
+            return Err(invalid("jail_uid", "must be set with jail_gid".into()))
+        }
+        (true, Some(uid), Some(gid)) => Some(JailUser {
+            uid: jail_id("jail_uid", uid).map_err(|m| invalid("jail_uid", m))?,
+            gid: jail_id("jail_gid", gid).map_err(|m| invalid("jail_gid", m))?,
+        }),
+    };
     Ok(Config {
         source: path.to_path_buf(),
         vmm_path: abs("vmm_path", raw.vmm_path, "/usr/local/bin/husk-vmm")?,
@@ -323,7 +355,21 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             rate("net_tx_bytes_per_sec", raw.net_tx_bytes_per_sec)?,
             0,
         ),
+        jail,
+        sandbox_cgroup: raw.sandbox_cgroup.unwrap_or(true),
     })
+}
+
+/// A jail uid or gid: not root's, and not -1 (which set*id(2) read as
+/// "leave unchanged": the VMM would stay root).
+fn jail_id(key: &str, id: u32) -> Result<u32, String> {
+    match id {
+        0 => Err(format!(
+            "{key} 0 is root's: the jail is there to run the VMM unprivileged"
+        )),
+        u32::MAX => Err(format!("{key} {id} is -1, which set*id(2) ignores")),
+        id => Ok(id),
+    }
 }
 
 /// A rate limiter of `bytes` and `ops` per second (0: no limit on that),
@@ -369,6 +415,15 @@ impl Config {
                 key,
                 message: format!("{}: {message}", path.display()),
             });
+        }
+        if self.jail.is_some() {
+            crate::sandbox::jail::check_static(&self.vmm_path).map_err(|e| {
+                ConfigError::Invalid {
+                    path: self.source.clone(),
+                    key: "vmm_path",
+                    message: e.to_string(),
+                }
+            })?;
         }
         Ok(())
     }
@@ -486,6 +541,68 @@ mod tests {
     }
 
     #[test]
+    fn the_jail_is_on_by_default_and_its_ids_are_checked() {
+        let c = p("").unwrap();
+        assert_eq!(
+            c.jail,
+            Some(JailUser {
+                uid: DEFAULT_JAIL_ID,
+                gid: DEFAULT_JAIL_ID
+            })
+        );
+        assert_eq!(p("jail = false").unwrap().jail, None);
+        assert!(c.sandbox_cgroup);
+        assert!(!p("sandbox_cgroup = false").unwrap().sandbox_cgroup);
+        // Ids are ignored with the jail off.
+        assert_eq!(p("jail = false\njail_uid = 0").unwrap().jail, None);
+        assert_eq!(
+            p("jail_uid = 1234\njail_gid = 4321").unwrap().jail,
+            Some(JailUser {
+                uid: 1234,
+                gid: 4321
+            })
+        );
+        let e = err("jail_uid = 1234");
+        assert!(e.contains("jail_gid: must be set with jail_uid"), "{e}");
+        let e = err("jail_gid = 1234");
+        assert!(e.contains("jail_uid: must be set with jail_gid"), "{e}");
+        let e = err("jail_uid = 0\njail_gid = 1");
+        assert!(e.contains("jail_uid: jail_uid 0 is root's"), "{e}");
+        let e = err("jail_uid = 1\njail_gid = 0");
+        assert!(e.contains("jail_gid: jail_gid 0 is root's"), "{e}");
+        let e = err("jail_uid = 4294967295\njail_gid = 1");
+        assert!(e.contains("is -1"), "{e}");
+        let e = err("jail_uid = -5\njail_gid = 1");
+        assert!(e.contains("jail_uid"), "{e}");
+    }
+
+    #[test]
+    fn a_jailed_vmm_must_be_static() {
+        let dir = std::env::temp_dir().join(format!("husk-cfg-static-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("vmm.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let text = |jail: bool| {
+            format!(
+                "vmm_path = {:?}\nkernel_path = {:?}\ninitrd_path = {:?}\nmkfs_erofs_path = {:?}\njail = {jail}",
+                script, script, script, script
+            )
+        };
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text(true)).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("vmm_path: jail:") && e.contains("not a statically linked"),
+            "{e}"
+        );
+        std::fs::write(&path, text(false)).unwrap();
+        assert!(load(&path).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let e = err("vcpus = 0");
         assert!(e.contains("vcpus: must be between 1 and 64, got 0"), "{e}");
@@ -508,7 +625,7 @@ mod tests {
         let e = err("kernel_params = \"a\\nb\"");
         assert!(e.contains("kernel_params: must be printable"), "{e}");
         let e = err("state_dir = \"/a/very/long/state/directory/path/x\"");
-        assert!(e.contains("state_dir: at most 33 bytes"), "{e}");
+        assert!(e.contains("state_dir: at most 29 bytes"), "{e}");
         let e = err("vcpus = 2\nmax_vcpus = 1");
         assert!(
             e.contains("max_vcpus: must be between 2 and 64, got 1"),

@@ -46,7 +46,14 @@ pub fn cleanup_bundle(id: &str, bundle: &Path) {
     if let Some((dir, owner)) = marker::read(bundle) {
         if owner {
             crate::sandbox::vmm::kill_recorded(&dir);
-            // The folder holds only files and sockets (nothing mounted).
+            // Waits (a little) for the killed VMM to leave its cgroup.
+            if let Ok(record) =
+                std::fs::read_to_string(dir.join(crate::sandbox::state_dir::CGROUPS))
+            {
+                crate::sandbox::cgroup::remove_recorded(&record);
+            }
+            // The folder holds only files and sockets (the jail's mounts
+            // were the VMM's own, gone with it).
             crate::sandbox::state_dir::remove(&dir);
         }
         marker::remove(bundle);

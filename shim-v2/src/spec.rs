@@ -166,6 +166,14 @@ pub fn network_namespace(spec: &Value) -> Option<Option<PathBuf>> {
         .map(|ns| ns.get("path").and_then(Value::as_str).map(PathBuf::from))
 }
 
+/// The spec's `linux.cgroupsPath`, if it names one.
+pub fn cgroups_path(spec: &Value) -> Option<String> {
+    spec.pointer("/linux/cgroupsPath")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+}
+
 pub fn hostname(spec: &Value) -> String {
     spec.get("hostname")
         .and_then(Value::as_str)

@@ -303,6 +303,66 @@ check_pod_net() {
   want "... saying why" grep -q "host's network namespace" <<<"$e"
 }
 
+# The VMM runs jailed (shim-v2/src/sandbox/jail.rs) in its sandbox's
+# cgroup (cgroup.rs): as the unprivileged jail user with no capability, in
+# its own mount namespace whose root holds only the jail's entries and its
+# own PID namespace (PID 1 there), in the cgroup of its spec's cgroupsPath
+# (ctr: /NAMESPACE/ID) with memory.max = guest + 64 MiB + 1/32 and one CPU
+# per vCPU; after delete no cgroup, mount or jail folder is left.
+# names DIR: the names in DIR, sorted, each followed by a space.
+names() { find "$1/" -mindepth 1 -maxdepth 1 -printf '%f\n' | LC_ALL=C sort | tr '\n' ' '; }
+
+check_jail() {
+  local id=x-jail vmm st root cg mem cpu
+  run_ctr jail-run run -d "${husk[@]}" "$img" "$id" sleep 100000
+  want "run -d: exit 0" [ "$rc" = 0 ] || return
+  want "the container runs" husk_wait_task "$id" "$limit" || return
+  vmm=$(vmm_of "$id")
+  want "its VMM found (${vmm:-none})" [ -n "$vmm" ] || return
+  st=/proc/$vmm/status
+  echo "    VMM $vmm: $(grep -E '^(Uid|Gid|Groups|CapEff|CapBnd|NoNewPrivs|NSpid):' "$st" | tr '\t\n' '  ')"
+  want "its uid is the jail's 65500, not root" grep -qE '^Uid:\s+65500\s+65500\s+65500\s+65500$' "$st"
+  want "its gid is 65500, no supplementary groups" \
+    sh -c "grep -qE '^Gid:\s+65500\s+65500\s+65500\s+65500\$' $st && grep -qE '^Groups:\s*\$' $st"
+  want "CapEff 0" grep -qx 'CapEff:.0000000000000000' "$st"
+  want "CapPrm, CapInh, CapBnd and CapAmb 0" \
+    [ "$(grep -cE '^Cap(Prm|Inh|Bnd|Amb):.0000000000000000$' "$st")" = 4 ]
+  want "no_new_privs" grep -qE '^NoNewPrivs:\s+1$' "$st"
+  want "its own mount namespace" [ "$(readlink "/proc/$vmm/ns/mnt")" != "$(readlink /proc/self/ns/mnt)" ]
+  want "its own PID namespace, PID 1 there" \
+    sh -c "[ \"\$(readlink /proc/$vmm/ns/pid)\" != \"\$(readlink /proc/self/ns/pid)\" ] && grep -qE '^NSpid:\s+$vmm\s+1\$' $st"
+  root=$(names "/proc/$vmm/root")
+  echo "    its root: $root; /dev: $(names "/proc/$vmm/root/dev")"
+  want "its root lists only the jail's entries ($root)" \
+    [ "$root" = "console.log dev husk-vmm initrd kernel root.erofs run vm.json " ]
+  want "its /run holds its two sockets" [ "$(names "/proc/$vmm/root/run")" = "ctl.sock vsock " ]
+  want "only stdin, stdout, stderr and what it opened: no fd of the shim" \
+    not sh -c "ls -l /proc/$vmm/fd | grep -qE 'containerd|\\.sock|/bundle|fifo'"
+  cg=$(cat "/proc/$vmm/cgroup")
+  echo "    its cgroups: $(tr '\n' ' ' <<<"$cg")"
+  want "it is in its spec's cgroup /$HUSK_CTRD_NS/$id" grep -qE ":(memory|)?:/$HUSK_CTRD_NS/$id\$" <<<"$cg"
+  if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+    mem=$(cat "/sys/fs/cgroup/$HUSK_CTRD_NS/$id/memory.max" 2>/dev/null)
+    cpu=$(cat "/sys/fs/cgroup/$HUSK_CTRD_NS/$id/cpu.max" 2>/dev/null)
+  else
+    mem=$(cat "/sys/fs/cgroup/memory/$HUSK_CTRD_NS/$id/memory.limit_in_bytes" 2>/dev/null)
+    cpu="$(cat "/sys/fs/cgroup/cpu/$HUSK_CTRD_NS/$id/cpu.cfs_quota_us" 2>/dev/null) 100000"
+  fi
+  echo "    memory limit $mem, cpu $cpu"
+  want "memory limit = 256 MiB guest + 64 MiB + 8 MiB ($mem)" [ "$mem" = $(((256 + 64 + 8) << 20)) ]
+  want "cpu quota = 1 vCPU ($cpu)" [ "$cpu" = "100000 100000" ]
+  run_ctr jail-exec task exec --exec-id e "$id" echo fine
+  want "the container works ($o)" [ "$o" = fine ]
+  run_ctr jail-kill task kill -s SIGKILL "$id"
+  wait_until 30 task_is "$id" STOPPED
+  run_ctr jail-rm task delete "$id"
+  want "delete: exit 0" [ "$rc" = 0 ]
+  hctr container delete "$id" >/dev/null 2>&1
+  want "no cgroup left" not sh -c "ls -d /sys/fs/cgroup/$HUSK_CTRD_NS/$id /sys/fs/cgroup/*/$HUSK_CTRD_NS/$id 2>/dev/null | grep -q ."
+  want "no jail mount left" not sh -c "grep -q '$state' /proc/self/mountinfo"
+  want "no state (or jail) folder left" [ ! -e "$state/$id" ]
+}
+
 check_no_boot() {
   run_ctr noboot run --rm "${husk[@]}" --runtime-config-path "$work/no-boot.toml" "$img" x-noboot true
   want "create fails" [ "$rc" != 0 ]
@@ -337,4 +397,4 @@ check_agent_port() {
   want "... never connected" not grep -q "reply:" <<<"$o"
 }
 
-ctr_run_checks agent-port lifecycle oom output-at-exit bind-mounts vmm-death slots sizing pod-pid stop-sigterm pod-net no-boot bad-config
+ctr_run_checks agent-port jail lifecycle oom output-at-exit bind-mounts vmm-death slots sizing pod-pid stop-sigterm pod-net no-boot bad-config

@@ -46,17 +46,30 @@ PY
 }
 
 # husk_procs: "PID ARGS" of every live (not zombie) husk-vmm and
-# containerd-shim-husk-v2 process of this test: VMMs whose VM description is
-# under $HUSK_SHIM_STATE_DIR, shims of the containerd on $HUSK_CTRD_ADDR (all
+# containerd-shim-husk-v2 process of this test: VMMs of a sandbox under
+# $HUSK_SHIM_STATE_DIR, shims of the containerd on $HUSK_CTRD_ADDR (all
 # of them where those are unset), so that a husk the host runs for real is
-# neither counted nor killed. (pgrep -x cannot see the shim: the kernel keeps
-# only 15 characters of a process name.)
+# neither counted nor killed. A VMM's line ends with "log=" and its stderr
+# (STATE/ID/vmm.log): a jailed VMM's arguments name only paths inside its
+# jail (/vm.json). (pgrep -x cannot see the shim: the kernel keeps only 15
+# characters of a process name.)
 husk_procs() {
-  ps -eo pid=,stat=,args= | awk -v state="${HUSK_SHIM_STATE_DIR:-}" -v addr="${HUSK_CTRD_ADDR:-}" '$2 !~ /^Z/ {
-    n = split($3, p, "/"); b = p[n]; a = $0 " ";
-    if ((b == "husk-vmm" && (state == "" || index(a, state "/"))) ||
-        (b == "containerd-shim-husk-v2" && (addr == "" || index(a, "-address " addr " ")))) { $2 = ""; print }
-  }'
+  local pid stat args b log
+  # A pipe, not < <(...): the test machine has no /dev/fd.
+  ps -eo pid=,stat=,args= | while read -r pid stat args; do
+    [[ $stat == Z* ]] && continue
+    b=${args%% *}
+    b=${b##*/}
+    case $b in
+      husk-vmm)
+        log=$(readlink "/proc/$pid/fd/2" 2>/dev/null || true)
+        [ -z "${HUSK_SHIM_STATE_DIR:-}" ] || [[ "$args log=$log" == *"$HUSK_SHIM_STATE_DIR/"* ]] || continue
+        echo "$pid $args log=$log" ;;
+      containerd-shim-husk-v2)
+        [ -z "${HUSK_CTRD_ADDR:-}" ] || [[ "$args " == *"-address $HUSK_CTRD_ADDR "* ]] || continue
+        echo "$pid $args" ;;
+    esac
+  done
 }
 
 # husk_count NAME: how many live processes NAME (husk-vmm or the shim) run.
@@ -66,8 +79,8 @@ husk_count() {
 
 # husk_leftovers STATE_DIR: prints what a finished test left behind (live
 # husk processes, husk's taps in any named network namespace, mounts under
-# STATE_DIR, entries in STATE_DIR, containerd tasks and containers); prints
-# nothing when all is clean.
+# STATE_DIR, sandbox cgroups, entries in STATE_DIR, containerd tasks and
+# containers); prints nothing when all is clean.
 husk_leftovers() {
   local state=$1 p ns
   p=$(husk_procs)
@@ -76,9 +89,25 @@ husk_leftovers() {
     ip -n "$ns" -o link show 2>/dev/null | awk -v ns="$ns" '$2 ~ /^husk_tap/ { print "tap: " ns " " $2 }'
   done
   findmnt -rn -o TARGET | awk -v d="$state" 'index($0, d) == 1 { print "mount: " $0 }'
+  husk_cgroups | sed 's/^/cgroup: /'
   [ ! -d "$state" ] || find "$state" -mindepth 1 | sed 's/^/file: /'
   hctr tasks ls -q 2>/dev/null | sed 's/^/task: /'
   hctr containers ls -q 2>/dev/null | sed 's/^/container: /'
+}
+
+# husk_cgroups: the cgroup folders of sandboxes that are still there: husk's
+# own /husk (where a sandbox whose spec names no cgroup goes) and all in it,
+# and the containers' folders in the test containerd's namespace
+# (/$HUSK_CTRD_NS/ID, where ctr's specs put them), on cgroup v2 or in the v1
+# hierarchies the shim uses.
+husk_cgroups() {
+  local r
+  for r in /sys/fs/cgroup /sys/fs/cgroup/memory /sys/fs/cgroup/cpu /sys/fs/cgroup/pids; do
+    [ -f "$r/cgroup.procs" ] || continue
+    [ ! -d "$r/husk" ] || find "$r/husk" -type d
+    [ -z "${HUSK_CTRD_NS:-}" ] || [ ! -d "$r/$HUSK_CTRD_NS" ] ||
+      find "$r/$HUSK_CTRD_NS" -mindepth 1 -maxdepth 1 -type d
+  done
 }
 
 # husk_wait_clean STATE_DIR [SECONDS]: waits (default 20 s) until nothing is

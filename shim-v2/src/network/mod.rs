@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use husk_vm_config::NetSpec;
 
+use crate::sandbox::jail::JailUser;
+
 pub use discover::GuestNetwork;
 pub use netns::NetNs;
 
@@ -47,8 +49,10 @@ pub struct PodNetwork {
 }
 
 impl PodNetwork {
-    /// Reads the namespace at `path` and joins a tap to each interface.
-    pub fn setup(path: &Path) -> Result<PodNetwork, NetworkError> {
+    /// Reads the namespace at `path` and joins a tap to each interface;
+    /// the taps are `owner`'s, when given (a jailed VMM's user attaches to
+    /// them without CAP_NET_ADMIN).
+    pub fn setup(path: &Path, owner: Option<JailUser>) -> Result<PodNetwork, NetworkError> {
         let netns = NetNs::open(path)?;
         let links = discover::parse("addr", &netns.run("ip", &["-json", "addr", "show"])?)?;
         let mut routes: Vec<discover::IpRoute> = Vec::new();
@@ -65,7 +69,7 @@ impl PodNetwork {
         };
         for (n, i) in net.guest.interfaces.iter().enumerate() {
             let tap = tap::tap_name(n);
-            if let Err(e) = tap::connect(&net.netns, &i.name, &tap, i.mtu) {
+            if let Err(e) = tap::connect(&net.netns, &i.name, &tap, i.mtu, owner) {
                 net.teardown();
                 return Err(e);
             }

@@ -6,20 +6,33 @@
 
 use super::netns::NetNs;
 use super::NetworkError;
+use crate::sandbox::jail::JailUser;
 
 /// The tap's name for interface number `n` (n < MAX_INTERFACES).
 pub fn tap_name(n: usize) -> String {
     format!("{}{n}", super::TAP_PREFIX)
 }
 
-/// Creates tap `tap` in `ns` with `mtu`, up, and redirects between it and
-/// `veth` both ways. On failure, takes back what it did.
-pub fn connect(ns: &NetNs, veth: &str, tap: &str, mtu: u32) -> Result<(), NetworkError> {
+/// Creates tap `tap` in `ns` with `mtu`, up, owned by `owner` if given
+/// (TUNSETOWNER/TUNSETGROUP: its user may attach to it unprivileged), and
+/// redirects between it and `veth` both ways. On failure, takes back what
+/// it did.
+pub fn connect(
+    ns: &NetNs,
+    veth: &str,
+    tap: &str,
+    mtu: u32,
+    owner: Option<JailUser>,
+) -> Result<(), NetworkError> {
     let mtu = mtu.to_string();
-    let steps: [&[&str]; 2] = [
-        &["tuntap", "add", "dev", tap, "mode", "tap"],
-        &["link", "set", "dev", tap, "mtu", &mtu, "up"],
-    ];
+    let (uid, gid) = owner.map_or((String::new(), String::new()), |o| {
+        (o.uid.to_string(), o.gid.to_string())
+    });
+    let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
+    if owner.is_some() {
+        add.extend(["user", &uid, "group", &gid]);
+    }
+    let steps: [&[&str]; 2] = [&add, &["link", "set", "dev", tap, "mtu", &mtu, "up"]];
     let result = steps
         .iter()
         .try_for_each(|args| ns.run("ip", args).map(drop))

@@ -102,7 +102,11 @@ fn setup_joins_a_tap_and_teardown_removes_it() {
         return;
     }
     let ns = TestNetns::new(1);
-    let mut net = PodNetwork::setup(&ns.path()).unwrap();
+    let owner = crate::sandbox::jail::JailUser {
+        uid: 65500,
+        gid: 65501,
+    };
+    let mut net = PodNetwork::setup(&ns.path(), Some(owner)).unwrap();
     let g = &net.guest;
     assert_eq!(g.interfaces.len(), 1);
     let i = &g.interfaces[0];
@@ -123,6 +127,11 @@ fn setup_joins_a_tap_and_teardown_removes_it() {
 
     let link = ns.ip(&["-d", "link", "show", "husk_tap0"]);
     assert!(link.contains("mtu 1400") && link.contains("UP"), "{link}");
+    // The jailed VMM's user may attach to it.
+    assert!(
+        link.contains("user 65500") && link.contains("group 65501"),
+        "{link}"
+    );
     let tc = |dev: &str| {
         let out = Command::new("ip")
             .args([
@@ -156,7 +165,7 @@ fn a_netns_with_no_interface_is_refused_and_left_as_it_was() {
     let name = format!("husk-nettest-{}-empty", std::process::id());
     ip(&["netns", "add", &name]);
     let ns = TestNetns { name };
-    let e = PodNetwork::setup(&ns.path()).err().unwrap();
+    let e = PodNetwork::setup(&ns.path(), None).err().unwrap();
     assert!(matches!(e, NetworkError::NoInterfaces), "{e}");
     assert_eq!(ns.ip(&["-o", "link", "show"]).lines().count(), 1, "only lo");
 }

@@ -1,10 +1,13 @@
 //! One sandbox = one micro-VM: its state folder ([`state_dir`]), the VM
-//! description ([`vm_spec`]), the husk-vmm process ([`vmm`]) and its control
-//! socket ([`control`]), the connection to the agent, and the teardown that
+//! description ([`vm_spec`]), the husk-vmm process ([`vmm`]) in its jail
+//! ([`jail`]) and host cgroup ([`cgroup`]), its control socket
+//! ([`control`]), the connection to the agent, and the teardown that
 //! removes all of it. The folder goes when the sandbox ends, or when its
 //! creation fails.
 
+pub mod cgroup;
 pub mod control;
+pub mod jail;
 pub mod logs;
 pub mod state_dir;
 pub mod vm_spec;
@@ -27,8 +30,13 @@ use crate::rootfs::{self, RootfsError, Slots};
 use crate::sizing::{Limits, Reservations, SizingError, VmSize};
 use crate::sync::lock;
 use crate::vsock;
-use state_dir::{slot_file, StateDir, CONTROL_SOCKET, VMM_LOG, VMM_PID, VM_SPEC, VSOCK};
-use vmm::VmmProcess;
+use cgroup::{CgroupLimits, Hierarchy, SandboxCgroup};
+use state_dir::{
+    slot_file, StateDir, CGROUPS, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, RUN_DIR, VMM_LOG,
+    VMM_PID, VM_SPEC, VSOCK,
+};
+use vm_spec::VmPaths;
+use vmm::{Confinement, VmmProcess};
 
 /// How long a graceful end (DestroySandbox) may take before SIGKILL.
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,6 +76,10 @@ pub enum SandboxError {
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
 }
 
 /// A running VM and its agent.
@@ -81,6 +93,8 @@ pub struct Sandbox {
     debug_console: bool,
     /// The pod network's taps and redirects, removed after the VMM ends.
     network: Mutex<Option<PodNetwork>>,
+    /// The VMM's host cgroup, removed after the VMM ends.
+    cgroup: Mutex<Option<SandboxCgroup>>,
 }
 
 /// Writes `data` to `path`, naming the file in the error.
@@ -91,8 +105,9 @@ fn write(path: PathBuf, data: &[u8]) -> Result<(), SandboxError> {
 impl Sandbox {
     /// Boots the VM of sandbox `id` in `dir` (which holds root.erofs), with
     /// `slots` pod disk slots and, given the pod's network namespace
-    /// `netns`, a NIC on each of its interfaces; and sets the sandbox up in
-    /// the guest. On failure the VMM is killed, the network taken back and
+    /// `netns`, a NIC on each of its interfaces, in its host cgroup (from
+    /// the spec's `cgroups_path`); and sets the sandbox up in the guest. On
+    /// failure the VMM is killed, the network taken back, the cgroup and
     /// the folder removed.
     #[allow(clippy::too_many_arguments)]
     pub fn boot(
@@ -103,31 +118,59 @@ impl Sandbox {
         slots: usize,
         hostname: &str,
         netns: Option<&Path>,
+        cgroups_path: Option<&str>,
         cancel: &AtomicBool,
     ) -> Result<Sandbox, SandboxError> {
         for n in 1..=slots {
             rootfs::create_sparse(&dir.path.join(slot_file(n)), cfg.slot_bytes())?;
         }
-        let mut network = netns.map(PodNetwork::setup).transpose()?;
-        let booted = Sandbox::boot_vm(
-            id,
-            &dir,
-            cfg,
-            size,
-            slots,
-            hostname,
-            network.as_ref(),
-            cancel,
-        );
+        let mut cgroup = if cfg.sandbox_cgroup {
+            let rel = cgroup::relative_path(cgroups_path, id)?;
+            let hierarchy = Hierarchy::detect(Path::new(cgroup::CGROUP_ROOT))?;
+            let cg = SandboxCgroup::create(&hierarchy, &rel, CgroupLimits::of(size))?;
+            // For `shim delete`, should this shim die.
+            let _ = write(dir.path.join(CGROUPS), cg.record().as_bytes());
+            log::info!("sandbox {id}: cgroup {}", rel.display());
+            Some(cg)
+        } else {
+            None
+        };
+        let booted = netns
+            .map(|p| PodNetwork::setup(p, cfg.jail))
+            .transpose()
+            .map_err(SandboxError::from)
+            .and_then(|network| {
+                let booted = Sandbox::boot_vm(
+                    id,
+                    &dir,
+                    cfg,
+                    size,
+                    slots,
+                    hostname,
+                    network.as_ref(),
+                    cgroup.as_ref(),
+                    cancel,
+                );
+                match booted {
+                    Ok(sandbox) => Ok((sandbox, network)),
+                    Err(e) => {
+                        if let Some(mut n) = network {
+                            n.teardown();
+                        }
+                        Err(e)
+                    }
+                }
+            });
         match booted {
-            Ok(mut sandbox) => {
+            Ok((mut sandbox, network)) => {
                 sandbox.network = Mutex::new(network);
+                sandbox.cgroup = Mutex::new(cgroup);
                 dir.keep();
                 Ok(sandbox)
             }
             Err(e) => {
-                if let Some(n) = network.as_mut() {
-                    n.teardown();
+                if let Some(cg) = cgroup.as_mut() {
+                    cg.remove();
                 }
                 Err(e)
             }
@@ -143,16 +186,37 @@ impl Sandbox {
         slots: usize,
         hostname: &str,
         network: Option<&PodNetwork>,
+        cgroup: Option<&SandboxCgroup>,
         cancel: &AtomicBool,
     ) -> Result<Sandbox, SandboxError> {
         let spec_path = dir.path.join(VM_SPEC);
         let nics = network.map(PodNetwork::nics).unwrap_or_default();
-        let spec = vm_spec::vm_spec(cfg, size, &dir.path, slots, nics);
+        jail::make_dir(&dir.path.join(RUN_DIR))?;
+        let paths = match cfg.jail {
+            Some(_) => VmPaths::jailed(),
+            None => VmPaths::host(cfg, &dir.path),
+        };
+        let spec = vm_spec::vm_spec(cfg, size, &paths, slots, nics);
         // A VmSpec is plain data: serializing it cannot fail.
         write(
             spec_path.clone(),
             &serde_json::to_vec_pretty(&spec).unwrap_or_default(),
         )?;
+        let jail = cfg
+            .jail
+            .map(|user| prepare_jail(user, cfg, &dir.path, slots))
+            .transpose()?;
+        let (program, spec_arg) = match jail {
+            Some(_) => (PathBuf::from(jail::VMM), PathBuf::from(jail::SPEC)),
+            None => (cfg.vmm_path.clone(), spec_path.clone()),
+        };
+        let confine = Confinement {
+            cgroup_procs: cgroup
+                .map(SandboxCgroup::procs)
+                .transpose()?
+                .unwrap_or_default(),
+            jail,
+        };
         let log_path = dir.path.join(VMM_LOG);
         let log = fs::File::create(&log_path).map_err(|source| SandboxError::Write {
             path: log_path.clone(),
@@ -160,7 +224,15 @@ impl Sandbox {
         })?;
         let name = format!("vmm-{}", id.get(..8).unwrap_or(id));
         let netns = network.map(|n| n.netns.fd());
-        let vmm = VmmProcess::spawn(&cfg.vmm_path, &spec_path, cfg.log_level, log, &name, netns)?;
+        let vmm = VmmProcess::spawn(
+            &program,
+            &spec_arg,
+            cfg.log_level,
+            log,
+            &name,
+            netns,
+            confine,
+        )?;
         log::info!("sandbox {id}: VMM pid {} started", vmm.pid);
         // For `shim delete`, should this shim die during the boot.
         let _ = write(dir.path.join(VMM_PID), vmm.pid.to_string().as_bytes());
@@ -183,6 +255,7 @@ impl Sandbox {
             memory: Mutex::new(Reservations::new(size)),
             debug_console: cfg.debug_console,
             network: Mutex::new(None),
+            cgroup: Mutex::new(None),
         };
         log::info!(
             "sandbox {id}: {} vCPUs, {} MiB",
@@ -267,7 +340,7 @@ impl Sandbox {
                 let shutdown = Request::Shutdown {
                     timeout_ms: CONTROL_SHUTDOWN_MS,
                 };
-                let socket = self.dir.join(CONTROL_SOCKET);
+                let socket = self.dir.join(RUN_DIR).join(CONTROL_SOCKET);
                 if let Err(e) = control::request(&socket, shutdown, DESTROY_REQUEST_TIMEOUT) {
                     log::warn!("sandbox {}: {e}", self.id);
                 }
@@ -283,9 +356,45 @@ impl Sandbox {
         if let Some(mut n) = lock(&self.network).take() {
             n.teardown();
         }
+        if let Some(mut cg) = lock(&self.cgroup).take() {
+            cg.remove();
+        }
         state_dir::remove(&self.dir);
         log::info!("sandbox {}: ended", self.id);
     }
+}
+
+/// Readies the jail of the sandbox in `dir`: what the VMM opens in the
+/// state folder becomes `user`'s (its sockets folder, vm.json, disks,
+/// console log; the kernel and initrd must be readable by it), and the
+/// root's mount point is made.
+fn prepare_jail(
+    user: jail::JailUser,
+    cfg: &Config,
+    dir: &Path,
+    slots: usize,
+) -> Result<jail::Jail, SandboxError> {
+    jail::give(user, &dir.join(RUN_DIR))?;
+    jail::give(user, &dir.join(VM_SPEC))?;
+    jail::give(user, &dir.join(ROOT_IMAGE))?;
+    for n in 1..=slots {
+        jail::give(user, &dir.join(slot_file(n)))?;
+    }
+    if cfg.debug_console {
+        let console = dir.join(CONSOLE_LOG);
+        fs::File::create(&console).map_err(|source| SandboxError::Write {
+            path: console.clone(),
+            source,
+        })?;
+        jail::give(user, &console)?;
+    }
+    let root = dir.join(jail::ROOT_DIR);
+    jail::make_dir(&root)?;
+    Ok(jail::Jail::new(
+        user,
+        &root,
+        &vm_spec::jail_binds(cfg, dir, slots),
+    )?)
 }
 
 /// Waits for the agent to answer, until the boot timeout (or until `cancel`
@@ -297,7 +406,7 @@ fn connect(
     cancel: &AtomicBool,
 ) -> Result<Agent, String> {
     let start = Instant::now();
-    let uds = dir.join(VSOCK);
+    let uds = dir.join(RUN_DIR).join(VSOCK);
     let mut last = String::from("the VMM's vsock socket never appeared");
     loop {
         if cancel.load(Ordering::SeqCst) {
@@ -337,7 +446,7 @@ mod tests {
 
     fn cfg(extra: &str) -> Config {
         crate::config::parse(
-            &format!("kernel_path = \"/k/bzImage\"\ninitrd_path = \"/k/initrd\"\n{extra}"),
+            &format!("kernel_path = \"/k/bzImage\"\ninitrd_path = \"/k/initrd\"\njail = false\nsandbox_cgroup = false\n{extra}"),
             Path::new("/c.toml"),
         )
         .unwrap()
@@ -368,6 +477,7 @@ mod tests {
             1,
             "h",
             None,
+            None,
             &AtomicBool::new(false),
         )
         .err()
@@ -388,6 +498,7 @@ mod tests {
             base(&c),
             0,
             "h",
+            None,
             None,
             &AtomicBool::new(false),
         )
@@ -411,6 +522,7 @@ mod tests {
             0,
             "h",
             None,
+            None,
             &AtomicBool::new(false),
         )
         .err()
@@ -431,6 +543,7 @@ mod tests {
             base(&c),
             0,
             "h",
+            None,
             None,
             &AtomicBool::new(true),
         )
@@ -464,7 +577,7 @@ mod tests {
 import json, os, socket, sys
 d = os.path.dirname(sys.argv[2])
 s = socket.socket(socket.AF_UNIX)
-s.bind(os.path.join(d, "ctl.sock"))
+s.bind(os.path.join(d, "run", "ctl.sock"))
 s.listen(1)
 c, _ = s.accept()
 req = json.loads(c.makefile().readline())
@@ -475,6 +588,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
             ),
         );
         let log = fs::File::create(dir.path.join(VMM_LOG)).unwrap();
+        fs::create_dir(dir.path.join(RUN_DIR)).unwrap();
         let vmm = VmmProcess::spawn(
             &vmm_script,
             &dir.path.join(VM_SPEC),
@@ -482,6 +596,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
             log,
             "vmm-test",
             None,
+            Confinement::default(),
         )
         .unwrap();
         // The agent's end of the connection is held open and never read.
@@ -495,6 +610,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
             memory: Mutex::new(Reservations::new(base(&cfg("")))),
             debug_console: false,
             network: Mutex::new(None),
+            cgroup: Mutex::new(None),
         };
         // Let the stand-in bind its socket before the agent times out.
         std::thread::sleep(Duration::from_millis(300));

@@ -1,5 +1,6 @@
 //! A sandbox's state folder `<state_dir>/<sandbox id>/` (mode 0700) and the
-//! names of what it holds. Nothing in it is mounted, so removing it is
+//! names of what it holds. Nothing in it is mounted in the host's mount
+//! namespace (the jail's mounts live in the VMM's own), so removing it is
 //! removing files.
 
 use std::fs;
@@ -17,10 +18,15 @@ pub const VMM_PID: &str = "vmm.pid";
 pub const VMM_LOG: &str = "vmm.log";
 /// The guest console (with debug_console).
 pub const CONSOLE_LOG: &str = "console.log";
-/// The hybrid vsock socket.
+/// The folder of the VMM's sockets (the jail's only writable folder).
+pub const RUN_DIR: &str = "run";
+/// The hybrid vsock socket, in [`RUN_DIR`].
 pub const VSOCK: &str = "vsock";
-/// The VMM's control socket.
+/// The VMM's control socket, in [`RUN_DIR`].
 pub const CONTROL_SOCKET: &str = "ctl.sock";
+/// The cgroup folders the shim made for the sandbox, one a line, for a
+/// `shim delete` after this shim died.
+pub const CGROUPS: &str = "cgroups";
 /// The first container's disk image.
 pub const ROOT_IMAGE: &str = "root.erofs";
 

@@ -2,7 +2,7 @@
 //! shared `husk-vm-config` crate, built from the husk configuration and
 //! the sandbox's state folder.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use husk_protocols::guest::{slot_disk_serial, AGENT_PORT, AGENT_PORT_PARAM, ROOT_DISK_SERIAL};
 use husk_vm_config::limits::{
@@ -13,7 +13,10 @@ use husk_vm_config::{
     BalloonSpec, BlockSpec, KernelSpec, LogSpec, NetSpec, SerialSpec, VmSpec, VsockSpec,
 };
 
-use super::state_dir::{slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, VSOCK};
+use super::jail;
+use super::state_dir::{
+    slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, RUN_DIR, VM_SPEC, VSOCK,
+};
 use crate::config::Config;
 use crate::sizing::VmSize;
 
@@ -35,10 +38,71 @@ pub fn kernel_cmdline(cfg: &Config) -> String {
     c
 }
 
-/// The VM of a sandbox whose state folder is `dir`, of `size`, with `slots`
-/// pod disk slots and the pod network's NICs `net`; every disk and NIC gets
-/// the configured rate limits.
-pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize, net: Vec<NetSpec>) -> VmSpec {
+/// Where the VMM finds what vm.json names: the host's paths, or the
+/// jail's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The folder of the disks and the console log.
+    pub files: PathBuf,
+    /// The folder of the VMM's sockets.
+    pub run: PathBuf,
+}
+
+impl VmPaths {
+    /// A VMM outside a jail: the configured kernel and initrd, the state
+    /// folder `dir`.
+    pub fn host(cfg: &Config, dir: &Path) -> VmPaths {
+        VmPaths {
+            kernel: cfg.kernel_path.clone(),
+            initrd: cfg.initrd_path.clone(),
+            files: dir.to_path_buf(),
+            run: dir.join(RUN_DIR),
+        }
+    }
+
+    /// A jailed VMM: everything at the jail's root, sockets in its `/run`.
+    pub fn jailed() -> VmPaths {
+        VmPaths {
+            kernel: jail::KERNEL.into(),
+            initrd: jail::INITRD.into(),
+            files: "/".into(),
+            run: jail::RUN.into(),
+        }
+    }
+}
+
+/// What a jailed VMM of the sandbox in state folder `dir`, with `slots`
+/// pod disk slots, is shown: every path of [`VmPaths::jailed`]'s vm.json.
+pub fn jail_binds(cfg: &Config, dir: &Path, slots: usize) -> Vec<jail::Bind> {
+    use jail::Bind;
+    let mut binds = vec![
+        Bind::file(&cfg.vmm_path, jail::VMM).exec(),
+        Bind::file(dir.join(VM_SPEC), jail::SPEC),
+        Bind::file(&cfg.kernel_path, jail::KERNEL),
+        Bind::file(&cfg.initrd_path, jail::INITRD),
+        Bind::file(dir.join(ROOT_IMAGE), ROOT_IMAGE),
+    ];
+    binds.extend((1..=slots).map(|n| Bind::file(dir.join(slot_file(n)), &slot_file(n))));
+    if cfg.debug_console {
+        binds.push(Bind::file(dir.join(CONSOLE_LOG), CONSOLE_LOG).writable());
+    }
+    binds.push(Bind::file(dir.join(RUN_DIR), jail::RUN).dir().writable());
+    binds
+}
+
+/// The VM of a sandbox whose files are where `paths` says, of `size`, with
+/// `slots` pod disk slots and the pod network's NICs `net`; every disk and
+/// NIC gets the configured rate limits.
+pub fn vm_spec(
+    cfg: &Config,
+    size: VmSize,
+    paths: &VmPaths,
+    slots: usize,
+    net: Vec<NetSpec>,
+) -> VmSpec {
+    let dir = &paths.files;
     let mut block = vec![BlockSpec {
         id: "root".into(),
         path: dir.join(ROOT_IMAGE),
@@ -77,22 +141,22 @@ pub fn vm_spec(cfg: &Config, size: VmSize, dir: &Path, slots: usize, net: Vec<Ne
         memory_mib: size.memory_mib,
         hugepages: false,
         kernel: KernelSpec {
-            path: cfg.kernel_path.clone(),
+            path: paths.kernel.clone(),
             cmdline: kernel_cmdline(cfg),
-            initrd: Some(cfg.initrd_path.clone()),
+            initrd: Some(paths.initrd.clone()),
         },
         serial: Some(serial),
         block,
         vsock: Some(VsockSpec {
             guest_cid: GUEST_CID,
-            uds_path: dir.join(VSOCK),
+            uds_path: paths.run.join(VSOCK),
         }),
         net,
         rng: true,
         balloon: cfg.free_page_reporting.then_some(BalloonSpec {
             free_page_reporting: true,
         }),
-        control_socket: Some(dir.join(CONTROL_SOCKET)),
+        control_socket: Some(paths.run.join(CONTROL_SOCKET)),
         log: Some(LogSpec {
             max_bytes: Some(DEFAULT_LOG_MAX_BYTES),
             burst: Some(DEFAULT_LOG_BURST),
@@ -122,7 +186,13 @@ mod tests {
     #[test]
     fn vm_description() {
         let c = cfg("vcpus = 2\nmemory_mib = 512\nkernel_params = \"loglevel=8\"");
-        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 2, Vec::new());
+        let v = vm_spec(
+            &c,
+            base(&c),
+            &VmPaths::host(&c, Path::new("/run/husk/p1")),
+            2,
+            Vec::new(),
+        );
         assert_eq!((v.vcpus, v.memory_mib), (2, 512));
         assert_eq!(v.kernel.path, PathBuf::from("/k/bzImage"));
         assert_eq!(v.kernel.initrd, Some(PathBuf::from("/k/initrd")));
@@ -139,9 +209,9 @@ mod tests {
         assert_eq!(v.block[2].serial.as_deref(), Some("husk-slot2"));
         assert_eq!(v.block[2].path, PathBuf::from("/run/husk/p1/slot2"));
         let vsock = v.vsock.as_ref().unwrap();
-        assert_eq!(vsock.uds_path, PathBuf::from("/run/husk/p1/vsock"));
+        assert_eq!(vsock.uds_path, PathBuf::from("/run/husk/p1/run/vsock"));
         assert_eq!(vsock.guest_cid, 3);
-        assert_eq!(v.control_socket, Some("/run/husk/p1/ctl.sock".into()));
+        assert_eq!(v.control_socket, Some("/run/husk/p1/run/ctl.sock".into()));
         assert!(v.rng);
         assert_eq!(
             v.balloon,
@@ -151,7 +221,13 @@ mod tests {
         );
 
         let c = cfg("debug_console = true");
-        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 0, Vec::new());
+        let v = vm_spec(
+            &c,
+            base(&c),
+            &VmPaths::host(&c, Path::new("/run/husk/p1")),
+            0,
+            Vec::new(),
+        );
         let serial = v.serial.as_ref().unwrap();
         assert_eq!(serial.output, SerialKind::File);
         assert_eq!(serial.path, Some("/run/husk/p1/console.log".into()));
@@ -169,7 +245,13 @@ mod tests {
         assert_eq!(v.block.len(), 1);
 
         let c = cfg("free_page_reporting = false");
-        let v = vm_spec(&c, base(&c), Path::new("/run/husk/p1"), 0, Vec::new());
+        let v = vm_spec(
+            &c,
+            base(&c),
+            &VmPaths::host(&c, Path::new("/run/husk/p1")),
+            0,
+            Vec::new(),
+        );
         assert_eq!(v.balloon, None);
     }
 
@@ -183,12 +265,24 @@ mod tests {
             tx_rate_limiter: None,
         };
         let c = cfg("");
-        let v = vm_spec(&c, base(&c), Path::new("/p"), 2, vec![nic.clone()]);
+        let v = vm_spec(
+            &c,
+            base(&c),
+            &VmPaths::host(&c, Path::new("/p")),
+            2,
+            vec![nic.clone()],
+        );
         assert!(v.block.iter().all(|b| b.rate_limiter.is_none()));
         assert_eq!(v.net, vec![nic.clone()]);
 
         let c = cfg("disk_bandwidth_bytes_per_sec = 1000\nnet_rx_bytes_per_sec = 2000");
-        let v = vm_spec(&c, base(&c), Path::new("/p"), 2, vec![nic]);
+        let v = vm_spec(
+            &c,
+            base(&c),
+            &VmPaths::host(&c, Path::new("/p")),
+            2,
+            vec![nic],
+        );
         assert_eq!(v.block.len(), 3);
         for b in &v.block {
             let limiter = b.rate_limiter.as_ref().unwrap();
@@ -199,6 +293,56 @@ mod tests {
         assert_eq!(rx.bandwidth.as_ref().unwrap().size, 2000);
         assert_eq!(v.net[0].tx_rate_limiter, None);
         assert_eq!(v.net[0].tap, "tap0");
+    }
+
+    /// Every path a jailed VMM's vm.json names is in its jail: a bind
+    /// target at the root, or in the writable /run.
+    #[test]
+    fn the_jail_shows_every_path_of_the_jailed_description() {
+        let c = cfg("debug_console = true");
+        let dir = Path::new("/run/husk/p1");
+        let v = vm_spec(&c, base(&c), &VmPaths::jailed(), 3, Vec::new());
+        let binds = jail_binds(&c, dir, 3);
+        let shown = |p: &Path| {
+            binds.iter().any(|b| Path::new("/").join(&b.target) == p)
+                || (p.parent() == Some(Path::new(jail::RUN))
+                    && binds
+                        .iter()
+                        .any(|b| b.target == "run" && b.writable && b.dir))
+        };
+        let mut paths = vec![v.kernel.path.clone(), v.kernel.initrd.clone().unwrap()];
+        paths.extend(v.block.iter().map(|b| b.path.clone()));
+        paths.push(v.serial.as_ref().unwrap().path.clone().unwrap());
+        paths.push(v.vsock.as_ref().unwrap().uds_path.clone());
+        paths.push(v.control_socket.clone().unwrap());
+        assert_eq!(paths.len(), 9);
+        for p in &paths {
+            assert!(p.is_absolute() && !p.starts_with(dir), "{}", p.display());
+            assert!(shown(p), "{} is not in the jail", p.display());
+        }
+        assert_eq!(v.block[3].path, PathBuf::from("/slot3"));
+        assert_eq!(
+            v.vsock.as_ref().unwrap().uds_path,
+            PathBuf::from("/run/vsock")
+        );
+        // Only the console log and /run are writable; only the VMM runs.
+        for b in &binds {
+            assert_eq!(
+                b.writable,
+                b.target == "run" || b.target == "console.log",
+                "{b:?}"
+            );
+            assert_eq!(b.exec, b.target == "husk-vmm", "{b:?}");
+        }
+        let sources: Vec<_> = binds.iter().map(|b| b.source.clone()).collect();
+        assert!(sources.contains(&dir.join("slot3")));
+        assert!(sources.contains(&dir.join("vm.json")));
+        assert!(sources.contains(&c.vmm_path));
+        // Without the console there is no console log to show.
+        let c = cfg("");
+        assert!(jail_binds(&c, dir, 0)
+            .iter()
+            .all(|b| b.target != "console.log"));
     }
 
     /// What the shim writes, the VMM accepts: the largest configuration
@@ -255,7 +399,9 @@ mod tests {
                 tx_rate_limiter: None,
             })
             .collect();
-        let json = serde_json::to_string(&vm_spec(&c, size, &dir, slots, nics)).unwrap();
+        let paths = VmPaths::host(&c, &dir);
+        std::fs::create_dir_all(&paths.run).unwrap();
+        let json = serde_json::to_string(&vm_spec(&c, size, &paths, slots, nics)).unwrap();
         let vm = husk_vm_config::VmConfig::from_json(&json).unwrap();
         assert_eq!(vm.block.len(), slots + 1);
         assert_eq!(vm.balloon.is_some(), free_page_reporting);

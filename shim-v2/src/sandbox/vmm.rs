@@ -7,6 +7,13 @@
 //! takes its VMs with it (containerd then runs `shim delete`, which removes
 //! the state folders). Signals go through a pidfd, so a recycled pid is
 //! never signalled.
+//!
+//! Confined (the default), the thread first unshares its children's PID
+//! namespace, so the VMM is PID 1 of its own, and the child joins the
+//! sandbox's cgroup, the pod's network namespace and its jail
+//! ([`super::jail`]) before exec, in that order: the cgroup first, so
+//! everything the child does is counted, the jail last, as it drops the
+//! privileges the others need.
 
 use std::fs;
 use std::io;
@@ -19,7 +26,8 @@ use std::time::Duration;
 
 use rustix::process::{Pid, PidfdFlags, Signal};
 
-use super::state_dir::{VMM_PID, VM_SPEC};
+use super::jail::{self, Jail};
+use super::state_dir::{VMM_LOG, VMM_PID};
 use crate::sync::lock;
 
 /// How long a SIGKILLed VMM may take to be reaped.
@@ -44,6 +52,14 @@ struct Exit {
     on_exit: Mutex<Option<ExitCallback>>,
 }
 
+/// What confines a VMM: the cgroup(s) it joins (their `cgroup.procs`,
+/// opened before fork) and its jail.
+#[derive(Default)]
+pub struct Confinement {
+    pub cgroup_procs: Vec<OwnedFd>,
+    pub jail: Option<Jail>,
+}
+
 /// A running (or ended) husk-vmm child.
 pub struct VmmProcess {
     pub pid: u32,
@@ -54,7 +70,8 @@ pub struct VmmProcess {
 impl VmmProcess {
     /// Starts `vmm --config <spec> --log-level <level>` with stderr to
     /// `log`, inside network namespace `netns` if given (the pod's, where
-    /// its taps are); `name` names its thread.
+    /// its taps are), confined by `confine`; `name` names its thread. With
+    /// a jail, `vmm` and `spec` are paths inside it.
     pub fn spawn(
         vmm: &Path,
         spec: &Path,
@@ -62,6 +79,7 @@ impl VmmProcess {
         log: fs::File,
         name: &str,
         netns: Option<Arc<OwnedFd>>,
+        confine: Confinement,
     ) -> Result<VmmProcess, SpawnError> {
         let err = |source| SpawnError {
             vmm: vmm.to_path_buf(),
@@ -83,8 +101,34 @@ impl VmmProcess {
                     .map_err(io::Error::from)
             });
         }
+        let Confinement { cgroup_procs, jail } = confine;
+        if !cgroup_procs.is_empty() {
+            // SAFETY: the closure runs between fork and exec; it only calls
+            // write(2) on fds it owns, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &cgroup_procs {
+                        // "0": the writing process.
+                        rustix::io::write(fd, b"0")?;
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(fd) = netns {
             crate::network::NetNs::enter_on_spawn(fd, &mut cmd);
+        }
+        let jailed = jail.is_some();
+        if let Some(jail) = jail {
+            // SAFETY: the closure runs between fork and exec; Jail's enter
+            // and drop_privileges only make system calls on C strings
+            // prepared before fork, and allocate nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    jail.enter()?;
+                    jail.drop_privileges()
+                });
+            }
         }
         let exit = Arc::new(Exit::default());
         let (tx, rx) = mpsc::sync_channel(1);
@@ -92,7 +136,13 @@ impl VmmProcess {
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let mut child = match cmd.spawn() {
+                // This thread forks once and creates no thread.
+                let pidns = if jailed {
+                    jail::new_pid_namespace()
+                } else {
+                    Ok(())
+                };
+                let mut child = match pidns.and_then(|()| cmd.spawn()) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -182,7 +232,8 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 }
 
 /// Kills the VMM recorded in a state folder, if it still runs and really
-/// is that folder's VMM (its command line names the folder's vm.json).
+/// is that folder's VMM: its stderr is the folder's vmm.log (its command
+/// line cannot tell: a jailed VMM's names the jail's /vm.json).
 pub fn kill_recorded(dir: &Path) {
     let Ok(pid) = std::fs::read_to_string(dir.join(VMM_PID)) else {
         return;
@@ -193,13 +244,8 @@ pub fn kill_recorded(dir: &Path) {
     let Some(pid) = Pid::from_raw(pid).filter(|p| !p.is_init()) else {
         return;
     };
-    let cmdline =
-        std::fs::read(format!("/proc/{}/cmdline", pid.as_raw_nonzero())).unwrap_or_default();
-    let want = dir.join(VM_SPEC);
-    let matches = cmdline
-        .split(|&b| b == 0)
-        .any(|arg| Path::new(std::ffi::OsStr::new(std::str::from_utf8(arg).unwrap_or(""))) == want);
-    if matches {
+    let stderr = std::fs::read_link(format!("/proc/{}/fd/2", pid.as_raw_nonzero()));
+    if stderr.is_ok_and(|p| p == dir.join(VMM_LOG)) {
         log::warn!(
             "killing leftover VMM pid {} of {}",
             pid.as_raw_nonzero(),
@@ -207,5 +253,58 @@ pub fn kill_recorded(dir: &Path) {
         );
         // The pid was just checked to run this folder's VM.
         let _ = rustix::process::kill_process(pid, Signal::KILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `shim delete`'s kill: only the process whose stderr is the folder's
+    /// vmm.log (a jailed VMM's command line names no host path).
+    #[test]
+    fn kill_recorded_kills_only_the_folders_vmm() {
+        let root = std::env::temp_dir().join(format!("husk-killrec-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (a, b) = (root.join("a"), root.join("b"));
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        let fake = root.join("fake-vmm");
+        fs::write(&fake, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+        let spawn = |dir: &Path| {
+            let log = fs::File::create(dir.join(VMM_LOG)).unwrap();
+            let vmm = VmmProcess::spawn(
+                &fake,
+                Path::new("/vm.json"),
+                log::LevelFilter::Info,
+                log,
+                "vmm-killrec",
+                None,
+                Confinement::default(),
+            )
+            .unwrap();
+            fs::write(dir.join(VMM_PID), vmm.pid.to_string()).unwrap();
+            vmm
+        };
+        let vmm_a = spawn(&a);
+        let vmm_b = spawn(&b);
+        // b's pid recorded in a's folder: not a's VMM, not killed.
+        fs::write(a.join(VMM_PID), vmm_b.pid.to_string()).unwrap();
+        kill_recorded(&a);
+        assert!(!vmm_b.wait(Duration::from_millis(300)));
+        kill_recorded(&b);
+        assert!(vmm_b.wait(Duration::from_secs(5)));
+        assert_eq!(vmm_b.exit_status().as_deref(), Some("signal: 9 (SIGKILL)"));
+        // Garbage and missing records are ignored.
+        fs::write(a.join(VMM_PID), "1").unwrap();
+        kill_recorded(&a);
+        fs::write(a.join(VMM_PID), "x").unwrap();
+        kill_recorded(&a);
+        kill_recorded(&root.join("none"));
+        assert!(!vmm_a.is_dead());
+        vmm_a.kill();
+        fs::remove_dir_all(&root).unwrap();
     }
 }

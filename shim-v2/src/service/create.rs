@@ -220,6 +220,7 @@ impl Inner {
             slots,
             &spec::hostname(&plan.oci),
             plan.netns.as_deref(),
+            spec::cgroups_path(&plan.oci).as_deref(),
             &self.cancel,
         )?);
         undo.sandbox = Some(sb.clone());
