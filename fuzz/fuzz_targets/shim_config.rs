@@ -11,6 +11,11 @@ mod config;
 mod network;
 #[path = "../../shim-v2/src/sizing.rs"]
 mod sizing;
+/// What config.rs and network/ take from the sandbox module.
+#[path = "../../shim-v2/src/sandbox"]
+mod sandbox {
+    pub mod jail;
+}
 
 use std::path::Path;
 
