@@ -518,10 +518,7 @@ fn every_thread_runs_under_a_seccomp_filter() {
         wait_for("the guest's line", Duration::from_secs(30), || {
             std::fs::read(&serial).is_ok_and(|b| b == b"husk guest: spinning\r\n")
         });
-        assert_eq!(
-            ctl.send(json!({"op": "status"})),
-            json!({"ok": true, "state": "running"})
-        );
+        assert_eq!(ctl.status(), json!({"ok": true, "state": "running"}));
         // The VMM's own threads, and on newer host kernels KVM's NX huge
         // page recovery worker, which lives in the VM's process (it runs
         // no user code; it inherits the mode of the vCPU thread that
