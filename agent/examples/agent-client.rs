@@ -88,7 +88,9 @@ fn main() -> anyhow::Result<()> {
         details.agent_version, details.kernel_release, details.pid1
     );
     let busybox = std::fs::read(&args[2]).with_context(|| args[2].clone())?;
-    let rootfs = "/run/husk-e2e/rootfs";
+    // The agent writes host files only under HOST_FILES_DIR.
+    let rootfs = format!("{}/e2e-rootfs", husk_protocols::guest::HOST_FILES_DIR);
+    let rootfs = rootfs.as_str();
     for (i, chunk) in busybox.chunks(CHUNK).enumerate() {
         let mut r = pb::CopyFileRequest::new();
         r.path = format!("{rootfs}/bin/busybox");
