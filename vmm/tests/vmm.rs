@@ -94,15 +94,26 @@ fn spawn_vmm(dir: &TempDir, config: &Value) -> Child {
 fn spawn_vmm_with_args(dir: &TempDir, config: &Value, args: &[&str]) -> Child {
     let path = dir.path("vm.json");
     std::fs::write(&path, config.to_string()).unwrap();
-    Command::new(VMM)
-        .arg("--config")
+    let mut cmd = Command::new(VMM);
+    cmd.arg("--config")
         .arg(&path)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn husk-vmm")
+        .stderr(Stdio::piped());
+    // A test that fails ends its thread before it reaps the VMM: the VMM
+    // must die with it, not outlive the test run.
+    // SAFETY: prctl(2) is async-signal-safe and allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    cmd.spawn().expect("spawn husk-vmm")
 }
 
 /// Waits for the VMM to exit; returns its status and stderr.
