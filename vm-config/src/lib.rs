@@ -14,10 +14,10 @@ pub mod spec;
 mod validate;
 
 pub use spec::{
-    BalloonSpec, BlockSpec, KernelSpec, LogSpec, NetSpec, RateLimiterSpec, SerialKind, SerialSpec,
-    TokenBucketSpec, VmSpec, VsockSpec,
+    BalloonSpec, BlockSpec, FsSpec, KernelSpec, LogSpec, NetSpec, RateLimiterSpec, SerialKind,
+    SerialSpec, TokenBucketSpec, VmSpec, VsockSpec,
 };
 pub use validate::{
-    BalloonConfig, BlockConfig, ConfigError, ConsoleLimits, KernelConfig, LogLimits, NetConfig,
-    RateLimiterConfig, SerialOutput, TokenBucketConfig, VmConfig, VsockConfig,
+    BalloonConfig, BlockConfig, ConfigError, ConsoleLimits, FsConfig, KernelConfig, LogLimits,
+    NetConfig, RateLimiterConfig, SerialOutput, TokenBucketConfig, VmConfig, VsockConfig,
 };

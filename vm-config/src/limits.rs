@@ -15,6 +15,12 @@ pub const MAX_CMDLINE_LEN: usize = 1024;
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// Longest virtio-blk serial (VIRTIO_BLK_ID_BYTES).
 pub const MAX_BLOCK_SERIAL_LEN: usize = 20;
+/// Longest virtio-fs tag (the config space's `tag` field, 36 bytes).
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// Most virtio-fs request queues a device may have.
+pub const MAX_FS_REQUEST_QUEUES: u16 = 16;
+/// Largest virtio-fs queue (descriptors), and the default.
+pub const MAX_FS_QUEUE_SIZE: u16 = 1024;
 /// Longest tap interface name (IFNAMSIZ - 1).
 pub const MAX_TAP_NAME_LEN: usize = 15;
 /// Longest device id.

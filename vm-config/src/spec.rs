@@ -25,6 +25,10 @@ pub struct VmSpec {
     pub vsock: Option<VsockSpec>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<NetSpec>,
+    /// virtio-fs devices, each served by a vhost-user backend (virtiofsd).
+    /// With any, guest RAM is a shared memfd mapping the backends map too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsSpec>,
     /// A virtio-rng device fed from the host's getrandom(2).
     #[serde(default, skip_serializing_if = "is_false")]
     pub rng: bool,
@@ -135,6 +139,24 @@ pub struct VsockSpec {
     /// u64 so that a value out of u32's range gets a clear error.
     pub guest_cid: u64,
     pub uds_path: PathBuf,
+}
+
+/// A virtio-fs device whose requests a vhost-user backend (virtiofsd)
+/// serves: the VMM connects to `socket` and hands the backend guest memory
+/// and the request queues. The guest mounts it with `mount -t virtiofs
+/// <tag> <dir>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsSpec {
+    pub tag: String,
+    /// The backend's vhost-user socket, listening when the VMM starts.
+    pub socket: PathBuf,
+    /// Request queues (besides the high-priority queue); 1 if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_request_queues: Option<u16>,
+    /// Descriptors per queue, a power of two; 1024 if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
 }
 
 /// A virtio-net device on a host tap interface.

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use crate::limits::*;
 use crate::spec::{
-    BalloonSpec, BlockSpec, KernelSpec, LogSpec, NetSpec, RateLimiterSpec, SerialKind, SerialSpec,
-    TokenBucketSpec, VmSpec, VsockSpec,
+    BalloonSpec, BlockSpec, FsSpec, KernelSpec, LogSpec, NetSpec, RateLimiterSpec, SerialKind,
+    SerialSpec, TokenBucketSpec, VmSpec, VsockSpec,
 };
 
 /// An error in the VM description.
@@ -55,6 +55,7 @@ pub struct VmConfig {
     pub block: Vec<BlockConfig>,
     pub vsock: Option<VsockConfig>,
     pub net: Vec<NetConfig>,
+    pub fs: Vec<FsConfig>,
     pub rng: bool,
     pub balloon: Option<BalloonConfig>,
     pub control_socket: Option<PathBuf>,
@@ -129,6 +130,16 @@ pub struct NetConfig {
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// A virtio-fs device: a tag the guest mounts by, the backend's socket,
+/// and its queues (request queues besides the high-priority one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    pub tag: String,
+    pub socket: PathBuf,
+    pub num_request_queues: u16,
+    pub queue_size: u16,
+}
+
 /// A rate limiter with at least one bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimiterConfig {
@@ -170,6 +181,7 @@ impl VmConfig {
     pub fn virtio_device_count(&self) -> usize {
         self.block.len()
             + self.net.len()
+            + self.fs.len()
             + usize::from(self.vsock.is_some())
             + usize::from(self.rng)
             + usize::from(self.balloon.is_some())
@@ -230,6 +242,17 @@ impl VmSpec {
             unique_id(format!("net[{i}].id"), &n.id)?;
             net.push(n.validate(i)?);
         }
+        let mut tags = HashSet::new();
+        let mut fs = Vec::with_capacity(self.fs.len());
+        for (i, f) in self.fs.into_iter().enumerate() {
+            if !tags.insert(f.tag.clone()) {
+                return Err(invalid(
+                    format!("fs[{i}].tag"),
+                    format!("duplicate tag {:?}", f.tag),
+                ));
+            }
+            fs.push(f.validate(i)?);
+        }
         let vsock = self.vsock.map(VsockSpec::validate).transpose()?;
         let balloon = self
             .balloon
@@ -250,6 +273,7 @@ impl VmSpec {
             block,
             vsock,
             net,
+            fs,
             rng: self.rng,
             balloon,
             control_socket,
@@ -260,7 +284,7 @@ impl VmSpec {
             return Err(invalid(
                 "block",
                 format!(
-                    "{devices} virtio devices (block + net + vsock + rng + balloon), at most {MAX_VIRTIO_DEVICES}"
+                    "{devices} virtio devices (block + net + fs + vsock + rng + balloon), at most {MAX_VIRTIO_DEVICES}"
                 ),
             ));
         }
@@ -375,6 +399,52 @@ fn in_range<T: Copy + PartialOrd + fmt::Display>(
                 range.end()
             ),
         ))
+    }
+}
+
+impl FsSpec {
+    fn validate(self, i: usize) -> Result<FsConfig, ConfigError> {
+        let field = |name: &str| format!("fs[{i}].{name}");
+        if self.tag.is_empty() || self.tag.len() > MAX_FS_TAG_LEN {
+            return Err(invalid(
+                field("tag"),
+                format!(
+                    "must be 1 to {MAX_FS_TAG_LEN} bytes, got {}",
+                    self.tag.len()
+                ),
+            ));
+        }
+        if !self.tag.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                field("tag"),
+                "must be printable ASCII without spaces",
+            ));
+        }
+        let socket = socket_path(&field("socket"), self.socket)?;
+        let num_request_queues = in_range(
+            &field("num_request_queues"),
+            self.num_request_queues,
+            1,
+            1..=MAX_FS_REQUEST_QUEUES,
+        )?;
+        let queue_size = in_range(
+            &field("queue_size"),
+            self.queue_size,
+            MAX_FS_QUEUE_SIZE,
+            1..=MAX_FS_QUEUE_SIZE,
+        )?;
+        if !queue_size.is_power_of_two() {
+            return Err(invalid(
+                field("queue_size"),
+                format!("must be a power of two, got {queue_size}"),
+            ));
+        }
+        Ok(FsConfig {
+            tag: self.tag,
+            socket,
+            num_request_queues,
+            queue_size,
+        })
     }
 }
 

@@ -152,6 +152,7 @@ pub fn vm_spec(
             uds_path: paths.run.join(VSOCK),
         }),
         net,
+        fs: Vec::new(),
         rng: true,
         balloon: cfg.free_page_reporting.then_some(BalloonSpec {
             free_page_reporting: true,

@@ -453,3 +453,65 @@ fn mac_parsing() {
     assert!(parse_mac("2:00:00:00:00:01").is_err());
     assert!(parse_mac("").is_err());
 }
+
+#[test]
+fn fs_devices_get_defaults_and_bad_fields_are_named() {
+    let fx = Fixture::new("fs");
+    let mut v = fx.full();
+    v["fs"] = json!([{"tag": "husk-share", "socket": fx.p("fs.sock")},
+                     {"tag": "two", "socket": fx.p("fs2.sock"), "num_request_queues": 2, "queue_size": 256}]);
+    let c = VmConfig::from_json(&v.to_string()).unwrap();
+    assert_eq!(c.fs.len(), 2);
+    assert_eq!(c.fs[0].tag, "husk-share");
+    assert_eq!((c.fs[0].num_request_queues, c.fs[0].queue_size), (1, 1024));
+    assert_eq!((c.fs[1].num_request_queues, c.fs[1].queue_size), (2, 256));
+    assert_eq!(c.virtio_device_count(), 1 + 1 + 2 + 1 + 1 + 1);
+
+    let with_fs = |fs: Value| {
+        fx.err(|v| {
+            v["fs"] = json!([fs]);
+        })
+    };
+    let sock = fx.p("fs.sock");
+    for (fs, want) in [
+        (
+            json!({"tag": "", "socket": sock}),
+            "fs[0].tag: must be 1 to 36 bytes, got 0",
+        ),
+        (
+            json!({"tag": "x".repeat(37), "socket": sock}),
+            "fs[0].tag: must be 1 to 36 bytes, got 37",
+        ),
+        (
+            json!({"tag": "a b", "socket": sock}),
+            "fs[0].tag: must be printable ASCII",
+        ),
+        (
+            json!({"tag": "t", "socket": sock, "num_request_queues": 0}),
+            "fs[0].num_request_queues: must be between 1 and 16, got 0",
+        ),
+        (
+            json!({"tag": "t", "socket": sock, "queue_size": 100}),
+            "fs[0].queue_size: must be a power of two, got 100",
+        ),
+        (
+            json!({"tag": "t", "socket": sock, "queue_size": 2048}),
+            "fs[0].queue_size: must be between 1 and 1024, got 2048",
+        ),
+        (
+            json!({"tag": "t", "socket": "/no/such/dir/fs.sock"}),
+            "fs[0].socket: /no/such/dir/fs.sock",
+        ),
+        (
+            json!({"tag": "t", "socket": sock, "cache": "always"}),
+            "unknown field `cache`",
+        ),
+    ] {
+        let e = with_fs(fs.clone());
+        assert!(e.contains(want), "{fs}: got {e:?}, want {want:?}");
+    }
+    let e = fx.err(|v| {
+        v["fs"] = json!([{"tag": "t", "socket": fx.p("a.sock")}, {"tag": "t", "socket": fx.p("b.sock")}]);
+    });
+    assert!(e.contains("fs[1].tag: duplicate tag \"t\""), "{e}");
+}
