@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use husk_vm_config::control::ConsoleCount;
 use husk_vm_config::ConsoleLimits;
 
-use super::bucket::TokenBucket;
+use crate::rate_limiter::TokenBucket;
 
 /// What the console wrote and dropped.
 #[derive(Default)]
@@ -57,11 +57,7 @@ impl<W: Write> BoundedConsole<W> {
         Self {
             inner,
             max_bytes: limits.max_bytes,
-            bucket: TokenBucket::new(
-                limits.bytes_per_sec,
-                limits.bytes_per_sec,
-                Duration::from_secs(1),
-            ),
+            bucket: TokenBucket::with_rate(limits.bytes_per_sec, Duration::from_secs(1)),
             written: 0,
             capped: false,
             counters,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use husk_vm_config::control::{FaultCount, GuestFaultKind};
 use husk_vm_config::limits::{DEFAULT_LOG_BURST, DEFAULT_LOG_INTERVAL_MS};
 
-use super::bucket::TokenBucket;
+use crate::rate_limiter::TokenBucket;
 
 const KINDS: usize = GuestFaultKind::ALL.len();
 
@@ -23,7 +23,8 @@ struct KindState {
 impl KindState {
     const fn new(burst: u32, interval: Duration) -> Self {
         Self {
-            bucket: TokenBucket::new(burst as u64, 1, interval),
+            // `burst` tokens that refill at one per interval.
+            bucket: TokenBucket::with_rate(burst as u64, interval.saturating_mul(burst)),
             pending: 0,
         }
     }
@@ -79,7 +80,7 @@ impl GuestFaults {
         let i = kind as usize;
         self.events[i].fetch_add(1, Ordering::Relaxed);
         let mut s = self.state[i].lock().unwrap_or_else(|e| e.into_inner());
-        if s.bucket.take(now) {
+        if s.bucket.take_up_to(1, now) == 1 {
             Some(std::mem::take(&mut s.pending))
         } else {
             s.pending += 1;

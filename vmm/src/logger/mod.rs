@@ -1,6 +1,5 @@
 //! Everything the guest can make the VMM write, bounded.
 //!
-//! - [`bucket`]: the token bucket the limits below are made of.
 //! - [`guest`]: log lines the guest causes (bad register accesses, bad
 //!   descriptors, failed requests), counted and rate-limited per
 //!   [`GuestFaultKind`]; devices log them with [`guest_warn!`] and
@@ -11,11 +10,11 @@
 //!   rate-limited; what is dropped is counted, and the guest's UART never
 //!   waits for it.
 //!
-//! [`counters`] gathers what the control socket's status reports.
+//! [`counters`] gathers what the control socket's status reports. The
+//! limits are token buckets of [`crate::rate_limiter::bucket`].
 //!
 //! [`GuestFaultKind`]: husk_vm_config::control::GuestFaultKind
 
-pub mod bucket;
 pub mod console;
 pub mod guest;
 pub mod log_file;

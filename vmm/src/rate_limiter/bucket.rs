@@ -11,6 +11,12 @@
 //! It goes ahead once the bucket is full and leaves it in debt (a negative
 //! budget), which refills first: the next operation waits as long as the
 //! excess takes to refill, so the rate holds and nothing waits forever.
+//!
+//! The devices' rate limiters wait for tokens ([`TokenBucket::wait_time`]
+//! then [`TokenBucket::take`]); the logger's limits on what the guest makes
+//! the VMM write take what there is and drop the rest
+//! ([`TokenBucket::take_up_to`]), from buckets built at compile time
+//! ([`TokenBucket::with_rate`]) whose clock starts at their first use.
 
 use std::time::{Duration, Instant};
 
@@ -32,8 +38,8 @@ pub struct TokenBucket {
     carry: u128,
     /// Extra tokens left from the start; spent first, never refilled.
     one_time_burst: u64,
-    /// When the bucket was last refilled.
-    last_refill: Instant,
+    /// When the bucket was last refilled; None until its first use.
+    last_refill: Option<Instant>,
 }
 
 impl TokenBucket {
@@ -45,14 +51,33 @@ impl TokenBucket {
             budget: i128::from(config.size.get()),
             carry: 0,
             one_time_burst: config.one_time_burst,
-            last_refill: now,
+            last_refill: Some(now),
+        }
+    }
+
+    /// A full bucket of `size` tokens that refills in `refill_time` (at
+    /// least 1 ns), with no one-time burst; its clock starts at its first
+    /// use. A zero size never gives a token.
+    pub const fn with_rate(size: u64, refill_time: Duration) -> Self {
+        let refill_ns = refill_time.as_nanos();
+        Self {
+            size,
+            refill_ns: if refill_ns == 0 { 1 } else { refill_ns },
+            budget: size as i128,
+            carry: 0,
+            one_time_burst: 0,
+            last_refill: None,
         }
     }
 
     /// Adds the tokens accrued up to `now`.
     fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last_refill).as_nanos();
-        self.last_refill = self.last_refill.max(now);
+        let Some(last) = self.last_refill else {
+            self.last_refill = Some(now);
+            return;
+        };
+        let elapsed = now.saturating_duration_since(last).as_nanos();
+        self.last_refill = Some(last.max(now));
         // Tokens accrue at size per refill_ns: elapsed * size units of
         // 1/refill_ns token. Saturating only past centuries of elapsed time,
         // which fill the bucket either way.
@@ -103,6 +128,16 @@ impl TokenBucket {
         let from_burst = tokens.min(self.one_time_burst);
         self.one_time_burst -= from_burst;
         self.budget -= i128::from(tokens - from_burst);
+    }
+
+    /// Takes up to `n` tokens, as many as there are (never into debt), and
+    /// returns how many it took.
+    pub fn take_up_to(&mut self, n: u64, now: Instant) -> u64 {
+        self.refill(now);
+        let there = u64::try_from(self.budget.max(0)).unwrap_or(u64::MAX);
+        let got = n.min(there.saturating_add(self.one_time_burst));
+        self.take(got);
+        got
     }
 
     /// The tokens there, as of the last refill (negative: in debt).
@@ -244,6 +279,46 @@ mod tests {
         assert!(
             took >= ms(19 * 400 - 1) && took <= ms(19 * 400 + 1),
             "{took:?}"
+        );
+    }
+
+    #[test]
+    fn take_up_to_gives_what_is_there_and_starts_its_clock_at_first_use() {
+        // 3 tokens, one per second: a burst of 3, then the rate.
+        let mut b = TokenBucket::with_rate(3, Duration::from_secs(3));
+        let t0 = Instant::now() + Duration::from_secs(100);
+        assert_eq!(b.take_up_to(2, t0), 2);
+        assert_eq!(b.take_up_to(2, t0), 1);
+        assert_eq!(b.take_up_to(1, t0 + ms(999)), 0);
+        assert_eq!(b.take_up_to(1, t0 + ms(1000)), 1);
+        assert_eq!(b.take_up_to(1, t0 + ms(1500)), 0);
+        // The half second left over counts towards the next token.
+        assert_eq!(b.take_up_to(1, t0 + ms(2000)), 1);
+        // A long pause refills to the size, not beyond.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(b.take_up_to(10, later), 3);
+        assert_eq!(b.take_up_to(10, later), 0);
+        assert_eq!(b.budget(), 0);
+        // Bytes per second in many small steps add up to the rate.
+        let mut b = TokenBucket::with_rate(1000, Duration::from_secs(1));
+        assert_eq!(b.take_up_to(1000, t0), 1000);
+        let total: u64 = (1..=1000).map(|i| b.take_up_to(10, t0 + ms(i))).sum();
+        assert_eq!(total, 1000);
+        // Time going backwards gives nothing and breaks nothing.
+        assert_eq!(b.take_up_to(5, t0), 0);
+    }
+
+    #[test]
+    fn degenerate_rates() {
+        let t0 = Instant::now();
+        let mut empty = TokenBucket::with_rate(0, Duration::from_secs(1));
+        assert_eq!(empty.take_up_to(1, t0), 0);
+        assert_eq!(empty.take_up_to(1, t0 + Duration::from_secs(10)), 0);
+        let mut huge = TokenBucket::with_rate(u64::MAX, Duration::ZERO);
+        assert_eq!(huge.take_up_to(u64::MAX, t0), u64::MAX);
+        assert_eq!(
+            huge.take_up_to(u64::MAX, t0 + Duration::from_secs(1_000_000)),
+            u64::MAX
         );
     }
 

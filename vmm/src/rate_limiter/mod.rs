@@ -16,7 +16,7 @@
 //! fires, and `clock_gettime` (CLOCK_MONOTONIC, normally answered by the
 //! vDSO) per operation of a limited device.
 
-mod bucket;
+pub mod bucket;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
