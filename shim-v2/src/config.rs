@@ -86,6 +86,8 @@ struct Raw {
     free_page_reporting: Option<bool>,
     state_dir: Option<PathBuf>,
     mkfs_erofs_path: Option<PathBuf>,
+    rootfs_build_timeout_secs: Option<u64>,
+    rootfs_image_max_mib: Option<u64>,
     pod_disk_slots: Option<u32>,
     pod_disk_slot_size_mib: Option<u64>,
     disk_bandwidth_bytes_per_sec: Option<u64>,
@@ -124,6 +126,10 @@ pub struct Config {
     pub free_page_reporting: bool,
     pub state_dir: PathBuf,
     pub mkfs_erofs_path: PathBuf,
+    /// How long mkfs.erofs may take over one container's root.
+    pub rootfs_build_timeout: Duration,
+    /// The largest image it may write (and the sandbox's root image may be).
+    pub rootfs_image_max_mib: u64,
     pub pod_disk_slots: u32,
     pub pod_disk_slot_size_mib: u64,
     /// The VMM's limit on each of the VM's disks; None: unlimited.
@@ -327,6 +333,18 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             raw.mkfs_erofs_path,
             "/usr/bin/mkfs.erofs",
         )?,
+        rootfs_build_timeout: Duration::from_secs(range(
+            "rootfs_build_timeout_secs",
+            raw.rootfs_build_timeout_secs.unwrap_or(300),
+            1,
+            86_400,
+        )?),
+        rootfs_image_max_mib: range(
+            "rootfs_image_max_mib",
+            raw.rootfs_image_max_mib.unwrap_or(16 << 10),
+            16,
+            1 << 20,
+        )?,
         pod_disk_slots: u32::try_from(range(
             "pod_disk_slots",
             raw.pod_disk_slots.unwrap_or(4).into(),
@@ -428,6 +446,18 @@ impl Config {
         Ok(())
     }
 
+    /// The bounds mkfs.erofs runs within over a container's root: time,
+    /// the image's size, 4 GiB of address space, and the jail's user
+    /// (reading the whole image through CAP_DAC_READ_SEARCH alone).
+    pub fn rootfs_tool_limits(&self) -> crate::tool::ToolLimits {
+        crate::tool::ToolLimits {
+            timeout: self.rootfs_build_timeout,
+            max_file_bytes: self.rootfs_image_max_mib << 20,
+            max_address_space: 4 << 30,
+            user: self.jail,
+        }
+    }
+
     /// Size of a pod disk slot in bytes.
     pub fn slot_bytes(&self) -> u64 {
         self.pod_disk_slot_size_mib << 20
@@ -523,6 +553,8 @@ mod tests {
             vcpus = 2
             memory_mib = 512
             boot_timeout_secs = 300
+            rootfs_build_timeout_secs = 20
+            rootfs_image_max_mib = 512
             log_level = "debug"
             debug_console = true
             state_dir = "/tmp/h"
@@ -534,6 +566,9 @@ mod tests {
         assert_eq!(c.kernel_params, "loglevel=7");
         assert_eq!((c.vcpus, c.memory_mib), (2, 512));
         assert_eq!(c.boot_timeout, Duration::from_secs(300));
+        let tool = c.rootfs_tool_limits();
+        assert_eq!(tool.timeout, Duration::from_secs(20));
+        assert_eq!(tool.max_file_bytes, 512 << 20);
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert!(c.debug_console);
         assert_eq!(c.pod_disk_slots, 0);
@@ -633,6 +668,10 @@ mod tests {
         );
         let e = err("max_memory_mib = 100");
         assert!(e.contains("max_memory_mib: must be between 256 and"), "{e}");
+        let e = err("rootfs_build_timeout_secs = 0");
+        assert!(e.contains("rootfs_build_timeout_secs"), "{e}");
+        let e = err("rootfs_image_max_mib = 1");
+        assert!(e.contains("rootfs_image_max_mib"), "{e}");
         let e = err("boot_timeout_secs = 0");
         assert!(e.contains("boot_timeout_secs"), "{e}");
         let e = err("disk_bandwidth_bytes_per_sec = 2199023255552");

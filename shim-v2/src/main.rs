@@ -29,6 +29,7 @@ mod shim;
 mod sizing;
 mod spec;
 mod sync;
+mod tool;
 mod vsock;
 
 fn main() {

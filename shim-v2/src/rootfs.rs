@@ -25,12 +25,14 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use containerd_shim::protos::api::Mount;
 use rustix::io::Errno;
 use rustix::mount::{MountFlags, UnmountFlags};
 use rustix::thread::UnshareFlags;
+
+use crate::tool::{self, ToolError, ToolLimits};
 
 /// Bytes of mount data a single mount(2) takes (one page, with a margin).
 const MAX_MOUNT_DATA: usize = 4000;
@@ -56,12 +58,8 @@ pub enum RootfsError {
         #[source]
         source: io::Error,
     },
-    #[error("running {tool}: {source}")]
-    Spawn {
-        tool: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Run(#[from] ToolError),
     #[error("{tool} failed ({status}): {output}")]
     Tool {
         tool: PathBuf,
@@ -286,27 +284,36 @@ fn tool_output(out: &[u8]) -> String {
     text[start..].replace('\n', " | ")
 }
 
-/// Builds an uncompressed erofs image of `dir` at `image`; its size.
-pub fn build_erofs(mkfs: &Path, dir: &Path, image: &Path) -> Result<u64, RootfsError> {
-    let out = Command::new(mkfs)
-        .arg("--quiet")
-        .arg(image)
-        .arg(dir)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| RootfsError::Spawn {
-            tool: mkfs.to_path_buf(),
-            source,
-        })?;
-    if !out.status.success() {
-        let _ = fs::remove_file(image);
-        let mut all = out.stderr;
-        all.extend_from_slice(&out.stdout);
-        return Err(RootfsError::Tool {
+/// Builds an uncompressed erofs image of `dir` at `image` within
+/// `limits` ([`crate::tool`]); its size. With a user in the limits, the
+/// image file is made first and given to it.
+pub fn build_erofs(
+    mkfs: &Path,
+    dir: &Path,
+    image: &Path,
+    limits: &ToolLimits,
+) -> Result<u64, RootfsError> {
+    if let Some(user) = limits.user {
+        File::create(image).map_err(io_err("creating", image))?;
+        let (uid, gid) = user.ids();
+        rustix::fs::chown(image, Some(uid), Some(gid))
+            .map_err(|e| io_err("giving away", image)(e.into()))?;
+    }
+    let mut cmd = Command::new(mkfs);
+    cmd.arg("--quiet").arg(image).arg(dir);
+    let out = tool::run(cmd, limits);
+    let failed = match out {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(RootfsError::Tool {
             tool: mkfs.to_path_buf(),
             status: out.status.to_string(),
-            output: tool_output(&all),
-        });
+            output: tool_output(&out.output),
+        }),
+        Err(e) => Some(RootfsError::Run(e)),
+    };
+    if let Some(e) = failed {
+        let _ = fs::remove_file(image);
+        return Err(e);
     }
     Ok(fs::metadata(image).map_err(io_err("reading", image))?.len())
 }
@@ -467,20 +474,52 @@ mod tests {
 
     #[test]
     fn erofs_images_build_when_the_tool_is_there() {
+        use std::os::unix::fs::PermissionsExt;
         let mkfs = Path::new("/usr/bin/mkfs.erofs");
         let dir = std::env::temp_dir().join(format!("husk-erofs-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("tree/bin")).unwrap();
         fs::write(dir.join("tree/bin/hello"), b"hi").unwrap();
+        // A file and a folder only their owner (root) may read.
+        fs::create_dir_all(dir.join("tree/root")).unwrap();
+        fs::write(dir.join("tree/root/secret"), vec![7u8; 100_000]).unwrap();
+        fs::set_permissions(
+            dir.join("tree/root/secret"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        fs::set_permissions(dir.join("tree/root"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
         let image = dir.join("img.erofs");
+        let mut limits = ToolLimits {
+            timeout: std::time::Duration::from_secs(60),
+            max_file_bytes: 1 << 20,
+            max_address_space: 4 << 30,
+            // As the shim runs it: the jail's user, when the test can.
+            user: rustix::process::geteuid()
+                .is_root()
+                .then_some(crate::sandbox::jail::JailUser {
+                    uid: 65500,
+                    gid: 65501,
+                }),
+        };
         if mkfs.exists() {
-            let size = build_erofs(mkfs, &dir.join("tree"), &image).unwrap();
-            assert!(size >= 4096);
-            let e = build_erofs(mkfs, &dir.join("missing"), &dir.join("x")).unwrap_err();
+            let size = build_erofs(mkfs, &dir.join("tree"), &image, &limits).unwrap();
+            assert!(size >= 100_000, "{size}");
+            let e = build_erofs(mkfs, &dir.join("missing"), &dir.join("x"), &limits).unwrap_err();
             assert!(matches!(e, RootfsError::Tool { .. }), "{e}");
+            assert!(!dir.join("x").exists());
+            // An image past its size limit fails and is removed.
+            limits.max_file_bytes = 64 << 10;
+            let e = build_erofs(mkfs, &dir.join("tree"), &dir.join("y"), &limits).unwrap_err();
+            assert!(matches!(e, RootfsError::Tool { .. }), "{e}");
+            assert!(!dir.join("y").exists());
         }
-        let e = build_erofs(Path::new("/nonexistent/mkfs"), &dir, &image).unwrap_err();
-        assert!(matches!(e, RootfsError::Spawn { .. }));
+        let e = build_erofs(Path::new("/nonexistent/mkfs"), &dir, &image, &limits).unwrap_err();
+        assert!(
+            matches!(e, RootfsError::Run(ToolError::Spawn { .. })),
+            "{e}"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -103,7 +103,7 @@ pub struct JailUser {
 }
 
 impl JailUser {
-    fn ids(self) -> (Uid, Gid) {
+    pub(crate) fn ids(self) -> (Uid, Gid) {
         (Uid::from_raw(self.uid), Gid::from_raw(self.gid))
     }
 }

@@ -196,9 +196,14 @@ impl Inner {
             sb.reserve(&plan.id, plan.limits)?;
             undo.reserved = Some((sb.clone(), plan.id.clone()));
             let image = sb.dir.join(format!("image-{}.erofs", plan.id));
-            let built = rootfs::build_erofs(&cfg.mkfs_erofs_path, &plan.root, &image)
-                .map_err(ServiceError::from)
-                .and_then(|_| sb.attach_image(&image).map_err(ServiceError::from));
+            let built = rootfs::build_erofs(
+                &cfg.mkfs_erofs_path,
+                &plan.root,
+                &image,
+                &cfg.rootfs_tool_limits(),
+            )
+            .map_err(ServiceError::from)
+            .and_then(|_| sb.attach_image(&image).map_err(ServiceError::from));
             let _ = std::fs::remove_file(&image);
             return Ok((sb.clone(), built?));
         }
@@ -206,7 +211,12 @@ impl Inner {
         // From now on `shim delete` can clean up, should this shim die in
         // the middle of the boot.
         undo.marker = Some(write_marker(&plan.bundle, &dir.path, true)?);
-        rootfs::build_erofs(&cfg.mkfs_erofs_path, &plan.root, &dir.path.join(ROOT_IMAGE))?;
+        rootfs::build_erofs(
+            &cfg.mkfs_erofs_path,
+            &plan.root,
+            &dir.path.join(ROOT_IMAGE),
+            &cfg.rootfs_tool_limits(),
+        )?;
         let slots = if plan.role == Role::PodSandbox {
             cfg.pod_disk_slots as usize
         } else {
