@@ -11,8 +11,6 @@ mod config;
 mod network;
 #[path = "../../shim-v2/src/sizing.rs"]
 mod sizing;
-#[path = "../../shim-v2/src/tool.rs"]
-mod tool;
 /// What config.rs and network/ take from the sandbox module.
 #[path = "../../shim-v2/src/sandbox"]
 mod sandbox {

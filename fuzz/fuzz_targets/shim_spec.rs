@@ -23,8 +23,6 @@ mod sandbox {
 }
 #[path = "../../shim-v2/src/spec.rs"]
 mod spec;
-#[path = "../../shim-v2/src/tool.rs"]
-mod tool;
 
 use std::path::{Path, PathBuf};
 

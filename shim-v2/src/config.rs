@@ -446,18 +446,6 @@ impl Config {
         Ok(())
     }
 
-    /// The bounds mkfs.erofs runs within over a container's root: time,
-    /// the image's size, 4 GiB of address space, and the jail's user
-    /// (reading the whole image through CAP_DAC_READ_SEARCH alone).
-    pub fn rootfs_tool_limits(&self) -> crate::tool::ToolLimits {
-        crate::tool::ToolLimits {
-            timeout: self.rootfs_build_timeout,
-            max_file_bytes: self.rootfs_image_max_mib << 20,
-            max_address_space: 4 << 30,
-            user: self.jail,
-        }
-    }
-
     /// Size of a pod disk slot in bytes.
     pub fn slot_bytes(&self) -> u64 {
         self.pod_disk_slot_size_mib << 20
@@ -566,9 +554,8 @@ mod tests {
         assert_eq!(c.kernel_params, "loglevel=7");
         assert_eq!((c.vcpus, c.memory_mib), (2, 512));
         assert_eq!(c.boot_timeout, Duration::from_secs(300));
-        let tool = c.rootfs_tool_limits();
-        assert_eq!(tool.timeout, Duration::from_secs(20));
-        assert_eq!(tool.max_file_bytes, 512 << 20);
+        assert_eq!(c.rootfs_build_timeout, Duration::from_secs(20));
+        assert_eq!(c.rootfs_image_max_mib, 512);
         assert_eq!(c.log_level, log::LevelFilter::Debug);
         assert!(c.debug_console);
         assert_eq!(c.pod_disk_slots, 0);

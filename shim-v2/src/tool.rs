@@ -188,5 +188,20 @@ fn become_reader(user: crate::sandbox::jail::JailUser) -> io::Result<()> {
     Ok(())
 }
 
+impl ToolLimits {
+    /// The bounds mkfs.erofs runs within over a container's root: the
+    /// configured time and image size, 4 GiB of address space, and the
+    /// jail's user (reading the whole image through CAP_DAC_READ_SEARCH
+    /// alone).
+    pub fn for_rootfs(cfg: &crate::config::Config) -> Self {
+        Self {
+            timeout: cfg.rootfs_build_timeout,
+            max_file_bytes: cfg.rootfs_image_max_mib << 20,
+            max_address_space: 4 << 30,
+            user: cfg.jail,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,7 @@ use crate::sandbox::Sandbox;
 use crate::sizing::{self, Limits};
 use crate::spec::{self, GuestSpec, Role};
 use crate::sync::lock;
+use crate::tool::ToolLimits;
 
 /// What a Create request asks for, checked, before anything is set up.
 struct Plan {
@@ -200,7 +201,7 @@ impl Inner {
                 &cfg.mkfs_erofs_path,
                 &plan.root,
                 &image,
-                &cfg.rootfs_tool_limits(),
+                &ToolLimits::for_rootfs(cfg),
             )
             .map_err(ServiceError::from)
             .and_then(|_| sb.attach_image(&image).map_err(ServiceError::from));
@@ -215,7 +216,7 @@ impl Inner {
             &cfg.mkfs_erofs_path,
             &plan.root,
             &dir.path.join(ROOT_IMAGE),
-            &cfg.rootfs_tool_limits(),
+            &ToolLimits::for_rootfs(cfg),
         )?;
         let slots = if plan.role == Role::PodSandbox {
             cfg.pod_disk_slots as usize
