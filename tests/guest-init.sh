@@ -139,6 +139,8 @@ for t in $tests; do
         n=$((n + 1))
         sleep 0.05
       done
+      # The host checks the VMM's control socket meanwhile.
+      sleep 10
       if ls $m >/dev/null 2>&1 || cat $m/from-host.txt >/dev/null 2>&1; then
         echo "HUSK_TEST virtiofs FAILED I/O works again after the error"
       else

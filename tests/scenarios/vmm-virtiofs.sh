@@ -140,7 +140,7 @@ echo "guest I/O failed $(( took / 1000 )).$(( took % 1000 / 100 )) s after virti
 status=$(ctl '{"op":"status"}') || fail "the control socket did not answer after virtiofsd died"
 [[ "$status" == *'"running"'* ]] || fail "status after virtiofsd died: $status"
 echo "husk-vmm still running: $status"
-wait_line '^HUSK_TEST virtiofs done' 60
+wait_line '^HUSK_TEST virtiofs done' 90
 expect_line "$console" '^HUSK_TEST virtiofs still-failing' >/dev/null
 
 set +e
