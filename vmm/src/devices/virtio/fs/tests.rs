@@ -275,6 +275,38 @@ fn virtiofsd_serves_the_queues_and_a_dead_one_gets_eio_answers() {
     let major: u32 = mem.read_obj(GuestAddress(REPLY + 16)).unwrap();
     assert_eq!(major, 7);
 
+    // A driver reset takes the rings back (GET_VRING_BASE); a new
+    // activation on fresh rings is served by the same backend.
+    assert!(fs.lock().unwrap().reset());
+    em.run_with_timeout(50).unwrap();
+    let hiprio = GuestQueue::new(mem, 0x10000);
+    let mut requests = GuestQueue::new(mem, 0x14000);
+    let queues = vec![hiprio.active(), requests.active()];
+    let kick = queues[1].notify.try_clone().unwrap();
+    {
+        let mut dev = fs.lock().unwrap();
+        dev.set_acked_features(VIRTIO_F_VERSION_1);
+        dev.activate(mem.clone(), irq.clone(), queues).unwrap();
+    }
+    run_until(&mut em, || fs.lock().unwrap().stats().backend_starts == 2);
+    let req = request(FUSE_GETATTR, 9, &[0u8; 16]);
+    mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+    let head = requests.add_chain(&[(REQ, 56, false), (REPLY, 256, true)]);
+    kick.write(1).unwrap();
+    let mut used = None;
+    run_until(&mut em, || {
+        used = used.or_else(|| requests.pop_used());
+        used.is_some()
+    });
+    assert_eq!(used.map(|u| u.0), Some(head));
+    let (out_len, error, unique) = read_out_header(mem, REPLY);
+    assert_eq!(
+        (error, unique),
+        (0, 9),
+        "virtiofsd's GETATTR answer of the root"
+    );
+    assert!(out_len > 16, "an attr follows the header");
+
     // The backend dies: the VMM notices, and fails the next request itself.
     vfsd.kill();
     run_until(&mut em, || !fs.lock().unwrap().backend_alive());
@@ -314,6 +346,6 @@ fn virtiofsd_serves_the_queues_and_a_dead_one_gets_eio_answers() {
     });
     assert_eq!(used, Some((head, 16)));
     assert_eq!(fs.lock().unwrap().stats().error_answers, 2);
-    assert_eq!(fs.lock().unwrap().stats().backend_starts, 1);
+    assert_eq!(fs.lock().unwrap().stats().backend_starts, 2);
     let _ = std::fs::remove_dir_all(dir);
 }
