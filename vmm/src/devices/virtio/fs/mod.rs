@@ -18,6 +18,15 @@
 //! correctly when the backend completed requests in order (virtiofsd does
 //! with its default thread pool size of 0); requests it had finished out of
 //! order could be answered twice.
+//!
+//! A jailed VMM (shim-v2's `sandbox/jail.rs`) connects from inside its
+//! jail, as the jail's user: the socket must lie in the jail's writable
+//! `/run` (`<state folder>/run` on the host) and be connectable by that
+//! user (connect(2) needs write permission on the socket file; virtiofsd
+//! makes it root's, mode 0700, so the shim chowns it, or binds it itself
+//! and hands virtiofsd the listening fd with `--fd`). The VMM connects once,
+//! while it builds the VM; virtiofsd serves that one connection and exits
+//! when the VMM closes it.
 
 pub mod backend;
 pub mod fuse_error;
