@@ -99,6 +99,28 @@ blk_request(m, n + n2, T_IN, 63, 512, True, 0x1040, 0x1400, 0x1050)
 m.avail(0, [0, n, n + n2])
 put("block", "flush-getid-read", bytes(m.b))
 
+# --- virtio-fs requests answered with EIO (the backend is gone) --------------
+FUSE_GETATTR, FUSE_INIT, FUSE_FORGET = 3, 26, 2
+
+
+def fuse_in(opcode, unique, nodeid, arg):
+    return struct.pack("<IIQQIIII", 40 + len(arg), opcode, unique, nodeid, 0, 0, 0, 0) + arg
+
+
+m = Mem()
+m.write(0x1000, fuse_in(FUSE_INIT, 1, 0, struct.pack("<IIII", 7, 31, 0, 0)))
+m.chain(0, 0, [(0x1000, 56, False), (0x1100, 256, True)])
+m.write(0x1200, fuse_in(FUSE_GETATTR, 2, 1, b"\0" * 16))
+# The in header over two buffers, the answer over two.
+m.chain(0, 2, [(0x1200, 12, False), (0x120c, 44, False), (0x1300, 10, True), (0x1380, 6, True)])
+m.write(0x1400, fuse_in(FUSE_FORGET, 3, 2, struct.pack("<Q", 1)))
+m.chain(0, 6, [(0x1400, 48, False)])
+m.avail(0, [0, 2, 6])
+put("fs_error", "init-getattr-forget", bytes(m.b))
+# The backend completed the first request before it died: used idx 1.
+m.write(0x200 + 2, struct.pack("<H", 1))
+put("fs_error", "resume-after-one", bytes(m.b))
+
 # --- virtio-vsock: tx queue 1, rx queue 0 ------------------------------------
 OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST = 1, 2, 3, 4, 5, 6, 7
 
