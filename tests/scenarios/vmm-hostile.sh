@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
 # timeout: 600
-# A hostile guest next to a normal one. VM A runs a hostile guest kernel
-# (vmm/tests/guests/hostile.S, assembled here: garbage to every register of
-# every virtio-mmio device at every width, descriptor chains that loop,
-# overlap, point outside RAM or wrap past 2^64, rings outside RAM, UART
-# register garbage, then up to 100 MiB of garbage to the serial port) for
-# HUSK_HOSTILE_SECS (default 60) seconds; VM B runs the real kernel and
-# answers vsock pings. Asserts: A's VMM keeps answering its control socket
-# and stays up, its own memory (RSS outside guest RAM) grows by less than
-# 5% from 15 s into the attack to its end, its log and console stay
-# under their caps, its status counts the suppressed lines and the dropped
-# console bytes; B answers over vsock before, during and after. Prints the
-# numbers.
+# Hostile guests next to a normal one. VM B runs the real kernel and
+# answers vsock pings before, during and after both attacks.
+#
+# Part 1: VM A runs a hostile guest kernel (vmm/tests/guests/hostile.S,
+# assembled here: garbage to every register of every virtio-mmio device at
+# every width, descriptor chains that loop, overlap, point outside RAM or
+# wrap past 2^64, rings outside RAM, UART register garbage, then up to
+# 100 MiB of garbage to the serial port) for HUSK_HOSTILE_SECS (default 60)
+# seconds: exit-level garbage no Linux tool can make. Asserts: A's VMM keeps
+# answering its control socket and stays up, its own memory (RSS outside
+# guest RAM) grows by less than 5% from 15 s into the attack to its end,
+# its log and console stay under their caps, its status counts the
+# suppressed lines and the dropped console bytes.
+#
+# Part 2: VM H runs the real guest kernel and husk-hostile from the test
+# initramfs (tests/guest-tools/src/hostile) as root: vsock connections
+# until refused, garbage to every virtio-mmio register through /dev/mem,
+# hand-made descriptor chains, the drivers given back, garbage to the
+# serial port (HUSK_HOSTILE_MMIO_SECS, _QUEUE_SECS per device,
+# _SERIAL_SECS). Asserts: H's VMM answers its control socket throughout and
+# shuts down cleanly, its own memory peaks less than 5% above where it
+# started, its log and console stay under their caps, the guest's vsock
+# connections stop at the VMM's cap, the status counts suppressed lines and
+# rate-dropped console bytes. Prints the numbers.
 set -euo pipefail
 source "$HUSK_REPO/tests/lib/common.sh"
 [ -c /dev/kvm ] || fail "no /dev/kvm"
@@ -92,9 +104,9 @@ ping_b() {
   [[ "$out" == *"'pong:ping$pings'"* ]] || fail "VM B answered: $out"
   pings=$(( pings + 1 ))
 }
-vm_a='' vm_b=''
+vm_a='' vm_b='' vm_h='' holder=''
 cleanup() {
-  for p in $vm_a $vm_b; do kill -KILL "$p" 2>/dev/null || true; done
+  for p in $vm_a $vm_b $vm_h $holder; do kill -KILL "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
@@ -190,6 +202,144 @@ dropped=$(( $(field "$status" counters console dropped_rate_bytes) + $(field "$s
 [ "$dropped" -gt 0 ] || fail "A's console dropped nothing: $status"
 [ "$(field "$status" counters console written_bytes)" -le "$console_max" ] || fail "console written past the cap: $status"
 
+# --- Part 2: the hostile guest as a tool on the real guest kernel ----------
+# VM H boots the guest kernel with the test initramfs and runs husk-hostile
+# (tests/guest-tools/src/hostile, `husk.test=hostile`) as root: vsock
+# connections to the host until refused, garbage to every virtio-mmio
+# register through /dev/mem, hand-made descriptor chains (loops, overlaps,
+# addresses outside RAM, huge lengths, garbage indirect tables, rings
+# outside RAM), the devices given back to their drivers, then garbage to
+# the serial port. The host holds every connection the VMM forwards.
+h_mmio=${HUSK_HOSTILE_MMIO_SECS:-10}
+h_queue=${HUSK_HOSTILE_QUEUE_SECS:-4}
+h_serial=${HUSK_HOSTILE_SERIAL_SECS:-15}
+h_port=7000
+h_guest_kib=$(( 128 << 10 ))
+# H's console: room for everything the rate lets through (the flood is
+# bounded in time), so the tool's result lines arrive; A tests the cap.
+h_console_max=$(( 1 << 20 ))
+h_console_rate=8192
+# The VMM's cap on vsock connections (vmm/src/devices/virtio/vsock/muxer.rs).
+vsock_cap=256
+console_h="$HUSK_OUT/vmm-hostile-linux.console"
+truncate -s 1M "$work/h-disk.img"
+cat >"$work/h.json" <<JSON
+{
+  "vcpus": 1,
+  "memory_mib": 128,
+  "kernel": {
+    "path": "$HUSK_GUEST_KERNEL/bzImage",
+    "initrd": "$HUSK_TEST_INITRD",
+    "cmdline": "console=ttyS0 panic=-1 husk.test=hostile husk.hostile.vsock_port=$h_port husk.hostile.mmio_secs=$h_mmio husk.hostile.queue_secs=$h_queue husk.hostile.serial_secs=$h_serial"
+  },
+  "serial": { "output": "file", "path": "$console_h", "max_bytes": $h_console_max, "bytes_per_sec": $h_console_rate },
+  "block": [ { "id": "disk0", "path": "$work/h-disk.img" } ],
+  "vsock": { "guest_cid": 3, "uds_path": "$work/h.vsock" },
+  "rng": true,
+  "balloon": { "free_page_reporting": true },
+  "control_socket": "$work/h.ctl"
+}
+JSON
+python3 "$HUSK_REPO/tests/lib/vsock_host.py" hold "$work/h.vsock" "$h_port" "$work/h.accepted" &
+holder=$!
+: >"$console_h"
+"$HUSK_VMM" --config "$work/h.json" 2>"$work/h.log" &
+vm_h=$!
+set +e
+await_console "$vm_h" "$console_h"
+rc=$?
+set -e
+if [ "$rc" -ne 0 ]; then
+  [ "$rc" -eq "$STALLED" ] && exit "$STALLED"
+  sed 's/^/    vmm-h| /' "$work/h.log"
+  fail "the hostile Linux VM's husk-vmm ended before its guest printed anything"
+fi
+# hline WORD: the tool's last `HUSK_TEST hostile WORD` line.
+hline() { grep -a "^HUSK_TEST hostile $1" "$console_h" | tail -n 1; }
+# hval LINE KEY: KEY's value in a line of key=value words.
+hval() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n 1; }
+h_fail() {
+  echo "    H's console (last lines):"; grep -a '' "$console_h" | tail -n 30 | sed 's/^/    guest-h| /'
+  tail -n 20 "$work/h.log" | sed 's/^/    vmm-h| /'
+  fail "$*"
+}
+# The boot, every phase and the guest's own slowness in the nested machine
+# all fit this bound; the VMM must answer its control socket throughout.
+h_deadline=$(( $(now_ms) + (180 + h_mmio + 6 * h_queue + h_serial) * 1000 ))
+own_h0='' own_hmax=0 h_slowest=0 h_start=''
+while ! grep -a -q '^HUSK_TEST hostile \(done\|FAILED\)' "$console_h"; do
+  kill -0 "$vm_h" 2>/dev/null || h_fail "the hostile Linux VM's husk-vmm ended"
+  [ "$(now_ms)" -lt "$h_deadline" ] || h_fail "the hostile tool did not finish in time"
+  if [ -z "$own_h0" ] && [ -n "$(hline start)" ]; then
+    own_h0=$(own_kib "$vm_h" "$h_guest_kib")
+    h_start=$(now_ms)
+    echo "hostile tool started: $(hline start); H's own memory ${own_h0} KiB"
+  fi
+  t0=$(now_ms)
+  status=$(ctl "$work/h.ctl" '{"op":"status"}') || h_fail "H's control socket did not answer"
+  t=$(( $(now_ms) - t0 ))
+  [ "$t" -le "$h_slowest" ] || h_slowest=$t
+  [ "$(field "$status" state)" = running ] || h_fail "H's status: $status"
+  own=$(own_kib "$vm_h" "$h_guest_kib")
+  [ "$own" -le "$own_hmax" ] || own_hmax=$own
+  ping_b
+  sleep 3
+done
+[ -n "$own_h0" ] || h_fail "the hostile tool never started"
+hline FAILED | grep -q . && h_fail "the hostile tool failed: $(hline FAILED)"
+h_secs=$(( ($(now_ms) - h_start) / 1000 ))
+own_h1=$(own_kib "$vm_h" "$h_guest_kib")
+[ "$own_h1" -le "$own_hmax" ] || own_hmax=$own_h1
+status=$(ctl "$work/h.ctl" '{"op":"status"}') || h_fail "H's control socket did not answer"
+echo "hostile tool's report:"
+grep -a '^HUSK_TEST hostile' "$console_h" | sed 's/^/    /'
+echo "H after ${h_secs} s of attack: own memory ${own_h0} -> ${own_h1} KiB (peak ${own_hmax}); slowest status reply ${h_slowest} ms; B answered ${pings} vsock pings so far"
+echo "H's status: $status"
+
+# The VMM's cap bounded the connections: the guest got at most the cap, the
+# host saw exactly what the guest got, and the rest were refused.
+v=$(hline vsock)
+h_conn=$(hval "$v" connected)
+h_accepted=$(cat "$work/h.accepted" 2>/dev/null || echo 0)
+kill "$holder" 2>/dev/null || true
+wait "$holder" 2>/dev/null || true
+echo "vsock: the guest connected ${h_conn} times (cap ${vsock_cap}), the host accepted ${h_accepted}, $(hval "$v" failed) refused (first: $(hval "$v" first_error))"
+[ "${h_conn:-0}" -ge 1 ] || h_fail "no vsock connection reached the host: $v"
+[ "$h_conn" -le "$vsock_cap" ] || h_fail "the guest held ${h_conn} vsock connections, over the VMM's cap ${vsock_cap}"
+[ "$h_accepted" -le "$vsock_cap" ] || h_fail "the host accepted ${h_accepted} connections, over the VMM's cap"
+[ "$(hval "$v" failed)" -ge 1 ] || h_fail "no vsock connection was refused: $v"
+
+# Every phase ran.
+m=$(hline mmio)
+[ "$(hval "$m" writes)" -gt 0 ] 2>/dev/null || h_fail "the mmio phase wrote nothing: $m"
+q=$(hline queues)
+[ "$(hval "$q" chains)" -gt 0 ] 2>/dev/null || h_fail "the queues phase submitted no chain: $q"
+[ "$(hval "$q" activated)" -gt 0 ] || h_fail "no device took the hand-made init: $q"
+s=$(hline serial)
+[ "$(hval "$s" bytes)" -gt 0 ] 2>/dev/null || h_fail "the serial phase wrote nothing: $s"
+
+# H shuts down cleanly when told to, within bounds.
+[ "$(field "$(ctl "$work/h.ctl" '{"op":"shutdown","timeout_ms":500}')" ok)" = True ] || h_fail "H refused shutdown"
+set +e
+timeout 30 tail --pid="$vm_h" -f /dev/null
+wait "$vm_h"
+rc_h=$?
+set -e
+vm_h=
+log_h=$(stat -c %s "$work/h.log")
+con_h=$(stat -c %s "$console_h")
+echo "H: exit $rc_h, vmm.log ${log_h} bytes (cap ${log_max}), console ${con_h} bytes (cap ${h_console_max}); console written $(field "$status" counters console written_bytes), dropped by rate $(field "$status" counters console dropped_rate_bytes), by cap $(field "$status" counters console dropped_cap_bytes)"
+echo "H's log, warnings per message:"
+grep ' WARN ' "$work/h.log" | sed -E 's/^[^ ]+ +WARN +[^ ]+ +[^ ]+ //; s/ (suppressed|offset|value|len|error|index|head|queue|old|new|addr|port|sel|op|type_|fd|dst_cid|why|offered)=.*//' |
+  sort | uniq -c | sort -rn | sed 's/^/    /' | head -n 30
+[ "$rc_h" -eq 0 ] || h_fail "H's husk-vmm exited $rc_h"
+tail -n 1 "$work/h.log" | grep -q 'VM stopped: Requested' || h_fail "H's log does not end with why it stopped"
+[ "$log_h" -le "$log_max" ] || h_fail "H's log is ${log_h} bytes, over its cap"
+[ "$con_h" -le "$h_console_max" ] || h_fail "H's console is ${con_h} bytes, over its cap"
+[ $(( own_hmax * 100 )) -lt $(( own_h0 * 105 )) ] || h_fail "H's own memory grew from ${own_h0} to ${own_hmax} KiB (5% or more)"
+[ "$(field "$status" counters guest_faults mmio suppressed)" -gt 0 ] 2>/dev/null || h_fail "no suppressed register-fault lines counted: $status"
+[ "$(field "$status" counters console dropped_rate_bytes)" -gt 0 ] 2>/dev/null || h_fail "H's console dropped nothing to its rate limit: $status"
+
 # B is unharmed and still answers.
 ping_b
 [ "$(field "$(ctl "$work/b.ctl" '{"op":"shutdown","timeout_ms":500}')" ok)" = True ] || fail "B refused shutdown"
@@ -201,6 +351,6 @@ set -e
 vm_b=
 [ "$rc_b" -eq 0 ] || { tail -n 20 "$work/b.log"; fail "B's husk-vmm exited $rc_b"; }
 trap - EXIT
-no_leftovers husk-vmm "$work/a.ctl" "$work/b.ctl" "$work/a.vsock" "$work/b.vsock"
+no_leftovers husk-vmm "$work/a.ctl" "$work/b.ctl" "$work/h.ctl" "$work/a.vsock" "$work/b.vsock" "$work/h.vsock"
 rm -rf "$work"
 echo "PASS vmm-hostile"
