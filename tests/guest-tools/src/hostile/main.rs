@@ -106,7 +106,21 @@ fn hwrng(limit: Duration) -> String {
     }
 }
 
+/// The tool unbinds drivers and scribbles on devices: it runs only in a
+/// guest booted for it.
+fn booted_for_it() -> bool {
+    std::fs::read_to_string("/proc/cmdline").is_ok_and(|c| {
+        c.split_whitespace().any(|w| {
+            w.strip_prefix("husk.test=")
+                .is_some_and(|t| t.split(',').any(|t| t == "hostile"))
+        })
+    })
+}
+
 fn run(o: &Options) -> Result<(), String> {
+    if !booted_for_it() {
+        return Err("refusing to run: the kernel command line has no husk.test=hostile".into());
+    }
     let has = |p: &str| o.phases.iter().any(|x| x == p);
     let mut rng = Rng::new(o.seed);
     let layout = mmio::layout().map_err(|e| e.to_string())?;

@@ -41,6 +41,10 @@ fn with_context(e: io::Error, what: &str) -> io::Error {
 /// Reads /proc/iomem (root sees the real addresses).
 pub fn layout() -> io::Result<Layout> {
     let text = fs::read_to_string("/proc/iomem").map_err(|e| with_context(e, "/proc/iomem"))?;
+    parse_iomem(&text)
+}
+
+fn parse_iomem(text: &str) -> io::Result<Layout> {
     let mut devices: Vec<Device> = Vec::new();
     let mut ram_end = 0;
     for line in text.lines() {
@@ -63,7 +67,7 @@ pub fn layout() -> io::Result<Layout> {
             });
         }
     }
-    if ram_end == 0 || start_of_zero_addresses(&text) {
+    if ram_end == 0 || start_of_zero_addresses(text) {
         return Err(io::Error::other(
             "/proc/iomem shows no RAM or only zero addresses (not root?)",
         ));
@@ -297,5 +301,46 @@ pub fn garbage(windows: &[Window], rng: &mut Rng, deadline: Instant) -> GarbageS
         if Instant::now() >= deadline {
             return stats;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_devices_and_the_end_of_ram() {
+        let iomem = "00000000-00000fff : Reserved
+00001000-0009fbff : System RAM
+000f0000-000fffff : Reserved
+00100000-07ffffff : System RAM
+  01000000-01a00000 : Kernel code
+d0000000-d0000fff : virtio-mmio.0
+  d0000000-d0000fff : virtio-mmio.0
+d0001000-d0001fff : virtio-mmio.1
+fec00000-fec003ff : IOAPIC 0
+";
+        let l = parse_iomem(iomem).unwrap();
+        assert_eq!(l.ram_end, 0x800_0000);
+        let found: Vec<(&str, u64)> = l
+            .devices
+            .iter()
+            .map(|d| (d.name.as_str(), d.base))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("virtio-mmio.0", 0xd000_0000),
+                ("virtio-mmio.1", 0xd000_1000)
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_the_zeroed_view_of_a_non_root_reader() {
+        let iomem = "00000000-00000000 : System RAM
+00000000-00000000 : virtio-mmio.0
+";
+        assert!(parse_iomem(iomem).is_err());
     }
 }
