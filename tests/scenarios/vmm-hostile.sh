@@ -230,7 +230,7 @@ cat >"$work/h.json" <<JSON
   "kernel": {
     "path": "$HUSK_GUEST_KERNEL/bzImage",
     "initrd": "$HUSK_TEST_INITRD",
-    "cmdline": "console=ttyS0 panic=-1 husk.test=hostile husk.hostile.vsock_port=$h_port husk.hostile.mmio_secs=$h_mmio husk.hostile.queue_secs=$h_queue husk.hostile.serial_secs=$h_serial"
+    "cmdline": "console=ttyS0 panic=-1 husk.test=hostile husk.hostile.vsock_port=$h_port husk.hostile.mmio_secs=$h_mmio husk.hostile.queue_secs=$h_queue husk.hostile.serial_secs=$h_serial husk.hostile.start_delay=6"
   },
   "serial": { "output": "file", "path": "$console_h", "max_bytes": $h_console_max, "bytes_per_sec": $h_console_rate },
   "block": [ { "id": "disk0", "path": "$work/h-disk.img" } ],
@@ -266,7 +266,7 @@ h_fail() {
 # The boot, every phase and the guest's own slowness in the nested machine
 # all fit this bound; the VMM must answer its control socket throughout.
 h_deadline=$(( $(now_ms) + (180 + h_mmio + 6 * h_queue + h_serial) * 1000 ))
-own_h0='' own_hmax=0 h_slowest=0 h_start=''
+own_h0='' own_hv='' own_hmax=0 h_slowest=0 h_start=''
 while ! grep -a -q '^HUSK_TEST hostile \(done\|FAILED\)' "$console_h"; do
   kill -0 "$vm_h" 2>/dev/null || h_fail "the hostile Linux VM's husk-vmm ended"
   [ "$(now_ms)" -lt "$h_deadline" ] || h_fail "the hostile tool did not finish in time"
@@ -274,6 +274,10 @@ while ! grep -a -q '^HUSK_TEST hostile \(done\|FAILED\)' "$console_h"; do
     own_h0=$(own_kib "$vm_h" "$h_guest_kib")
     h_start=$(now_ms)
     echo "hostile tool started: $(hline start); H's own memory ${own_h0} KiB"
+  fi
+  if [ -z "$own_hv" ] && [ -n "$(hline vsock)" ]; then
+    own_hv=$(own_kib "$vm_h" "$h_guest_kib")
+    echo "vsock phase done: $(hline vsock); H's own memory ${own_hv} KiB"
   fi
   t0=$(now_ms)
   status=$(ctl "$work/h.ctl" '{"op":"status"}') || h_fail "H's control socket did not answer"
@@ -283,7 +287,7 @@ while ! grep -a -q '^HUSK_TEST hostile \(done\|FAILED\)' "$console_h"; do
   own=$(own_kib "$vm_h" "$h_guest_kib")
   [ "$own" -le "$own_hmax" ] || own_hmax=$own
   ping_b
-  sleep 3
+  sleep 2
 done
 [ -n "$own_h0" ] || h_fail "the hostile tool never started"
 hline FAILED | grep -q . && h_fail "the hostile tool failed: $(hline FAILED)"
@@ -293,7 +297,7 @@ own_h1=$(own_kib "$vm_h" "$h_guest_kib")
 status=$(ctl "$work/h.ctl" '{"op":"status"}') || h_fail "H's control socket did not answer"
 echo "hostile tool's report:"
 grep -a '^HUSK_TEST hostile' "$console_h" | sed 's/^/    /'
-echo "H after ${h_secs} s of attack: own memory ${own_h0} -> ${own_h1} KiB (peak ${own_hmax}); slowest status reply ${h_slowest} ms; B answered ${pings} vsock pings so far"
+echo "H after ${h_secs} s of attack: own memory ${own_h0} -> ${own_hv:-?} after vsock -> ${own_h1} KiB (peak ${own_hmax}); slowest status reply ${h_slowest} ms; B answered ${pings} vsock pings so far"
 echo "H's status: $status"
 
 # The VMM's cap bounded the connections: the guest got at most the cap, the

@@ -3,7 +3,8 @@
 //! attacks the VMM through everything a guest kernel can touch, in phases,
 //! each bounded in time, printing `HUSK_TEST hostile <phase> ...` lines:
 //!
-//! - vsock:  connects to the host (CID 2) until refused, holding them open
+//! - vsock:  connects to the host (CID 2) until refused, holding them open,
+//!   and sends up to vsock_fill bytes on each (the host does not read)
 //! - mmio:   unbinds every virtio-mmio device's driver and writes garbage
 //!   to every register offset at every width, through /dev/mem
 //! - queues: initializes each device by hand and submits descriptor chains
@@ -14,7 +15,9 @@
 //!
 //! Usage: `husk-hostile [key=value]...` with keys phases (comma list, in
 //! the order above), mmio_secs, queue_secs (per device), vsock_port,
-//! vsock_max, vsock_secs, serial_secs, serial_bytes, seed.
+//! vsock_max, vsock_secs, vsock_fill, serial_secs, serial_bytes, seed,
+//! start_delay (seconds to wait after the start line, for the host's
+//! baseline).
 
 mod mmio;
 mod queues;
@@ -36,6 +39,8 @@ struct Options {
     vsock_port: u32,
     vsock_max: usize,
     vsock_secs: u64,
+    vsock_fill: u64,
+    start_delay: u64,
     serial_secs: u64,
     serial_bytes: u64,
     seed: u64,
@@ -64,6 +69,8 @@ fn options(args: &[String]) -> Result<Options, String> {
         "vsock_port",
         "vsock_max",
         "vsock_secs",
+        "vsock_fill",
+        "start_delay",
         "serial_secs",
         "serial_bytes",
         "seed",
@@ -83,6 +90,8 @@ fn options(args: &[String]) -> Result<Options, String> {
         vsock_port: u32::try_from(num("vsock_port", 7000)?).map_err(|e| e.to_string())?,
         vsock_max: usize::try_from(num("vsock_max", 1024)?).map_err(|e| e.to_string())?,
         vsock_secs: num("vsock_secs", 60)?,
+        vsock_fill: num("vsock_fill", 256 << 10)?,
+        start_delay: num("start_delay", 0)?,
         serial_secs: num("serial_secs", 20)?,
         serial_bytes: num("serial_bytes", 100 << 20)?,
         seed: num("seed", seed_default)?,
@@ -131,6 +140,8 @@ fn run(o: &Options) -> Result<(), String> {
         layout.ram_end,
         o.phases.join(",")
     );
+    // Time for the host to take its baseline.
+    std::thread::sleep(Duration::from_secs(o.start_delay));
 
     // Held until the tool exits, through every later phase.
     let mut _held = Vec::new();
@@ -142,8 +153,13 @@ fn run(o: &Options) -> Result<(), String> {
             8,
             start + Duration::from_secs(o.vsock_secs),
         );
+        let sent = vsock::fill(
+            &f.held,
+            o.vsock_fill,
+            start + Duration::from_secs(o.vsock_secs),
+        );
         println!(
-            "HUSK_TEST hostile vsock connected={} failed={} first_error={} secs={:.1}",
+            "HUSK_TEST hostile vsock connected={} failed={} first_error={} sent={sent} secs={:.1}",
             f.held.len(),
             f.failed,
             f.first_error

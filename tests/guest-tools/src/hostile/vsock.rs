@@ -38,6 +38,35 @@ fn connect(port: u32) -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
+/// Sends up to `per_conn` bytes on every held connection without blocking
+/// (until the peer's credit runs out) or until `deadline`: the VMM buffers
+/// what its host side does not read. Returns the bytes sent.
+pub fn fill(held: &[OwnedFd], per_conn: u64, deadline: Instant) -> u64 {
+    let chunk = [0x5au8; 16 * 1024];
+    let mut total = 0;
+    for fd in held {
+        let mut sent = 0u64;
+        while sent < per_conn && Instant::now() < deadline {
+            let len = usize::try_from((per_conn - sent).min(chunk.len() as u64)).unwrap_or(0);
+            // SAFETY: chunk is valid for len bytes; fd is an open socket.
+            let n = unsafe {
+                libc::send(
+                    fd.as_raw_fd(),
+                    chunk.as_ptr().cast(),
+                    len,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            match u64::try_from(n) {
+                Ok(n) if n > 0 => sent += n,
+                _ => break,
+            }
+        }
+        total += sent;
+    }
+    total
+}
+
 /// What the phase did; `held` stays open until the tool exits.
 pub struct Flood {
     pub held: Vec<OwnedFd>,
