@@ -225,8 +225,9 @@ h_port=7000
 h_guest_kib=$(( 128 << 10 ))
 # H's console: room for everything the rate lets through (the flood is
 # bounded in time), so the tool's result lines arrive; A tests the cap.
+# The rate is below what the guest writes to COM1 in the nested machine.
 h_console_max=$(( 1 << 20 ))
-h_console_rate=8192
+h_console_rate=1024
 # The VMM's cap on vsock connections (vmm/src/devices/virtio/vsock/muxer.rs).
 vsock_cap=256
 console_h="$HUSK_OUT/vmm-hostile-linux.console"
@@ -263,7 +264,7 @@ if [ "$rc" -ne 0 ]; then
   fail "the hostile Linux VM's husk-vmm ended before its guest printed anything"
 fi
 # hline WORD: the tool's last `HUSK_TEST hostile WORD` line.
-hline() { grep -a "^HUSK_TEST hostile $1" "$console_h" | tail -n 1; }
+hline() { grep -a "^HUSK_TEST hostile $1" "$console_h" | tail -n 1 || true; }
 # hval LINE KEY: KEY's value in a line of key=value words.
 hval() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -n 1; }
 h_fail() {
@@ -347,7 +348,8 @@ echo "H's log, warnings per message:"
 grep ' WARN ' "$work/h.log" | sed -E 's/^[^ ]+ +WARN +[^ ]+ +[^ ]+ //; s/ (suppressed|offset|value|len|error|index|head|queue|old|new|addr|port|sel|op|type_|fd|dst_cid|why|offered)=.*//' |
   sort | uniq -c | sort -rn | sed 's/^/    /' | head -n 30
 [ "$rc_h" -eq 0 ] || h_fail "H's husk-vmm exited $rc_h"
-tail -n 1 "$work/h.log" | grep -q 'VM stopped: Requested' || h_fail "H's log does not end with why it stopped"
+# Linux answers Ctrl-Alt-Del with a reset; the VMM forces the stop if not.
+tail -n 1 "$work/h.log" | grep -q 'VM stopped: \(Reset\|Requested\)' || h_fail "H's log does not end with why it stopped"
 [ "$log_h" -le "$log_max" ] || h_fail "H's log is ${log_h} bytes, over its cap"
 [ "$con_h" -le "$h_console_max" ] || h_fail "H's console is ${con_h} bytes, over its cap"
 # Memory: what the guest parks in the held connections is bounded by the

@@ -593,6 +593,7 @@ pub fn run(
             Instant::now() + per_device,
             &mut stats,
         );
+        crate::settle();
         println!(
             "HUSK_TEST hostile queues-device id={id} chains={} used={}",
             stats.chains - before.0,
