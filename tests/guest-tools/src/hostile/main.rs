@@ -188,6 +188,7 @@ fn run(o: &Options) -> Result<(), String> {
                     d.name, d.base
                 ));
             }
+            settle();
             println!(
                 "HUSK_TEST hostile device {} base={:#x} id={} unbound={}",
                 d.name,
