@@ -3,8 +3,8 @@
 #
 #   rootfs-image/build.sh [agent]   # the product image: the static agent as /init
 #                                   # plus the few nodes the kernel needs first
-#   rootfs-image/build.sh test      # the VMM test image: busybox, the vsock probe
-#                                   # and tests/guest-init.sh as /init
+#   rootfs-image/build.sh test      # the VMM test image: busybox, the vsock probe,
+#                                   # the hostile guest and tests/guest-init.sh as /init
 # Reproducible: the same agent
 # binary and manifest give the same bytes (mkcpio.py fixes times, owners and
 # inode numbers; gzip -n drops the name and time).
@@ -32,7 +32,7 @@ RUSTFLAGS="-C target-feature=+crt-static --remap-path-prefix=$repo=/husk" \
   --manifest-path "$repo/Cargo.toml"
 bin="$repo/target/$target/release"
 agent="$bin/husk-agent"
-for b in "$agent" "$bin/husk-vsock-probe"; do
+for b in "$agent" "$bin/husk-vsock-probe" "$bin/husk-hostile"; do
   if [ -f "$b" ] && readelf -d "$b" | grep -q NEEDED; then
     echo "$b is not static" >&2
     exit 1
@@ -57,6 +57,7 @@ else
 dir /bin 0755
 file /bin/busybox /bin/busybox 0755
 file /bin/husk-vsock-probe $bin/husk-vsock-probe 0755
+file /bin/husk-hostile $bin/husk-hostile 0755
 file /init $repo/tests/guest-init.sh 0755
 MANIFEST
 fi

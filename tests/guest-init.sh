@@ -149,6 +149,20 @@ for t in $tests; do
       umount -l $m 2>/dev/null
       echo "HUSK_TEST virtiofs done"
       ;;
+    hostile)
+      # The hostile guest (tests/guest-tools/src/hostile): attacks the VMM
+      # as root through vsock, the virtio-mmio registers, descriptor chains
+      # and the serial port; `husk.hostile.KEY=VALUE` words set its options.
+      # The host ends the VM.
+      opts=
+      # shellcheck disable=SC2013
+      for word in $(cat /proc/cmdline); do
+        case "$word" in husk.hostile.*=*) opts="$opts ${word#husk.hostile.}" ;; esac
+      done
+      # shellcheck disable=SC2086
+      husk-hostile $opts
+      while :; do sleep 3600; done
+      ;;
     idle)
       # Stay up (for memory measurements); the host ends the VM.
       echo "HUSK_TEST idle"

@@ -177,7 +177,7 @@ run_nested() {
     [ -z "$prev" ] || [ ! -f "$prev/passed" ] || cp "$prev/passed" "$out/passed"
     {
       grep -E '^export ' "$artifacts"
-      env | grep -E '^HUSK_(BENCH|SHIM|SOAK|STALL|CRITEST)_[A-Z_]*=' | while IFS='=' read -r k v; do
+      env | grep -E '^HUSK_(BENCH|SHIM|SOAK|STALL|CRITEST|HOSTILE)_[A-Z_]*=' | while IFS='=' read -r k v; do
         printf 'export %s=%q\n' "$k" "$v"
       done || true
       echo "export HUSK_REPO=$repo HUSK_SCENARIO=$script HUSK_OUT=/tmp/husk-out HUSK_TEST_MODE=nested"

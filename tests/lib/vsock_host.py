@@ -9,6 +9,11 @@
                                                the VMM's socket (`CONNECT PORT`,
                                                `OK ...`), send MSG, print the reply;
                                                retries until the guest listens
+    vsock_host.py hold UDS_PATH PORT COUNT_FILE
+                                               accept every guest connection to
+                                               host port PORT and hold it open
+                                               (until killed), keeping the count
+                                               in COUNT_FILE
 """
 import os
 import socket
@@ -31,6 +36,20 @@ def serve(uds, port):
     conn.close()
     srv.close()
     os.unlink(path)
+
+
+def hold(uds, port, count_file):
+    path = f"{uds}_{port}"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4096)
+    held = []
+    while True:
+        conn, _ = srv.accept()
+        held.append(conn)
+        with open(count_file + ".tmp", "w") as f:
+            f.write(f"{len(held)}\n")
+        os.replace(count_file + ".tmp", count_file)
 
 
 def connect(uds, port, msg, deadline_s=240):
@@ -60,6 +79,8 @@ def connect(uds, port, msg, deadline_s=240):
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) == 5 and sys.argv[1] == "hold":
+        hold(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif len(sys.argv) == 5 and sys.argv[1] == "connect":
         connect(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:

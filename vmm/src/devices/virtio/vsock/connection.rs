@@ -26,6 +26,10 @@ use super::packet::{Header, Op, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
 /// Guest-to-host bytes buffered per connection; advertised as buf_alloc.
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;
+/// `tx_buf` capacity kept once it is empty: more is handed back, so that
+/// connections which once buffered a burst (up to CONN_BUF_SIZE each, times
+/// the connection cap) do not keep that memory for their whole life.
+const TX_BUF_KEEP: usize = 4096;
 /// How long a connection the host closed waits for the guest's RST.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -314,6 +318,9 @@ impl Connection {
         if self.needs_credit_update() {
             self.pending.credit_update = true;
         }
+        if self.tx_buf.is_empty() && self.tx_buf.capacity() > TX_BUF_KEEP {
+            self.tx_buf = Vec::new();
+        }
         if self.tx_buf.is_empty() {
             if self.peer_shutdown & SHUTDOWN_SEND != 0 && !self.host_write_shut {
                 // The guest is done sending: pass the EOF on.
@@ -429,5 +436,73 @@ impl Connection {
         h.fwd_cnt = self.fwd_cnt.0;
         self.last_fwd_cnt_sent = self.fwd_cnt;
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::packet::TYPE_STREAM;
+    use super::*;
+
+    fn guest_hdr(op: Op) -> Header {
+        Header {
+            src_cid: 3,
+            dst_cid: super::super::packet::HOST_CID,
+            src_port: 1234,
+            dst_port: 5000,
+            type_: TYPE_STREAM,
+            op: op as u16,
+            buf_alloc: CONN_BUF_SIZE,
+            ..Default::default()
+        }
+    }
+
+    /// A burst the host could not take at once is buffered, then written
+    /// out; the buffer's memory goes back once it is empty.
+    #[test]
+    fn tx_buffer_memory_is_released_once_flushed() {
+        let (vmm_end, mut host_end) = UnixStream::pair().unwrap();
+        vmm_end.set_nonblocking(true).unwrap();
+        // As small a socket buffer as the kernel allows: most of the burst
+        // has to wait in tx_buf.
+        let fd = vmm_end.as_raw_fd();
+        let small: libc::c_int = 4096;
+        let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap();
+        // SAFETY: setsockopt on an open socket with a c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                std::ptr::from_ref(&small).cast(),
+                len,
+            )
+        };
+        assert_eq!(rc, 0);
+        let mut c = Connection::new_peer(vmm_end, 3, &guest_hdr(Op::Request));
+        let burst = vec![0x5a_u8; 200 * 1024];
+        c.send_pkt(&guest_hdr(Op::Rw), Op::Rw, &burst);
+        assert!(
+            !c.tx_buf.is_empty(),
+            "the host took the whole burst at once"
+        );
+        assert!(c.tx_buf.capacity() > TX_BUF_KEEP);
+
+        host_end
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut got = vec![0u8; burst.len()];
+        let mut n = 0;
+        while n < burst.len() {
+            n += host_end.read(&mut got[n..]).unwrap();
+            c.notify(EventSet::OUT);
+        }
+        assert_eq!(got, burst);
+        assert!(c.tx_buf.is_empty());
+        assert!(
+            c.tx_buf.capacity() <= TX_BUF_KEEP,
+            "an empty tx_buf keeps {} bytes",
+            c.tx_buf.capacity()
+        );
     }
 }
