@@ -130,7 +130,7 @@ fn kvm_hardware(host: &Host) -> Check {
         .map(|t| kvm::cpu_flags(&t))
         .unwrap_or_default();
     let has = |f: &str| flags.iter().any(|x| x == f);
-    let b = kvm::backend(&host.sys_module);
+    let b = kvm::backend(&host.sys_module, &flags);
     match b.cpu_flag() {
         Some(flag) if has(flag) => ok(
             "kvm-hardware",

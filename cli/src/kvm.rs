@@ -51,15 +51,26 @@ impl Backend {
     }
 }
 
-/// The vendor module loaded under `sys_module` (/sys/module); a hardware
-/// one wins over PVM, which can be loaded beside it.
-pub fn backend(sys_module: &Path) -> Backend {
-    for b in [Backend::Intel, Backend::Amd, Backend::Pvm] {
-        if sys_module.join(b.module()).exists() {
-            return b;
-        }
+/// The vendor module behind /dev/kvm, from `sys_module` (/sys/module) and
+/// the CPU's flags. A kernel with KVM built in lists both kvm_intel and
+/// kvm_amd there, and only the one whose extension the CPU has runs; PVM
+/// can be loaded beside a hardware module, which then wins.
+pub fn backend(sys_module: &Path, flags: &[String]) -> Backend {
+    let has = |m: &str| sys_module.join(m).exists();
+    let hardware = [Backend::Intel, Backend::Amd];
+    if let Some(b) = hardware
+        .iter()
+        .find(|b| has(b.module()) && b.cpu_flag().is_some_and(|f| flags.iter().any(|x| x == f)))
+    {
+        return *b;
     }
-    Backend::Unknown
+    if has(Backend::Pvm.module()) {
+        return Backend::Pvm;
+    }
+    hardware
+        .into_iter()
+        .find(|b| has(b.module()))
+        .unwrap_or(Backend::Unknown)
 }
 
 /// The flags of the first CPU in /proc/cpuinfo's text.
@@ -125,15 +136,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backends_are_told_by_module() {
+    fn backends_are_told_by_module_and_cpu_flag() {
         let dir = std::env::temp_dir().join(format!("husk-cli-kvm-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        assert_eq!(backend(&dir), Backend::Unknown);
+        let flags = |f: &[&str]| f.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(backend(&dir, &[]), Backend::Unknown);
         std::fs::create_dir_all(dir.join("kvm_pvm")).unwrap();
-        assert_eq!(backend(&dir), Backend::Pvm);
+        assert_eq!(backend(&dir, &flags(&["hypervisor"])), Backend::Pvm);
+        // KVM built in: both vendor modules listed, the CPU's flag decides.
+        std::fs::create_dir_all(dir.join("kvm_intel")).unwrap();
         std::fs::create_dir_all(dir.join("kvm_amd")).unwrap();
-        assert_eq!(backend(&dir), Backend::Amd);
+        assert_eq!(backend(&dir, &flags(&["svm"])), Backend::Amd);
+        assert_eq!(backend(&dir, &flags(&["vmx"])), Backend::Intel);
+        assert_eq!(backend(&dir, &[]), Backend::Pvm);
+        std::fs::remove_dir_all(dir.join("kvm_pvm")).unwrap();
+        // A vendor module without its extension: named, to say what lacks.
+        assert_eq!(backend(&dir, &[]), Backend::Intel);
         assert_eq!(Backend::Amd.cpu_flag(), Some("svm"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
