@@ -9,7 +9,7 @@
 # left (the frame's leak census after each check).
 #
 #   tests/run.sh shim-restart                        (one round, CI)
-#   HUSK_RESTART_ROUNDS=5 tests/run.sh shim-restart  (the loop)
+#   HUSK_SHIM_RESTART_ROUNDS=5 tests/run.sh shim-restart  (the loop)
 # check_* functions are called by name (check in tests/shim/ctr.sh).
 # shellcheck disable=SC2317
 set -uo pipefail
@@ -88,7 +88,7 @@ restart_round() {
   done
 }
 
-rounds=${HUSK_RESTART_ROUNDS:-1}
+rounds=${HUSK_SHIM_RESTART_ROUNDS:-1}
 checks=()
 for i in $(seq "$rounds"); do
   eval "check_restart_$i() { restart_round $i; }"
