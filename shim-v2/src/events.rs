@@ -247,6 +247,80 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use containerd_shim::protos::api::{Empty, ForwardRequest};
+    use containerd_shim::protos::{create_events, ttrpc, Events as EventsService};
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixListener;
+    use std::sync::Arc;
+
+    /// containerd's event service, recording the topics it is given.
+    struct FakeContainerd(Arc<Mutex<Vec<String>>>);
+
+    impl EventsService for FakeContainerd {
+        fn forward(&self, _: &ttrpc::TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(req.envelope().topic().to_string());
+            Ok(Empty::default())
+        }
+    }
+
+    fn containerd(path: &std::path::Path, seen: &Arc<Mutex<Vec<String>>>) -> ttrpc::Server {
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let service: Arc<dyn EventsService + Send + Sync> = Arc::new(FakeContainerd(seen.clone()));
+        let mut server = ttrpc::Server::new()
+            .add_listener(listener.into_raw_fd())
+            .unwrap()
+            .register_service(create_events(service));
+        server.start().unwrap();
+        server
+    }
+
+    #[test]
+    fn events_reach_a_restarted_containerd() {
+        let dir = std::env::temp_dir().join(format!("husk-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ttrpc.sock");
+        let address = path.to_str().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut first = containerd(&path, &seen);
+        let mut publisher = Some(RemotePublisher::new(address).unwrap());
+        publish(
+            &mut publisher,
+            Some(address),
+            "ns",
+            Event::Oom { id: "c".into() },
+        );
+        assert_eq!(*seen.lock().unwrap(), ["/tasks/oom"]);
+
+        // containerd stops: the event is dropped, in bounded time.
+        first.shutdown();
+        std::fs::remove_file(&path).unwrap();
+        let t = std::time::Instant::now();
+        publish(
+            &mut publisher,
+            Some(address),
+            "ns",
+            Event::Paused { id: "c".into() },
+        );
+        assert!(t.elapsed() < PUBLISH_TIMEOUT * 3);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+
+        // containerd is back on the same address: the next event reaches it.
+        let mut second = containerd(&path, &seen);
+        publish(
+            &mut publisher,
+            Some(address),
+            "ns",
+            Event::Resumed { id: "c".into() },
+        );
+        assert_eq!(*seen.lock().unwrap(), ["/tasks/oom", "/tasks/resumed"]);
+        second.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn exit_events_name_the_process() {
