@@ -286,7 +286,7 @@ mod tests {
         let path = dir.join("ttrpc.sock");
         let address = path.to_str().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let mut first = containerd(&path, &seen);
+        let first = containerd(&path, &seen);
         let mut publisher = Some(RemotePublisher::new(address).unwrap());
         publish(
             &mut publisher,
@@ -310,7 +310,7 @@ mod tests {
         assert_eq!(seen.lock().unwrap().len(), 1);
 
         // containerd is back on the same address: the next event reaches it.
-        let mut second = containerd(&path, &seen);
+        let second = containerd(&path, &seen);
         publish(
             &mut publisher,
             Some(address),
