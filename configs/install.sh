@@ -3,6 +3,7 @@
 #
 #   $PREFIX/bin/containerd-shim-husk-v2   the shim (runtime io.containerd.husk.v2)
 #   $PREFIX/bin/husk-vmm                  the VMM (the static build)
+#   $PREFIX/bin/husk                      the operator's command (when built)
 #   $DATADIR/bzImage, vmlinux, kernel.release, husk-agent.initrd
 #                                         the guest kernel and the agent initramfs
 #   $DATADIR/containerd-husk.toml, runtimeclass.yaml
@@ -87,6 +88,8 @@ put() {
 bindir=$prefix/bin
 put "$shim" "$bindir/containerd-shim-husk-v2" 0755
 put "$HUSK_VMM" "$bindir/husk-vmm" 0755
+# The operator's command (cli/); a build from before it has none.
+[ ! -f "$HUSK_BIN/husk" ] || put "$HUSK_BIN/husk" "$bindir/husk" 0755
 if [ "$kata" = 1 ]; then
   link=$destdir$bindir/containerd-shim-kata-v2
   if [ "$(readlink "$link" 2>/dev/null)" != containerd-shim-husk-v2 ]; then

@@ -9,6 +9,8 @@ packages=(
   # guest kernel build (guest-kernel/build.sh); build-essential's g++ also
   # compiles libFuzzer for the fuzz targets (fuzz/run.sh)
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev xz-utils python3
+  # the Prometheus text parser the husk-cli scenario checks `husk metrics` with
+  python3-prometheus-client
   # guest image and container images
   cpio gzip busybox-static erofs-utils e2fsprogs umoci
   # the test machine and the QEMU peer in benchmarks

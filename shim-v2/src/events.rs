@@ -16,6 +16,9 @@ use containerd_shim::publisher::RemotePublisher;
 
 /// How long one publish may take.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The environment variable containerd gives its shims its ttrpc address in
+/// (the framework's constant is private).
+const TTRPC_ADDRESS: &str = "TTRPC_ADDRESS";
 
 pub fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -26,6 +29,7 @@ pub fn timestamp(t: SystemTime) -> Timestamp {
 }
 
 /// One event for containerd.
+#[derive(Clone)]
 pub enum Event {
     Create {
         id: String,
@@ -171,6 +175,42 @@ impl Event {
     }
 }
 
+/// Publishes one event. The connection to containerd dies when containerd
+/// restarts: a failed publish connects again (to `address`) and tries once
+/// more. An event containerd cannot take is dropped, logged: a containerd
+/// that starts again asks every task's state itself.
+fn publish(
+    publisher: &mut Option<RemotePublisher>,
+    address: Option<&str>,
+    namespace: &str,
+    ev: Event,
+) {
+    for attempt in 1..=2 {
+        if publisher.is_none() {
+            *publisher = address.and_then(|a| {
+                RemotePublisher::new(a)
+                    .map_err(|e| log::warn!("connecting to containerd at {a}: {e}"))
+                    .ok()
+            });
+        }
+        let Some(p) = publisher.as_ref() else {
+            break;
+        };
+        let (topic, msg) = ev.clone().into_message();
+        let ctx = containerd_shim::protos::ttrpc::context::with_timeout(
+            i64::try_from(PUBLISH_TIMEOUT.as_nanos()).unwrap_or(i64::MAX),
+        );
+        match p.publish(ctx, topic, namespace, msg) {
+            Ok(()) => return,
+            Err(e) => {
+                log::warn!("publishing {topic} (attempt {attempt}): {e}");
+                *publisher = None;
+            }
+        }
+    }
+    log::warn!("an event is lost: containerd does not take it");
+}
+
 /// The queue to the publishing thread.
 pub struct Events {
     tx: Mutex<Sender<Event>>,
@@ -181,17 +221,13 @@ impl Events {
     /// `namespace`.
     pub fn start(publisher: RemotePublisher, namespace: String) -> Events {
         let (tx, rx) = channel::<Event>();
+        let address = std::env::var(TTRPC_ADDRESS).ok();
         let spawned = std::thread::Builder::new()
             .name("events".into())
             .spawn(move || {
+                let mut publisher = Some(publisher);
                 for ev in rx {
-                    let (topic, msg) = ev.into_message();
-                    let ctx = containerd_shim::protos::ttrpc::context::with_timeout(
-                        i64::try_from(PUBLISH_TIMEOUT.as_nanos()).unwrap_or(i64::MAX),
-                    );
-                    if let Err(e) = publisher.publish(ctx, topic, &namespace, msg) {
-                        log::warn!("publishing {topic}: {e}");
-                    }
+                    publish(&mut publisher, address.as_deref(), &namespace, ev);
                 }
             });
         if let Err(e) = spawned {
@@ -211,6 +247,80 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use containerd_shim::protos::api::{Empty, ForwardRequest};
+    use containerd_shim::protos::{create_events, ttrpc, Events as EventsService};
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixListener;
+    use std::sync::Arc;
+
+    /// containerd's event service, recording the topics it is given.
+    struct FakeContainerd(Arc<Mutex<Vec<String>>>);
+
+    impl EventsService for FakeContainerd {
+        fn forward(&self, _: &ttrpc::TtrpcContext, req: ForwardRequest) -> ttrpc::Result<Empty> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(req.envelope().topic().to_string());
+            Ok(Empty::default())
+        }
+    }
+
+    fn containerd(path: &std::path::Path, seen: &Arc<Mutex<Vec<String>>>) -> ttrpc::Server {
+        let listener = UnixListener::bind(path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let service: Arc<dyn EventsService + Send + Sync> = Arc::new(FakeContainerd(seen.clone()));
+        let mut server = ttrpc::Server::new()
+            .add_listener(listener.into_raw_fd())
+            .unwrap()
+            .register_service(create_events(service));
+        server.start().unwrap();
+        server
+    }
+
+    #[test]
+    fn events_reach_a_restarted_containerd() {
+        let dir = std::env::temp_dir().join(format!("husk-events-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ttrpc.sock");
+        let address = path.to_str().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let first = containerd(&path, &seen);
+        let mut publisher = Some(RemotePublisher::new(address).unwrap());
+        publish(
+            &mut publisher,
+            Some(address),
+            "ns",
+            Event::Oom { id: "c".into() },
+        );
+        assert_eq!(*seen.lock().unwrap(), ["/tasks/oom"]);
+
+        // containerd stops: the event is dropped, in bounded time.
+        first.shutdown();
+        std::fs::remove_file(&path).unwrap();
+        let t = std::time::Instant::now();
+        publish(
+            &mut publisher,
+            Some(address),
+            "ns",
+            Event::Paused { id: "c".into() },
+        );
+        assert!(t.elapsed() < PUBLISH_TIMEOUT * 3);
+        assert_eq!(seen.lock().unwrap().len(), 1);
+
+        // containerd is back on the same address: the next event reaches it.
+        let second = containerd(&path, &seen);
+        publish(
+            &mut publisher,
+            Some(address),
+            "ns",
+            Event::Resumed { id: "c".into() },
+        );
+        assert_eq!(*seen.lock().unwrap(), ["/tasks/oom", "/tasks/resumed"]);
+        second.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn exit_events_name_the_process() {

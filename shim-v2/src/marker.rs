@@ -7,7 +7,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// The marker's file name in the bundle.
-pub const BUNDLE_MARKER: &str = "husk-sandbox";
+pub use husk_runtime_config::state::BUNDLE_MARKER;
 /// Longest marker read back (it holds a path and a word).
 const MAX_MARKER: u64 = 4096;
 

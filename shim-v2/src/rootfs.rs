@@ -295,7 +295,7 @@ pub fn build_erofs(
 ) -> Result<u64, RootfsError> {
     if let Some(user) = limits.user {
         File::create(image).map_err(io_err("creating", image))?;
-        let (uid, gid) = user.ids();
+        let (uid, gid) = crate::sandbox::jail::ids(user);
         rustix::fs::chown(image, Some(uid), Some(gid))
             .map_err(|e| io_err("giving away", image)(e.into()))?;
     }

@@ -167,7 +167,7 @@ fn become_reader(user: crate::sandbox::jail::JailUser) -> io::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    let (uid, gid) = user.ids();
+    let (uid, gid) = crate::sandbox::jail::ids(user);
     // Keep the permitted set across the uid change; effective is cleared.
     rustix::thread::set_keep_capabilities(true)?;
     rustix::thread::set_thread_groups(&[])?;

@@ -6,9 +6,11 @@
 //! - [`VmConfig`]: a [`VmSpec`] validated; the only form the VMM builds from.
 //! - [`limits`]: the bounds both sides check against (vCPUs, memory, device
 //!   counts, name lengths).
-//! - [`control`]: the control socket's requests and replies.
+//! - [`control`]: the control socket's requests and replies;
+//!   [`control_client`] sends one and reads the reply.
 
 pub mod control;
+pub mod control_client;
 pub mod limits;
 pub mod spec;
 mod validate;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::{NetworkError, TAP_PREFIX};
 
 /// At most this many interfaces per pod (each is a virtio-net device).
-pub const MAX_INTERFACES: usize = 4;
+pub use husk_runtime_config::config::MAX_INTERFACES;
 /// Bounds on what is copied into the guest.
 const MAX_ADDRESSES: usize = 32;
 const MAX_ROUTES: usize = 256;

@@ -38,11 +38,11 @@
 //! All jailed VMMs share one uid: each sees only its own tmpfs root and
 //! its own PID namespace (no /proc, no other process), so the uid gives it
 //! nothing over another VMM. The jail needs a statically linked VMM: it
-//! holds no shared libraries ([`check_static`]).
+//! holds no shared libraries (`husk_runtime_config::elf::check_static`).
 
 use std::ffi::{CStr, CString};
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -89,23 +89,15 @@ pub enum JailError {
     },
     #[error("jail: the path {0:?} holds a NUL byte")]
     Nul(PathBuf),
-    #[error("jail: {0} is not a statically linked ELF executable (the jail holds no shared libraries; set jail = false to run a dynamic one)")]
-    NotStatic(PathBuf),
     #[error("jail: bind target {0:?} must be one plain name under the jail's root")]
     BadTarget(String),
 }
 
-/// The unprivileged user and group the VMM runs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JailUser {
-    pub uid: u32,
-    pub gid: u32,
-}
+pub use husk_runtime_config::JailUser;
 
-impl JailUser {
-    pub(crate) fn ids(self) -> (Uid, Gid) {
-        (Uid::from_raw(self.uid), Gid::from_raw(self.gid))
-    }
+/// The jail user's ids as rustix takes them.
+pub(crate) fn ids(user: JailUser) -> (Uid, Gid) {
+    (Uid::from_raw(user.uid), Gid::from_raw(user.gid))
 }
 
 /// What one bind mount shows in the jail.
@@ -237,7 +229,7 @@ impl Jail {
     /// In the child, as root: a new mount namespace whose root holds only
     /// the binds and nodes. Only system calls: safe between fork and exec.
     pub fn enter(&self) -> io::Result<()> {
-        let (uid, gid) = self.user.ids();
+        let (uid, gid) = ids(self.user);
         // SAFETY: the child has one thread; its fs and mount namespace are
         // its own after this, and nothing else in it holds paths.
         unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWNS) }?;
@@ -304,7 +296,7 @@ impl Jail {
     /// needs root: the netns, the cgroup): becomes the jail's user with no
     /// capability left. Only system calls: safe between fork and exec.
     pub fn drop_privileges(&self) -> io::Result<()> {
-        let (uid, gid) = self.user.ids();
+        let (uid, gid) = ids(self.user);
         // The bounding set first: dropping from it needs CAP_SETPCAP.
         for n in 0..64u32 {
             match rustix::thread::remove_capability_from_bounding_set(
@@ -384,52 +376,9 @@ pub fn new_pid_namespace() -> io::Result<()> {
     Ok(())
 }
 
-/// Checks that `path` is an ELF executable with no program interpreter
-/// (statically linked, static-pie included): inside the jail there is no
-/// dynamic loader.
-pub fn check_static(path: &Path) -> Result<(), JailError> {
-    let io = |source| JailError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut head = Vec::new();
-    fs::File::open(path)
-        .map_err(io)?
-        .take(64 << 10)
-        .read_to_end(&mut head)
-        .map_err(io)?;
-    if has_interpreter(&head) != Some(false) {
-        return Err(JailError::NotStatic(path.to_path_buf()));
-    }
-    Ok(())
-}
-
-/// Whether the 64-bit little-endian ELF image starting with `head` has a
-/// PT_INTERP program header; `None` if it is not one, or its program
-/// headers are not within `head`.
-fn has_interpreter(head: &[u8]) -> Option<bool> {
-    const PT_INTERP: u32 = 3;
-    if head.get(..6)? != b"\x7fELF\x02\x01" {
-        return None;
-    }
-    let u16_at = |o: usize| Some(u16::from_le_bytes(head.get(o..o + 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(head.get(o..o + 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(head.get(o..o + 8)?.try_into().ok()?));
-    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
-    let phentsize = usize::from(u16_at(0x36)?);
-    let phnum = usize::from(u16_at(0x38)?);
-    for i in 0..phnum {
-        let entry = phoff.checked_add(i.checked_mul(phentsize)?)?;
-        if u32_at(entry)? == PT_INTERP {
-            return Some(true);
-        }
-    }
-    Some(false)
-}
-
 /// Makes `path` the jail user's (a disk, the console log, `run/`).
 pub fn give(user: JailUser, path: &Path) -> Result<(), JailError> {
-    let (uid, gid) = user.ids();
+    let (uid, gid) = ids(user);
     rustix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| JailError::Io {
         path: path.to_path_buf(),
         source: e.into(),

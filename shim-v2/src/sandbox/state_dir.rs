@@ -1,7 +1,8 @@
 //! A sandbox's state folder `<state_dir>/<sandbox id>/` (mode 0700) and the
 //! names of what it holds. Nothing in it is mounted in the host's mount
 //! namespace (the jail's mounts live in the VMM's own), so removing it is
-//! removing files.
+//! removing files. The names of what it holds are
+//! `husk_runtime_config::state`'s, shared with the `husk` command.
 
 use std::fs;
 use std::io;
@@ -10,30 +11,10 @@ use std::path::{Path, PathBuf};
 
 use super::SandboxError;
 
-/// The VM description husk-vmm runs.
-pub const VM_SPEC: &str = "vm.json";
-/// The VMM's pid, for a `shim delete` after this shim died.
-pub const VMM_PID: &str = "vmm.pid";
-/// The VMM's log (its stderr).
-pub const VMM_LOG: &str = "vmm.log";
-/// The guest console (with debug_console).
-pub const CONSOLE_LOG: &str = "console.log";
-/// The folder of the VMM's sockets (the jail's only writable folder).
-pub const RUN_DIR: &str = "run";
-/// The hybrid vsock socket, in [`RUN_DIR`].
-pub const VSOCK: &str = "vsock";
-/// The VMM's control socket, in [`RUN_DIR`].
-pub const CONTROL_SOCKET: &str = "ctl.sock";
-/// The cgroup folders the shim made for the sandbox, one a line, for a
-/// `shim delete` after this shim died.
-pub const CGROUPS: &str = "cgroups";
-/// The first container's disk image.
-pub const ROOT_IMAGE: &str = "root.erofs";
-
-/// The file of pod disk slot `n` (from 1).
-pub fn slot_file(n: usize) -> String {
-    format!("slot{n}")
-}
+pub use husk_runtime_config::state::{
+    slot_file, CGROUPS, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, RUN_DIR, VMM_LOG, VMM_PID,
+    VM_SPEC, VSOCK,
+};
 
 /// The sandbox's state folder; removed on drop unless kept.
 pub struct StateDir {

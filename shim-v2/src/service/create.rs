@@ -28,6 +28,7 @@ use crate::sizing::{self, Limits};
 use crate::spec::{self, GuestSpec, Role};
 use crate::sync::lock;
 use crate::tool::ToolLimits;
+use husk_runtime_config::state::SandboxRecord;
 
 /// What a Create request asks for, checked, before anything is set up.
 struct Plan {
@@ -212,6 +213,22 @@ impl Inner {
         // From now on `shim delete` can clean up, should this shim die in
         // the middle of the boot.
         undo.marker = Some(write_marker(&plan.bundle, &dir.path, true)?);
+        // For the `husk` command (`husk ps`, metrics): where the sandbox's
+        // bundle is, when it started and, once booted, how long that took.
+        let mut record = SandboxRecord {
+            bundle: plan.bundle.clone(),
+            started_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            boot_ms: None,
+        };
+        let write_record = |record: &SandboxRecord, dir: &Path| {
+            record
+                .write(dir)
+                .map_err(|e| ServiceError::Internal(format!("writing the sandbox record: {e}")))
+        };
+        write_record(&record, &dir.path)?;
+        let boot_start = std::time::Instant::now();
         rootfs::build_erofs(
             &cfg.mkfs_erofs_path,
             &plan.root,
@@ -235,6 +252,8 @@ impl Inner {
             &self.cancel,
         )?);
         undo.sandbox = Some(sb.clone());
+        record.boot_ms = Some(u64::try_from(boot_start.elapsed().as_millis()).unwrap_or(u64::MAX));
+        write_record(&record, &sb.dir)?;
         // The VM was sized for these limits; only the caps can refuse them.
         sb.reserve(&plan.id, plan.limits)?;
         Ok((sb, ROOT_DISK_SERIAL.to_string()))

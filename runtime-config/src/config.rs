@@ -1,0 +1,736 @@
+//! The husk runtime configuration (configs/configuration.toml documents
+//! every key): where the shim finds it, parsing and validation into
+//! [`Config`]. Every error names the key it is about.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use husk_vm_config::{limits, RateLimiterSpec, TokenBucketSpec};
+
+use serde::Deserialize;
+
+/// The configuration file when neither the runtime options nor the
+/// environment name one.
+pub const DEFAULT_PATH: &str = "/etc/husk/configuration.toml";
+/// The environment variable that names the configuration file.
+pub const ENV_VAR: &str = "HUSK_CONFIG";
+/// Largest configuration file read.
+const MAX_FILE: u64 = 1 << 20;
+/// Longest `kernel_params`: half the command line the VMM takes; the shim's
+/// own parameters use far less than the rest.
+pub const MAX_KERNEL_PARAMS: usize = limits::MAX_CMDLINE_LEN / 2;
+/// Every virtio device the VMM has room for, but the first container's disk,
+/// vsock, rng and the most NICs a pod network has (and the balloon with
+/// `free_page_reporting`: see [`max_pod_disk_slots`]).
+#[allow(clippy::cast_possible_truncation)] // 12 fits
+pub const MAX_POD_DISK_SLOTS: u32 = (limits::MAX_VIRTIO_DEVICES - 3 - MAX_INTERFACES) as u32;
+/// At most this many network interfaces per pod (each is a virtio-net
+/// device).
+pub const MAX_INTERFACES: usize = 4;
+
+/// The most pod disk slots a VM has room for: the balloon takes one.
+pub fn max_pod_disk_slots(free_page_reporting: bool) -> u32 {
+    MAX_POD_DISK_SLOTS - u32::from(free_page_reporting)
+}
+/// Longest `state_dir`: `<state_dir>/<64-byte id>/run/ctl.sock` must be a
+/// socket path the VMM can bind (CRI's ids are 64 bytes; a longer id gets
+/// the VMM's error naming the socket path).
+const MAX_STATE_DIR: usize = limits::MAX_SOCKET_PATH_LEN - "/".len() - 64 - "/run/ctl.sock".len();
+/// Smallest guest RAM the shim asks for: the VMM boots a kernel in less,
+/// but the agent and a container need this much.
+const MIN_MEMORY_MIB: u64 = 64;
+const _: () = assert!(MIN_MEMORY_MIB >= limits::MIN_MEMORY_MIB);
+/// Default caps on a VM sized by its pod (`max_vcpus`, `max_memory_mib`).
+const DEFAULT_MAX_VCPUS: u32 = 8;
+const DEFAULT_MAX_MEMORY_MIB: u64 = 16 << 10;
+/// The jailed VMM's default uid and gid: ids no account on the host uses
+/// (Debian reserves 65000-65533 and never allocates them), so the VMMs
+/// share them with no other process or file.
+pub const DEFAULT_JAIL_ID: u32 = 65500;
+
+/// The unprivileged user and group the VMM runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the husk configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("husk configuration {path} is larger than 1 MiB")]
+    TooLarge { path: PathBuf },
+    #[error("husk configuration {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("husk configuration {path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The file as written: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    vmm_path: Option<PathBuf>,
+    kernel_path: Option<PathBuf>,
+    initrd_path: Option<PathBuf>,
+    kernel_params: Option<String>,
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+    max_vcpus: Option<u32>,
+    max_memory_mib: Option<u64>,
+    boot_timeout_secs: Option<u64>,
+    request_timeout_secs: Option<u64>,
+    log_level: Option<String>,
+    debug_console: Option<bool>,
+    free_page_reporting: Option<bool>,
+    state_dir: Option<PathBuf>,
+    mkfs_erofs_path: Option<PathBuf>,
+    rootfs_build_timeout_secs: Option<u64>,
+    rootfs_image_max_mib: Option<u64>,
+    pod_disk_slots: Option<u32>,
+    pod_disk_slot_size_mib: Option<u64>,
+    disk_bandwidth_bytes_per_sec: Option<u64>,
+    disk_ops_per_sec: Option<u64>,
+    net_rx_bytes_per_sec: Option<u64>,
+    net_tx_bytes_per_sec: Option<u64>,
+    jail: Option<bool>,
+    sandbox_cgroup: Option<bool>,
+    jail_uid: Option<u32>,
+    jail_gid: Option<u32>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Where it was read from (for messages).
+    pub source: PathBuf,
+    pub vmm_path: PathBuf,
+    pub kernel_path: PathBuf,
+    pub initrd_path: PathBuf,
+    pub kernel_params: String,
+    /// The VM's base vCPUs, before what the pod asks for.
+    pub vcpus: u32,
+    /// The VM's base memory (guest kernel, agent), before what the pod
+    /// asks for.
+    pub memory_mib: u64,
+    /// Caps on a VM sized by its pod.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u64,
+    pub boot_timeout: Duration,
+    pub request_timeout: Duration,
+    pub log_level: log::LevelFilter,
+    pub debug_console: bool,
+    /// Give the VM a virtio-balloon with free page reporting, so the
+    /// memory its guest frees goes back to the host.
+    pub free_page_reporting: bool,
+    pub state_dir: PathBuf,
+    pub mkfs_erofs_path: PathBuf,
+    /// How long mkfs.erofs may take over one container's root.
+    pub rootfs_build_timeout: Duration,
+    /// The largest image it may write (and the sandbox's root image may be).
+    pub rootfs_image_max_mib: u64,
+    pub pod_disk_slots: u32,
+    pub pod_disk_slot_size_mib: u64,
+    /// The VMM's limit on each of the VM's disks; None: unlimited.
+    pub disk_rate_limiter: Option<RateLimiterSpec>,
+    /// The VMM's limits on what each NIC of the VM receives and sends;
+    /// None: unlimited.
+    pub net_rx_rate_limiter: Option<RateLimiterSpec>,
+    pub net_tx_rate_limiter: Option<RateLimiterSpec>,
+    /// The user the VMM runs as in its jail; `None`: no jail (`jail =
+    /// false`, for debugging), the VMM runs as the shim does.
+    pub jail: Option<JailUser>,
+    /// Run the VMM in the sandbox's host cgroup, sized by the VM.
+    pub sandbox_cgroup: bool,
+}
+
+/// Picks the configuration file: the runtime option's path, else the
+/// environment's, else the default.
+pub fn choose_path(option_path: Option<&str>, env_path: Option<&str>) -> PathBuf {
+    option_path
+        .filter(|p| !p.is_empty())
+        .or(env_path.filter(|p| !p.is_empty()))
+        .unwrap_or(DEFAULT_PATH)
+        .into()
+}
+
+/// Reads and validates the configuration at `path`, checking that the files
+/// it names exist.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = read(path)?;
+    let cfg = parse(&text, path)?;
+    cfg.check_files()?;
+    Ok(cfg)
+}
+
+/// Reads the text of the configuration file at `path` (at most 1 MiB).
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    let read = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read)?;
+    if meta.len() > MAX_FILE {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::read_to_string(path).map_err(read)
+}
+
+/// The keys a configuration's text sets (for telling a value the file
+/// gave from a default); empty if the text does not parse.
+pub fn keys_set(text: &str) -> std::collections::BTreeSet<String> {
+    toml::from_str::<toml::Table>(text)
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Parses and validates the text of a configuration (no file checks).
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })?;
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key,
+        message,
+    };
+    let abs = |key: &'static str, v: Option<PathBuf>, default: &str| {
+        let p = v.unwrap_or_else(|| default.into());
+        if p.is_absolute() {
+            Ok(p)
+        } else {
+            Err(invalid(
+                key,
+                format!(
+                    "must be an absolute path, got {:?}",
+                    p.display().to_string()
+                ),
+            ))
+        }
+    };
+    let range = |key: &'static str, v: u64, lo: u64, hi: u64| {
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(
+                key,
+                format!("must be between {lo} and {hi}, got {v}"),
+            ))
+        }
+    };
+    // A rate: 0 (the default) is no limit; the VMM takes up to its
+    // largest bucket.
+    let rate =
+        |key: &'static str, v: Option<u64>| range(key, v.unwrap_or(0), 0, limits::MAX_BUCKET_SIZE);
+    let kernel_params = raw.kernel_params.unwrap_or_default();
+    if kernel_params.len() > MAX_KERNEL_PARAMS {
+        return Err(invalid(
+            "kernel_params",
+            format!(
+                "at most {MAX_KERNEL_PARAMS} bytes, got {}",
+                kernel_params.len()
+            ),
+        ));
+    }
+    if !kernel_params.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(invalid(
+            "kernel_params",
+            "must be printable ASCII on one line".into(),
+        ));
+    }
+    let log_level = match raw.log_level.as_deref().unwrap_or("info") {
+        "error" => log::LevelFilter::Error,
+        "warn" => log::LevelFilter::Warn,
+        "info" => log::LevelFilter::Info,
+        "debug" => log::LevelFilter::Debug,
+        "trace" => log::LevelFilter::Trace,
+        other => {
+            return Err(invalid(
+                "log_level",
+                format!("must be error, warn, info, debug or trace, got {other:?}"),
+            ))
+        }
+    };
+    let state_dir = abs("state_dir", raw.state_dir, "/run/husk")?;
+    let free_page_reporting = raw.free_page_reporting.unwrap_or(true);
+    // <state_dir>/<64-hex sandbox id>/ctl.sock must fit sun_path.
+    if state_dir.as_os_str().len() > MAX_STATE_DIR {
+        return Err(invalid(
+            "state_dir",
+            format!(
+                "at most {MAX_STATE_DIR} bytes (the VMM's socket paths under it must fit 107), got {}",
+                state_dir.as_os_str().len()
+            ),
+        ));
+    }
+    let vcpus = u32::try_from(range(
+        "vcpus",
+        raw.vcpus.unwrap_or(1).into(),
+        1,
+        limits::MAX_VCPUS.into(),
+    )?)
+    .unwrap_or(1);
+    let memory_mib = range(
+        "memory_mib",
+        raw.memory_mib.unwrap_or(256),
+        MIN_MEMORY_MIB,
+        limits::MAX_MEMORY_MIB,
+    )?;
+    let max_vcpus = u32::try_from(range(
+        "max_vcpus",
+        raw.max_vcpus.unwrap_or(DEFAULT_MAX_VCPUS.max(vcpus)).into(),
+        vcpus.into(),
+        limits::MAX_VCPUS.into(),
+    )?)
+    .unwrap_or(vcpus);
+    let max_memory_mib = range(
+        "max_memory_mib",
+        raw.max_memory_mib
+            .unwrap_or(DEFAULT_MAX_MEMORY_MIB.max(memory_mib)),
+        memory_mib,
+        limits::MAX_MEMORY_MIB,
+    )?;
+    let jail = match (raw.jail.unwrap_or(true), raw.jail_uid, raw.jail_gid) {
+        (false, _, _) => None,
+        (true, None, None) => Some(JailUser {
+            uid: DEFAULT_JAIL_ID,
+            gid: DEFAULT_JAIL_ID,
+        }),
+        (true, Some(_), None) => {
+            return Err(invalid("jail_gid", "must be set with jail_uid".into()))
+        }
+        (true, None, Some(_)) => {
+            return Err(invalid("jail_uid", "must be set with jail_gid".into()))
+        }
+        (true, Some(uid), Some(gid)) => Some(JailUser {
+            uid: jail_id("jail_uid", uid).map_err(|m| invalid("jail_uid", m))?,
+            gid: jail_id("jail_gid", gid).map_err(|m| invalid("jail_gid", m))?,
+        }),
+    };
+    Ok(Config {
+        source: path.to_path_buf(),
+        vmm_path: abs("vmm_path", raw.vmm_path, "/usr/local/bin/husk-vmm")?,
+        kernel_path: abs("kernel_path", raw.kernel_path, "/usr/share/husk/bzImage")?,
+        initrd_path: abs(
+            "initrd_path",
+            raw.initrd_path,
+            "/usr/share/husk/husk-agent.initrd",
+        )?,
+        kernel_params,
+        vcpus,
+        memory_mib,
+        max_vcpus,
+        max_memory_mib,
+        boot_timeout: Duration::from_secs(range(
+            "boot_timeout_secs",
+            raw.boot_timeout_secs.unwrap_or(60),
+            1,
+            3600,
+        )?),
+        request_timeout: Duration::from_secs(range(
+            "request_timeout_secs",
+            raw.request_timeout_secs.unwrap_or(30),
+            1,
+            3600,
+        )?),
+        log_level,
+        debug_console: raw.debug_console.unwrap_or(false),
+        free_page_reporting,
+        state_dir,
+        mkfs_erofs_path: abs(
+            "mkfs_erofs_path",
+            raw.mkfs_erofs_path,
+            "/usr/bin/mkfs.erofs",
+        )?,
+        rootfs_build_timeout: Duration::from_secs(range(
+            "rootfs_build_timeout_secs",
+            raw.rootfs_build_timeout_secs.unwrap_or(300),
+            1,
+            86_400,
+        )?),
+        rootfs_image_max_mib: range(
+            "rootfs_image_max_mib",
+            raw.rootfs_image_max_mib.unwrap_or(16 << 10),
+            16,
+            1 << 20,
+        )?,
+        pod_disk_slots: u32::try_from(range(
+            "pod_disk_slots",
+            raw.pod_disk_slots.unwrap_or(4).into(),
+            0,
+            max_pod_disk_slots(free_page_reporting).into(),
+        )?)
+        .unwrap_or(0),
+        pod_disk_slot_size_mib: range(
+            "pod_disk_slot_size_mib",
+            raw.pod_disk_slot_size_mib.unwrap_or(2048),
+            16,
+            1 << 20,
+        )?,
+        disk_rate_limiter: per_second_limiter(
+            rate(
+                "disk_bandwidth_bytes_per_sec",
+                raw.disk_bandwidth_bytes_per_sec,
+            )?,
+            rate("disk_ops_per_sec", raw.disk_ops_per_sec)?,
+        ),
+        net_rx_rate_limiter: per_second_limiter(
+            rate("net_rx_bytes_per_sec", raw.net_rx_bytes_per_sec)?,
+            0,
+        ),
+        net_tx_rate_limiter: per_second_limiter(
+            rate("net_tx_bytes_per_sec", raw.net_tx_bytes_per_sec)?,
+            0,
+        ),
+        jail,
+        sandbox_cgroup: raw.sandbox_cgroup.unwrap_or(true),
+    })
+}
+
+/// A jail uid or gid: not root's, and not -1 (which set*id(2) read as
+/// "leave unchanged": the VMM would stay root).
+fn jail_id(key: &str, id: u32) -> Result<u32, String> {
+    match id {
+        0 => Err(format!(
+            "{key} 0 is root's: the jail is there to run the VMM unprivileged"
+        )),
+        u32::MAX => Err(format!("{key} {id} is -1, which set*id(2) ignores")),
+        id => Ok(id),
+    }
+}
+
+/// A rate limiter of `bytes` and `ops` per second (0: no limit on that),
+/// None when neither is limited. Each bucket holds one second's worth: a
+/// device idle for a second may go that far at full speed, and over any
+/// longer time the rate holds.
+fn per_second_limiter(bytes: u64, ops: u64) -> Option<RateLimiterSpec> {
+    let bucket = |per_sec: u64| {
+        (per_sec > 0).then_some(TokenBucketSpec {
+            size: per_sec,
+            one_time_burst: 0,
+            refill_time_ms: 1000,
+        })
+    };
+    let spec = RateLimiterSpec {
+        bandwidth: bucket(bytes),
+        ops: bucket(ops),
+    };
+    (spec.bandwidth.is_some() || spec.ops.is_some()).then_some(spec)
+}
+
+/// What is wrong with a file the configuration names, if anything: it
+/// must be a regular file, and executable if `exec`.
+pub fn file_problem(path: &Path, exec: bool) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Some("is not a regular file".to_string()),
+        Ok(m) if exec && m.permissions().mode() & 0o111 == 0 => {
+            Some("is not executable".to_string())
+        }
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+impl Config {
+    /// The files the configuration names: (key, path, must be executable).
+    pub fn files(&self) -> [(&'static str, &Path, bool); 4] {
+        [
+            ("vmm_path", &self.vmm_path, true),
+            ("kernel_path", &self.kernel_path, false),
+            ("initrd_path", &self.initrd_path, false),
+            ("mkfs_erofs_path", &self.mkfs_erofs_path, true),
+        ]
+    }
+
+    /// Checks that the files the configuration names are there.
+    fn check_files(&self) -> Result<(), ConfigError> {
+        let files = self.files();
+        for (key, path, exec) in files {
+            if let Some(message) = file_problem(path, exec) {
+                return Err(ConfigError::Invalid {
+                    path: self.source.clone(),
+                    key,
+                    message: format!("{}: {message}", path.display()),
+                });
+            }
+        }
+        if self.jail.is_some() {
+            crate::elf::check_static(&self.vmm_path).map_err(|e| ConfigError::Invalid {
+                path: self.source.clone(),
+                key: "vmm_path",
+                message: format!("jail: {e} (the jail holds no shared libraries; set jail = false to run a dynamic one)"),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Size of a pod disk slot in bytes.
+    pub fn slot_bytes(&self) -> u64 {
+        self.pod_disk_slot_size_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigError> {
+        parse(text, Path::new("/etc/husk/configuration.toml"))
+    }
+
+    fn err(text: &str) -> String {
+        p(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let c = p("").unwrap();
+        assert_eq!(c.vmm_path, Path::new("/usr/local/bin/husk-vmm"));
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!((c.max_vcpus, c.max_memory_mib), (8, 16384));
+        // A base above the default caps raises them.
+        let c = p("vcpus = 12\nmemory_mib = 20000").unwrap();
+        assert_eq!((c.max_vcpus, c.max_memory_mib), (12, 20000));
+        assert_eq!(c.boot_timeout, Duration::from_secs(60));
+        assert_eq!(c.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.log_level, log::LevelFilter::Info);
+        assert!(!c.debug_console);
+        assert_eq!(c.state_dir, Path::new("/run/husk"));
+        assert_eq!(c.pod_disk_slots, 4);
+        assert!(c.free_page_reporting);
+        assert_eq!(c.slot_bytes(), 2 << 30);
+        assert_eq!(c.disk_rate_limiter, None);
+        assert_eq!(c.net_rx_rate_limiter, None);
+        assert_eq!(c.net_tx_rate_limiter, None);
+    }
+
+    #[test]
+    fn rate_limits_are_per_second_buckets() {
+        let second = |size| {
+            Some(TokenBucketSpec {
+                size,
+                one_time_burst: 0,
+                refill_time_ms: 1000,
+            })
+        };
+        let c = p("disk_bandwidth_bytes_per_sec = 10485760\ndisk_ops_per_sec = 500\nnet_tx_bytes_per_sec = 1250000")
+            .unwrap();
+        assert_eq!(
+            c.disk_rate_limiter,
+            Some(RateLimiterSpec {
+                bandwidth: second(10 << 20),
+                ops: second(500),
+            })
+        );
+        assert_eq!(c.net_rx_rate_limiter, None);
+        assert_eq!(
+            c.net_tx_rate_limiter,
+            Some(RateLimiterSpec {
+                bandwidth: second(1_250_000),
+                ops: None,
+            })
+        );
+        let c = p("disk_ops_per_sec = 100\nnet_rx_bytes_per_sec = 0").unwrap();
+        assert_eq!(
+            c.disk_rate_limiter,
+            Some(RateLimiterSpec {
+                bandwidth: None,
+                ops: second(100),
+            })
+        );
+        assert_eq!(c.net_rx_rate_limiter, None);
+    }
+
+    #[test]
+    fn the_shipped_file_parses_to_the_defaults() {
+        let text = include_str!("../../configs/configuration.toml");
+        let mut shipped = p(text).unwrap();
+        let defaults = p("").unwrap();
+        shipped.source = defaults.source.clone();
+        assert_eq!(shipped, defaults);
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = p(r#"
+            vmm_path = "/opt/husk/husk-vmm"
+            kernel_params = "loglevel=7"
+            vcpus = 2
+            memory_mib = 512
+            boot_timeout_secs = 300
+            rootfs_build_timeout_secs = 20
+            rootfs_image_max_mib = 512
+            log_level = "debug"
+            debug_console = true
+            state_dir = "/tmp/h"
+            pod_disk_slots = 0
+            free_page_reporting = false
+        "#)
+        .unwrap();
+        assert_eq!(c.vmm_path, Path::new("/opt/husk/husk-vmm"));
+        assert_eq!(c.kernel_params, "loglevel=7");
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert_eq!(c.boot_timeout, Duration::from_secs(300));
+        assert_eq!(c.rootfs_build_timeout, Duration::from_secs(20));
+        assert_eq!(c.rootfs_image_max_mib, 512);
+        assert_eq!(c.log_level, log::LevelFilter::Debug);
+        assert!(c.debug_console);
+        assert_eq!(c.pod_disk_slots, 0);
+        assert!(!c.free_page_reporting);
+    }
+
+    #[test]
+    fn the_jail_is_on_by_default_and_its_ids_are_checked() {
+        let c = p("").unwrap();
+        assert_eq!(
+            c.jail,
+            Some(JailUser {
+                uid: DEFAULT_JAIL_ID,
+                gid: DEFAULT_JAIL_ID
+            })
+        );
+        assert_eq!(p("jail = false").unwrap().jail, None);
+        assert!(c.sandbox_cgroup);
+        assert!(!p("sandbox_cgroup = false").unwrap().sandbox_cgroup);
+        // Ids are ignored with the jail off.
+        assert_eq!(p("jail = false\njail_uid = 0").unwrap().jail, None);
+        assert_eq!(
+            p("jail_uid = 1234\njail_gid = 4321").unwrap().jail,
+            Some(JailUser {
+                uid: 1234,
+                gid: 4321
+            })
+        );
+        let e = err("jail_uid = 1234");
+        assert!(e.contains("jail_gid: must be set with jail_uid"), "{e}");
+        let e = err("jail_gid = 1234");
+        assert!(e.contains("jail_uid: must be set with jail_gid"), "{e}");
+        let e = err("jail_uid = 0\njail_gid = 1");
+        assert!(e.contains("jail_uid: jail_uid 0 is root's"), "{e}");
+        let e = err("jail_uid = 1\njail_gid = 0");
+        assert!(e.contains("jail_gid: jail_gid 0 is root's"), "{e}");
+        let e = err("jail_uid = 4294967295\njail_gid = 1");
+        assert!(e.contains("is -1"), "{e}");
+        let e = err("jail_uid = -5\njail_gid = 1");
+        assert!(e.contains("jail_uid"), "{e}");
+    }
+
+    #[test]
+    fn a_jailed_vmm_must_be_static() {
+        let dir = std::env::temp_dir().join(format!("husk-cfg-static-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("vmm.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let text = |jail: bool| {
+            format!(
+                "vmm_path = {:?}\nkernel_path = {:?}\ninitrd_path = {:?}\nmkfs_erofs_path = {:?}\njail = {jail}",
+                script, script, script, script
+            )
+        };
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text(true)).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("vmm_path: jail:") && e.contains("not a statically linked"),
+            "{e}"
+        );
+        std::fs::write(&path, text(false)).unwrap();
+        assert!(load(&path).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err("vcpus = 0");
+        assert!(e.contains("vcpus: must be between 1 and 64, got 0"), "{e}");
+        let e = err("memory_mib = 16");
+        assert!(e.contains("memory_mib: must be between 64"), "{e}");
+        let e = err("kernel_path = \"bzImage\"");
+        assert!(e.contains("kernel_path: must be an absolute path"), "{e}");
+        let e = err("log_level = \"loud\"");
+        assert!(e.contains("log_level: must be error"), "{e}");
+        let e = err("pod_disk_slots = 12");
+        assert!(
+            e.contains("pod_disk_slots: must be between 0 and 11"),
+            "{e}"
+        );
+        let e = err("pod_disk_slots = 13\nfree_page_reporting = false");
+        assert!(
+            e.contains("pod_disk_slots: must be between 0 and 12"),
+            "{e}"
+        );
+        let e = err("kernel_params = \"a\\nb\"");
+        assert!(e.contains("kernel_params: must be printable"), "{e}");
+        let e = err("state_dir = \"/a/very/long/state/directory/path/x\"");
+        assert!(e.contains("state_dir: at most 29 bytes"), "{e}");
+        let e = err("vcpus = 2\nmax_vcpus = 1");
+        assert!(
+            e.contains("max_vcpus: must be between 2 and 64, got 1"),
+            "{e}"
+        );
+        let e = err("max_memory_mib = 100");
+        assert!(e.contains("max_memory_mib: must be between 256 and"), "{e}");
+        let e = err("rootfs_build_timeout_secs = 0");
+        assert!(e.contains("rootfs_build_timeout_secs"), "{e}");
+        let e = err("rootfs_image_max_mib = 1");
+        assert!(e.contains("rootfs_image_max_mib"), "{e}");
+        let e = err("boot_timeout_secs = 0");
+        assert!(e.contains("boot_timeout_secs"), "{e}");
+        let e = err("disk_bandwidth_bytes_per_sec = 2199023255552");
+        assert!(
+            e.contains("disk_bandwidth_bytes_per_sec: must be between 0 and 1099511627776, got 2199023255552"),
+            "{e}"
+        );
+        let e = err("net_rx_bytes_per_sec = -1");
+        assert!(e.contains("net_rx_bytes_per_sec"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused() {
+        let e = err("vcpu = 2");
+        assert!(e.contains("vcpu"), "{e}");
+        let e = err("vcpus = \"two\"");
+        assert!(e.contains("vcpus"), "{e}");
+        let e = err("debug_console = 1");
+        assert!(e.contains("debug_console"), "{e}");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("husk-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "vmm_path = \"/nonexistent/husk-vmm\"\n").unwrap();
+        let e = load(&file).unwrap_err().to_string();
+        assert!(e.contains("vmm_path: /nonexistent/husk-vmm"), "{e}");
+        let e = load(&dir.join("missing.toml")).unwrap_err().to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn path_precedence() {
+        assert_eq!(
+            choose_path(Some("/a.toml"), Some("/b.toml")),
+            Path::new("/a.toml")
+        );
+        assert_eq!(choose_path(Some(""), Some("/b.toml")), Path::new("/b.toml"));
+        assert_eq!(choose_path(None, None), Path::new(DEFAULT_PATH));
+    }
+}

@@ -1,0 +1,9 @@
+//! What the husk shim and the `husk` command share about a node: the
+//! runtime configuration (`config`), the state folder each sandbox keeps
+//! (`state`), and the ELF check a jailed VMM must pass (`elf`).
+
+pub mod config;
+pub mod elf;
+pub mod state;
+
+pub use config::{Config, ConfigError, JailUser};

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# timeout: 900
+# The `husk` command in the test machine (real, nested KVM): `husk check`
+# passes; with two sandboxes running (`ctr run -d`), `husk ps` lists both
+# with their VMM pids, `husk metrics --once` is parsed by Prometheus's own
+# text parser (python3-prometheus-client) and has every documented metric
+# for each sandbox, `husk logs` shows the guest console. The host half
+# (`husk check` failing on a software /dev/kvm) is cli/tests/cli.rs.
+#
+#   tests/run.sh husk-cli   (after scripts/build.sh)
+# check_* functions are called by name (check in tests/shim/ctr.sh).
+# shellcheck disable=SC2317
+set -uo pipefail
+repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source=../shim/ctr.sh
+source "$repo/tests/shim/ctr.sh"
+
+ctr_setup husk-cli /run/husk-c 300
+husk_shim_config "$HUSK_CONFIG" "$state" boot_timeout_secs=240 request_timeout_secs=120
+ctr_start
+
+husk_cmd() { PATH="${HUSK_BIN:-$repo/target/release}:$PATH" husk --config "$HUSK_CONFIG" --containerd-config "$HUSK_CTRD_DIR/config.toml" "$@"; }
+
+check_husk_check() {
+  husk_cmd check >"$work/check.out" 2>&1
+  local rc=$?
+  indent '      | ' <"$work/check.out"
+  want "husk check: exit 0 (no FAIL)" [ "$rc" = 0 ]
+  want "kvm-hardware is OK" grep -qE '^OK +kvm-hardware' "$work/check.out"
+  want "the VMM, kernel and initrd are OK" [ "$(grep -cE '^OK +(vmm|kernel|initrd) ' "$work/check.out")" = 3 ]
+}
+
+check_husk_ps_metrics_logs() {
+  local a=hc-a b=hc-b
+  run_ctr run-a run -d "${husk[@]}" "$img" "$a" sleep 600
+  want "run -d $a: exit 0" [ "$rc" = 0 ] || return
+  run_ctr run-b run -d "${husk[@]}" "$img" "$b" sleep 600
+  want "run -d $b: exit 0" [ "$rc" = 0 ] || return
+  want "$a runs" husk_wait_task "$a" "$limit" || return
+  want "$b runs" husk_wait_task "$b" "$limit" || return
+
+  husk_cmd ps >"$work/ps.out" 2>&1
+  indent '      | ' <"$work/ps.out"
+  local id pid
+  for id in "$a" "$b"; do
+    pid=$(vmm_of "$id")
+    # shellcheck disable=SC2016 # awk's own variables
+    want "husk ps lists $id with its VMM pid ${pid:-?}" \
+      awk -v id="$id" -v pid="$pid" '$1 == id && $3 == pid && pid != "" { f = 1 } END { exit !f }' "$work/ps.out"
+  done
+
+  husk_cmd metrics --once >"$work/metrics.txt" 2>"$work/metrics.err"
+  want "husk metrics --once: exit 0" [ "$?" = 0 ]
+  want "Prometheus's parser reads it, every metric for each sandbox" \
+    python3 - "$work/metrics.txt" "$a" "$b" <<'PY'
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+text = open(sys.argv[1]).read()
+fams = {f.name: f for f in text_string_to_metric_families(text)}
+per_sandbox = [
+    "husk_sandbox_vmm_up", "husk_sandbox_vmm_resident_memory_bytes",
+    "husk_sandbox_vmm_cpu_seconds", "husk_sandbox_vcpus",
+    "husk_sandbox_guest_memory_bytes", "husk_sandbox_start_time_seconds",
+    "husk_sandbox_boot_seconds", "husk_sandbox_containers",
+    "husk_sandbox_guest_faults", "husk_sandbox_guest_fault_logs_suppressed",
+    "husk_sandbox_console_bytes", "husk_sandbox_console_dropped_bytes",
+    "husk_sandbox_vmm_log_bytes", "husk_sandbox_vmm_log_dropped_lines",
+]
+ok = True
+for host in ["husk_sandboxes", "husk_sandboxes_running"]:
+    if host not in fams or fams[host].samples[0].value < 2:
+        print(f"      {host}: missing or < 2"); ok = False
+for name in per_sandbox:
+    fam = fams.get(name)
+    for sb in sys.argv[2:]:
+        got = [s for s in (fam.samples if fam else []) if s.labels.get("sandbox_id") == sb]
+        if not got:
+            print(f"      {name}: none for {sb}"); ok = False
+        elif not all("pod" in s.labels and "namespace" in s.labels for s in got):
+            print(f"      {name}: {sb} lacks the pod/namespace labels"); ok = False
+up = [s for s in fams["husk_sandbox_vmm_up"].samples if s.value != 1]
+if up:
+    print(f"      not up: {up}"); ok = False
+rss = [s for s in fams["husk_sandbox_vmm_resident_memory_bytes"].samples if s.value <= 0]
+if rss:
+    print(f"      no RSS: {rss}"); ok = False
+sys.exit(0 if ok else 1)
+PY
+  head -40 "$work/metrics.txt" | indent '      | '
+
+  husk_cmd logs --console "$a" >"$work/logs.out" 2>&1
+  want "husk logs --console $a shows the guest's boot" grep -q "Linux version" "$work/logs.out"
+  husk_cmd logs --vmm "$a" >"$work/logs-vmm.out" 2>&1
+  want "husk logs --vmm $a shows the VMM's log" grep -q "vmm.log <==" "$work/logs-vmm.out"
+
+  for id in "$a" "$b"; do
+    run_ctr "kill-$id" task kill -s SIGKILL "$id"
+    wait_until 30 task_is "$id" STOPPED
+    run_ctr "rm-$id" task delete "$id"
+    run_ctr "crm-$id" container delete "$id"
+  done
+  husk_cmd ps >"$work/ps-after.out" 2>&1
+  want "husk ps lists neither after delete" bash -c "! grep -qE '^hc-' '$work/ps-after.out'"
+}
+
+ctr_run_checks husk_check husk_ps_metrics_logs
