@@ -123,11 +123,23 @@ impl Agent {
             Some(Rootfs::RootfsPath(path)) => {
                 return self.create_container_on(req, Path::new(path));
             }
+            Some(Rootfs::RootfsShared(_)) => {
+                // The host's snapshot in the shared folder: nothing to
+                // mount, nothing to unmount at RemoveContainer.
+                let path = PathBuf::from(guest::shared_rootfs(id));
+                if !Path::new(guest::SHARED_DIR).join(id).is_dir() {
+                    return Err(AgentError::State(format!(
+                        "container {id:?}: no root file system at {} (is the shared folder mounted?)",
+                        path.display()
+                    )));
+                }
+                return self.create_container_on(req, &path);
+            }
             Some(Rootfs::RootfsStorage(storage)) => storage,
             // The generated oneof enum is non-exhaustive.
             _ => {
                 return Err(invalid(
-                    "no rootfs: rootfs_storage or rootfs_path is required",
+                    "no rootfs: rootfs_storage, rootfs_path or rootfs_shared is required",
                 ))
             }
         };

@@ -365,7 +365,7 @@ mod tests {
         for f in ["bzImage", "initrd"] {
             std::fs::write(dir.join(f), b"x").unwrap();
         }
-        let slots = crate::config::max_pod_disk_slots(free_page_reporting) as usize;
+        let slots = crate::config::max_pod_disk_slots(free_page_reporting, false) as usize;
         for n in 1..=slots {
             std::fs::write(dir.join(slot_file(n)), b"").unwrap();
         }
