@@ -265,6 +265,17 @@ fn bad_input_is_refused_and_changes_nothing() {
     no_rootfs.oci_spec_json = serde_json::to_vec(&good).unwrap();
     let msg = invalid(a.client.create_container(ctx(), &no_rootfs), "no rootfs");
     assert!(msg.contains("no rootfs"), "{msg}");
+    // A shared rootfs whose folder the share lacks (no share mounted here):
+    // refused with the path, nothing created.
+    let mut shared = no_rootfs.clone();
+    shared.container_id = "no-such-shared-c".into();
+    shared.set_rootfs_shared(pb::SharedRootfs::new());
+    let (code, msg) = common::code(a.client.create_container(ctx(), &shared));
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(
+        msg.contains("/run/husk/shared/no-such-shared-c/rootfs") && msg.contains("shared folder"),
+        "{msg}"
+    );
     for id in ["", "-x", "a/b", "../c", &"x".repeat(200)] {
         invalid(a.create_spec(id, &good), "malformed id");
     }

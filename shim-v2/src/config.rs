@@ -632,9 +632,18 @@ mod tests {
         for (text, want) in [
             ("shared_fs = \"9p\"", "shared_fs: must be virtiofs or none"),
             ("rootfs = \"erofs\"", "rootfs: must be virtiofs or block"),
-            ("virtiofsd_cache = \"loose\"", "virtiofsd_cache: must be auto"),
-            ("virtiofsd_thread_pool_size = 65", "virtiofsd_thread_pool_size: must be between 0 and 64"),
-            ("virtiofsd = \"virtiofsd\"", "virtiofsd: must be an absolute path"),
+            (
+                "virtiofsd_cache = \"loose\"",
+                "virtiofsd_cache: must be auto",
+            ),
+            (
+                "virtiofsd_thread_pool_size = 65",
+                "virtiofsd_thread_pool_size: must be between 0 and 64",
+            ),
+            (
+                "virtiofsd = \"virtiofsd\"",
+                "virtiofsd: must be an absolute path",
+            ),
             ("virtiofsd_xattr = 1", "virtiofsd_xattr"),
         ] {
             let e = err(text);

@@ -191,6 +191,14 @@ impl Service {
                 }
             }
         }
+        // Its shared folder, then the snapshot a shared rootfs kept
+        // mounted (nothing there with a block rootfs).
+        if let Some(sb) = sb.as_ref() {
+            sb.unshare_container(&req.id);
+        }
+        if let Err(e) = crate::rootfs::unmount(&crate::rootfs::bundle_rootfs(&c.bundle)) {
+            log::warn!("container {}: {e}", req.id);
+        }
         // A created container's init dies with RemoveContainer; its waiter
         // reports that.
         let exit = p.wait_timeout(Duration::from_secs(5)).unwrap_or_else(|| {

@@ -186,12 +186,7 @@ impl SharedFolder {
             let vdir = dir.join(SHARED_VOLUMES);
             mkdir(&vdir, 0o755)?;
             for v in volumes {
-                self.bind(
-                    &v.host,
-                    &vdir.join(v.index.to_string()),
-                    v.dir,
-                    v.read_only,
-                )?;
+                self.bind(&v.host, &vdir.join(v.index.to_string()), v.dir, v.read_only)?;
             }
         }
         Ok(())
@@ -222,9 +217,8 @@ impl SharedFolder {
         };
         make_point(&staged)?;
         make_point(target)?;
-        let flags = |extra: MountFlags| {
-            MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV | extra
-        };
+        let flags =
+            |extra: MountFlags| MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV | extra;
         let ro = if read_only {
             MountFlags::RDONLY
         } else {

@@ -116,8 +116,12 @@ fn removing_the_folder_unmounts_before_it_deletes() {
     };
     let state = t.state();
     let f = SharedFolder::create(&state).unwrap();
-    f.add_container("c1", Some(&t.host("rootfs")), &[volume(0, t.host("vol"), true, false)])
-        .unwrap();
+    f.add_container(
+        "c1",
+        Some(&t.host("rootfs")),
+        &[volume(0, t.host("vol"), true, false)],
+    )
+    .unwrap();
     f.add_container("c2", None, &[volume(0, t.host("vol"), true, true)])
         .unwrap();
     f.remove().unwrap();
