@@ -9,7 +9,8 @@
 //! - virtiofsd sandboxes itself (`--sandbox=namespace`: new mount, PID and
 //!   network namespaces, pivot_root into the shared folder; `--seccomp=kill`),
 //!   runs without CAP_MKNOD (`--modcaps=-mknod`: the guest makes no device
-//!   node on the host) and with a bound on its open files;
+//!   node on the host) and with at most [`RLIMIT_NOFILE`] open files (set
+//!   by the shim before exec);
 //! - the shim starts it as PID 1 of a PID namespace of its own, in the
 //!   sandbox's host cgroup, with the parent-death signal: killing it kills
 //!   its sandboxed child too, and a dying shim takes it along;
@@ -85,7 +86,10 @@ pub fn args(cfg: &VirtiofsdConfig, shared: &Path, log_level: log::LevelFilter) -
         "--seccomp=kill".into(),
         "--announce-submounts".into(),
         "--modcaps=-mknod".into(),
-        format!("--rlimit-nofile={RLIMIT_NOFILE}").into(),
+        // The shim sets the limit (lowering needs no privilege):
+        // virtiofsd's own --rlimit-nofile raises too, which needs
+        // CAP_SYS_RESOURCE.
+        "--rlimit-nofile=0".into(),
         format!("--log-level={level}").into(),
     ];
     if cfg.xattr {
@@ -143,8 +147,10 @@ impl Virtiofsd {
             .stdout(Stdio::null())
             .stderr(Stdio::from(writer));
         let listen_fd = listener.as_raw_fd();
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+        let nofile = hard.map_or(RLIMIT_NOFILE, |h| h.min(RLIMIT_NOFILE));
         // SAFETY: the closure runs between fork and exec; it only calls
-        // write(2) on fds it owns, dup2(2) and fcntl(2), all
+        // write(2) on fds it owns, setrlimit(2), dup2(2) and fcntl(2), all
         // async-signal-safe, and allocates nothing. dup2 to another number clears close-on-exec
         // on the copy, which virtiofsd inherits; `listener` lives until
         // after the spawn.
@@ -153,6 +159,13 @@ impl Virtiofsd {
                 for fd in &cgroup_procs {
                     rustix::io::write(fd, b"0")?;
                 }
+                rustix::process::setrlimit(
+                    rustix::process::Resource::Nofile,
+                    rustix::process::Rlimit {
+                        current: Some(nofile),
+                        maximum: Some(nofile),
+                    },
+                )?;
                 if listen_fd == LISTEN_FD {
                     // dup2 onto itself keeps close-on-exec: clear it.
                     if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
@@ -254,7 +267,7 @@ mod tests {
             "--sandbox=namespace",
             "--seccomp=kill",
             "--modcaps=-mknod",
-            "--rlimit-nofile=65536",
+            "--rlimit-nofile=0",
             "--log-level=warn",
         ] {
             assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
@@ -355,6 +368,90 @@ mod tests {
                 .map_or(true, |s| s.contains(") Z "));
             assert!(gone, "child {pid} outlived virtiofsd");
         }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The real virtiofsd (scripts/setup.sh installs it; skipped without
+    /// it or root): it starts on the shim's socket and waits for the VMM,
+    /// its worker sandboxed in namespaces of its own with the open-file
+    /// bound, and stop() ends both of its processes.
+    #[test]
+    fn the_real_virtiofsd_runs_sandboxed_and_stops() {
+        let bin = Path::new("/usr/local/bin/virtiofsd");
+        if !bin.exists() || !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root and {}", bin.display());
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("husk-vfsd-real-{}", std::process::id()));
+        let _ = crate::shared::mountinfo::unmount_under(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("state")).unwrap();
+        fs::create_dir_all(dir.join("vol")).unwrap();
+        fs::write(dir.join("vol/a"), b"host data").unwrap();
+        let dir = fs::canonicalize(&dir).unwrap();
+        let folder = crate::shared::SharedFolder::create(&dir.join("state")).unwrap();
+        let sock = dir.join(SOCKET);
+        let v = Virtiofsd::start(
+            &cfg(bin),
+            folder.shared(),
+            listen(&sock, None).unwrap(),
+            Vec::new(),
+            &dir.join(LOG),
+            log::LevelFilter::Info,
+            "vfsd-real",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let log = fs::read_to_string(dir.join(LOG)).unwrap_or_default();
+        assert!(v.exit_status().is_none(), "virtiofsd ended: {log}");
+        // Its sandboxed worker: a child in other mount and PID namespaces.
+        let kids = |pid: u32| -> Vec<u32> {
+            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        };
+        let worker = *kids(v.pid()).first().expect("virtiofsd's worker");
+        let ns = |pid: u32, n: &str| fs::read_link(format!("/proc/{pid}/ns/{n}")).unwrap();
+        for n in ["mnt", "pid", "net"] {
+            assert_ne!(ns(worker, n), ns(std::process::id(), n), "{n} namespace");
+        }
+        let limits = fs::read_to_string(format!("/proc/{worker}/limits")).unwrap();
+        let nofile: Vec<u64> = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert!(nofile.iter().all(|&n| n <= RLIMIT_NOFILE), "{nofile:?}");
+        // A container shared after virtiofsd started: in its view (its
+        // root is the shared folder), read-only where asked.
+        let volume = crate::spec::SharedVolume {
+            index: 0,
+            host: dir.join("vol"),
+            dir: true,
+            read_only: true,
+        };
+        folder.add_container("c1", None, &[volume]).unwrap();
+        let seen = Path::new("/proc")
+            .join(worker.to_string())
+            .join("root/c1/volumes/0");
+        assert_eq!(fs::read(seen.join("a")).unwrap(), b"host data");
+        let e = fs::write(seen.join("b"), b"x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+        folder.remove_container("c1").unwrap();
+        assert!(!seen.exists(), "the unmount reached virtiofsd's view");
+        // The socket takes the VMM's connection (a client that leaves
+        // ends virtiofsd).
+        std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        v.stop();
+        folder.remove().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let gone =
+            fs::read_to_string(format!("/proc/{worker}/stat")).map_or(true, |s| s.contains(") Z "));
+        assert!(gone, "the worker outlived virtiofsd");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
