@@ -23,6 +23,8 @@ packages=(
   # HostIPC spec, gcc's static libc for the test images' small programs;
   # iperf3 for the pod network benchmark
   golang-go containernetworking-plugins util-linux libc6-dev iptables iperf3
+  # virtiofsd (built below) links libseccomp and libcap-ng
+  libseccomp-dev libcap-ng-dev
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -38,4 +40,14 @@ fi
 for c in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$c" || rustup component add "$c" >&2
 done
+# virtiofsd, the vhost-user backend of husk's virtio-fs devices: the Rust
+# virtiofsd from crates.io, built with the installed toolchain into
+# /usr/local/bin (where the shim looks for it, and which the test machine
+# sees through the host's root). Pinned: a version bump is a deliberate
+# change here. About 3 minutes on 2 cores.
+virtiofsd_version=1.14.0
+if [ "$(/usr/local/bin/virtiofsd --version 2>/dev/null | awk '{ print $2 }')" != "$virtiofsd_version" ]; then
+  echo "[setup] cargo install virtiofsd $virtiofsd_version" >&2
+  nice -n 19 cargo install virtiofsd --version "$virtiofsd_version" --locked --root /usr/local >&2
+fi
 echo "[setup] ready" >&2

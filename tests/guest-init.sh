@@ -91,6 +91,64 @@ for t in $tests; do
       echo "HUSK_TEST vsock-serve"
       while :; do husk-vsock-probe listen 5000 >/dev/null || sleep 1; done
       ;;
+    virtiofs)
+      # The host shares a folder over virtio-fs (tag husk-fs, virtiofsd):
+      # read its file, write and fsync files it checks by checksum, see a
+      # file it writes after the mount, time sequential reads against the
+      # first disk, then keep doing I/O until the host kills virtiofsd: the
+      # I/O must fail (not hang) and keep failing.
+      m=/mnt/fs
+      mkdir -p $m
+      if ! mount -t virtiofs husk-fs $m; then
+        echo "HUSK_TEST virtiofs FAILED mount"
+        continue
+      fi
+      echo "HUSK_TEST virtiofs host-file $(cat $m/from-host.txt)"
+      i=0
+      while [ $i -lt 20 ]; do
+        dd if=/dev/urandom of=$m/guest-$i bs=4k count=$((i + 1)) conv=fsync 2>/dev/null ||
+          echo "HUSK_TEST virtiofs FAILED write guest-$i"
+        i=$((i + 1))
+      done
+      (cd $m && md5sum guest-*) | while read -r sum f; do echo "HUSK_TEST virtiofs sum $f $sum"; done
+      echo "HUSK_TEST virtiofs written"
+      n=0
+      while [ ! -e $m/late.txt ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+      echo "HUSK_TEST virtiofs late $(cat $m/late.txt 2>&1)"
+      # Sequential reads of the same bytes through virtio-fs (no guest page
+      # cache with virtiofsd's --cache never) and virtio-blk (O_DIRECT).
+      if [ -e $m/big ]; then
+        t0=$(cut -d' ' -f1 /proc/uptime)
+        dd if=$m/big of=/dev/null bs=1M 2>/dev/null
+        t1=$(cut -d' ' -f1 /proc/uptime)
+        echo "HUSK_TEST virtiofs bench fs bytes=$(stat -c %s $m/big) secs=$t0..$t1"
+      fi
+      if [ -e /dev/vda ]; then
+        t0=$(cut -d' ' -f1 /proc/uptime)
+        dd if=/dev/vda of=/dev/null bs=1M iflag=direct 2>/dev/null
+        t1=$(cut -d' ' -f1 /proc/uptime)
+        echo "HUSK_TEST virtiofs bench blk bytes=$(($(cat /sys/block/vda/size) * 512)) secs=$t0..$t1"
+      fi
+      echo "HUSK_TEST virtiofs io-loop"
+      n=0
+      while [ $n -lt 1200 ]; do
+        if ! cat $m/from-host.txt >/dev/null 2>&1 || ! echo $n >$m/loop 2>/dev/null; then
+          echo "HUSK_TEST virtiofs io-error after $n rounds"
+          break
+        fi
+        n=$((n + 1))
+        sleep 0.05
+      done
+      # The host checks the VMM's control socket meanwhile.
+      sleep 10
+      if ls $m >/dev/null 2>&1 || cat $m/from-host.txt >/dev/null 2>&1; then
+        echo "HUSK_TEST virtiofs FAILED I/O works again after the error"
+      else
+        echo "HUSK_TEST virtiofs still-failing"
+      fi
+      umount -l $m 2>/dev/null
+      echo "HUSK_TEST virtiofs done"
+      ;;
     idle)
       # Stay up (for memory measurements); the host ends the VM.
       echo "HUSK_TEST idle"

@@ -20,6 +20,7 @@ use crate::devices::legacy::i8042::I8042Device;
 use crate::devices::legacy::serial::{self, SerialDevice, SerialStdin};
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::fs::Fs;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
@@ -168,7 +169,7 @@ impl VirtioContext<'_> {
     }
 }
 
-/// Attaches the config's virtio devices (block, net, vsock, rng, balloon), each behind
+/// Attaches the config's virtio devices (block, net, fs, vsock, rng, balloon), each behind
 /// its own virtio-mmio transport placed with [`VirtioContext::add_mmio_device`].
 pub fn attach_virtio_devices(
     config: &VmConfig,
@@ -199,6 +200,10 @@ pub fn attach_virtio_devices(
             .map_err(|e| device_error(what(), e))?
             .with_rate_limiters(rx, tx);
         attach(ctx, net, "virtio-net")?;
+    }
+    for f in &config.fs {
+        let fs = Fs::new(f).map_err(|e| device_error(format!("fs[{}]", f.tag), e))?;
+        attach(ctx, fs, "virtio-fs")?;
     }
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(u64::from(v.guest_cid), v.uds_path.clone())
@@ -260,7 +265,14 @@ fn eventfd() -> Result<EventFd, BuildError> {
 /// thread installs its filter before it enters the guest; the caller
 /// installs the main thread's once this returns.
 pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<BuiltVm, BuildError> {
-    let mem = memory::create(config.memory_mib, config.hugepages)?;
+    // A vhost-user backend (virtiofsd) maps guest RAM itself: it must be
+    // a shared memfd then; otherwise it stays private to the VMM.
+    let backing = if config.fs.is_empty() {
+        memory::Backing::Private
+    } else {
+        memory::Backing::SharedMemfd
+    };
+    let mem = memory::create(config.memory_mib, config.hugepages, backing)?;
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
     let mut event_manager = EventManager::new()?;
@@ -439,7 +451,7 @@ mod tests {
     #[test]
     fn add_mmio_device_wires_bus_kvm_and_cmdline() {
         let vm = Vm::new().unwrap();
-        let mem = memory::create(32, false).unwrap();
+        let mem = memory::create(32, false, memory::Backing::Private).unwrap();
         vm.register_memory(&mem).unwrap();
         let mut bus = Bus::new();
         let mut cmdline = loader::new_cmdline("console=ttyS0").unwrap();

@@ -234,6 +234,12 @@ pub fn main_thread(pid: u32, kick_signal: i32) -> Result<Rules, BackendError> {
     list.one_of(Sysno::shutdown, 1, &[c(libc::SHUT_WR)])?;
     // vsock: the connection timer, relative time only.
     list.one_of(Sysno::timerfd_settime, 1, &[0])?;
+    // virtio-fs: vhost-user messages to the backend (virtiofsd), the
+    // memory table and ring eventfds passed as SCM_RIGHTS, and its
+    // answers (vmm-sys-util's ScmSocket: sendmsg with MSG_NOSIGNAL,
+    // recvmsg without flags). The socket was connected before the filter.
+    list.one_of(Sysno::sendmsg, 2, &[c(libc::MSG_NOSIGNAL)])?;
+    list.one_of(Sysno::recvmsg, 2, &[0])?;
     // virtio-balloon: free page reports give guest pages back.
     list.one_of(Sysno::madvise, 2, &[c(libc::MADV_REMOVE)])?;
     // Kicking vCPU threads out of KVM_RUN (pause, stop).

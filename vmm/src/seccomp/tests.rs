@@ -121,7 +121,7 @@ fn main_thread_serves_the_guest_and_dies_on_a_forbidden_call() {
             .unwrap();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut timer = TimerFd::new().unwrap();
-        let mem = memory::create(2, false).unwrap();
+        let mem = memory::create(2, false, memory::Backing::Private).unwrap();
         let mut em = crate::vmm::EventManager::new().unwrap();
         vcpu::install_kick_handler().unwrap();
         crate::signals::install_termination_handler().unwrap();
@@ -171,6 +171,94 @@ fn main_thread_serves_the_guest_and_dies_on_a_forbidden_call() {
         unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         0
     });
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_killed_by(result, "main", "socket", libc::SYS_socket);
+}
+
+/// The main thread's virtio-fs work with the filter on: handing a real
+/// virtiofsd guest memory and the rings (sendmsg with fds, recvmsg), the
+/// backend's call eventfds, a request it answers, a driver reset taking
+/// the rings back; then a forbidden call kills it, named.
+#[test]
+fn main_thread_drives_a_vhost_user_backend() {
+    use crate::devices::virtio::fs::Fs;
+    use crate::devices::virtio::test_utils::{managed, GuestQueue};
+    use crate::devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+    use std::process::Command;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let dir = std::env::temp_dir().join(format!("husk-seccomp-fs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("share")).unwrap();
+    let socket = dir.join("vfsd.sock");
+    let mut vfsd = Command::new("/usr/local/bin/virtiofsd")
+        .arg("--socket-path")
+        .arg(&socket)
+        .arg("--shared-dir")
+        .arg(dir.join("share"))
+        .args(["--sandbox", "none", "--log-level", "error"])
+        .spawn()
+        .expect("/usr/local/bin/virtiofsd (scripts/setup.sh installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "virtiofsd did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let child_socket = socket.clone();
+    let result = in_child(move || {
+        let f = filters();
+        let mem = memory::create(4, false, memory::Backing::SharedMemfd).unwrap();
+        let mem: &'static crate::devices::virtio::GuestMemory = Box::leak(Box::new(mem));
+        let fs = Fs::new(&husk_vm_config::FsConfig {
+            tag: "t".into(),
+            socket: child_socket,
+            num_request_queues: 1,
+            queue_size: 64,
+        })
+        .unwrap();
+        let (fs, mut em) = managed(fs);
+        let hiprio = GuestQueue::new(mem, 0);
+        let mut requests = GuestQueue::new(mem, 0x4000);
+        let queues = vec![hiprio.active(), requests.active()];
+        let kick = queues[1].notify.try_clone().unwrap();
+        let irq = crate::devices::virtio::test_utils::irq();
+
+        f.install(ThreadKind::Main).unwrap();
+
+        {
+            let mut dev = fs.lock().unwrap();
+            dev.set_acked_features(VIRTIO_F_VERSION_1);
+            dev.activate(mem.clone(), irq, queues).unwrap();
+        }
+        while fs.lock().unwrap().stats().backend_starts == 0 {
+            em.run_with_timeout(100).unwrap();
+        }
+        // FUSE_INIT, answered by virtiofsd through the call eventfd.
+        let mut req = vec![0u8; 56];
+        req[0..4].copy_from_slice(&56u32.to_le_bytes());
+        req[4..8].copy_from_slice(&26u32.to_le_bytes());
+        req[40..44].copy_from_slice(&7u32.to_le_bytes());
+        req[44..48].copy_from_slice(&31u32.to_le_bytes());
+        mem.write_slice(&req, GuestAddress(0x10_0000)).unwrap();
+        requests.add_chain(&[(0x10_0000, 56, false), (0x11_0000, 256, true)]);
+        kick.write(1).unwrap();
+        while requests.pop_used().is_none() {
+            em.run_with_timeout(100).unwrap();
+        }
+        // A driver reset: the event loop takes the rings back.
+        assert!(fs.lock().unwrap().reset());
+        em.run_with_timeout(100).unwrap();
+        assert!(fs.lock().unwrap().backend_alive());
+
+        // SAFETY: a plain socket(2) call; the filter refuses AF_INET.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        0
+    });
+    let _ = vfsd.kill();
+    let _ = vfsd.wait();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_killed_by(result, "main", "socket", libc::SYS_socket);
 }

@@ -1,8 +1,13 @@
-//! Guest RAM: anonymous mappings (optionally 2 MiB huge pages) laid out
-//! around the MMIO gap below 4 GiB.
+//! Guest RAM: laid out around the MMIO gap below 4 GiB, optionally on
+//! 2 MiB huge pages. Private anonymous mappings unless a vhost-user backend
+//! (virtiofsd) must map it too: then one memfd, mapped shared, whose fd the
+//! VMM hands the backend.
 
+use std::fs::File;
+
+use rustix::fs::MemfdFlags;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 use crate::devices::virtio::GuestMemory;
@@ -26,6 +31,29 @@ pub enum MemoryError {
     TooLarge { size_mib: u64 },
     #[error("cannot assemble guest memory: {0}")]
     Collection(#[from] vm_memory::GuestRegionCollectionError),
+    #[error("cannot create the shared guest RAM memfd{}: {source}", if *.hugepages { " with huge pages" } else { "" })]
+    Memfd {
+        hugepages: bool,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot size the shared guest RAM memfd to {size_mib} MiB{}: {source}", if *.hugepages { " (are enough 2 MiB pages reserved in /proc/sys/vm/nr_hugepages?)" } else { "" })]
+    MemfdSize {
+        size_mib: u64,
+        hugepages: bool,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How guest RAM is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory: only the VMM maps it.
+    Private,
+    /// One memfd mapped MAP_SHARED, so a vhost-user backend can map the
+    /// same pages from the fd (every region carries a file offset).
+    SharedMemfd,
 }
 
 /// The guest RAM ranges (base, size) for `size` bytes of RAM: from 0 up to
@@ -39,37 +67,76 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     ranges
 }
 
-/// Allocates `mem_mib` MiB of guest RAM.
-pub fn create(mem_mib: u64, hugepages: bool) -> Result<GuestMemory, MemoryError> {
-    let flags = if hugepages {
+/// Allocates `mem_mib` MiB of guest RAM, backed as `backing` says.
+pub fn create(mem_mib: u64, hugepages: bool, backing: Backing) -> Result<GuestMemory, MemoryError> {
+    let ranges = ram_ranges(mem_mib * MIB);
+    let memfd = match backing {
+        Backing::Private => None,
+        Backing::SharedMemfd => Some(memfd(mem_mib, hugepages)?),
+    };
+    let flags = match (hugepages, memfd.is_some()) {
         // Reserved up front (no MAP_NORESERVE): a shortage of huge pages
         // fails here rather than as SIGBUS when the guest touches memory.
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB
-    } else {
+        (true, false) => {
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB
+        }
         // Only pages the guest touches cost host memory.
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+        (false, false) => libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        // The memfd's own flags choose its page size; huge pages were
+        // reserved when it was sized.
+        (true, true) => libc::MAP_SHARED,
+        (false, true) => libc::MAP_SHARED | libc::MAP_NORESERVE,
     };
-    let regions = ram_ranges(mem_mib * MIB)
+    let mut file_offset = 0u64;
+    let regions = ranges
         .into_iter()
         .map(|(base, size)| {
             let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge {
                 size_mib: size / MIB,
             })?;
-            let mapping = MmapRegionBuilder::new(len)
+            let mut builder = MmapRegionBuilder::new(len)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(flags)
-                .with_hugetlbfs(hugepages)
-                .build()
-                .map_err(|source| MemoryError::Mmap {
-                    base: base.0,
-                    size_mib: size / MIB,
-                    hugepages,
-                    source,
-                })?;
+                .with_hugetlbfs(hugepages);
+            if let Some(file) = &memfd {
+                let file = file
+                    .try_clone()
+                    .map_err(|source| MemoryError::Memfd { hugepages, source })?;
+                builder = builder.with_file_offset(FileOffset::new(file, file_offset));
+                file_offset += size;
+            }
+            let mapping = builder.build().map_err(|source| MemoryError::Mmap {
+                base: base.0,
+                size_mib: size / MIB,
+                hugepages,
+                source,
+            })?;
             GuestRegionMmap::new(mapping, base).ok_or(MemoryError::Region(base.0))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(GuestMemory::from_regions(regions)?)
+}
+
+/// A memfd of `mem_mib` MiB for shared guest RAM. Sizing it does not
+/// allocate: shmem pages come on first touch, and with huge pages the
+/// kernel reserves them from the pool here.
+fn memfd(mem_mib: u64, hugepages: bool) -> Result<File, MemoryError> {
+    let mut flags = MemfdFlags::CLOEXEC;
+    if hugepages {
+        flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
+    }
+    let fd = rustix::fs::memfd_create("husk-guest-ram", flags).map_err(|e| MemoryError::Memfd {
+        hugepages,
+        source: e.into(),
+    })?;
+    let file = File::from(fd);
+    file.set_len(mem_mib * MIB)
+        .map_err(|source| MemoryError::MemfdSize {
+            size_mib: mem_mib,
+            hugepages,
+            source,
+        })?;
+    Ok(file)
 }
 
 /// The end (exclusive) of RAM below the MMIO gap.
@@ -105,7 +172,7 @@ mod tests {
     #[test]
     fn created_memory_has_no_ram_in_the_gap() {
         // MAP_NORESERVE: 4 GiB of address space, only touched pages cost RAM.
-        let mem = create(4097, false).unwrap();
+        let mem = create(4097, false, Backing::Private).unwrap();
         assert_eq!(mem.num_regions(), 2);
         assert_eq!(low_ram_end(&mem), MMIO_GAP_START);
         let regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
@@ -126,12 +193,52 @@ mod tests {
         let reserved = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap_or_default();
         if reserved.trim() != "0" {
             // Huge pages are reserved here: the mapping must work.
-            let mem = create(2, true).unwrap();
+            let mem = create(2, true, Backing::Private).unwrap();
             mem.write_obj(1u8, GuestAddress(0)).unwrap();
             return;
         }
-        let err = create(64, true).unwrap_err().to_string();
+        let err = create(64, true, Backing::Private).unwrap_err().to_string();
         assert!(err.contains("with huge pages"), "{err}");
         assert!(err.contains("nr_hugepages"), "{err}");
+    }
+
+    #[test]
+    fn shared_memory_is_one_memfd_every_region_maps() {
+        use std::os::unix::fs::FileExt;
+        let mem = create(4097, false, Backing::SharedMemfd).unwrap();
+        let regions: Vec<_> = mem
+            .iter()
+            .map(|r| {
+                let fo = r.file_offset().expect("shared RAM has a file offset");
+                (r.start_addr().0, fo.start())
+            })
+            .collect();
+        assert_eq!(regions, vec![(0, 0), (0x1_0000_0000, 0xc000_0000)]);
+        // What the guest writes is in the file (what a backend maps), and
+        // the other way round: the mapping is shared, not a private copy.
+        mem.write_obj(0x5au8, GuestAddress(MMIO_GAP_END + 7))
+            .unwrap();
+        let high = mem.find_region(GuestAddress(MMIO_GAP_END)).unwrap();
+        let file = high.file_offset().unwrap().file();
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, 0xc000_0000 + 7).unwrap();
+        assert_eq!(byte, [0x5a]);
+        file.write_all_at(&[0xa5], 0x1000).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0xa5);
+        assert_eq!(file.metadata().unwrap().len(), 4097 * MIB);
+    }
+
+    #[test]
+    fn shared_hugepage_memory_fails_cleanly_without_reserved_pages() {
+        let reserved = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap_or_default();
+        if reserved.trim() != "0" {
+            let mem = create(2, true, Backing::SharedMemfd).unwrap();
+            mem.write_obj(1u8, GuestAddress(0)).unwrap();
+            return;
+        }
+        let err = create(64, true, Backing::SharedMemfd)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("huge pages"), "{err}");
     }
 }

@@ -119,9 +119,11 @@ pub struct ActiveState {
     pub irq: Arc<IrqTrigger>,
     /// In queue order; as many as the activation accepted.
     pub queues: Vec<ActiveQueue>,
-    /// Whether the event loop has caught up with this activation and
-    /// watches the notify eventfds.
+    /// Whether the event loop has caught up with this activation.
     registered: bool,
+    /// Whether the event loop watches the notify eventfds (from when it
+    /// caught up, unless the queues are served outside the VMM).
+    watched: bool,
 }
 
 /// What [`DeviceState::handle_event`] made of an event.
@@ -158,6 +160,10 @@ pub struct DeviceState {
     active: Option<ActiveState>,
     /// Notify eventfds from before a reset, still in the event manager.
     stale: Vec<EventFd>,
+    /// The queues are served by another process (a vhost-user backend that
+    /// reads the notify eventfds itself): the event loop leaves them alone
+    /// until the device asks ([`DeviceState::watch_queues`]).
+    external_queues: bool,
 }
 
 impl DeviceState {
@@ -182,6 +188,7 @@ impl DeviceState {
             activate_evt: ActivateEvt::new()?,
             active: None,
             stale: Vec::new(),
+            external_queues: false,
         })
     }
 
@@ -195,6 +202,15 @@ impl DeviceState {
     /// still ignored).
     pub fn with_writable_config(mut self, range: Range<usize>) -> Self {
         self.config_writable = range;
+        self
+    }
+
+    /// Leaves the queue notify eventfds to someone else (a vhost-user
+    /// backend): activations still reach the event loop as
+    /// [`DeviceEvent::Activated`], but the eventfds are watched only after
+    /// [`DeviceState::watch_queues`].
+    pub fn with_external_queues(mut self) -> Self {
+        self.external_queues = true;
         self
     }
 
@@ -318,6 +334,7 @@ impl DeviceState {
             irq,
             queues,
             registered: false,
+            watched: false,
         });
         Ok(())
     }
@@ -343,8 +360,10 @@ impl DeviceState {
             return;
         };
         if active.registered {
-            self.stale
-                .extend(active.queues.into_iter().map(|q| q.notify));
+            if active.watched {
+                self.stale
+                    .extend(active.queues.into_iter().map(|q| q.notify));
+            }
             if let Err(e) = self.activate_evt.signal() {
                 error!(error = %e, "{}: signalling the event loop after reset", self.name);
             }
@@ -394,13 +413,28 @@ impl DeviceState {
         let Some(active) = self.active.as_mut().filter(|a| !a.registered) else {
             return DeviceEvent::Handled;
         };
+        active.registered = true;
+        if !self.external_queues {
+            self.watch_queues(ops);
+        }
+        DeviceEvent::Activated
+    }
+
+    /// Starts watching the active queues' notify eventfds (once the event
+    /// loop has caught up with the activation); from then on their events
+    /// come back as [`DeviceEvent::Queue`]. For a device with
+    /// [external queues](Self::with_external_queues) that takes them over.
+    pub fn watch_queues(&mut self, ops: &mut EventOps) {
+        let name = self.name;
+        let Some(active) = self.active.as_mut().filter(|a| a.registered && !a.watched) else {
+            return;
+        };
         for q in &active.queues {
             if let Err(e) = ops.add(Events::new(&q.notify, EventSet::IN)) {
-                error!(error = ?e, "{}: registering a queue eventfd", self.name);
+                error!(error = ?e, "{name}: registering a queue eventfd");
             }
         }
-        active.registered = true;
-        DeviceEvent::Activated
+        active.watched = true;
     }
 
     /// Hands every available chain of queue `index` to `handle`, which

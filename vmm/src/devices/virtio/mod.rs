@@ -12,6 +12,7 @@ pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod device;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod queue_events;
@@ -36,6 +37,7 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_BALLOON: u32 = 5;
 pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = fs::TYPE_FS;
 
 /// Feature bit every husk device offers: virtio 1.x (no legacy interface).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

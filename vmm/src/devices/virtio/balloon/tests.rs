@@ -289,3 +289,30 @@ fn event_manager_drives_the_reporting_queue() {
     assert!(all(mem, FREE, FREE_LEN, 0));
     assert_eq!(irq.irq_evt().read().unwrap(), 1);
 }
+
+/// Shared guest RAM (a memfd, when a vhost-user backend maps it too):
+/// MADV_DONTNEED would only drop the VMM's mapping and keep the file's
+/// pages; a report must punch them out of the memfd itself.
+#[test]
+fn discard_on_shared_memfd_ram_frees_the_files_pages() {
+    use crate::vstate::memory::{self, Backing};
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mem = memory::create(8, false, Backing::SharedMemfd).unwrap();
+    let file = mem
+        .find_region(GuestAddress(0))
+        .unwrap()
+        .file_offset()
+        .unwrap()
+        .file()
+        .try_clone()
+        .unwrap();
+    fill(&mem, FREE, 0x20_0000, 0x77);
+    let blocks = || file.metadata().unwrap().blocks();
+    // st_blocks counts 512-byte units: 2 MiB touched is 4096 of them.
+    let before = blocks();
+    assert!(before >= 4096, "{before}");
+    discard(&mem, FREE, 0x20_0000).unwrap();
+    assert_eq!(blocks(), before - 4096);
+    assert!(all(&mem, FREE, 0x20_0000, 0));
+}
