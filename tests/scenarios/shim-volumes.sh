@@ -25,7 +25,7 @@
 # After every check nothing may be left (tests/shim/ctr.sh): no VMM, no
 # virtiofsd, no mount under and no file in the state folder.
 #
-# HUSK_VOLUMES_BENCH=1 adds the measurement of the issue (bench): `ctr run
+# HUSK_BENCH_VOLUMES=1 adds the measurement of the issue (bench): `ctr run
 # --rm IMAGE true` of busybox and of busybox plus a 300 MiB layer, with
 # rootfs = "virtiofs", rootfs = "block" and runc, as a table (median of
 # HUSK_BENCH_RUNS, default 3).
@@ -217,7 +217,7 @@ check_vfsd_death() {
 
 # The measurement of the issue: container start against image size.
 check_bench() {
-  [ "${HUSK_VOLUMES_BENCH:-0}" = 1 ] || { echo "    (skipped: HUSK_VOLUMES_BENCH=1 runs it)"; return; }
+  [ "${HUSK_BENCH_VOLUMES:-0}" = 1 ] || { echo "    (skipped: HUSK_BENCH_VOLUMES=1 runs it)"; return; }
   local big=localhost/husk-big:latest runs=${HUSK_BENCH_RUNS:-3} tar
   tar=$(HUSK_IMAGE_BLOB_MIB=300 "$repo/tests/shim/make-image.sh" "$big") || true
   want "an image 300 MiB larger" [ -s "$tar" ] || return
