@@ -149,7 +149,7 @@ check_readonly() {
   # A privileged container remounts the volume read-write in the guest:
   # the host side stays read-only.
   run_ctr ro-priv run --rm "${husk[@]}" --privileged --mount "type=bind,src=$d,dst=/ro,options=rbind:ro" \
-    "$img" "$id-p" sh -c 'mount -o remount,rw /ro; echo remount=$?; echo x >/ro/new && echo created; echo y >/ro/f && echo wrote'
+    "$img" "$id-p" sh -c 'mount -o remount,rw /ro; echo remount=$?; echo x >/ro/new && echo created; echo y >/ro/f && echo wrote; true'
   want "the privileged container ran ($(head -n1 <<<"$o"))" [ "$rc" = 0 ]
   want "its writes failed too" not grep -qE '^(wrote|created)$' <<<"$o"
   want "the host's files are as they were" [ "$(cat "$d/f")" = keep ] && [ ! -e "$d/new" ]
@@ -213,6 +213,21 @@ check_vfsd_death() {
   want "the shim logged virtiofsd's end" wait_until 10 grep -q "virtiofsd exited" "$HUSK_CTRD_LOG"
   want "the VM itself goes on" [ "$(task_status "$id")" = RUNNING ]
   want "the host's file is intact" [ "$(cat "$d/x")" = data ]
+  local shim
+  shim=$(shim_of "$id")
+  hctr tasks kill -s SIGKILL "$id" >/dev/null 2>&1
+  wait_until 60 not task_is "$id" RUNNING
+  hctr tasks rm "$id" >/dev/null 2>&1
+  hctr containers rm "$id" >/dev/null 2>&1
+  if ! wait_until 20 not test -d "/proc/${shim:-0}/task"; then
+    echo "    shim $shim still there after delete; its threads:"
+    local t
+    for t in /proc/"$shim"/task/*; do
+      echo "      $(cat "$t/comm" 2>/dev/null) $(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
+      sed 's/^/        /' "$t/stack" 2>/dev/null | head -8
+    done
+    ls -l "/proc/$shim/fd" 2>/dev/null | sed 's/^/      fd /' | head -40
+  fi
 }
 
 # The measurement of the issue: container start against image size.
