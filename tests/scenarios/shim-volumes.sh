@@ -226,7 +226,7 @@ check_vfsd_death() {
       echo "      $(cat "$t/comm" 2>/dev/null) $(cut -d' ' -f3 "$t/stat" 2>/dev/null) wchan=$(cat "$t/wchan" 2>/dev/null)"
       sed 's/^/        /' "$t/stack" 2>/dev/null | head -8
     done
-    ls -l "/proc/$shim/fd" 2>/dev/null | sed 's/^/      fd /' | head -40
+    find "/proc/$shim/fd" -mindepth 1 -printf '      fd %f -> %l\n' 2>/dev/null | head -40
   fi
 }
 
