@@ -52,6 +52,29 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Lazily unmounts what the guest kernel mounted under container `id`'s
+/// folder of the shared folder (virtio-fs submounts for the host's binds:
+/// its rootfs and volumes), deepest first, so that a long-lived pod does
+/// not keep one per container it ever ran. The host unmounts its side.
+fn unmount_shared(id: &str) {
+    let dir = Path::new(guest::SHARED_DIR).join(id);
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut under: Vec<PathBuf> = crate::init::mountinfo::parse(&text)
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(&dir))
+        .collect();
+    under.reverse();
+    under.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in under {
+        if let Err(e) = crate::sys::umount_detach(&p) {
+            crate::log!("unmounting {}: {e}", p.display());
+        }
+    }
+}
+
 impl Agent {
     pub fn new(
         reaper: Arc<Reaper>,
@@ -123,11 +146,23 @@ impl Agent {
             Some(Rootfs::RootfsPath(path)) => {
                 return self.create_container_on(req, Path::new(path));
             }
+            Some(Rootfs::RootfsShared(_)) => {
+                // The host's snapshot in the shared folder: nothing to
+                // mount, nothing to unmount at RemoveContainer.
+                let path = PathBuf::from(guest::shared_rootfs(id));
+                if !Path::new(guest::SHARED_DIR).join(id).is_dir() {
+                    return Err(AgentError::State(format!(
+                        "container {id:?}: no root file system at {} (is the shared folder mounted?)",
+                        path.display()
+                    )));
+                }
+                return self.create_container_on(req, &path);
+            }
             Some(Rootfs::RootfsStorage(storage)) => storage,
             // The generated oneof enum is non-exhaustive.
             _ => {
                 return Err(invalid(
-                    "no rootfs: rootfs_storage or rootfs_path is required",
+                    "no rootfs: rootfs_storage, rootfs_path or rootfs_shared is required",
                 ))
             }
         };
@@ -299,6 +334,9 @@ impl Agent {
         c.cgroup.remove()?;
         if let Some(mount) = lock(&self.storages).remove(id) {
             mount.unmount();
+        }
+        if self.pid1 {
+            unmount_shared(id);
         }
         self.containers
             .write()

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 
 use husk_protocols::agent::CreateSandboxRequest;
-use husk_protocols::guest::{POD_SHM_DIR, POD_SHM_OPTIONS};
+use husk_protocols::guest::{POD_SHM_DIR, POD_SHM_OPTIONS, SHARED_DIR};
 use rustix::mount::MountFlags;
 
 use crate::error::{invalid, io_ctx, Result};
@@ -41,6 +41,12 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     if req.clock_unix_nanos < 0 {
         return Err(invalid("clock_unix_nanos is negative"));
     }
+    let shared_tag = req
+        .shared_fs
+        .as_ref()
+        .map(|fs| shared_fs_tag(&fs.tag).map(|()| fs.tag.as_str()))
+        .transpose()
+        .map_err(invalid)?;
     if !req.hostname.is_empty() {
         crate::sys::sethostname(&req.hostname).map_err(io_ctx("sethostname"))?;
     }
@@ -55,6 +61,9 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
         return Ok(());
     }
     pod_shm()?;
+    if let Some(tag) = shared_tag {
+        shared_fs(tag)?;
+    }
     for (k, v) in &req.sysctls {
         let path = Path::new("/proc/sys").join(k.replace('.', "/"));
         fs::write(&path, v).map_err(io_ctx(format!("sysctl {k}")))?;
@@ -87,6 +96,39 @@ fn pod_shm() -> Result<()> {
     Ok(())
 }
 
+/// Checks a virtio-fs tag: 1 to 36 printable ASCII bytes, no space (the
+/// device's config field; mount(2) takes it as the source).
+pub fn shared_fs_tag(tag: &str) -> std::result::Result<(), String> {
+    if tag.is_empty() || tag.len() > 36 || !tag.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "shared_fs tag {tag:?}: 1 to 36 printable ASCII bytes without spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// Mounts the sandbox's shared folder (virtio-fs `tag`) at [`SHARED_DIR`],
+/// once. Neither nosuid nor nodev: containers' root file systems are in it,
+/// and behave as on runc (the guest kernel enforces both for its own
+/// devices and users; the host side is virtiofsd's, which makes no device
+/// nodes).
+fn shared_fs(tag: &str) -> Result<()> {
+    let dir = Path::new(SHARED_DIR);
+    fs::create_dir_all(dir).map_err(io_ctx(format!("creating {SHARED_DIR}")))?;
+    let mounted = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io_ctx("reading mountinfo"))?
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(SHARED_DIR));
+    if !mounted {
+        crate::sys::mount(Path::new(tag), dir, "virtiofs", MountFlags::empty(), "").map_err(
+            io_ctx(format!(
+                "mounting the shared folder (virtio-fs {tag:?}) at {SHARED_DIR}"
+            )),
+        )?;
+    }
+    Ok(())
+}
+
 /// Whether sysctl `key` is one of a planned interface's
 /// (net.ipv4.conf.eth0.rp_filter, net.ipv6.neigh.eth0.*, ...).
 fn names_an_interface(key: &str, net: &network::Plan) -> bool {
@@ -109,6 +151,15 @@ fn names_an_interface(key: &str, net: &network::Plan) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_fs_tags_are_checked() {
+        assert!(shared_fs_tag("husk-shared").is_ok());
+        assert!(shared_fs_tag(&"t".repeat(36)).is_ok());
+        for bad in ["", "a b", "a\nb", &"t".repeat(37), "é"] {
+            assert!(shared_fs_tag(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn an_interfaces_sysctls_are_known_before_it_is_named() {

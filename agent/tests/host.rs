@@ -265,6 +265,17 @@ fn bad_input_is_refused_and_changes_nothing() {
     no_rootfs.oci_spec_json = serde_json::to_vec(&good).unwrap();
     let msg = invalid(a.client.create_container(ctx(), &no_rootfs), "no rootfs");
     assert!(msg.contains("no rootfs"), "{msg}");
+    // A shared rootfs whose folder the share lacks (no share mounted here):
+    // refused with the path, nothing created.
+    let mut shared = no_rootfs.clone();
+    shared.container_id = "no-such-shared-c".into();
+    shared.set_rootfs_shared(pb::SharedRootfs::new());
+    let (code, msg) = common::code(a.client.create_container(ctx(), &shared));
+    assert_eq!(code, Code::FAILED_PRECONDITION, "{msg}");
+    assert!(
+        msg.contains("/run/husk/shared/no-such-shared-c/rootfs") && msg.contains("shared folder"),
+        "{msg}"
+    );
     for id in ["", "-x", "a/b", "../c", &"x".repeat(200)] {
         invalid(a.create_spec(id, &good), "malformed id");
     }
@@ -703,4 +714,49 @@ fn devices_are_filtered_by_the_cgroup() {
         s
     }));
     assert_eq!(c, Code::INVALID_ARGUMENT);
+}
+
+/// A container on a shared rootfs (`rootfs_shared`): the agent finds it at
+/// guest::shared_rootfs(id), here a bind of the test bundle's rootfs at
+/// /run/husk/shared/<id>/rootfs standing for the virtio-fs share, runs on
+/// it, and leaves it mounted (the host owns it) after RemoveContainer.
+#[test]
+fn runs_a_container_on_a_shared_rootfs() {
+    let Some(a) = TestAgent::start() else { return };
+    let id = format!("shared-{}", std::process::id());
+    let dir = std::path::PathBuf::from(husk_protocols::guest::SHARED_DIR).join(&id);
+    let root = std::path::PathBuf::from(husk_protocols::guest::shared_rootfs(&id));
+    std::fs::create_dir_all(&root).unwrap();
+    rustix::mount::mount_bind(common::rootfs().as_str(), &root).unwrap();
+    let mut r = pb::CreateContainerRequest::new();
+    r.container_id = id.clone();
+    r.oci_spec_json = serde_json::to_vec(&common::spec(&[
+        "sh",
+        "-c",
+        "echo on-shared; ls /bin/busybox",
+    ]))
+    .unwrap();
+    r.set_rootfs_shared(pb::SharedRootfs::new());
+    let created = a.client.create_container(ctx(), &r);
+    let result = created.map(|_| {
+        a.close_stdin(&id, "");
+        a.start_c(&id).unwrap();
+        let out = a.read_all(&id, "", false);
+        let status = a.wait(&id, "");
+        a.remove(&id, false).unwrap();
+        (out, status)
+    });
+    let still_mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == root.to_str());
+    let _ = rustix::mount::unmount(&root, rustix::mount::UnmountFlags::DETACH);
+    let _ = std::fs::remove_dir(&root);
+    let _ = std::fs::remove_dir(&dir);
+    // Only if empty: another test's may be there.
+    let _ = std::fs::remove_dir(husk_protocols::guest::SHARED_DIR);
+    let (out, status) = result.unwrap();
+    assert_eq!(out, "on-shared\n/bin/busybox\n");
+    assert_eq!(status, 0);
+    assert!(still_mounted, "the agent unmounted the host's rootfs");
 }

@@ -186,6 +186,32 @@ fn values(c: &Config) -> Vec<(&'static str, String)> {
         ("sandbox_cgroup", c.sandbox_cgroup.to_string()),
         ("jail_uid", uid.to_string()),
         ("jail_gid", gid.to_string()),
+        (
+            "shared_fs",
+            match c.shared_fs {
+                config::SharedFs::Virtiofs => "\"virtiofs\"",
+                config::SharedFs::None => "\"none\"",
+            }
+            .to_string(),
+        ),
+        (
+            "rootfs",
+            match c.rootfs {
+                config::RootfsMode::Virtiofs => "\"virtiofs\"",
+                config::RootfsMode::Block => "\"block\"",
+            }
+            .to_string(),
+        ),
+        ("virtiofsd", path(&c.virtiofsd.path)),
+        (
+            "virtiofsd_cache",
+            format!("{:?}", c.virtiofsd.cache.as_str()),
+        ),
+        (
+            "virtiofsd_thread_pool_size",
+            c.virtiofsd.thread_pool_size.to_string(),
+        ),
+        ("virtiofsd_xattr", c.virtiofsd.xattr.to_string()),
     ]
 }
 

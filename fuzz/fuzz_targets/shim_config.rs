@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(cfg) = config::parse(text, Path::new("/etc/husk/config.toml")) else {
         return;
     };
-    let _ = config::max_pod_disk_slots(cfg.free_page_reporting);
+    let _ = config::max_pod_disk_slots(cfg.free_page_reporting, cfg.uses_virtio_fs());
     let spec = parts
         .next()
         .and_then(|j| serde_json::from_slice::<Value>(j).ok())

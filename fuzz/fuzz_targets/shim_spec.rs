@@ -50,6 +50,17 @@ fn inspect(path: &Path) -> HostKind {
     }
 }
 
+fn kind(path: &Path) -> spec::SourceKind {
+    let s = path.to_string_lossy();
+    if s.contains("dir") {
+        spec::SourceKind::Dir
+    } else if s.contains("file") {
+        spec::SourceKind::File
+    } else {
+        spec::SourceKind::Refused("a socket".into())
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(value) = serde_json::from_slice::<Value>(data) else {
         return;
@@ -68,6 +79,20 @@ fuzz_target!(|data: &[u8]| {
                 spec::for_guest(&out, terminal, |_| HostKind::Other("a guest path".into()))
             {
                 assert!(again.copies.is_empty());
+            }
+        }
+        // Shared volumes: numbered in order, each source rewritten to its
+        // guest path in the share.
+        if let Ok(out) = spec::for_guest_shared(&value, terminal, "c1", kind) {
+            let json: Value = serde_json::from_slice(&out.json).expect("the rewritten spec is JSON");
+            assert!(json.get("hooks").is_none(), "hooks reach the guest");
+            for (n, v) in out.volumes.iter().enumerate() {
+                assert_eq!(v.index, n);
+                let guest = husk_protocols::guest::shared_volume("c1", n);
+                let found = json["mounts"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["source"] == guest.as_str()));
+                assert!(found, "volume {n} is not in the guest's spec");
             }
         }
     }

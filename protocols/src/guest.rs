@@ -32,6 +32,29 @@ pub const POD_SHM_OPTIONS: &str = "mode=1777,size=65536k";
 /// Where the agent puts each container's state, under the container's id.
 pub const CONTAINERS_DIR: &str = "/run/husk/containers";
 
+/// The virtio-fs tag of the sandbox's shared folder (the host's
+/// `<state folder>/shared`, served by the sandbox's virtiofsd).
+pub const SHARED_FS_TAG: &str = "husk-shared";
+/// Where the agent mounts the shared folder (once, at CreateSandbox).
+pub const SHARED_DIR: &str = "/run/husk/shared";
+/// A container's folder in the shared folder is its id; in it, its root
+/// file system is this folder...
+pub const SHARED_ROOTFS: &str = "rootfs";
+/// ...and its volumes are numbered in this folder (`volumes/0`, ...), in
+/// the order of the spec's bind mounts.
+pub const SHARED_VOLUMES: &str = "volumes";
+
+/// The guest path of container `id`'s root file system in the shared
+/// folder.
+pub fn shared_rootfs(id: &str) -> String {
+    format!("{SHARED_DIR}/{id}/{SHARED_ROOTFS}")
+}
+
+/// The guest path of container `id`'s volume `n` in the shared folder.
+pub fn shared_volume(id: &str, n: usize) -> String {
+    format!("{SHARED_DIR}/{id}/{SHARED_VOLUMES}/{n}")
+}
+
 /// The guest path of container `id`'s root filesystem.
 pub fn container_rootfs(id: &str) -> String {
     format!("{CONTAINERS_DIR}/{id}/rootfs")
@@ -45,6 +68,10 @@ mod tests {
     fn names() {
         assert_eq!(slot_disk_serial(3), "husk-slot3");
         assert_eq!(container_rootfs("c1"), "/run/husk/containers/c1/rootfs");
+        assert_eq!(shared_rootfs("c1"), "/run/husk/shared/c1/rootfs");
+        assert_eq!(shared_volume("c1", 3), "/run/husk/shared/c1/volumes/3");
+        // The tag fits virtio-fs's 36-byte config field.
+        assert!(SHARED_FS_TAG.len() <= 36);
         // A serial fits virtio-blk's 20 bytes with any slot number we use.
         assert!(slot_disk_serial(99).len() <= 20 && ROOT_DISK_SERIAL.len() <= 20);
     }

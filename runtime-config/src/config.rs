@@ -28,9 +28,63 @@ pub const MAX_POD_DISK_SLOTS: u32 = (limits::MAX_VIRTIO_DEVICES - 3 - MAX_INTERF
 /// device).
 pub const MAX_INTERFACES: usize = 4;
 
-/// The most pod disk slots a VM has room for: the balloon takes one.
-pub fn max_pod_disk_slots(free_page_reporting: bool) -> u32 {
-    MAX_POD_DISK_SLOTS - u32::from(free_page_reporting)
+/// The most pod disk slots a VM has room for: the balloon and the
+/// virtio-fs device take one each.
+pub fn max_pod_disk_slots(free_page_reporting: bool, virtio_fs: bool) -> u32 {
+    MAX_POD_DISK_SLOTS - u32::from(free_page_reporting) - u32::from(virtio_fs)
+}
+/// Most threads of virtiofsd's pool.
+pub const MAX_VIRTIOFSD_THREADS: u32 = 64;
+
+/// How a container's volumes (the spec's bind mounts) reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedFs {
+    /// Live, through the sandbox's virtio-fs share: writes reach the host
+    /// at once, host changes reach the guest.
+    Virtiofs,
+    /// Copied into the guest at create time (files and small folders): a
+    /// one-way snapshot, for hosts without virtiofsd.
+    None,
+}
+
+/// How a container's root file system reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootfsMode {
+    /// containerd's snapshot itself, through the virtio-fs share: start
+    /// cost does not grow with the image.
+    Virtiofs,
+    /// An erofs image built per container, on a virtio-blk disk (with a
+    /// tmpfs overlay in the guest).
+    Block,
+}
+
+/// virtiofsd's cache policy (its `--cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtiofsdCache {
+    Auto,
+    Always,
+    Never,
+    Metadata,
+}
+
+impl VirtiofsdCache {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VirtiofsdCache::Auto => "auto",
+            VirtiofsdCache::Always => "always",
+            VirtiofsdCache::Never => "never",
+            VirtiofsdCache::Metadata => "metadata",
+        }
+    }
+}
+
+/// The sandbox's virtiofsd: where it is and how it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtiofsdConfig {
+    pub path: PathBuf,
+    pub cache: VirtiofsdCache,
+    pub thread_pool_size: u32,
+    pub xattr: bool,
 }
 /// Longest `state_dir`: `<state_dir>/<64-byte id>/run/ctl.sock` must be a
 /// socket path the VMM can bind (CRI's ids are 64 bytes; a longer id gets
@@ -106,6 +160,12 @@ struct Raw {
     sandbox_cgroup: Option<bool>,
     jail_uid: Option<u32>,
     jail_gid: Option<u32>,
+    shared_fs: Option<String>,
+    rootfs: Option<String>,
+    virtiofsd: Option<PathBuf>,
+    virtiofsd_cache: Option<String>,
+    virtiofsd_thread_pool_size: Option<u32>,
+    virtiofsd_xattr: Option<bool>,
 }
 
 /// The validated configuration.
@@ -151,6 +211,11 @@ pub struct Config {
     pub jail: Option<JailUser>,
     /// Run the VMM in the sandbox's host cgroup, sized by the VM.
     pub sandbox_cgroup: bool,
+    /// How volumes reach the guest.
+    pub shared_fs: SharedFs,
+    /// How root file systems reach the guest.
+    pub rootfs: RootfsMode,
+    pub virtiofsd: VirtiofsdConfig,
 }
 
 /// Picks the configuration file: the runtime option's path, else the
@@ -265,6 +330,51 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     };
     let state_dir = abs("state_dir", raw.state_dir, "/run/husk")?;
     let free_page_reporting = raw.free_page_reporting.unwrap_or(true);
+    let shared_fs = match raw.shared_fs.as_deref().unwrap_or("virtiofs") {
+        "virtiofs" => SharedFs::Virtiofs,
+        "none" => SharedFs::None,
+        other => {
+            return Err(invalid(
+                "shared_fs",
+                format!("must be virtiofs or none, got {other:?}"),
+            ))
+        }
+    };
+    let rootfs = match raw.rootfs.as_deref().unwrap_or("virtiofs") {
+        "virtiofs" => RootfsMode::Virtiofs,
+        "block" => RootfsMode::Block,
+        other => {
+            return Err(invalid(
+                "rootfs",
+                format!("must be virtiofs or block, got {other:?}"),
+            ))
+        }
+    };
+    let virtio_fs = shared_fs == SharedFs::Virtiofs || rootfs == RootfsMode::Virtiofs;
+    let cache = match raw.virtiofsd_cache.as_deref().unwrap_or("auto") {
+        "auto" => VirtiofsdCache::Auto,
+        "always" => VirtiofsdCache::Always,
+        "never" => VirtiofsdCache::Never,
+        "metadata" => VirtiofsdCache::Metadata,
+        other => {
+            return Err(invalid(
+                "virtiofsd_cache",
+                format!("must be auto, always, never or metadata, got {other:?}"),
+            ))
+        }
+    };
+    let virtiofsd = VirtiofsdConfig {
+        path: abs("virtiofsd", raw.virtiofsd, "/usr/local/bin/virtiofsd")?,
+        cache,
+        thread_pool_size: u32::try_from(range(
+            "virtiofsd_thread_pool_size",
+            raw.virtiofsd_thread_pool_size.unwrap_or(0).into(),
+            0,
+            MAX_VIRTIOFSD_THREADS.into(),
+        )?)
+        .unwrap_or(0),
+        xattr: raw.virtiofsd_xattr.unwrap_or(false),
+    };
     // <state_dir>/<64-hex sandbox id>/ctl.sock must fit sun_path.
     if state_dir.as_os_str().len() > MAX_STATE_DIR {
         return Err(invalid(
@@ -370,7 +480,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             "pod_disk_slots",
             raw.pod_disk_slots.unwrap_or(4).into(),
             0,
-            max_pod_disk_slots(free_page_reporting).into(),
+            max_pod_disk_slots(free_page_reporting, virtio_fs).into(),
         )?)
         .unwrap_or(0),
         pod_disk_slot_size_mib: range(
@@ -396,6 +506,9 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         ),
         jail,
         sandbox_cgroup: raw.sandbox_cgroup.unwrap_or(true),
+        shared_fs,
+        rootfs,
+        virtiofsd,
     })
 }
 
@@ -446,13 +559,18 @@ pub fn file_problem(path: &Path, exec: bool) -> Option<String> {
 
 impl Config {
     /// The files the configuration names: (key, path, must be executable).
-    pub fn files(&self) -> [(&'static str, &Path, bool); 4] {
-        [
-            ("vmm_path", &self.vmm_path, true),
-            ("kernel_path", &self.kernel_path, false),
-            ("initrd_path", &self.initrd_path, false),
-            ("mkfs_erofs_path", &self.mkfs_erofs_path, true),
-        ]
+    /// virtiofsd's only when something uses virtio-fs.
+    pub fn files(&self) -> Vec<(&'static str, &Path, bool)> {
+        let mut files = vec![
+            ("vmm_path", self.vmm_path.as_path(), true),
+            ("kernel_path", self.kernel_path.as_path(), false),
+            ("initrd_path", self.initrd_path.as_path(), false),
+            ("mkfs_erofs_path", self.mkfs_erofs_path.as_path(), true),
+        ];
+        if self.uses_virtio_fs() {
+            files.push(("virtiofsd", self.virtiofsd.path.as_path(), true));
+        }
+        files
     }
 
     /// Checks that the files the configuration names are there.
@@ -475,6 +593,12 @@ impl Config {
             })?;
         }
         Ok(())
+    }
+
+    /// Whether sandboxes get a virtio-fs share (and a virtiofsd): for
+    /// volumes, root file systems, or both.
+    pub fn uses_virtio_fs(&self) -> bool {
+        self.shared_fs == SharedFs::Virtiofs || self.rootfs == RootfsMode::Virtiofs
     }
 
     /// Size of a pod disk slot in bytes.
@@ -516,6 +640,65 @@ mod tests {
         assert_eq!(c.disk_rate_limiter, None);
         assert_eq!(c.net_rx_rate_limiter, None);
         assert_eq!(c.net_tx_rate_limiter, None);
+        assert_eq!(c.shared_fs, SharedFs::Virtiofs);
+        assert_eq!(c.rootfs, RootfsMode::Virtiofs);
+        assert!(c.uses_virtio_fs());
+        assert_eq!(
+            c.virtiofsd,
+            VirtiofsdConfig {
+                path: "/usr/local/bin/virtiofsd".into(),
+                cache: VirtiofsdCache::Auto,
+                thread_pool_size: 0,
+                xattr: false,
+            }
+        );
+    }
+
+    #[test]
+    fn file_sharing_modes_are_read_and_checked() {
+        let c = p("shared_fs = \"none\"\nrootfs = \"block\"").unwrap();
+        assert_eq!((c.shared_fs, c.rootfs), (SharedFs::None, RootfsMode::Block));
+        assert!(!c.uses_virtio_fs());
+        let c = p("shared_fs = \"none\"").unwrap();
+        assert!(c.uses_virtio_fs(), "the rootfs still uses the share");
+        let c = p("rootfs = \"block\"").unwrap();
+        assert!(c.uses_virtio_fs(), "volumes still use the share");
+        let c = p(r#"
+            virtiofsd = "/opt/virtiofsd"
+            virtiofsd_cache = "never"
+            virtiofsd_thread_pool_size = 4
+            virtiofsd_xattr = true
+        "#)
+        .unwrap();
+        assert_eq!(
+            c.virtiofsd,
+            VirtiofsdConfig {
+                path: "/opt/virtiofsd".into(),
+                cache: VirtiofsdCache::Never,
+                thread_pool_size: 4,
+                xattr: true,
+            }
+        );
+        for (text, want) in [
+            ("shared_fs = \"9p\"", "shared_fs: must be virtiofs or none"),
+            ("rootfs = \"erofs\"", "rootfs: must be virtiofs or block"),
+            (
+                "virtiofsd_cache = \"loose\"",
+                "virtiofsd_cache: must be auto",
+            ),
+            (
+                "virtiofsd_thread_pool_size = 65",
+                "virtiofsd_thread_pool_size: must be between 0 and 64",
+            ),
+            (
+                "virtiofsd = \"virtiofsd\"",
+                "virtiofsd: must be an absolute path",
+            ),
+            ("virtiofsd_xattr = 1", "virtiofsd_xattr"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -639,8 +822,8 @@ mod tests {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let text = |jail: bool| {
             format!(
-                "vmm_path = {:?}\nkernel_path = {:?}\ninitrd_path = {:?}\nmkfs_erofs_path = {:?}\njail = {jail}",
-                script, script, script, script
+                "vmm_path = {:?}\nkernel_path = {:?}\ninitrd_path = {:?}\nmkfs_erofs_path = {:?}\nvirtiofsd = {:?}\njail = {jail}",
+                script, script, script, script, script
             )
         };
         let path = dir.join("c.toml");
@@ -665,12 +848,18 @@ mod tests {
         assert!(e.contains("kernel_path: must be an absolute path"), "{e}");
         let e = err("log_level = \"loud\"");
         assert!(e.contains("log_level: must be error"), "{e}");
-        let e = err("pod_disk_slots = 12");
+        // The virtio-fs device takes a slot, the balloon another.
+        let e = err("pod_disk_slots = 11");
+        assert!(
+            e.contains("pod_disk_slots: must be between 0 and 10"),
+            "{e}"
+        );
+        let e = err("pod_disk_slots = 12\nfree_page_reporting = false");
         assert!(
             e.contains("pod_disk_slots: must be between 0 and 11"),
             "{e}"
         );
-        let e = err("pod_disk_slots = 13\nfree_page_reporting = false");
+        let e = err("pod_disk_slots = 13\nfree_page_reporting = false\nshared_fs = \"none\"\nrootfs = \"block\"");
         assert!(
             e.contains("pod_disk_slots: must be between 0 and 12"),
             "{e}"

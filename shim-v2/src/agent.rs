@@ -92,6 +92,15 @@ pub enum PodJoin {
     WithPid,
 }
 
+/// Where a container's root file system is for the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRootfs {
+    /// An erofs image on the disk of this virtio-blk serial.
+    Disk(String),
+    /// The container's folder in the shared folder.
+    Shared,
+}
+
 #[derive(Clone)]
 pub struct Agent {
     client: AgentServiceClient,
@@ -143,15 +152,21 @@ impl Agent {
         Ok((sanitize(&r.kernel_release), sanitize(&r.agent_version)))
     }
 
-    /// Sets the sandbox up in the guest: hostname, clock and, given one,
-    /// the pod network.
+    /// Sets the sandbox up in the guest: hostname, clock, given one the pod
+    /// network, and with `shared_fs` the shared folder's mount.
     pub fn create_sandbox(
         &self,
         sandbox_id: &str,
         hostname: &str,
         network: Option<&GuestNetwork>,
+        shared_fs: bool,
     ) -> Result<()> {
         let mut r = pb::CreateSandboxRequest::new();
+        if shared_fs {
+            let mut fs = pb::SharedFs::new();
+            fs.tag = husk_protocols::guest::SHARED_FS_TAG.into();
+            r.shared_fs = Some(fs).into();
+        }
         r.sandbox_id = sandbox_id.into();
         r.hostname = hostname.into();
         if let Some(n) = network {
@@ -179,24 +194,29 @@ impl Agent {
         Ok(())
     }
 
-    /// Creates a container on the disk with `disk_serial`; `join` says
-    /// which of the pod's namespaces it joins.
+    /// Creates a container on `rootfs`; `join` says which of the pod's
+    /// namespaces it joins.
     pub fn create_container(
         &self,
         id: &str,
         spec_json: Vec<u8>,
         join: PodJoin,
-        disk_serial: &str,
+        rootfs: &GuestRootfs,
     ) -> Result<()> {
-        let mut s = pb::Storage::new();
-        s.serial = disk_serial.into();
-        s.fstype = "erofs".into();
         let mut r = pb::CreateContainerRequest::new();
         r.container_id = id.into();
         r.oci_spec_json = spec_json;
         r.join_sandbox_namespaces = join != PodJoin::Nothing;
         r.join_sandbox_pid_namespace = join == PodJoin::WithPid;
-        r.set_rootfs_storage(s);
+        match rootfs {
+            GuestRootfs::Disk(serial) => {
+                let mut s = pb::Storage::new();
+                s.serial = serial.clone();
+                s.fstype = "erofs".into();
+                r.set_rootfs_storage(s);
+            }
+            GuestRootfs::Shared => r.set_rootfs_shared(pb::SharedRootfs::new()),
+        }
         self.client
             .create_container(self.ctx(), &r)
             .map_err(map_err("CreateContainer"))?;

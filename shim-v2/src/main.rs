@@ -25,6 +25,7 @@ mod process;
 mod rootfs;
 mod sandbox;
 mod service;
+mod shared;
 mod shim;
 mod sizing;
 mod spec;

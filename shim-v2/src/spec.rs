@@ -20,25 +20,36 @@
 //!   own network namespace is the pod's, and every container uses it;
 //! - `hooks` are dropped: they are host programs, and the container runs
 //!   in the guest (husk does not run OCI hooks);
-//! - bind mounts from the host cannot be shared with the guest (no shared
-//!   file system, by design). Their sources are copied into the guest
-//!   instead ([`HostCopy`]), once per sandbox, and the mount's source is
-//!   rewritten to the copy: files up to 16 MiB, directories of up to 1024
-//!   entries and 16 MiB (files and subfolders; symlinks inside are
-//!   skipped). That covers what CRI and kubelet bind (/etc/hosts,
-//!   /etc/hostname, /etc/resolv.conf, /dev/termination-log, secrets and
-//!   config maps). It is a one-way snapshot taken at create time: later
-//!   host changes are not seen, guest writes do not reach the host. The
-//!   CRI /dev/shm bind becomes a bind of the pod's one /dev/shm in the
-//!   guest ([`POD_SHM_DIR`]); an empty host directory becomes
-//!   a tmpfs of the container's own. Anything else (sockets, devices,
-//!   larger trees) fails Create with an error naming the mount.
+//! - bind mounts from the host (volumes: hostPath, emptyDir, configMap,
+//!   secret, PVs, CRI's /etc/hosts, /etc/hostname, /etc/resolv.conf) reach
+//!   the guest one of two ways (`shared_fs` in the configuration):
+//!   - shared live ([`for_guest_shared`], `shared_fs = "virtiofs"`): the
+//!     n-th bind's source becomes the container's volume `n` in the
+//!     sandbox's virtio-fs share ([`SharedVolume`]; the shim binds it at
+//!     `mounts/<id>/volumes/<n>`, read-only on the host when the spec says
+//!     `ro`), and the mount's source is rewritten to its guest path
+//!     (`guest::shared_volume`). A folder is shared as a folder, so the
+//!     kubelet's atomic `..data` symlink swap shows in the guest. Sources
+//!     that are neither folders nor regular files, and files of procfs,
+//!     sysfs and the like, fail Create with an error naming the mount.
+//!   - copied ([`for_guest`], `shared_fs = "none"`): the sources are copied
+//!     into the guest instead ([`HostCopy`]), once per sandbox, and the
+//!     mount's source is rewritten to the copy: files up to 16 MiB,
+//!     directories of up to 1024 entries and 16 MiB (files and subfolders;
+//!     symlinks inside are skipped). A one-way snapshot taken at create
+//!     time: later host changes are not seen, guest writes do not reach
+//!     the host. An empty host directory becomes a tmpfs of the
+//!     container's own. Anything else (sockets, devices, larger trees)
+//!     fails Create with an error naming the mount.
+//!
+//!   Either way the CRI /dev/shm bind becomes a bind of the pod's one
+//!   /dev/shm in the guest ([`POD_SHM_DIR`]).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use husk_protocols::guest::{HOST_FILES_DIR, POD_SHM_DIR};
+use husk_protocols::guest::{shared_volume, HOST_FILES_DIR, POD_SHM_DIR};
 use serde_json::{json, Value};
 
 /// CRI: "sandbox" or "container".
@@ -71,6 +82,12 @@ pub enum SpecError {
     Malformed(String),
     #[error("bind mount of {host:?} on {destination:?}: {reason} (husk copies host files into the VM: files and small directories only)")]
     UnsupportedMount {
+        host: String,
+        destination: String,
+        reason: String,
+    },
+    #[error("bind mount of {host:?} on {destination:?}: {reason} (husk shares folders and regular files with the VM, nothing else)")]
+    UnsharableMount {
         host: String,
         destination: String,
         reason: String,
@@ -289,23 +306,142 @@ fn is_bind(m: &Value) -> bool {
         })
 }
 
+/// What a bind-mount source is, for sharing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    Dir,
+    File,
+    /// Not shareable, and why.
+    Refused(String),
+}
+
+/// File systems whose files are the host kernel's interfaces, not data:
+/// never shared with a guest (procfs, sysfs, debugfs, tracefs,
+/// securityfs, cgroup, cgroup2, bpf, configfs, efivarfs, pstore).
+const REFUSED_FS: [(i64, &str); 11] = [
+    (0x9fa0, "procfs"),
+    (0x6265_6572, "sysfs"),
+    (0x6462_6720, "debugfs"),
+    (0x7472_6163, "tracefs"),
+    (0x7365_6373, "securityfs"),
+    (0x0027_e0eb, "cgroup"),
+    (0x6367_7270, "cgroup2"),
+    (0xcafe_4a11, "bpf"),
+    (0x6265_6570, "configfs"),
+    (0xde5e_81e4, "efivarfs"),
+    (0x6165_676c, "pstore"),
+];
+
+/// Looks at a bind-mount source on the host (following symlinks: the path
+/// is containerd's or the kubelet's, never the guest's) for sharing.
+pub fn source_kind(path: &Path) -> SourceKind {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return SourceKind::Refused(e.to_string()),
+    };
+    let kind = if meta.is_dir() {
+        SourceKind::Dir
+    } else if meta.is_file() {
+        SourceKind::File
+    } else {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        let what = if t.is_socket() {
+            "a socket"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else {
+            "not a regular file or directory"
+        };
+        return SourceKind::Refused(what.into());
+    };
+    match rustix::fs::statfs(path) {
+        Ok(st) => {
+            #[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+            let magic = i64::from(st.f_type as i64);
+            match REFUSED_FS.iter().find(|(m, _)| *m == magic) {
+                Some((_, name)) => SourceKind::Refused(format!("a {name} file, not data")),
+                None => kind,
+            }
+        }
+        Err(e) => SourceKind::Refused(e.to_string()),
+    }
+}
+
+/// A volume shared with the guest: container's volume `index` is the host
+/// path `host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedVolume {
+    pub index: usize,
+    pub host: PathBuf,
+    pub dir: bool,
+    pub read_only: bool,
+}
+
 /// The result of rewriting a spec for the guest.
 #[derive(Debug)]
 pub struct GuestSpec {
     pub json: Vec<u8>,
+    /// What to copy into the guest (copied volumes).
     pub copies: Vec<HostCopy>,
+    /// What to share with the guest (shared volumes).
+    pub volumes: Vec<SharedVolume>,
     /// The spec named a PID namespace to join: in a pod, CRI's
     /// shareProcessNamespace (the pause container's).
     pub joins_pid_namespace: bool,
 }
 
-/// Rewrites `spec` for the guest (see the module's comment); `inspect`
-/// tells what a host path is.
+/// How bind mounts reach the guest.
+enum Binds<'a> {
+    /// Copied; `inspect` tells what a host path is.
+    Copy(&'a dyn Fn(&Path) -> HostKind),
+    /// Shared as container `id`'s volumes; `kind` tells what a host path
+    /// is.
+    Share {
+        id: &'a str,
+        kind: &'a dyn Fn(&Path) -> SourceKind,
+    },
+}
+
+/// Whether a mount's options say read-only (the last of ro/rw wins).
+fn read_only(m: &Value) -> bool {
+    m.get("options")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .fold(false, |ro, o| match o {
+            "ro" => true,
+            "rw" => false,
+            _ => ro,
+        })
+}
+
+/// Rewrites `spec` for the guest with its volumes copied (see the
+/// module's comment); `inspect` tells what a host path is.
 pub fn for_guest(
     spec: &Value,
     terminal: bool,
     inspect: impl Fn(&Path) -> HostKind,
 ) -> Result<GuestSpec, SpecError> {
+    rewrite(spec, terminal, &Binds::Copy(&inspect))
+}
+
+/// Rewrites `spec` of container `id` (checked) for the guest with its
+/// volumes shared (see the module's comment); `kind` tells what a host
+/// path is.
+pub fn for_guest_shared(
+    spec: &Value,
+    terminal: bool,
+    id: &str,
+    kind: impl Fn(&Path) -> SourceKind,
+) -> Result<GuestSpec, SpecError> {
+    rewrite(spec, terminal, &Binds::Share { id, kind: &kind })
+}
+
+fn rewrite(spec: &Value, terminal: bool, binds: &Binds<'_>) -> Result<GuestSpec, SpecError> {
     let mut spec = spec.clone();
     let obj = spec
         .as_object_mut()
@@ -327,6 +463,7 @@ pub fn for_guest(
         }
     }
     let mut copies: BTreeMap<String, HostCopy> = BTreeMap::new();
+    let mut volumes = Vec::new();
     if let Some(mounts) = obj.get_mut("mounts").and_then(Value::as_array_mut) {
         for m in mounts.iter_mut() {
             if !is_bind(m) {
@@ -367,6 +504,33 @@ pub fn for_guest(
                 });
                 continue;
             }
+            let inspect = match binds {
+                Binds::Copy(inspect) => inspect,
+                Binds::Share { id, kind } => {
+                    let dir = match kind(Path::new(&source)) {
+                        SourceKind::Dir => true,
+                        SourceKind::File => false,
+                        SourceKind::Refused(reason) => {
+                            return Err(SpecError::UnsharableMount {
+                                host: source.clone(),
+                                destination: destination.clone(),
+                                reason,
+                            })
+                        }
+                    };
+                    let index = volumes.len();
+                    volumes.push(SharedVolume {
+                        index,
+                        host: source.clone().into(),
+                        dir,
+                        read_only: read_only(m),
+                    });
+                    if let Some(o) = m.as_object_mut() {
+                        o.insert("source".into(), Value::String(shared_volume(id, index)));
+                    }
+                    continue;
+                }
+            };
             let guest = guest_name(&source);
             match inspect(Path::new(&source)) {
                 HostKind::File { size } if size <= MAX_COPY_BYTES => {
@@ -389,10 +553,7 @@ pub fn for_guest(
                     });
                 }
                 HostKind::EmptyDir => {
-                    let ro = m
-                        .get("options")
-                        .and_then(Value::as_array)
-                        .is_some_and(|o| o.iter().any(|o| o.as_str() == Some("ro")));
+                    let ro = read_only(m);
                     let mut opts = vec!["nosuid", "nodev", "mode=755"];
                     if ro {
                         opts.push("ro");
@@ -411,6 +572,7 @@ pub fn for_guest(
     Ok(GuestSpec {
         json,
         copies: copies.into_values().collect(),
+        volumes,
         joins_pid_namespace,
     })
 }
@@ -566,6 +728,103 @@ mod tests {
             .find(|c| c.host == Path::new("/var/lib/k/secret"))
             .unwrap();
         assert_eq!(secret.files.as_ref().unwrap().len(), 2);
+    }
+
+    fn fake_kind(p: &Path) -> SourceKind {
+        match p.to_str().unwrap() {
+            "/var/lib/c/hosts" | "/var/lib/c/resolv.conf" => SourceKind::File,
+            "/var/lib/k/empty" | "/var/lib/k/secret" => SourceKind::Dir,
+            _ => SourceKind::Refused("a socket".into()),
+        }
+    }
+
+    /// Shared volumes: every bind but /dev/shm becomes the container's
+    /// numbered volume in the share, empty folders included (an emptyDir is
+    /// shared, not a tmpfs), each bind its own (the same source twice too),
+    /// read-only as the options say.
+    #[test]
+    fn shared_volumes_are_numbered_in_the_share() {
+        let g = for_guest_shared(&base_spec(), false, "c1", fake_kind).unwrap();
+        assert!(g.copies.is_empty());
+        let v: Value = serde_json::from_slice(&g.json).unwrap();
+        let m = v["mounts"].as_array().unwrap();
+        assert_eq!(m[0]["source"], "proc");
+        assert_eq!(m[1]["source"], "/run/husk/shared/c1/volumes/0");
+        assert_eq!(m[1]["options"], json!(["rbind", "rprivate", "rw"]));
+        assert_eq!(m[2]["source"], "/run/husk/shared/c1/volumes/1");
+        assert_eq!(m[3]["source"], POD_SHM_DIR);
+        assert_eq!(m[4]["source"], "/run/husk/shared/c1/volumes/2");
+        assert_eq!(m[4]["type"], "bind", "an empty folder is shared too");
+        assert_eq!(m[5]["source"], "/run/husk/shared/c1/volumes/3");
+        assert_eq!(m[6]["source"], "/run/husk/shared/c1/volumes/4");
+        let vol = |index: usize, host: &str, dir: bool, read_only: bool| SharedVolume {
+            index,
+            host: host.into(),
+            dir,
+            read_only,
+        };
+        assert_eq!(
+            g.volumes,
+            vec![
+                vol(0, "/var/lib/c/hosts", false, false),
+                vol(1, "/var/lib/c/resolv.conf", false, true),
+                vol(2, "/var/lib/k/empty", true, true),
+                vol(3, "/var/lib/k/secret", true, true),
+                vol(4, "/var/lib/c/hosts", false, false),
+            ]
+        );
+        // The last of ro and rw wins.
+        let mut s = base_spec();
+        s["mounts"] = json!([{"destination": "/d", "type": "bind", "source": "/var/lib/k/secret",
+                               "options": ["ro", "rw"]},
+                              {"destination": "/e", "source": "/var/lib/k/secret",
+                               "options": ["rbind", "rw", "ro"]}]);
+        let g = for_guest_shared(&s, false, "c1", fake_kind).unwrap();
+        assert!(!g.volumes[0].read_only);
+        assert!(g.volumes[1].read_only);
+    }
+
+    #[test]
+    fn unsharable_sources_name_the_mount() {
+        let mut s = base_spec();
+        s["mounts"] = json!([{"destination": "/var/run/docker.sock", "type": "bind",
+                               "source": "/var/run/docker.sock"}]);
+        let e = for_guest_shared(&s, false, "c1", fake_kind)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/var/run/docker.sock") && e.contains("a socket") && e.contains("shares"),
+            "{e}"
+        );
+        s["mounts"] = json!([{"destination": "/rel", "type": "bind", "source": "rel"}]);
+        assert!(for_guest_shared(&s, false, "c1", fake_kind).is_err());
+    }
+
+    /// What the host really has: folders and files are shared; sockets,
+    /// devices, FIFOs and procfs/sysfs files are refused, naming what they
+    /// are.
+    #[test]
+    fn source_kinds_of_real_paths() {
+        let dir = std::env::temp_dir().join(format!("husk-kind-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink("f", dir.join("link")).unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(dir.join("sock")).unwrap();
+        assert_eq!(source_kind(&dir), SourceKind::Dir);
+        assert_eq!(source_kind(&dir.join("f")), SourceKind::File);
+        assert_eq!(source_kind(&dir.join("link")), SourceKind::File);
+        let refused = |p: &Path| match source_kind(p) {
+            SourceKind::Refused(r) => r,
+            other => panic!("{}: {other:?}", p.display()),
+        };
+        assert_eq!(refused(&dir.join("sock")), "a socket");
+        assert_eq!(refused(Path::new("/dev/null")), "a device");
+        assert!(refused(Path::new("/proc/cpuinfo")).contains("procfs"));
+        assert!(refused(Path::new("/proc")).contains("procfs"));
+        assert!(refused(Path::new("/sys/kernel")).contains("sysfs"));
+        assert!(refused(&dir.join("missing")).contains("No such file"));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

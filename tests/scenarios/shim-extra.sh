@@ -25,7 +25,8 @@ ctr_setup shim-extra /run/husk-x 300
 # Create with its console rather than a killed ctr.
 tmo=(boot_timeout_secs=240 request_timeout_secs=120)
 husk_shim_config "$HUSK_CONFIG" "$state" "${tmo[@]}"
-husk_shim_config "$work/one-slot.toml" "$state" pod_disk_slots=1 "${tmo[@]}"
+# Slots hold images: only a block rootfs uses them.
+husk_shim_config "$work/one-slot.toml" "$state" pod_disk_slots=1 rootfs='"block"' "${tmo[@]}"
 husk_shim_config "$work/no-boot.toml" "$state" boot_timeout_secs=2
 husk_shim_config "$work/bad.toml" "$state" vcpus=0
 ctr_start
@@ -334,8 +335,8 @@ check_jail() {
   root=$(names "/proc/$vmm/root")
   echo "    its root: $root; /dev: $(names "/proc/$vmm/root/dev")"
   want "its root lists only the jail's entries ($root)" \
-    [ "$root" = "console.log dev husk-vmm initrd kernel root.erofs run vm.json " ]
-  want "its /run holds its two sockets" [ "$(names "/proc/$vmm/root/run")" = "ctl.sock vsock " ]
+    [ "$root" = "console.log dev husk-vmm initrd kernel run vm.json " ]
+  want "its /run holds its sockets and virtiofsd's" [ "$(names "/proc/$vmm/root/run")" = "ctl.sock virtiofsd.sock vsock " ]
   want "only stdin, stdout, stderr and what it opened: no fd of the shim" \
     not sh -c "ls -l /proc/$vmm/fd | grep -qE 'containerd|\\.sock|/bundle|fifo'"
   cg=$(cat "/proc/$vmm/cgroup")

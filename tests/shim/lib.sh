@@ -45,9 +45,9 @@ with open(out, "w") as f:
 PY
 }
 
-# husk_procs: "PID ARGS" of every live (not zombie) husk-vmm and
-# containerd-shim-husk-v2 process of this test: VMMs of a sandbox under
-# $HUSK_SHIM_STATE_DIR, shims of the containerd on $HUSK_CTRD_ADDR (all
+# husk_procs: "PID ARGS" of every live (not zombie) husk-vmm, virtiofsd and
+# containerd-shim-husk-v2 process of this test: VMMs and virtiofsds of a
+# sandbox under $HUSK_SHIM_STATE_DIR, shims of the containerd on $HUSK_CTRD_ADDR (all
 # of them where those are unset), so that a husk the host runs for real is
 # neither counted nor killed. A VMM's line ends with "log=" and its stderr
 # (STATE/ID/vmm.log): a jailed VMM's arguments name only paths inside its
@@ -67,6 +67,10 @@ husk_procs() {
         echo "$pid $args log=$log" ;;
       containerd-shim-husk-v2)
         [ -z "${HUSK_CTRD_ADDR:-}" ] || [[ "$args " == *"-address $HUSK_CTRD_ADDR "* ]] || continue
+        echo "$pid $args" ;;
+      virtiofsd)
+        # A sandbox's, serving STATE/ID/shared (both of its processes).
+        [ -z "${HUSK_SHIM_STATE_DIR:-}" ] || [[ "$args" == *"--shared-dir=$HUSK_SHIM_STATE_DIR/"* ]] || continue
         echo "$pid $args" ;;
     esac
   done

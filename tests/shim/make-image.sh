@@ -8,6 +8,8 @@
 #
 # HUSK_IMAGE_EXTRA="/usr/bin/iperf3 ..." adds host programs, each with the
 # shared libraries `ldd` names, at the same paths (the benchmarks' tools).
+# HUSK_IMAGE_BLOB_MIB=N adds /data/blob, N MiB of random bytes (an image that
+# is large for the start-time benchmark of tests/scenarios/shim-volumes.sh).
 #
 # The archive is reproducible (fixed times, owners and order; gzip without a
 # time stamp) and cached under $HUSK_CACHE/images (default ~/.cache/husk),
@@ -36,7 +38,7 @@ if [ ${#extra[@]} -gt 0 ]; then
 fi
 
 cache=${HUSK_CACHE:-$HOME/.cache/husk}/images
-key=$( { sha256sum "$busybox" "$here/make-image.sh" ${extra[@]+"${extra[@]}"} | cut -d' ' -f1; echo "$name ${extra[*]}"; } | sha256sum | cut -c1-16)
+key=$( { sha256sum "$busybox" "$here/make-image.sh" ${extra[@]+"${extra[@]}"} | cut -d' ' -f1; echo "$name ${extra[*]} ${HUSK_IMAGE_BLOB_MIB:-0}"; } | sha256sum | cut -c1-16)
 out="$cache/husk-busybox-$key.tar"
 if [ -s "$out" ]; then
   echo "$out"
@@ -47,7 +49,7 @@ tmp=$(mktemp "$out.XXXXXX")
 trap 'rm -f "$tmp"' EXIT
 
 # The applets, as paths relative to the root (bin/sh, usr/bin/awk, ...).
-HUSK_APPLETS=$("$busybox" --list-full) HUSK_EXTRA_FILES="${extra[*]}" python3 - "$busybox" "$name" "$tmp" <<'PY'
+HUSK_APPLETS=$("$busybox" --list-full) HUSK_EXTRA_FILES="${extra[*]}" HUSK_BLOB_MIB=${HUSK_IMAGE_BLOB_MIB:-0} python3 - "$busybox" "$name" "$tmp" <<'PY'
 import gzip, hashlib, io, json, os, sys, tarfile
 
 busybox, name, out = sys.argv[1:4]
@@ -96,6 +98,12 @@ def files():
         with open("/" + p, "rb") as f:
             data = f.read()
         entries.append((p, info(p, tarfile.REGTYPE, 0o755, size=len(data)), data))
+    blob = int(os.environ.get("HUSK_BLOB_MIB", "0")) << 20
+    if blob:
+        dirs["data"] = 0o755
+        entries.append(("data", info("data", tarfile.DIRTYPE, 0o755), None))
+        data = os.urandom(blob)
+        entries.append(("data/blob", info("data/blob", tarfile.REGTYPE, 0o644, size=len(data)), data))
     for a in applets:
         if a not in extra:
             entries.append((a, info(a, tarfile.SYMTYPE, 0o777, linkname="/bin/busybox"), None))

@@ -8,7 +8,7 @@
 //! container, reports Ready, waits for Start (containers only) and execs.
 
 mod caps;
-mod mountinfo;
+pub mod mountinfo;
 mod process;
 pub mod rootfs;
 

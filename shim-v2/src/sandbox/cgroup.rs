@@ -35,6 +35,12 @@ pub const MEMORY_OVERHEAD: u64 = 64 << 20;
 pub const CPU_PERIOD_US: u64 = 100_000;
 /// Tasks beyond one per vCPU: the VMM's main and device threads.
 pub const TASK_MARGIN: u64 = 32;
+/// virtiofsd's memory (its heap, inode table and request buffers; guest
+/// memory it maps is the VMM's, counted once).
+pub const VIRTIOFSD_MEMORY: u64 = 64 << 20;
+/// virtiofsd's tasks besides its thread pool: its two processes, the
+/// vhost-user threads and a queue thread each.
+pub const VIRTIOFSD_TASKS: u64 = 16;
 /// The v1 hierarchies the VMM joins (memory and cpu are required).
 const V1_HIERARCHIES: [(&str, bool); 3] = [("memory", true), ("cpu", true), ("pids", false)];
 /// The v2 controllers enabled down to the sandbox's folder.
@@ -81,6 +87,13 @@ impl CgroupLimits {
             cpu_period_us: CPU_PERIOD_US,
             tasks: u64::from(size.vcpus) + TASK_MARGIN,
         }
+    }
+
+    /// Room for the sandbox's virtiofsd too, with a pool of `threads`.
+    pub fn with_virtiofsd(mut self, threads: u32) -> CgroupLimits {
+        self.memory_bytes += VIRTIOFSD_MEMORY;
+        self.tasks += VIRTIOFSD_TASKS + u64::from(threads);
+        self
     }
 }
 

@@ -1,15 +1,17 @@
 //! One sandbox = one micro-VM: its state folder ([`state_dir`]), the VM
 //! description ([`vm_spec`]), the husk-vmm process ([`vmm`]) in its jail
 //! ([`jail`]) and host cgroup ([`cgroup`]), its control socket
-//! ([`control`]), the connection to the agent, and the teardown that
-//! removes all of it. The folder goes when the sandbox ends, or when its
-//! creation fails.
+//! ([`control`]), its shared folder (`crate::shared`) and the virtiofsd
+//! serving it ([`virtiofsd`]), the connection to the agent, and the
+//! teardown that removes all of it. The folder goes when the sandbox ends,
+//! or when its creation fails.
 
 pub mod cgroup;
 pub mod control;
 pub mod jail;
 pub mod logs;
 pub mod state_dir;
+pub mod virtiofsd;
 pub mod vm_spec;
 pub mod vmm;
 
@@ -17,17 +19,19 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_protocols::guest::{slot_disk_serial, AGENT_PORT};
 use husk_vm_config::control::Request;
 
 use crate::agent::Agent;
-use crate::config::Config;
+use crate::config::{Config, RootfsMode};
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::{self, RootfsError, Slots};
+use crate::shared::{SharedError, SharedFolder};
 use crate::sizing::{Limits, Reservations, SizingError, VmSize};
+use crate::spec::SharedVolume;
 use crate::sync::lock;
 use crate::vsock;
 use cgroup::{CgroupLimits, Hierarchy, SandboxCgroup};
@@ -35,6 +39,7 @@ use state_dir::{
     slot_file, StateDir, CGROUPS, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, RUN_DIR, VMM_LOG,
     VMM_PID, VM_SPEC, VSOCK,
 };
+use virtiofsd::{Virtiofsd, VirtiofsdError};
 use vm_spec::VmPaths;
 use vmm::{Confinement, VmmProcess};
 
@@ -80,6 +85,82 @@ pub enum SandboxError {
     Jail(#[from] jail::JailError),
     #[error(transparent)]
     Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Shared(#[from] SharedError),
+    #[error(transparent)]
+    Virtiofsd(#[from] VirtiofsdError),
+}
+
+/// The sandbox's shared folder and the virtiofsd serving it. Dropped, it
+/// stops virtiofsd and removes the folder (every mount in it first).
+pub struct Share {
+    folder: SharedFolder,
+    virtiofsd: Option<Virtiofsd>,
+    /// Set when the sandbox ends it: virtiofsd's exit is then expected.
+    stopping: Arc<AtomicBool>,
+}
+
+impl Share {
+    /// Makes the shared folder of the sandbox in `dir` and starts its
+    /// virtiofsd (in `cgroup`), its socket ready for the VMM.
+    fn start(
+        id: &str,
+        dir: &Path,
+        cfg: &Config,
+        cgroup: Option<&SandboxCgroup>,
+    ) -> Result<Share, SandboxError> {
+        let canonical = fs::canonicalize(dir).map_err(|source| SandboxError::StateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut share = Share {
+            folder: SharedFolder::create(&canonical)?,
+            virtiofsd: None,
+            stopping: Arc::default(),
+        };
+        let listener = virtiofsd::listen(&dir.join(RUN_DIR).join(virtiofsd::SOCKET), cfg.jail)?;
+        let procs = cgroup
+            .map(SandboxCgroup::procs)
+            .transpose()?
+            .unwrap_or_default();
+        let v = Virtiofsd::start(
+            &cfg.virtiofsd,
+            share.folder.shared(),
+            listener,
+            procs,
+            &dir.join(virtiofsd::LOG),
+            cfg.log_level,
+            &format!("vfsd-{}", id.get(..8).unwrap_or(id)),
+        )?;
+        log::info!("sandbox {id}: virtiofsd pid {} started", v.pid());
+        let (stopping, sid) = (share.stopping.clone(), id.to_string());
+        v.on_exit(move |status| {
+            if !stopping.load(Ordering::SeqCst) {
+                log::error!(
+                    "sandbox {sid}: virtiofsd exited ({status}): the guest's shared folder (root file systems, volumes) is gone; its I/O there fails"
+                );
+            }
+        });
+        share.virtiofsd = Some(v);
+        Ok(share)
+    }
+
+    /// Stops virtiofsd and removes the folder.
+    fn stop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if let Some(v) = self.virtiofsd.take() {
+            v.stop();
+        }
+        if let Err(e) = self.folder.remove() {
+            log::error!("{e}");
+        }
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// A running VM and its agent.
@@ -95,6 +176,8 @@ pub struct Sandbox {
     network: Mutex<Option<PodNetwork>>,
     /// The VMM's host cgroup, removed after the VMM ends.
     cgroup: Mutex<Option<SandboxCgroup>>,
+    /// The shared folder and its virtiofsd, ended after the VMM.
+    share: Mutex<Option<Share>>,
 }
 
 /// Writes `data` to `path`, naming the file in the error.
@@ -127,7 +210,11 @@ impl Sandbox {
         let mut cgroup = if cfg.sandbox_cgroup {
             let rel = cgroup::relative_path(cgroups_path, id)?;
             let hierarchy = Hierarchy::detect(Path::new(cgroup::CGROUP_ROOT))?;
-            let cg = SandboxCgroup::create(&hierarchy, &rel, CgroupLimits::of(size))?;
+            let mut limits = CgroupLimits::of(size);
+            if cfg.uses_virtio_fs() {
+                limits = limits.with_virtiofsd(cfg.virtiofsd.thread_pool_size);
+            }
+            let cg = SandboxCgroup::create(&hierarchy, &rel, limits)?;
             // For `shim delete`, should this shim die.
             let _ = write(dir.path.join(CGROUPS), cg.record().as_bytes());
             log::info!("sandbox {id}: cgroup {}", rel.display());
@@ -197,6 +284,13 @@ impl Sandbox {
             None => VmPaths::host(cfg, &dir.path),
         };
         let spec = vm_spec::vm_spec(cfg, size, &paths, slots, nics);
+        // Before the VMM, which connects to virtiofsd's socket at once;
+        // dropped (virtiofsd stopped, folder removed) on any failure below.
+        let share = if cfg.uses_virtio_fs() {
+            Some(Share::start(id, &dir.path, cfg, cgroup)?)
+        } else {
+            None
+        };
         // A VmSpec is plain data: serializing it cannot fail.
         write(
             spec_path.clone(),
@@ -256,6 +350,7 @@ impl Sandbox {
             debug_console: cfg.debug_console,
             network: Mutex::new(None),
             cgroup: Mutex::new(None),
+            share: Mutex::new(share),
         };
         log::info!(
             "sandbox {id}: {} vCPUs, {} MiB",
@@ -268,10 +363,16 @@ impl Sandbox {
             .and_then(|(release, version)| {
                 log::info!("sandbox {id}: guest kernel {release}, agent {version}");
                 let guest_net = network.map(|n| &n.guest);
-                sandbox.agent.create_sandbox(id, hostname, guest_net)
+                let shared = cfg.uses_virtio_fs();
+                sandbox
+                    .agent
+                    .create_sandbox(id, hostname, guest_net, shared)
             });
         if let Err(source) = setup {
             sandbox.kill();
+            if let Some(mut share) = lock(&sandbox.share).take() {
+                share.stop();
+            }
             return Err(SandboxError::Agent {
                 source,
                 diagnostics: sandbox.diagnostics(),
@@ -314,6 +415,33 @@ impl Sandbox {
         Ok(slot_disk_serial(n))
     }
 
+    /// Shares container `id`'s root file system (a bind of `rootfs`, if
+    /// given) and volumes with the guest.
+    pub fn share_container(
+        &self,
+        id: &str,
+        rootfs: Option<&Path>,
+        volumes: &[SharedVolume],
+    ) -> Result<(), SandboxError> {
+        match lock(&self.share).as_ref() {
+            Some(share) => Ok(share.folder.add_container(id, rootfs, volumes)?),
+            None => Err(SandboxError::Shared(SharedError::Io {
+                what: "sharing container",
+                path: self.dir.clone(),
+                source: io::Error::other("the sandbox has no shared folder"),
+            })),
+        }
+    }
+
+    /// Unmounts and removes container `id`'s shared folder, if it has one.
+    pub fn unshare_container(&self, id: &str) {
+        if let Some(share) = lock(&self.share).as_ref() {
+            if let Err(e) = share.folder.remove_container(id) {
+                log::error!("container {id}: {e}");
+            }
+        }
+    }
+
     /// Reserves container `id`'s memory limit in the VM, or says why it
     /// does not fit.
     pub fn reserve(&self, id: &str, limits: Limits) -> Result<(), SizingError> {
@@ -353,6 +481,9 @@ impl Sandbox {
                 self.kill();
             }
         }
+        if let Some(mut share) = lock(&self.share).take() {
+            share.stop();
+        }
         if let Some(mut n) = lock(&self.network).take() {
             n.teardown();
         }
@@ -376,7 +507,9 @@ fn prepare_jail(
 ) -> Result<jail::Jail, SandboxError> {
     jail::give(user, &dir.join(RUN_DIR))?;
     jail::give(user, &dir.join(VM_SPEC))?;
-    jail::give(user, &dir.join(ROOT_IMAGE))?;
+    if cfg.rootfs == RootfsMode::Block {
+        jail::give(user, &dir.join(ROOT_IMAGE))?;
+    }
     for n in 1..=slots {
         jail::give(user, &dir.join(slot_file(n)))?;
     }
@@ -446,7 +579,7 @@ mod tests {
 
     fn cfg(extra: &str) -> Config {
         crate::config::parse(
-            &format!("kernel_path = \"/k/bzImage\"\ninitrd_path = \"/k/initrd\"\njail = false\nsandbox_cgroup = false\n{extra}"),
+            &format!("kernel_path = \"/k/bzImage\"\ninitrd_path = \"/k/initrd\"\njail = false\nsandbox_cgroup = false\nshared_fs = \"none\"\nrootfs = \"block\"\n{extra}"),
             Path::new("/c.toml"),
         )
         .unwrap()
@@ -611,6 +744,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
             debug_console: false,
             network: Mutex::new(None),
             cgroup: Mutex::new(None),
+            share: Mutex::new(None),
         };
         // Let the stand-in bind its socket before the agent times out.
         std::thread::sleep(Duration::from_millis(300));

@@ -1,7 +1,9 @@
 //! A sandbox's state folder `<state_dir>/<sandbox id>/` (mode 0700) and the
-//! names of what it holds. Nothing in it is mounted in the host's mount
-//! namespace (the jail's mounts live in the VMM's own), so removing it is
-//! removing files. The names of what it holds are
+//! names of what it holds. The shared folder (`crate::shared`) mounts in
+//! it (the jail's mounts live in the VMM's own namespace): removing it
+//! unmounts everything under it first, and removes nothing if a mount
+//! stays (a recursive delete would go through a volume into the host's
+//! files). The names of what it holds are
 //! `husk_runtime_config::state`'s, shared with the `husk` command.
 
 use std::fs;
@@ -56,8 +58,26 @@ impl Drop for StateDir {
     }
 }
 
-/// Removes a state folder and everything in it.
+/// Removes a state folder and everything in it, once nothing is mounted
+/// under it.
 pub fn remove(path: &Path) {
+    let Ok(canonical) = fs::canonicalize(path) else {
+        return;
+    };
+    match crate::shared::mountinfo::unmount_under(&canonical) {
+        Ok(left) if left.is_empty() => {}
+        Ok(left) => {
+            log::error!(
+                "{}: not removed, mounts stay under it: {left:?}",
+                path.display()
+            );
+            return;
+        }
+        Err(e) => {
+            log::error!("{}: not removed, reading the mounts: {e}", path.display());
+            return;
+        }
+    }
     if let Err(e) = fs::remove_dir_all(path) {
         if e.kind() != io::ErrorKind::NotFound {
             log::warn!("removing {}: {e}", path.display());
@@ -86,6 +106,28 @@ mod tests {
         assert!(kept.exists());
         remove(&kept);
         assert!(!kept.exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A folder with a host folder bound in it: the bind goes, the host's
+    /// files stay, the folder goes.
+    #[test]
+    fn removal_unmounts_before_it_deletes() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: needs root to mount");
+            return;
+        }
+        let root = std::env::temp_dir().join(format!("husk-state-mnt-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let host = root.join("host");
+        fs::create_dir_all(&host).unwrap();
+        fs::write(host.join("precious"), b"keep").unwrap();
+        let d = StateDir::create(&root, "sb").unwrap();
+        fs::create_dir_all(d.path.join("mounts/v")).unwrap();
+        rustix::mount::mount_bind(&host, d.path.join("mounts/v")).unwrap();
+        drop(d);
+        assert!(!root.join("sb").exists());
+        assert_eq!(fs::read(host.join("precious")).unwrap(), b"keep");
         fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -4,20 +4,23 @@
 
 use std::path::{Path, PathBuf};
 
-use husk_protocols::guest::{slot_disk_serial, AGENT_PORT, AGENT_PORT_PARAM, ROOT_DISK_SERIAL};
+use husk_protocols::guest::{
+    slot_disk_serial, AGENT_PORT, AGENT_PORT_PARAM, ROOT_DISK_SERIAL, SHARED_FS_TAG,
+};
 use husk_vm_config::limits::{
     DEFAULT_CONSOLE_BYTES_PER_SEC, DEFAULT_CONSOLE_MAX_BYTES, DEFAULT_LOG_BURST,
     DEFAULT_LOG_INTERVAL_MS, DEFAULT_LOG_MAX_BYTES,
 };
 use husk_vm_config::{
-    BalloonSpec, BlockSpec, KernelSpec, LogSpec, NetSpec, SerialSpec, VmSpec, VsockSpec,
+    BalloonSpec, BlockSpec, FsSpec, KernelSpec, LogSpec, NetSpec, SerialSpec, VmSpec, VsockSpec,
 };
 
 use super::jail;
 use super::state_dir::{
     slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, RUN_DIR, VM_SPEC, VSOCK,
 };
-use crate::config::Config;
+use super::virtiofsd;
+use crate::config::{Config, RootfsMode};
 use crate::sizing::VmSize;
 
 /// The guest's vsock context id (any value from 3 will do: one VM per
@@ -82,8 +85,10 @@ pub fn jail_binds(cfg: &Config, dir: &Path, slots: usize) -> Vec<jail::Bind> {
         Bind::file(dir.join(VM_SPEC), jail::SPEC),
         Bind::file(&cfg.kernel_path, jail::KERNEL),
         Bind::file(&cfg.initrd_path, jail::INITRD),
-        Bind::file(dir.join(ROOT_IMAGE), ROOT_IMAGE),
     ];
+    if cfg.rootfs == RootfsMode::Block {
+        binds.push(Bind::file(dir.join(ROOT_IMAGE), ROOT_IMAGE));
+    }
     binds.extend((1..=slots).map(|n| Bind::file(dir.join(slot_file(n)), &slot_file(n))));
     if cfg.debug_console {
         binds.push(Bind::file(dir.join(CONSOLE_LOG), CONSOLE_LOG).writable());
@@ -94,7 +99,9 @@ pub fn jail_binds(cfg: &Config, dir: &Path, slots: usize) -> Vec<jail::Bind> {
 
 /// The VM of a sandbox whose files are where `paths` says, of `size`, with
 /// `slots` pod disk slots and the pod network's NICs `net`; every disk and
-/// NIC gets the configured rate limits.
+/// NIC gets the configured rate limits. The first container's disk is
+/// there with `rootfs = "block"`; the virtio-fs device (virtiofsd's socket
+/// in the sockets folder) when the configuration shares anything.
 pub fn vm_spec(
     cfg: &Config,
     size: VmSize,
@@ -103,13 +110,26 @@ pub fn vm_spec(
     net: Vec<NetSpec>,
 ) -> VmSpec {
     let dir = &paths.files;
-    let mut block = vec![BlockSpec {
-        id: "root".into(),
-        path: dir.join(ROOT_IMAGE),
-        read_only: true,
-        serial: Some(ROOT_DISK_SERIAL.into()),
-        rate_limiter: cfg.disk_rate_limiter.clone(),
-    }];
+    let mut block = Vec::new();
+    if cfg.rootfs == RootfsMode::Block {
+        block.push(BlockSpec {
+            id: "root".into(),
+            path: dir.join(ROOT_IMAGE),
+            read_only: true,
+            serial: Some(ROOT_DISK_SERIAL.into()),
+            rate_limiter: cfg.disk_rate_limiter.clone(),
+        });
+    }
+    let fs = if cfg.uses_virtio_fs() {
+        vec![FsSpec {
+            tag: SHARED_FS_TAG.into(),
+            socket: paths.run.join(virtiofsd::SOCKET),
+            num_request_queues: None,
+            queue_size: None,
+        }]
+    } else {
+        Vec::new()
+    };
     block.extend((1..=slots).map(|n| BlockSpec {
         id: slot_file(n),
         path: dir.join(slot_file(n)),
@@ -152,7 +172,7 @@ pub fn vm_spec(
             uds_path: paths.run.join(VSOCK),
         }),
         net,
-        fs: Vec::new(),
+        fs,
         rng: true,
         balloon: cfg.free_page_reporting.then_some(BalloonSpec {
             free_page_reporting: true,
@@ -186,7 +206,9 @@ mod tests {
 
     #[test]
     fn vm_description() {
-        let c = cfg("vcpus = 2\nmemory_mib = 512\nkernel_params = \"loglevel=8\"");
+        let c = cfg(
+            "vcpus = 2\nmemory_mib = 512\nkernel_params = \"loglevel=8\"\nrootfs = \"block\"\nshared_fs = \"none\"",
+        );
         let v = vm_spec(
             &c,
             base(&c),
@@ -213,6 +235,7 @@ mod tests {
         assert_eq!(vsock.uds_path, PathBuf::from("/run/husk/p1/run/vsock"));
         assert_eq!(vsock.guest_cid, 3);
         assert_eq!(v.control_socket, Some("/run/husk/p1/run/ctl.sock".into()));
+        assert!(v.fs.is_empty(), "nothing shared, no virtio-fs");
         assert!(v.rng);
         assert_eq!(
             v.balloon,
@@ -221,7 +244,7 @@ mod tests {
             })
         );
 
-        let c = cfg("debug_console = true");
+        let c = cfg("debug_console = true\nrootfs = \"block\"");
         let v = vm_spec(
             &c,
             base(&c),
@@ -256,6 +279,40 @@ mod tests {
         assert_eq!(v.balloon, None);
     }
 
+    /// The defaults share the rootfs and volumes: no disk, one virtio-fs
+    /// device on virtiofsd's socket in the sockets folder; with volumes
+    /// only shared, the first container's disk is back.
+    #[test]
+    fn virtio_fs_replaces_the_root_disk() {
+        let c = cfg("");
+        let v = vm_spec(
+            &c,
+            base(&c),
+            &VmPaths::host(&c, Path::new("/run/husk/p1")),
+            0,
+            Vec::new(),
+        );
+        assert!(v.block.is_empty());
+        assert_eq!(
+            v.fs,
+            vec![FsSpec {
+                tag: "husk-shared".into(),
+                socket: "/run/husk/p1/run/virtiofsd.sock".into(),
+                num_request_queues: None,
+                queue_size: None,
+            }]
+        );
+        let v = vm_spec(&c, base(&c), &VmPaths::jailed(), 0, Vec::new());
+        assert_eq!(v.fs[0].socket, PathBuf::from("/run/virtiofsd.sock"));
+        assert!(jail_binds(&c, Path::new("/p"), 0)
+            .iter()
+            .all(|b| b.target != ROOT_IMAGE));
+        let c = cfg("rootfs = \"block\"");
+        let v = vm_spec(&c, base(&c), &VmPaths::jailed(), 0, Vec::new());
+        assert_eq!(v.block.len(), 1);
+        assert_eq!(v.fs.len(), 1);
+    }
+
     #[test]
     fn every_disk_and_nic_gets_the_configured_limits() {
         let nic = NetSpec {
@@ -265,7 +322,7 @@ mod tests {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         };
-        let c = cfg("");
+        let c = cfg("rootfs = \"block\"");
         let v = vm_spec(
             &c,
             base(&c),
@@ -276,7 +333,9 @@ mod tests {
         assert!(v.block.iter().all(|b| b.rate_limiter.is_none()));
         assert_eq!(v.net, vec![nic.clone()]);
 
-        let c = cfg("disk_bandwidth_bytes_per_sec = 1000\nnet_rx_bytes_per_sec = 2000");
+        let c = cfg(
+            "disk_bandwidth_bytes_per_sec = 1000\nnet_rx_bytes_per_sec = 2000\nrootfs = \"block\"",
+        );
         let v = vm_spec(
             &c,
             base(&c),
@@ -300,7 +359,7 @@ mod tests {
     /// target at the root, or in the writable /run.
     #[test]
     fn the_jail_shows_every_path_of_the_jailed_description() {
-        let c = cfg("debug_console = true");
+        let c = cfg("debug_console = true\nrootfs = \"block\"");
         let dir = Path::new("/run/husk/p1");
         let v = vm_spec(&c, base(&c), &VmPaths::jailed(), 3, Vec::new());
         let binds = jail_binds(&c, dir, 3);
@@ -316,7 +375,8 @@ mod tests {
         paths.push(v.serial.as_ref().unwrap().path.clone().unwrap());
         paths.push(v.vsock.as_ref().unwrap().uds_path.clone());
         paths.push(v.control_socket.clone().unwrap());
-        assert_eq!(paths.len(), 9);
+        paths.push(v.fs[0].socket.clone());
+        assert_eq!(paths.len(), 10);
         for p in &paths {
             assert!(p.is_absolute() && !p.starts_with(dir), "{}", p.display());
             assert!(shown(p), "{} is not in the jail", p.display());
@@ -365,14 +425,14 @@ mod tests {
         for f in ["bzImage", "initrd"] {
             std::fs::write(dir.join(f), b"x").unwrap();
         }
-        let slots = crate::config::max_pod_disk_slots(free_page_reporting) as usize;
+        let slots = crate::config::max_pod_disk_slots(free_page_reporting, true) as usize;
         for n in 1..=slots {
             std::fs::write(dir.join(slot_file(n)), b"").unwrap();
         }
         std::fs::write(dir.join(ROOT_IMAGE), b"").unwrap();
         let params = "x".repeat(crate::config::MAX_KERNEL_PARAMS);
         let mut c = cfg(&format!(
-            "vcpus = {}\nmemory_mib = {}\nkernel_params = \"{params}\"\ndebug_console = true\nfree_page_reporting = {free_page_reporting}\n\
+            "vcpus = {}\nmemory_mib = {}\nkernel_params = \"{params}\"\ndebug_console = true\nfree_page_reporting = {free_page_reporting}\nrootfs = \"block\"\n\
              disk_bandwidth_bytes_per_sec = {max}\ndisk_ops_per_sec = {max}\nnet_rx_bytes_per_sec = {max}\nnet_tx_bytes_per_sec = {max}",
             husk_vm_config::limits::MAX_VCPUS,
             husk_vm_config::limits::MAX_MEMORY_MIB,
@@ -405,6 +465,7 @@ mod tests {
         let json = serde_json::to_string(&vm_spec(&c, size, &paths, slots, nics)).unwrap();
         let vm = husk_vm_config::VmConfig::from_json(&json).unwrap();
         assert_eq!(vm.block.len(), slots + 1);
+        assert_eq!(vm.fs.len(), 1);
         assert_eq!(vm.balloon.is_some(), free_page_reporting);
         assert_eq!(vm.console_limits, husk_vm_config::ConsoleLimits::default());
         assert_eq!(vm.log, husk_vm_config::LogLimits::default());

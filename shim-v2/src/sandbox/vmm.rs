@@ -1,5 +1,6 @@
 //! The husk-vmm process of a sandbox: spawning it, recording how it ended,
-//! killing it.
+//! killing it. The same supervision ([`VmmProcess::supervise`]) runs the
+//! sandbox's virtiofsd.
 //!
 //! The VMM is started and waited for by one thread of its own: it gets
 //! PR_SET_PDEATHSIG(SIGKILL), which fires when the *thread* that forked it
@@ -93,14 +94,6 @@ impl VmmProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        // SAFETY: the closure runs between fork and exec and only calls
-        // prctl(2), which is async-signal-safe and allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
-                    .map_err(io::Error::from)
-            });
-        }
         let Confinement { cgroup_procs, jail } = confine;
         if !cgroup_procs.is_empty() {
             // SAFETY: the closure runs between fork and exec; it only calls
@@ -130,6 +123,26 @@ impl VmmProcess {
                 });
             }
         }
+        VmmProcess::supervise(cmd, name, jailed).map_err(err)
+    }
+
+    /// Starts `cmd` (whose pre_exec hooks are set) on a thread of its own,
+    /// named `name`, that waits for it; with `new_pid_namespace`, as PID 1
+    /// of a PID namespace of its own (when it dies, the kernel kills
+    /// everything else in the namespace). Also for the sandbox's virtiofsd.
+    pub fn supervise(
+        mut cmd: Command,
+        name: &str,
+        new_pid_namespace: bool,
+    ) -> io::Result<VmmProcess> {
+        // SAFETY: the closure runs between fork and exec and only calls
+        // prctl(2), which is async-signal-safe and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
+                    .map_err(io::Error::from)
+            });
+        }
         let exit = Arc::new(Exit::default());
         let (tx, rx) = mpsc::sync_channel(1);
         let state = exit.clone();
@@ -137,7 +150,7 @@ impl VmmProcess {
             .name(name.to_string())
             .spawn(move || {
                 // This thread forks once and creates no thread.
-                let pidns = if jailed {
+                let pidns = if new_pid_namespace {
                     jail::new_pid_namespace()
                 } else {
                     Ok(())
@@ -160,12 +173,10 @@ impl VmmProcess {
                 if let Some(cb) = lock(&state.on_exit).take() {
                     cb(status);
                 }
-            })
-            .map_err(err)?;
+            })?;
         let (pid, pidfd) = rx
             .recv()
-            .map_err(|_| err(io::Error::other("the VMM thread ended")))?
-            .map_err(err)?;
+            .map_err(|_| io::Error::other("the process's thread ended"))??;
         Ok(VmmProcess { pid, pidfd, exit })
     }
 

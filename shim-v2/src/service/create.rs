@@ -15,8 +15,8 @@ use serde_json::Value;
 use super::error::{Result, ServiceError};
 use super::registry::{Container, Inner};
 use super::watch;
-use crate::agent::PodJoin;
-use crate::config::Config;
+use crate::agent::{GuestRootfs, PodJoin};
+use crate::config::{Config, RootfsMode, SharedFs};
 use crate::events::Event;
 use crate::io::{Pumps, StdioPaths};
 use crate::marker;
@@ -59,6 +59,8 @@ struct Undo {
     sandbox: Option<Arc<Sandbox>>,
     /// A joined sandbox and the container whose memory it reserved.
     reserved: Option<(Arc<Sandbox>, String)>,
+    /// A sandbox and the container whose folder it shares.
+    shared: Option<(Arc<Sandbox>, String)>,
     marker: Option<PathBuf>,
 }
 
@@ -69,12 +71,16 @@ impl Undo {
         self.mounted = None;
         self.sandbox = None;
         self.reserved = None;
+        self.shared = None;
         self.marker = None;
     }
 }
 
 impl Drop for Undo {
     fn drop(&mut self) {
+        if let Some((sb, id)) = self.shared.take() {
+            sb.unshare_container(&id);
+        }
         if let Some(m) = self.mounted.take() {
             if let Err(e) = rootfs::unmount(&m) {
                 log::warn!("{e}");
@@ -99,18 +105,26 @@ impl Inner {
         let mut plan = self.plan(req)?;
         let mut undo = Undo::default();
         mount_rootfs(&plan, req, &mut undo)?;
-        let (sb, serial) = self.sandbox_for(&plan, &mut undo)?;
-        // The image holds the tree now: the host mount is not needed, and
-        // nothing the shim mounted outlives Create (Delete unmounts nothing).
-        if let Some(m) = undo.mounted.take() {
-            if let Err(e) = rootfs::unmount(&m) {
-                undo.mounted = Some(m);
-                return Err(e.into());
+        let (sb, rootfs) = self.sandbox_for(&plan, &mut undo)?;
+        if rootfs != GuestRootfs::Shared {
+            // The image holds the tree now: the host mount is not needed.
+            if let Some(m) = undo.mounted.take() {
+                if let Err(e) = rootfs::unmount(&m) {
+                    undo.mounted = Some(m);
+                    return Err(e.into());
+                }
             }
+        }
+        // The shared rootfs and volumes: binds in the shared folder; the
+        // snapshot at <bundle>/rootfs stays mounted until Delete.
+        let shared_root = (rootfs == GuestRootfs::Shared).then_some(plan.root.as_path());
+        if shared_root.is_some() || !plan.guest.volumes.is_empty() {
+            undo.shared = Some((sb.clone(), plan.id.clone()));
+            sb.share_container(&plan.id, shared_root, &plan.guest.volumes)?;
         }
         let owner = !matches!(plan.role, Role::PodContainer { .. });
         undo.marker = Some(write_marker(&plan.bundle, &sb.dir, owner)?);
-        let init = guest_create(&mut plan, req, &sb, &serial)?;
+        let init = guest_create(&mut plan, req, &sb, &rootfs)?;
         let new_sandbox = undo.sandbox.is_some();
         undo.disarm();
         self.register(plan, req, sb, init, new_sandbox)
@@ -164,7 +178,12 @@ impl Inner {
             }
             (_, Some(path)) => path,
         };
-        let guest = spec::for_guest(&oci, req.terminal, spec::inspect_host)?;
+        let guest = match cfg.shared_fs {
+            SharedFs::Virtiofs => {
+                spec::for_guest_shared(&oci, req.terminal, &id, spec::source_kind)?
+            }
+            SharedFs::None => spec::for_guest(&oci, req.terminal, spec::inspect_host)?,
+        };
         let root = rootfs::bundle_rootfs(&bundle);
         let limits = Limits::of_container(&oci)?;
         let vm_request = match role {
@@ -187,16 +206,21 @@ impl Inner {
         })
     }
 
-    /// Boots the sandbox's VM, or puts the container's image into the
-    /// joined one; either way reserves the container's memory in the VM.
-    /// The sandbox and the serial of the container's disk.
-    fn sandbox_for(&self, plan: &Plan, undo: &mut Undo) -> Result<(Arc<Sandbox>, String)> {
+    /// Boots the sandbox's VM, or (with `rootfs = "block"`) puts the
+    /// container's image into the joined one; either way reserves the
+    /// container's memory in the VM. The sandbox and where the container's
+    /// root file system is for the guest.
+    fn sandbox_for(&self, plan: &Plan, undo: &mut Undo) -> Result<(Arc<Sandbox>, GuestRootfs)> {
         let cfg = &plan.cfg;
+        let block = cfg.rootfs == RootfsMode::Block;
         if let Some(sb) = &plan.joining {
             // Before the image takes a disk slot: a container that does
             // not fit takes nothing.
             sb.reserve(&plan.id, plan.limits)?;
             undo.reserved = Some((sb.clone(), plan.id.clone()));
+            if !block {
+                return Ok((sb.clone(), GuestRootfs::Shared));
+            }
             let image = sb.dir.join(format!("image-{}.erofs", plan.id));
             let built = rootfs::build_erofs(
                 &cfg.mkfs_erofs_path,
@@ -207,7 +231,7 @@ impl Inner {
             .map_err(ServiceError::from)
             .and_then(|_| sb.attach_image(&image).map_err(ServiceError::from));
             let _ = std::fs::remove_file(&image);
-            return Ok((sb.clone(), built?));
+            return Ok((sb.clone(), GuestRootfs::Disk(built?)));
         }
         let dir = StateDir::create(&cfg.state_dir, &plan.sandbox_id)?;
         // From now on `shim delete` can clean up, should this shim die in
@@ -229,13 +253,16 @@ impl Inner {
         };
         write_record(&record, &dir.path)?;
         let boot_start = std::time::Instant::now();
-        rootfs::build_erofs(
-            &cfg.mkfs_erofs_path,
-            &plan.root,
-            &dir.path.join(ROOT_IMAGE),
-            &ToolLimits::for_rootfs(cfg),
-        )?;
-        let slots = if plan.role == Role::PodSandbox {
+        if block {
+            rootfs::build_erofs(
+                &cfg.mkfs_erofs_path,
+                &plan.root,
+                &dir.path.join(ROOT_IMAGE),
+                &ToolLimits::for_rootfs(cfg),
+            )?;
+        }
+        // Disk slots are for later containers' images.
+        let slots = if plan.role == Role::PodSandbox && block {
             cfg.pod_disk_slots as usize
         } else {
             0
@@ -256,7 +283,12 @@ impl Inner {
         write_record(&record, &sb.dir)?;
         // The VM was sized for these limits; only the caps can refuse them.
         sb.reserve(&plan.id, plan.limits)?;
-        Ok((sb, ROOT_DISK_SERIAL.to_string()))
+        let rootfs = if block {
+            GuestRootfs::Disk(ROOT_DISK_SERIAL.to_string())
+        } else {
+            GuestRootfs::Shared
+        };
+        Ok((sb, rootfs))
     }
 
     /// Records the created container, watches a new sandbox, and starts
@@ -302,8 +334,9 @@ impl Inner {
 }
 
 /// Mounts containerd's rootfs mounts at the bundle's rootfs, if it sent
-/// any (otherwise the bundle's rootfs is a ready tree). Create unmounts
-/// them once the image is built.
+/// any (otherwise the bundle's rootfs is a ready tree). With a block rootfs
+/// Create unmounts them once the image is built; a shared rootfs stays
+/// mounted (and bound into the shared folder) until Delete.
 fn mount_rootfs(plan: &Plan, req: &api::CreateTaskRequest, undo: &mut Undo) -> Result<()> {
     if req.rootfs.is_empty() {
         return Ok(());
@@ -320,7 +353,7 @@ fn guest_create(
     plan: &mut Plan,
     req: &api::CreateTaskRequest,
     sb: &Sandbox,
-    serial: &str,
+    rootfs: &GuestRootfs,
 ) -> Result<Arc<Process>> {
     copy_host_files(sb, &plan.guest.copies)?;
     let id = plan.id.as_str();
@@ -330,7 +363,7 @@ fn guest_create(
         _ => PodJoin::Nothing,
     };
     sb.agent
-        .create_container(id, std::mem::take(&mut plan.guest.json), join, serial)
+        .create_container(id, std::mem::take(&mut plan.guest.json), join, rootfs)
         .map_err(|e| {
             let diagnostics = if sb.is_dead() {
                 sb.diagnostics()

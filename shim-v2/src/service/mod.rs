@@ -71,7 +71,12 @@ impl Service {
             });
         } else {
             let spec = lock(&p.spec).take().unwrap_or_default();
-            sb.agent.exec_process(id, exec_id, spec)?;
+            if let Err(e) = sb.agent.exec_process(id, exec_id, spec) {
+                // It will never run: a Wait on it must return (and the
+                // shim's ttrpc server, which waits for its calls at exit).
+                inner.report_exit(&p, EXIT_VM_GONE, SystemTime::now());
+                return Err(e.into());
+            }
             match Pumps::start(&sb.agent, id, exec_id, &p.stdio) {
                 Ok(pumps) => p.set_pumps(pumps),
                 Err(e) => {
@@ -175,6 +180,8 @@ impl Service {
         if !req.exec_id.is_empty() {
             p.stop_io();
             lock(&c.execs).remove(&req.exec_id);
+            // A deleted exec that never ran: its waiters return.
+            p.set_exited(0, SystemTime::now());
             let exit = p.exit().unwrap_or(Exit {
                 status: 0,
                 at: SystemTime::now(),
@@ -190,6 +197,14 @@ impl Service {
                     log::warn!("container {}: {e}", req.id);
                 }
             }
+        }
+        // Its shared folder, then the snapshot a shared rootfs kept
+        // mounted (nothing there with a block rootfs).
+        if let Some(sb) = sb.as_ref() {
+            sb.unshare_container(&req.id);
+        }
+        if let Err(e) = crate::rootfs::unmount(&crate::rootfs::bundle_rootfs(&c.bundle)) {
+            log::warn!("container {}: {e}", req.id);
         }
         // A created container's init dies with RemoveContainer; its waiter
         // reports that.

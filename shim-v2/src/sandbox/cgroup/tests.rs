@@ -60,6 +60,11 @@ fn limits_follow_the_vm_size() {
     assert_eq!(l.memory_bytes, (512 << 20) + (64 << 20) + (16 << 20));
     assert_eq!((l.cpu_quota_us, l.cpu_period_us), (200_000, 100_000));
     assert_eq!(l.tasks, 34);
+    // With virtiofsd and a pool of 4 threads.
+    let v = l.with_virtiofsd(4);
+    assert_eq!(v.memory_bytes, l.memory_bytes + (64 << 20));
+    assert_eq!(v.tasks, 34 + 16 + 4);
+    assert_eq!(v.cpu_quota_us, l.cpu_quota_us);
 }
 
 #[test]
