@@ -28,7 +28,9 @@
 # HUSK_BENCH_VOLUMES=1 adds the measurement of the issue (bench): `ctr run
 # --rm IMAGE true` of busybox and of busybox plus a 300 MiB layer, with
 # rootfs = "virtiofs", rootfs = "block" and runc, as a table (median of
-# HUSK_BENCH_RUNS, default 3).
+# HUSK_BENCH_RUNS, default 3); and I/O in a volume (volio): sequential
+# write (dd, fsync) and read of 256 MiB, then creating and stat-ing 5,000
+# small files, timed inside the container, husk (virtio-fs) against runc.
 #
 #   tests/run.sh shim-volumes
 # check_* functions are called by name (check in tests/shim/ctr.sh).
@@ -274,6 +276,49 @@ check_bench() {
     awk -v a="${ms[virtiofs,$img]}" -v b="${ms[virtiofs,$big]}" 'BEGIN { exit !(b <= a * 1.10) }'
 }
 
-ctr_run_checks live pod configmap readonly durable symlink refused vfsd-death bench
+# I/O in a volume, timed inside the container by /proc/uptime (the
+# guest's clock for husk, the host's for runc).
+check_volio() {
+  [ "${HUSK_BENCH_VOLUMES:-0}" = 1 ] || { echo "    (skipped: HUSK_BENCH_VOLUMES=1 runs it)"; return; }
+  # shellcheck disable=SC2016
+  local script='up() { cut -d" " -f1 /proc/uptime; }
+    cd /v || exit 1
+    t0=$(up); dd if=/dev/zero of=big bs=1M count=256 conv=fsync 2>/dev/null || exit 2
+    t1=$(up); dd if=big of=/dev/null bs=1M 2>/dev/null || exit 3
+    t2=$(up); i=0; while [ $i -lt 5000 ]; do : >f$i || exit 4; i=$((i + 1)); done
+    t3=$(up); [ "$(ls -l . | wc -l)" -ge 5001 ] || exit 5
+    t4=$(up); echo "VOLIO $t0 $t1 $t2 $t3 $t4"'
+  local mode d line
+  declare -A secs
+  for mode in husk runc; do
+    d=$(vol "io-$mode")
+    local -a rt
+    if [ "$mode" = husk ]; then rt=("${husk[@]}"); else rt=("${runc[@]}"); fi
+    line=$(timeout "$limit" ctr run --rm "${rt[@]}" --mount "type=bind,src=$d,dst=/v,options=rbind:rw"       "$img" "v-io-$mode" sh -c "$script" </dev/null 2>&1 | grep '^VOLIO' | tr -d '\r')
+    want "$mode: the I/O ran ($line)" [ -n "$line" ] || return
+    want "$mode: 256 MiB on the host" [ "$(stat -c %s "$d/big")" = $((256 << 20)) ]
+    read -r _ t0 t1 t2 t3 t4 <<<"$line"
+    secs[$mode,write]=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+    secs[$mode,read]=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }')
+    secs[$mode,create]=$(awk -v a="$t2" -v b="$t3" 'BEGIN { printf "%.2f", b - a }')
+    secs[$mode,stat]=$(awk -v a="$t3" -v b="$t4" 'BEGIN { printf "%.2f", b - a }')
+    rm -rf "$d"
+  done
+  echo
+  printf '    %-34s %8s %8s %8s\n' "in a volume (s)" husk runc husk/runc
+  local what label
+  for what in write read create stat; do
+    case $what in
+      write) label="write 256 MiB (dd, fsync)" ;;
+      read) label="read 256 MiB (dd)" ;;
+      create) label="create 5,000 files" ;;
+      stat) label="stat 5,000 files (ls -l)" ;;
+    esac
+    printf '    %-34s %8s %8s %8s\n' "$label" "${secs[husk,$what]}" "${secs[runc,$what]}" \
+      "$(awk -v a="${secs[husk,$what]}" -v b="${secs[runc,$what]}" 'BEGIN { if (b > 0) printf "%.1f", a / b; else print "-" }')"
+  done
+}
+
+ctr_run_checks live pod configmap readonly durable symlink refused vfsd-death bench volio
 # (ctr_run_checks exits with the verdict: the volumes' folder goes with the
 # test machine.)
