@@ -294,7 +294,8 @@ check_volio() {
     d=$(vol "io-$mode")
     local -a rt
     if [ "$mode" = husk ]; then rt=("${husk[@]}"); else rt=("${runc[@]}"); fi
-    line=$(timeout "$limit" ctr run --rm "${rt[@]}" --mount "type=bind,src=$d,dst=/v,options=rbind:rw"       "$img" "v-io-$mode" sh -c "$script" </dev/null 2>&1 | grep '^VOLIO' | tr -d '\r')
+    line=$(timeout "$limit" ctr run --rm "${rt[@]}" --mount "type=bind,src=$d,dst=/v,options=rbind:rw" \
+      "$img" "v-io-$mode" sh -c "$script" </dev/null 2>&1 | grep '^VOLIO' | tr -d '\r')
     want "$mode: the I/O ran ($line)" [ -n "$line" ] || return
     want "$mode: 256 MiB on the host" [ "$(stat -c %s "$d/big")" = $((256 << 20)) ]
     read -r _ t0 t1 t2 t3 t4 <<<"$line"
