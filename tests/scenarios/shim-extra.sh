@@ -350,7 +350,10 @@ check_jail() {
     cpu="$(cat "/sys/fs/cgroup/cpu/$HUSK_CTRD_NS/$id/cpu.cfs_quota_us" 2>/dev/null) 100000"
   fi
   echo "    memory limit $mem, cpu $cpu"
-  want "memory limit = 256 MiB guest + 64 MiB + 8 MiB ($mem)" [ "$mem" = $(((256 + 64 + 8) << 20)) ]
+  # The VM (guest, overhead, 1/32 of the guest) and the sandbox's
+  # virtiofsd (64 MiB; shim-v2/src/sandbox/cgroup.rs).
+  want "memory limit = 256 MiB guest + 64 MiB + 8 MiB + 64 MiB virtiofsd ($mem)" \
+    [ "$mem" = $(((256 + 64 + 8 + 64) << 20)) ]
   want "cpu quota = 1 vCPU ($cpu)" [ "$cpu" = "100000 100000" ]
   run_ctr jail-exec task exec --exec-id e "$id" echo fine
   want "the container works ($o)" [ "$o" = fine ]
