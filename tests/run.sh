@@ -2,7 +2,8 @@
 # The husk test machine runner: runs end-to-end scenarios (tests/scenarios/*.sh)
 # where real KVM can boot a Linux guest.
 #
-#   tests/run.sh [SCENARIO...]     # names without .sh; default: all of them
+#   tests/run.sh [SCENARIO...]     # names without .sh; default: all but
+#                                  # those whose header says "# long:"
 #   tests/run.sh bench/vmm         # a name with a slash is a path under tests/
 #
 # Where the host's /dev/kvm is hardware-backed (vmx or svm in /proc/cpuinfo)
@@ -231,8 +232,17 @@ run_direct() {
   return "$rc"
 }
 
+# With no names, every scenario but those whose header says "# long:"
+# (documented commands, run by name).
 if [ $# -eq 0 ]; then
-  for f in "$repo"/tests/scenarios/*.sh; do f=${f##*/}; set -- "$@" "${f%.sh}"; done
+  for f in "$repo"/tests/scenarios/*.sh; do
+    if sed -n '1,/^[^#]/p' "$f" | grep -q '^# long:'; then
+      say "skipped $(basename "$f" .sh): a long run, by name only"
+      continue
+    fi
+    f=${f##*/}
+    set -- "$@" "${f%.sh}"
+  done
 fi
 passed=0 failed=0 failures=()
 for name in "$@"; do

@@ -8,7 +8,9 @@
 # ended container's exit code is 7, everything is removable, and nothing is
 # left (the frame's leak census after each check).
 #
-#   tests/run.sh shim-restart                        (one round, CI)
+# long: CI runs cri-restart, which restarts containerd under pods and plain
+# containers alike; this one runs by name.
+#   tests/run.sh shim-restart                        (one round)
 #   HUSK_SHIM_RESTART_ROUNDS=5 tests/run.sh shim-restart  (the loop)
 # check_* functions are called by name (check in tests/shim/ctr.sh).
 # shellcheck disable=SC2317
