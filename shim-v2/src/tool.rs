@@ -155,18 +155,7 @@ fn confine(limits: &ToolLimits) -> io::Result<()> {
 /// else in the bounding set.
 fn become_reader(user: crate::sandbox::jail::JailUser) -> io::Result<()> {
     let keep = CapabilitySet::DAC_READ_SEARCH;
-    for n in 0..64u32 {
-        let cap = CapabilitySet::from_bits_retain(1 << n);
-        if cap == keep {
-            continue;
-        }
-        match rustix::thread::remove_capability_from_bounding_set(cap) {
-            Ok(()) => {}
-            // Past the kernel's last capability.
-            Err(rustix::io::Errno::INVAL) => break,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    crate::sandbox::jail::drop_bounding_set_except(keep)?;
     let (uid, gid) = crate::sandbox::jail::ids(user);
     // Keep the permitted set across the uid change; effective is cleared.
     rustix::thread::set_keep_capabilities(true)?;

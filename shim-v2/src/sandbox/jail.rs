@@ -298,16 +298,7 @@ impl Jail {
     pub fn drop_privileges(&self) -> io::Result<()> {
         let (uid, gid) = ids(self.user);
         // The bounding set first: dropping from it needs CAP_SETPCAP.
-        for n in 0..64u32 {
-            match rustix::thread::remove_capability_from_bounding_set(
-                CapabilitySet::from_bits_retain(1 << n),
-            ) {
-                Ok(()) => {}
-                // Past the kernel's last capability.
-                Err(rustix::io::Errno::INVAL) => break,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        drop_bounding_set_except(CapabilitySet::empty())?;
         rustix::thread::set_thread_groups(&[])?;
         rustix::thread::set_thread_res_gid(gid, gid, gid)?;
         rustix::thread::set_thread_res_uid(uid, uid, uid)?;
@@ -343,6 +334,25 @@ impl Jail {
         )?;
         close_range_on_exec()
     }
+}
+
+/// Drops every capability but `keep` from the bounding set (this needs
+/// CAP_SETPCAP, so before any uid change). Only system calls: safe between
+/// fork and exec.
+pub(crate) fn drop_bounding_set_except(keep: CapabilitySet) -> io::Result<()> {
+    for n in 0..64u32 {
+        let cap = CapabilitySet::from_bits_retain(1 << n);
+        if keep.contains(cap) {
+            continue;
+        }
+        match rustix::thread::remove_capability_from_bounding_set(cap) {
+            Ok(()) => {}
+            // Past the kernel's last capability.
+            Err(rustix::io::Errno::INVAL) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Marks every fd above stderr close-on-exec (not closed now: std's
