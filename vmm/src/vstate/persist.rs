@@ -432,6 +432,22 @@ mod tests {
             0xdead_beef
         );
 
+        // A balloon report on a restored VM: the range reads zeros, the
+        // file and the other clones keep their bytes.
+        crate::devices::virtio::balloon::discard::discard(&b, 0x1000, PAGE as u64).unwrap();
+        assert_eq!(b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0);
+        b.write_obj(7u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 7);
+        assert_eq!(
+            c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        let d = restore_memory(&path, 8).unwrap();
+        assert_eq!(
+            d.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+
         let e = restore_memory(&path, 16).unwrap_err().to_string();
         assert!(e.contains("holds 8388608 bytes"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
