@@ -199,6 +199,24 @@ impl MmioTransport {
         self.irq.restore_status(s.interrupt_status);
         if s.activated {
             lock(&self.device).restored();
+            // A kick the old VMM had not served yet is lost with its
+            // eventfd: have the device look at every queue once. A queue
+            // with nothing new costs one empty pass.
+            for (evt, q) in self.notify.iter().zip(&self.queues) {
+                if q.ready {
+                    if let Err(e) = evt.write(1) {
+                        tracing::warn!(device = name, error = %e, "cannot kick a restored queue");
+                    }
+                }
+            }
+        }
+        if s.interrupt_status != 0 {
+            // An interrupt the driver had not acknowledged: raise it again
+            // rather than rely on the restored IOAPIC holding it (a spurious
+            // one only makes the driver read the status).
+            if let Err(e) = self.irq.trigger(s.interrupt_status) {
+                tracing::warn!(device = name, error = %e, "cannot raise a restored interrupt");
+            }
         }
         Ok(())
     }

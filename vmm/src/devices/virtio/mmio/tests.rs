@@ -396,6 +396,11 @@ fn snapshot_round_trips_registers_queues_and_ring_indexes() {
     assert_eq!((qs[0].queue.next_avail(), qs[0].queue.next_used()), (5, 3));
     assert_eq!(qs[1].queue.size(), 8);
     assert_eq!(d2.resets, 0, "the guest sees no reset");
+    // Every ready queue is kicked once, and the pending interrupt raised.
+    for (i, q) in qs.iter().enumerate() {
+        assert_eq!(q.notify.read().unwrap(), 1, "queue {i} kicked");
+    }
+    assert_eq!(irq2.irq_evt().read().unwrap(), 1, "interrupt raised again");
 }
 
 #[test]
