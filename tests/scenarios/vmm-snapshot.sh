@@ -140,14 +140,18 @@ wait_line b "$b" "^HUSK_TEST snapshot tick $((n_before + 1)) " 120
 tick_ms=$(( $(now_ms) - restore_t0 ))
 grep -q "VM state restored from the snapshot" "$work/b.log" || fail "b: no restore line in the VMM log"
 grep -q "vsock: transport reset sent to the guest" "$work/b.log" || { indent "    vmm| " <"$work/b.log"; fail "b: no vsock transport reset"; }
-if tr -d '\r' <"$(console b)" | grep -a -q -E 'HUSK_GUEST_READY|Linux version'; then fail "b: the guest booted again"; fi
-after=$(tr -d '\r' <"$(console b)" | grep -a -m1 -E '^HUSK_TEST snapshot tick')
+if grep -a -q -E 'HUSK_GUEST_READY|Linux version' "$(console b)"; then fail "b: the guest booted again"; fi
+after=$(grep -a -m1 -E '^HUSK_TEST snapshot tick' "$(console b)" | tr -d '\r')
 echo "first tick after the restore: $after"
 [ "$(tick_n "$after")" -eq $((n_before + 1)) ] || fail "tick counter went from $n_before to $(tick_n "$after")"
 [[ "$after" == *"value=$value" ]] || fail "the tmpfs value changed: $after"
 awk -v a="$(tick_uptime "$before")" -v b="$(tick_uptime "$after")" 'BEGIN { exit !(b >= a && b - a < 30) }' ||
   fail "guest uptime went from $(tick_uptime "$before") to $(tick_uptime "$after")"
 probe b || { cat "$work/b.probe"; indent "    guest| " <"$(console b)"; fail "b: vsock probe after the restore"; }
+# The connection held open across the snapshot was reset in the guest.
+grep -a -q '^HUSK_TEST snapshot vsock connection ended in an error' "$(console b)" ||
+  { indent "    guest| " <"$(console b)"; fail "b: the guest's open vsock connection was not reset"; }
+if grep -a -q 'vsock connection ended' "$(console a)"; then fail "a: a vsock connection failed before the snapshot"; fi
 responsive_ms=$(( $(now_ms) - restore_t0 ))
 echo "restore: next tick after $tick_ms ms, vsock answered after $responsive_ms ms (cold boot to first tick: $cold_ms ms)"
 kill "$b"
