@@ -164,9 +164,15 @@ impl SnapshotState {
     pub fn read(dir: &Path) -> Result<Self, SnapshotError> {
         let path = dir.join(STATE_FILE);
         let payload = format::read_file(&path)?;
+        Self::decode(&path, &payload)
+    }
+
+    /// Decodes a checked payload (read from `path`) and checks that its
+    /// parts agree with its shape.
+    pub fn decode(path: &Path, payload: &[u8]) -> Result<Self, SnapshotError> {
         let state: Self =
-            serde_json::from_slice(&payload).map_err(|source| SnapshotError::Decode {
-                path: path.clone(),
+            serde_json::from_slice(payload).map_err(|source| SnapshotError::Decode {
+                path: path.to_owned(),
                 source,
             })?;
         state.check_consistent()?;
