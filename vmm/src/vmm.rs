@@ -164,10 +164,8 @@ impl Vmm {
             .vcpus
             .iter()
             .map(VcpuHandle::save_state)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
-        let vm =
-            VmKvmState::save(r.vm.fd()).map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = VmKvmState::save(r.vm.fd())?;
         let serial = r
             .serial
             .lock()
@@ -177,9 +175,7 @@ impl Vmm {
             .transports
             .iter()
             .map(|(id, t)| {
-                let transport = lock_transport(t)
-                    .snapshot()
-                    .map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+                let transport = lock_transport(t).snapshot()?;
                 Ok(DeviceSnapshot {
                     id: id.clone(),
                     transport,
@@ -207,8 +203,7 @@ impl Vmm {
                     source,
                 }
             })?;
-            let mem_bytes = persist::save_memory(&r.mem, &file, &mem_path)
-                .map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+            let mem_bytes = persist::save_memory(&r.mem, &file, &mem_path)?;
             // The state file last: its presence means the snapshot is whole.
             let state_bytes = state.write(dir)?;
             Ok((state_bytes, mem_bytes))

@@ -55,6 +55,12 @@ pub enum SnapshotError {
     Inconsistent(String),
     #[error("cannot snapshot this VM: {0}")]
     Unsupported(String),
+    #[error("cannot snapshot: {0}")]
+    Kvm(#[from] crate::vstate::persist::PersistError),
+    #[error("cannot snapshot: {0}")]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("cannot snapshot: {0}")]
+    Device(#[from] crate::devices::virtio::mmio::persist::PersistError),
 }
 
 /// One device as the shape names it: its kind and its id in the config.

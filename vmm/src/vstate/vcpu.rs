@@ -124,7 +124,8 @@ pub enum VcpuError {
         #[source]
         source: SeccompError,
     },
-    #[error("vCPU {index} state: {source}")]
+    /// The source names the vCPU already.
+    #[error("{source}")]
     State {
         index: u8,
         #[source]
@@ -579,8 +580,8 @@ impl VcpuHandle {
         self.index
     }
 
-    /// Has the paused vCPU thread read its state; None if it did not
-    /// answer in time or is not paused.
+    /// Has the paused vCPU thread read its state; an error if KVM refused,
+    /// or if the vCPU is not paused or did not answer in time.
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
         let index = self.index;
         let mut st = self.control.lock();
