@@ -27,7 +27,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 secs=${1:-30}
 shift || true
-all=(vm_config vm_control mmio block vsock net_tx fs_error agent_request agent_paths shim_spec shim_config)
+all=(vm_config vm_control snapshot_state mmio block vsock net_tx fs_error agent_request agent_paths shim_spec shim_config)
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=("${all[@]}")
 for t in "${targets[@]}"; do

@@ -68,6 +68,9 @@ put("vm_config", "shim-vm.json", json.dumps(vm, indent=2))
 put("vm_config", "minimal.json", json.dumps({"vcpus": 1, "memory_mib": 128, "kernel": {"path": "/k"}}))
 put("vm_control", "requests", '{"op":"status"}\n{"op":"pause"}\n{"op":"resume"}\n{"op":"shutdown","timeout_ms":250}\n')
 put("vm_control", "replies", '{"ok":true,"state":"running"}\n{"ok":false,"error":"no"}\n{"ok":true}\n')
+# A snapshot state file's payload (the target frames it itself too): the
+# shape of a 1-vCPU VM, with parts that do not add up.
+put("snapshot_state", "shape", '{"shape":{"vcpus":1,"memory_mib":128,"devices":[{"kind":"virtio-rng","id":"rng"}],"kernel_bytes":null},"vm":null,"vcpus":[],"serial":null,"devices":[]}')
 
 # --- virtio-blk through a queue ---------------------------------------------
 T_IN, T_OUT, T_FLUSH, T_GET_ID = 0, 1, 4, 8

@@ -163,6 +163,28 @@ for t in $tests; do
       husk-hostile $opts
       while :; do sleep 3600; done
       ;;
+    snapshot)
+      # For snapshots (vmm-snapshot): a value kept in the guest's memory (a
+      # tmpfs file), a tick a second with a counter, the uptime and that
+      # value, and vsock port 5000 answered for every host connection. The
+      # host snapshots, restores into new VMMs and checks that all of it
+      # carries on; it ends the VMs.
+      mkdir -p /mnt/snap && mount -t tmpfs snap /mnt/snap
+      head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n' >/mnt/snap/value
+      echo "HUSK_TEST snapshot value $(cat /mnt/snap/value)"
+      # A connection the host left open ends in an error here when the
+      # restored VMM resets the vsock transport.
+      (while :; do husk-vsock-probe listen 5000 >/dev/null 2>&1 || {
+        echo "HUSK_TEST snapshot vsock connection ended in an error"
+        sleep 1
+      }; done) &
+      n=0
+      while :; do
+        n=$((n + 1))
+        echo "HUSK_TEST snapshot tick $n uptime=$(cut -d' ' -f1 /proc/uptime) value=$(cat /mnt/snap/value)"
+        sleep 1
+      done
+      ;;
     idle)
       # Stay up (for memory measurements); the host ends the VM.
       echo "HUSK_TEST idle"

@@ -9,6 +9,10 @@
                                                the VMM's socket (`CONNECT PORT`,
                                                `OK ...`), send MSG, print the reply;
                                                retries until the guest listens
+    vsock_host.py open UDS_PATH PORT           connect to guest port PORT, print
+                                               `open` after the handshake, send
+                                               nothing, and print `closed` when
+                                               the VMM closes the connection
     vsock_host.py hold UDS_PATH PORT COUNT_FILE
                                                accept every guest connection to
                                                host port PORT and hold it open
@@ -76,11 +80,26 @@ def connect(uds, port, msg, deadline_s=240):
     sys.exit(f"vsock connect to guest port {port} failed: {last}")
 
 
+def hold_open(uds, port):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(uds)
+    s.sendall(f"CONNECT {port}\n".encode())
+    ok = s.makefile("rb").readline().decode()
+    if not ok.startswith("OK "):
+        sys.exit(f"handshake answer {ok!r}")
+    print("open", flush=True)
+    while s.recv(4096):
+        pass
+    print("closed", flush=True)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "serve":
         serve(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) == 5 and sys.argv[1] == "hold":
         hold(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    elif len(sys.argv) == 4 and sys.argv[1] == "open":
+        hold_open(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) == 5 and sys.argv[1] == "connect":
         connect(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:

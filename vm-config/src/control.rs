@@ -2,7 +2,10 @@
 //! request per line and answering one JSON reply per line.
 //!
 //! `{"op":"status"}`, `{"op":"pause"}`, `{"op":"resume"}`,
-//! `{"op":"shutdown","timeout_ms":N}`. Replies are `{"ok":true,...}` or
+//! `{"op":"shutdown","timeout_ms":N}`,
+//! `{"op":"snapshot","path":"/dir","resume":false}` (pause, write the VM's
+//! state and memory into the new folder `path`, then stay paused unless
+//! `resume`). Replies are `{"ok":true,...}` or
 //! `{"ok":false,"error":"..."}`; a bad request only earns an error reply.
 //! A status reply also carries the [`VmCounters`]: what the guest made the
 //! VMM log, drop or suppress.
@@ -30,6 +33,27 @@ pub enum Request {
         #[serde(default = "default_timeout")]
         timeout_ms: u64,
     },
+    /// Pauses the VM and writes its snapshot into `path`, a folder the VMM
+    /// creates (mode 0700; it must not exist). The VM stays paused unless
+    /// `resume` is true.
+    Snapshot {
+        path: std::path::PathBuf,
+        #[serde(default)]
+        resume: bool,
+    },
+}
+
+/// What a snapshot wrote and how long it took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Size of the state file.
+    pub state_bytes: u64,
+    /// Bytes of guest memory written (pages that are all zero are holes).
+    pub memory_bytes_written: u64,
+    /// Guest memory size (the memory file's length).
+    pub memory_bytes: u64,
+    /// From the request to the files being on disk, pause included.
+    pub duration_ms: u64,
 }
 
 fn default_timeout() -> u64 {
@@ -130,6 +154,8 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters: Option<VmCounters>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
@@ -139,6 +165,7 @@ impl Response {
             ok: true,
             state: None,
             counters: None,
+            snapshot: None,
             error: None,
         }
     }
@@ -159,11 +186,21 @@ impl Response {
         }
     }
 
+    /// A snapshot reply: the state the VM is left in and what was written.
+    pub fn snapshot(state: VmState, info: SnapshotInfo) -> Self {
+        Self {
+            state: Some(state),
+            snapshot: Some(info),
+            ..Self::ok()
+        }
+    }
+
     pub fn error(error: impl Into<String>) -> Self {
         Self {
             ok: false,
             state: None,
             counters: None,
+            snapshot: None,
             error: Some(error.into()),
         }
     }
@@ -219,6 +256,21 @@ mod tests {
                 timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS
             })
         );
+        assert_eq!(
+            parse_request(br#"{"op":"snapshot","path":"/s"}"#),
+            Ok(Request::Snapshot {
+                path: "/s".into(),
+                resume: false
+            })
+        );
+        assert_eq!(
+            parse_request(br#"{"op":"snapshot","path":"/s","resume":true}"#),
+            Ok(Request::Snapshot {
+                path: "/s".into(),
+                resume: true
+            })
+        );
+        assert!(parse_request(br#"{"op":"snapshot"}"#).is_err());
     }
 
     #[test]

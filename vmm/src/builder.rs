@@ -1,6 +1,7 @@
 //! Turns a validated [`VmConfig`] into a running VM: guest memory, the KVM
 //! VM, legacy devices, virtio devices, the kernel, and the vCPU threads.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, SubscriberOps};
@@ -21,6 +22,7 @@ use crate::devices::legacy::serial::{self, SerialDevice, SerialStdin};
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::fs::Fs;
+use crate::devices::virtio::mmio::persist::PersistError as TransportPersistError;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
@@ -29,8 +31,10 @@ use crate::devices::virtio::{GuestMemory, IrqTrigger, VirtioDevice};
 use crate::loader::{self, LoaderError};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::Filters;
+use crate::snapshot::{SnapshotError, SnapshotState, VmShape, MEMORY_FILE};
 use crate::vmm::{EventManager, Subscriber, VmResources, Vmm};
 use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::persist::{self, PersistError};
 use crate::vstate::vcpu::{self, ExitSignal, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 use husk_vm_config::{SerialOutput, VmConfig};
@@ -89,7 +93,24 @@ pub enum BuildError {
     },
     #[error("event loop: {0}")]
     EventManager(#[from] event_manager::Error),
+    #[error("cannot restore: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("cannot restore: {0}")]
+    Persist(#[from] PersistError),
+    #[error("cannot restore {device}: {source}")]
+    DeviceRestore {
+        device: String,
+        #[source]
+        source: TransportPersistError,
+    },
+    #[error("cannot restore the serial port: {0}")]
+    SerialRestore(String),
+    #[error("cannot restore: {0}")]
+    RestoreRefused(String),
 }
+
+/// A virtio-mmio transport as the bus and the snapshot code share it.
+pub type SharedTransport = Arc<Mutex<MmioTransport>>;
 
 /// A VM ready to run: the VMM and its event loop.
 pub struct BuiltVm {
@@ -174,7 +195,8 @@ impl VirtioContext<'_> {
 pub fn attach_virtio_devices(
     config: &VmConfig,
     ctx: &mut VirtioContext<'_>,
-) -> Result<(), BuildError> {
+) -> Result<Vec<SharedTransport>, BuildError> {
+    let mut attached = Vec::new();
     // Block devices first, in config order, so the guest names them
     // vda, vdb, ... as the description lists them.
     for b in &config.block {
@@ -188,7 +210,7 @@ pub fn attach_virtio_devices(
         })
         .map_err(|e| device_error(what(), e))?
         .with_rate_limiter(limiter);
-        attach(ctx, block, "virtio-blk")?;
+        attached.push(attach(ctx, block, "virtio-blk")?);
     }
     for n in &config.net {
         let what = || format!("net[{}]", n.id);
@@ -199,27 +221,27 @@ pub fn attach_virtio_devices(
         let net = Net::new(&n.tap, n.mac)
             .map_err(|e| device_error(what(), e))?
             .with_rate_limiters(rx, tx);
-        attach(ctx, net, "virtio-net")?;
+        attached.push(attach(ctx, net, "virtio-net")?);
     }
     for f in &config.fs {
         let fs = Fs::new(f).map_err(|e| device_error(format!("fs[{}]", f.tag), e))?;
-        attach(ctx, fs, "virtio-fs")?;
+        attached.push(attach(ctx, fs, "virtio-fs")?);
     }
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(u64::from(v.guest_cid), v.uds_path.clone())
             .map_err(|e| device_error("vsock".to_string(), e))?;
-        attach(ctx, vsock, "virtio-vsock")?;
+        attached.push(attach(ctx, vsock, "virtio-vsock")?);
     }
     if config.rng {
         let rng = Rng::new().map_err(|e| device_error("rng".to_string(), e))?;
-        attach(ctx, rng, "virtio-rng")?;
+        attached.push(attach(ctx, rng, "virtio-rng")?);
     }
     if let Some(b) = &config.balloon {
         let balloon = Balloon::new(b.free_page_reporting)
             .map_err(|e| device_error("balloon".to_string(), e))?;
-        attach(ctx, balloon, "virtio-balloon")?;
+        attached.push(attach(ctx, balloon, "virtio-balloon")?);
     }
-    Ok(())
+    Ok(attached)
 }
 
 fn device_error(what: String, e: impl std::error::Error + Send + Sync + 'static) -> BuildError {
@@ -231,7 +253,11 @@ fn device_error(what: String, e: impl std::error::Error + Send + Sync + 'static)
 
 /// Puts `device` behind a virtio-mmio transport on the bus and subscribes
 /// it to the event loop: the transport and the event loop share one device.
-fn attach<D>(ctx: &mut VirtioContext<'_>, device: D, kind: &'static str) -> Result<(), BuildError>
+fn attach<D>(
+    ctx: &mut VirtioContext<'_>,
+    device: D,
+    kind: &'static str,
+) -> Result<SharedTransport, BuildError>
 where
     D: VirtioDevice + MutEventSubscriber + 'static,
 {
@@ -245,8 +271,8 @@ where
         .map(EventFd::try_clone)
         .collect::<Result<Vec<_>, _>>()
         .map_err(BuildError::EventFd)?;
-    let (base, irq_line) =
-        ctx.add_mmio_device(Arc::new(Mutex::new(transport)), &notify, irq.irq_evt())?;
+    let transport = Arc::new(Mutex::new(transport));
+    let (base, irq_line) = ctx.add_mmio_device(transport.clone(), &notify, irq.irq_evt())?;
     ctx.event_manager.add_subscriber(device);
     tracing::info!(
         device = kind,
@@ -254,7 +280,20 @@ where
         irq = irq_line,
         "virtio device attached"
     );
-    Ok(())
+    Ok(transport)
+}
+
+/// Why this VM can never be snapshotted, whatever its devices say.
+fn snapshot_refusal(config: &VmConfig, msrs_known: bool) -> Option<String> {
+    if config.hugepages {
+        return Some(
+            "guest memory is on huge pages, which a restore cannot map copy-on-write".into(),
+        );
+    }
+    if !msrs_known {
+        return Some("KVM did not list the vCPUs' saveable MSRs".into());
+    }
+    None
 }
 
 fn eventfd() -> Result<EventFd, BuildError> {
@@ -264,15 +303,45 @@ fn eventfd() -> Result<EventFd, BuildError> {
 /// Builds and starts the VM `config` describes. With `seccomp`, each vCPU
 /// thread installs its filter before it enters the guest; the caller
 /// installs the main thread's once this returns.
-pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<BuiltVm, BuildError> {
-    // A vhost-user backend (virtiofsd) maps guest RAM itself: it must be
-    // a shared memfd then; otherwise it stays private to the VMM.
-    let backing = if config.fs.is_empty() {
-        memory::Backing::Private
-    } else {
-        memory::Backing::SharedMemfd
+///
+/// With `restore`, a snapshot folder: the VM takes the snapshot's memory
+/// (mapped copy-on-write), vCPU, interrupt controller, clock and device
+/// state instead of booting the kernel; `config` gives the host side
+/// (disks, sockets, console) and must have the snapshot's shape.
+pub fn build_vm(
+    config: &VmConfig,
+    seccomp: Option<&Arc<Filters>>,
+    restore: Option<&Path>,
+) -> Result<BuiltVm, BuildError> {
+    let shape = VmShape::of(config);
+    let snapshot = match restore {
+        Some(dir) => {
+            let state = SnapshotState::read(dir)?;
+            state.shape.check(&shape)?;
+            if config.hugepages {
+                return Err(BuildError::RestoreRefused(
+                    "a restored VM's memory is its snapshot file mapped copy-on-write, \
+                     not huge pages: set hugepages to false"
+                        .into(),
+                ));
+            }
+            Some(state)
+        }
+        None => None,
     };
-    let mem = memory::create(config.memory_mib, config.hugepages, backing)?;
+    let mem = match restore {
+        Some(dir) => persist::restore_memory(&dir.join(MEMORY_FILE), config.memory_mib)?,
+        None => {
+            // A vhost-user backend (virtiofsd) maps guest RAM itself: it
+            // must be a shared memfd then; otherwise it stays private.
+            let backing = if config.fs.is_empty() {
+                memory::Backing::Private
+            } else {
+                memory::Backing::SharedMemfd
+            };
+            memory::create(config.memory_mib, config.hugepages, backing)?
+        }
+    };
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
     let mut event_manager = EventManager::new()?;
@@ -285,7 +354,11 @@ pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<Bui
             source,
         }
     })?;
-    let serial = SerialDevice::new(eventfd()?, out);
+    let serial = match &snapshot {
+        Some(state) => SerialDevice::from_snapshot(eventfd()?, out, &state.serial)
+            .map_err(BuildError::SerialRestore)?,
+        None => SerialDevice::new(eventfd()?, out),
+    };
     vm.register_irqfd(serial.irq_evt(), SERIAL_IRQ)?;
     let serial = Arc::new(Mutex::new(serial));
     if config.serial == SerialOutput::Stdout {
@@ -294,7 +367,7 @@ pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<Bui
         }
     }
     pio_bus
-        .insert(serial, u64::from(SERIAL_PORT), SERIAL_PORT_LEN)
+        .insert(serial.clone(), u64::from(SERIAL_PORT), SERIAL_PORT_LEN)
         .map_err(|source| BuildError::Bus {
             what: "serial port",
             source,
@@ -317,7 +390,7 @@ pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<Bui
     let mut mmio_bus = Bus::new();
     let mut cmdline = loader::new_cmdline(&config.kernel.cmdline)?;
     let mut slots = MmioSlots::new();
-    attach_virtio_devices(
+    let transports = attach_virtio_devices(
         config,
         &mut VirtioContext {
             vm: &vm,
@@ -329,50 +402,21 @@ pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<Bui
         },
     )?;
 
-    // The kernel and what it reads at entry.
-    let kernel = loader::load_kernel(&mem, &config.kernel.path)?;
-    let initrd = match &config.kernel.initrd {
-        Some(path) => Some(loader::load_initrd(&mem, path, kernel.end)?),
-        None => None,
+    let msrs_to_save = match persist::msrs_to_save(vm.kvm()) {
+        Ok(list) => Some(Arc::new(list)),
+        Err(e) => {
+            tracing::warn!("snapshots of this VM are not possible: {e}");
+            None
+        }
     };
-    let (cmdline_addr, cmdline_size) = loader::write_cmdline(&mem, &cmdline)?;
-    let info = BootInfo {
-        cmdline_addr,
-        cmdline_size,
-        initrd,
+    let vcpus = match snapshot {
+        Some(state) => restore_state(&vm, state, &transports)?,
+        None => boot_kernel(config, &vm, &mem, &cmdline)?,
     };
-    mptable::setup_mptable(&mem, config.vcpus)?;
-    match kernel.protocol {
-        BootProtocol::Linux64 => boot::write_zero_page(&mem, &info, kernel.setup_header)?,
-        BootProtocol::Pvh => boot::write_pvh_info(&mem, &info)?,
-    }
-    tracing::info!(
-        entry = format_args!("{:#x}", kernel.entry),
-        protocol = ?kernel.protocol,
-        initrd = ?initrd.map(|(a, s)| format!("{s} bytes at {a:#x}")),
-        "kernel {} loaded; command line: {}",
-        config.kernel.path.display(),
-        cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
-    );
-
-    // vCPUs.
-    let supported = vm
-        .kvm()
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::Cpuid)?;
-    let vcpus = (0..config.vcpus)
-        .map(|i| {
-            Vcpu::new(
-                &vm,
-                &mem,
-                i,
-                config.vcpus,
-                &supported,
-                kernel.entry,
-                kernel.protocol,
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let vcpus: Vec<Vcpu> = vcpus
+        .into_iter()
+        .map(|v| v.with_msrs_to_save(msrs_to_save.clone().unwrap_or_default()))
+        .collect();
 
     // The control socket binds last, so a failed build leaves no socket file.
     let control = config
@@ -417,10 +461,102 @@ pub fn build_vm(config: &VmConfig, seccomp: Option<&Arc<Filters>>) -> Result<Bui
             mem,
             pio_bus,
             mmio_bus,
+            serial,
+            transports: shape.devices.into_iter().zip(transports).collect(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            kernel_bytes: shape.kernel_bytes,
+            snapshot_refusal: snapshot_refusal(config, msrs_to_save.is_some()),
         },
     )));
     event_manager.add_subscriber(vmm.clone() as Subscriber);
     Ok(BuiltVm { vmm, event_manager })
+}
+
+/// Loads the kernel, initrd and boot tables and creates the vCPUs at the
+/// kernel's entry.
+fn boot_kernel(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemory,
+    cmdline: &Cmdline,
+) -> Result<Vec<Vcpu>, BuildError> {
+    // The kernel and what it reads at entry.
+    let kernel = loader::load_kernel(mem, &config.kernel.path)?;
+    let initrd = match &config.kernel.initrd {
+        Some(path) => Some(loader::load_initrd(mem, path, kernel.end)?),
+        None => None,
+    };
+    let (cmdline_addr, cmdline_size) = loader::write_cmdline(mem, cmdline)?;
+    let info = BootInfo {
+        cmdline_addr,
+        cmdline_size,
+        initrd,
+    };
+    mptable::setup_mptable(mem, config.vcpus)?;
+    match kernel.protocol {
+        BootProtocol::Linux64 => boot::write_zero_page(mem, &info, kernel.setup_header)?,
+        BootProtocol::Pvh => boot::write_pvh_info(mem, &info)?,
+    }
+    tracing::info!(
+        entry = format_args!("{:#x}", kernel.entry),
+        protocol = ?kernel.protocol,
+        initrd = ?initrd.map(|(a, s)| format!("{s} bytes at {a:#x}")),
+        "kernel {} loaded; command line: {}",
+        config.kernel.path.display(),
+        cmdline.as_cstring().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+    );
+
+    // vCPUs.
+    let supported = vm
+        .kvm()
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::Cpuid)?;
+    let vcpus = (0..config.vcpus)
+        .map(|i| {
+            Vcpu::new(
+                vm,
+                mem,
+                i,
+                config.vcpus,
+                &supported,
+                kernel.entry,
+                kernel.protocol,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    Ok(vcpus)
+}
+
+/// Puts a snapshot's KVM and device state into the freshly built VM and
+/// creates its vCPUs from their saved state.
+fn restore_state(
+    vm: &Vm,
+    state: SnapshotState,
+    transports: &[SharedTransport],
+) -> Result<Vec<Vcpu>, BuildError> {
+    state.vm.restore(vm.fd())?;
+    let vcpus = (0u8..)
+        .zip(&state.vcpus)
+        .map(|(i, s)| Vcpu::restore(vm, i, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (saved, transport) in state.devices.iter().zip(transports) {
+        transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&saved.transport)
+            .map_err(|source| BuildError::DeviceRestore {
+                device: saved.id.to_string(),
+                source,
+            })?;
+    }
+    tracing::info!(
+        vcpus = vcpus.len(),
+        devices = state.devices.len(),
+        "VM state restored from the snapshot"
+    );
+    Ok(vcpus)
 }
 
 #[cfg(test)]

@@ -17,5 +17,6 @@ pub mod logger;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

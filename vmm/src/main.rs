@@ -31,6 +31,11 @@ struct Args {
     /// The VM description (JSON).
     #[arg(long)]
     config: PathBuf,
+    /// Start from the snapshot in this folder (written by the control
+    /// socket's `snapshot`) instead of booting: the config gives the host
+    /// side (disks, sockets, console) and must have the snapshot's shape.
+    #[arg(long)]
+    restore: Option<PathBuf>,
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -70,7 +75,8 @@ fn run(args: &Args) -> anyhow::Result<ExitReason> {
     } else {
         Some(Arc::new(Filters::new(vcpu::kick_signal())?))
     };
-    let mut built = build_vm(&config, filters.as_ref()).context("cannot start the VM")?;
+    let mut built = build_vm(&config, filters.as_ref(), args.restore.as_deref())
+        .context("cannot start the VM")?;
     // After the vCPU threads are spawned (they have their own filter) and
     // before the event loop first serves the guest.
     if let Some(filters) = &filters {

@@ -9,13 +9,20 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
-use husk_vm_config::control::{Request, Response, VmState};
+use std::path::Path;
 
+use husk_vm_config::control::{Request, Response, SnapshotInfo, VmState};
+
+use crate::builder::SharedTransport;
 use crate::control::ControlServer;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::I8042Device;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::GuestMemory;
 use crate::signals;
+use crate::snapshot::{self, DeviceId, DeviceSnapshot, SnapshotError, SnapshotState, VmShape};
+use crate::vstate::persist::{self, VmState as VmKvmState};
 use crate::vstate::vcpu::{self, ExitReason, ExitSignal, VcpuHandle};
 use crate::vstate::vm::Vm;
 
@@ -38,6 +45,15 @@ pub struct VmResources {
     pub mem: GuestMemory,
     pub pio_bus: Arc<Bus>,
     pub mmio_bus: Arc<Bus>,
+    /// What a snapshot saves besides KVM's state: the UART and each
+    /// virtio device (in attach order, named as the shape names them).
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub transports: Vec<(DeviceId, SharedTransport)>,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub kernel_bytes: Option<u64>,
+    /// Why no snapshot of this VM is possible, if so.
+    pub snapshot_refusal: Option<String>,
 }
 
 /// A running VM.
@@ -52,7 +68,7 @@ pub struct Vmm {
     state: VmState,
     /// When a graceful shutdown turns into a forced one.
     shutdown_deadline: Option<(Instant, u64)>,
-    _resources: VmResources,
+    resources: VmResources,
 }
 
 impl Vmm {
@@ -72,7 +88,7 @@ impl Vmm {
             control,
             state: VmState::Running,
             shutdown_deadline: None,
-            _resources: resources,
+            resources,
         }
     }
 
@@ -102,6 +118,107 @@ impl Vmm {
             self.state = VmState::Running;
             tracing::info!("VM resumed");
         }
+    }
+
+    /// Pauses the VM and writes its snapshot into the new folder `dir`;
+    /// resumes afterwards only if `resume` (and it was running). A failed
+    /// snapshot leaves no files and the VM as it was.
+    pub fn snapshot(&mut self, dir: &Path, resume: bool) -> Result<SnapshotInfo, SnapshotError> {
+        let start = Instant::now();
+        if let Some(why) = &self.resources.snapshot_refusal {
+            return Err(SnapshotError::Unsupported(why.clone()));
+        }
+        for (id, t) in &self.resources.transports {
+            lock_transport(t)
+                .snapshot_support()
+                .map_err(|e| SnapshotError::Unsupported(format!("{id}: {e}")))?;
+        }
+        let was_running = self.state == VmState::Running;
+        self.pause().map_err(SnapshotError::Unsupported)?;
+        let result = self.write_snapshot(dir);
+        if was_running && (resume || result.is_err()) {
+            self.resume();
+        }
+        let (state_bytes, memory_bytes_written) = result?;
+        let info = SnapshotInfo {
+            state_bytes,
+            memory_bytes_written,
+            memory_bytes: self.resources.memory_mib << 20,
+            duration_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        };
+        tracing::info!(
+            path = %dir.display(),
+            state_bytes,
+            memory_bytes_written,
+            duration_ms = info.duration_ms,
+            "snapshot written"
+        );
+        Ok(info)
+    }
+
+    /// Captures the paused VM and writes both files; on failure removes
+    /// what it created.
+    fn write_snapshot(&self, dir: &Path) -> Result<(u64, u64), SnapshotError> {
+        let r = &self.resources;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(VcpuHandle::save_state)
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = VmKvmState::save(r.vm.fd())?;
+        let serial = r
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .snapshot();
+        let devices = r
+            .transports
+            .iter()
+            .map(|(id, t)| {
+                let transport = lock_transport(t).snapshot()?;
+                Ok(DeviceSnapshot {
+                    id: id.clone(),
+                    transport,
+                })
+            })
+            .collect::<Result<Vec<_>, SnapshotError>>()?;
+        let state = SnapshotState {
+            shape: VmShape {
+                vcpus: r.vcpus,
+                memory_mib: r.memory_mib,
+                devices: r.transports.iter().map(|(id, _)| id.clone()).collect(),
+                kernel_bytes: r.kernel_bytes,
+            },
+            vm,
+            vcpus,
+            serial,
+            devices,
+        };
+        snapshot::create_folder(dir)?;
+        let written = (|| {
+            let mem_path = dir.join(snapshot::MEMORY_FILE);
+            let file = snapshot::format::create_private(&mem_path).map_err(|source| {
+                SnapshotError::Folder {
+                    path: mem_path.clone(),
+                    source,
+                }
+            })?;
+            let mem_bytes = persist::save_memory(&r.mem, &file, &mem_path)?;
+            // The state file last: its presence means the snapshot is whole.
+            let state_bytes = state.write(dir)?;
+            Ok((state_bytes, mem_bytes))
+        })();
+        if written.is_err() {
+            for f in [snapshot::STATE_FILE, snapshot::MEMORY_FILE] {
+                let _ = rustix::fs::unlinkat(
+                    rustix::fs::CWD,
+                    dir.join(f),
+                    rustix::fs::AtFlags::empty(),
+                );
+            }
+            let _ = rustix::fs::unlinkat(rustix::fs::CWD, dir, rustix::fs::AtFlags::REMOVEDIR);
+        }
+        written
     }
 
     /// Asks the guest to shut down (Ctrl-Alt-Del) and stops it after
@@ -145,6 +262,13 @@ impl Vmm {
                 self.shutdown(timeout_ms);
                 Response::ok()
             }
+            Request::Snapshot { path, resume } => match self.snapshot(&path, resume) {
+                Ok(info) => Response::snapshot(self.state, info),
+                Err(e) => {
+                    tracing::warn!("snapshot to {} failed: {e}", path.display());
+                    Response::error(e.to_string())
+                }
+            },
         }
     }
 
@@ -184,6 +308,10 @@ impl Vmm {
     pub fn stop(&mut self) {
         vcpu::stop_all(&mut self.vcpus);
     }
+}
+
+fn lock_transport(t: &SharedTransport) -> std::sync::MutexGuard<'_, MmioTransport> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for Vmm {

@@ -333,6 +333,7 @@ fn virtio_fs_guest_is_served_by_virtiofsd_then_gets_eio_when_it_dies() {
         "kernel": {"path": guest},
         "serial": {"output": "file", "path": serial},
         "fs": [{"tag": "husk-it", "socket": sock, "queue_size": 64}],
+        "control_socket": dir.path("ctl.sock"),
     });
     let child = spawn_vmm(&dir, &config);
     let console =
@@ -340,6 +341,17 @@ fn virtio_fs_guest_is_served_by_virtiofsd_then_gets_eio_when_it_dies() {
     wait_for("the FUSE_INIT answer", Duration::from_secs(60), || {
         console().contains("major ")
     });
+    // A snapshot is refused, naming the device, before anything is paused
+    // or written: virtiofsd holds the device's state.
+    let mut ctl = Control::connect(&dir.path("ctl.sock"));
+    let snap = dir.path("snap");
+    let r = ctl.send(json!({"op": "snapshot", "path": snap}));
+    assert_eq!(r["ok"], json!(false), "{r}");
+    let e = r["error"].as_str().unwrap();
+    assert!(e.contains("virtio-fs[husk-it]"), "{e}");
+    assert!(e.contains("virtiofsd"), "{e}");
+    assert!(!snap.exists(), "nothing written");
+    assert_eq!(ctl.status()["state"], json!("running"));
     vfsd.kill();
     let (status, stderr) = wait_exit_showing_console(child, Duration::from_secs(90), Some(&serial));
     let console = console();

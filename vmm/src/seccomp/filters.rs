@@ -12,14 +12,31 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_regs, KVMIO};
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+};
 use seccompiler::{BackendError, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 use syscalls::Sysno;
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
 // kvm-ioctls keeps its request numbers private.
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+// What a snapshot reads: the VM-wide state on the main thread...
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+// ...and each vCPU's on its own thread.
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 
 /// Syscall number -> rules; no rule means the call is allowed with any
 /// arguments, otherwise one matching rule (all its conditions) allows it.
@@ -217,7 +234,30 @@ pub fn main_thread(pid: u32, kick_signal: i32) -> Result<Rules, BackendError> {
     // Accepted control and vsock clients (std's accept) are made
     // nonblocking with FIONBIO.
     list.one_of(Sysno::accept4, 3, &[c(libc::SOCK_CLOEXEC)])?;
-    list.one_of(Sysno::ioctl, 1, &[libc::FIONBIO])?;
+    list.one_of(
+        Sysno::ioctl,
+        1,
+        &[
+            libc::FIONBIO,
+            KVM_GET_IRQCHIP(),
+            KVM_GET_PIT2(),
+            KVM_GET_CLOCK(),
+        ],
+    )?;
+    // A snapshot: its folder (0700), its files (new, write-only, 0600),
+    // the memory file's length.
+    list.when(
+        Sysno::openat,
+        vec![
+            eq(
+                2,
+                c(libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC),
+            ),
+            eq(3, 0o600),
+        ],
+    )?;
+    list.one_of(Sysno::mkdirat, 2, &[0o700])?;
+    list.any(&[Sysno::ftruncate]);
     // vsock: a guest connecting to a host port opens a Unix stream.
     list.when(
         Sysno::socket,
@@ -254,7 +294,23 @@ pub fn vcpu_thread(pid: u32) -> Result<Rules, BackendError> {
     let mut list = List::default();
     common(&mut list)?;
     // KVM_GET_REGS reads where a kicked or failed vCPU was.
-    list.one_of(Sysno::ioctl, 1, &[KVM_RUN(), KVM_GET_REGS()])?;
+    list.one_of(
+        Sysno::ioctl,
+        1,
+        &[
+            KVM_RUN(),
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+        ],
+    )?;
     // Activating a virtio device clones its queues' notify eventfds
     // (std's try_clone).
     list.one_of(Sysno::fcntl, 1, &[c(libc::F_DUPFD_CLOEXEC)])?;
@@ -271,6 +327,19 @@ mod tests {
         // From linux/kvm.h: _IO(0xAE, 0x80), _IOR(0xAE, 0x81, struct kvm_regs).
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        // From the kernel's headers (x86-64).
+        assert_eq!(KVM_GET_IRQCHIP(), 0xc208_ae62);
+        assert_eq!(KVM_GET_PIT2(), 0x8070_ae9f);
+        assert_eq!(KVM_GET_CLOCK(), 0x8030_ae7c);
+        assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
+        assert_eq!(KVM_GET_MSRS(), 0xc008_ae88);
+        assert_eq!(KVM_GET_LAPIC(), 0x8400_ae8e);
+        assert_eq!(KVM_GET_CPUID2(), 0xc008_ae91);
+        assert_eq!(KVM_GET_MP_STATE(), 0x8004_ae98);
+        assert_eq!(KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
+        assert_eq!(KVM_GET_DEBUGREGS(), 0x8080_aea1);
+        assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
+        assert_eq!(KVM_GET_XCRS(), 0x8188_aea6);
     }
 
     #[test]
@@ -296,8 +365,15 @@ mod tests {
         }
         assert!(!vcpu.contains_key(&id(Sysno::socket)));
         assert!(!vcpu.contains_key(&id(Sysno::read)));
-        assert_eq!(main[&id(Sysno::ioctl)].len(), 1, "FIONBIO only");
-        for absent in [Sysno::execve, Sysno::ptrace, Sysno::openat, Sysno::clone3] {
+        assert_eq!(
+            main[&id(Sysno::ioctl)].len(),
+            4,
+            "FIONBIO and the snapshot's three VM reads"
+        );
+        assert_eq!(main[&id(Sysno::openat)].len(), 1, "new 0600 files only");
+        assert!(!vcpu.contains_key(&id(Sysno::openat)));
+        assert!(!vcpu.contains_key(&id(Sysno::mkdirat)));
+        for absent in [Sysno::execve, Sysno::ptrace, Sysno::clone3] {
             assert!(!main.contains_key(&id(absent)), "{absent}");
             assert!(!vcpu.contains_key(&id(absent)), "{absent}");
         }

@@ -18,6 +18,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::persist::{PersistError, VcpuState};
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs, BootProtocol};
 use crate::devices::bus::Bus;
@@ -123,6 +124,15 @@ pub enum VcpuError {
         #[source]
         source: SeccompError,
     },
+    /// The source names the vCPU already.
+    #[error("{source}")]
+    State {
+        index: u8,
+        #[source]
+        source: PersistError,
+    },
+    #[error("vCPU {index} is not paused or did not answer in time")]
+    NotPaused { index: u8 },
     #[error("cannot spawn the thread of vCPU {index}: {source}")]
     Spawn {
         index: u8,
@@ -151,6 +161,17 @@ enum State {
 struct ControlState {
     request: Request,
     state: State,
+    /// A paused vCPU is asked for its state (snapshot).
+    save_requested: bool,
+    /// What the thread answered.
+    saved: Option<Result<VcpuState, PersistError>>,
+}
+
+/// What a vCPU thread does next.
+enum Action {
+    Run,
+    Save,
+    Stop,
 }
 
 /// The request/acknowledge channel between the VMM and one vCPU thread.
@@ -169,25 +190,33 @@ impl VcpuControl {
         self.cv.notify_all();
     }
 
-    /// Blocks while paused; returns false when the thread should stop.
-    fn wait_for_run(&self) -> bool {
+    /// Blocks while paused; says whether to run, save the state or stop.
+    fn wait_for_run(&self) -> Action {
         let mut st = self.lock();
         loop {
             match st.request {
                 Request::Run => {
                     st.state = State::Running;
-                    return true;
+                    return Action::Run;
                 }
-                Request::Stop => return false,
+                Request::Stop => return Action::Stop,
                 Request::Pause => {
                     if st.state != State::Paused {
                         st.state = State::Paused;
                         self.cv.notify_all();
                     }
+                    if std::mem::take(&mut st.save_requested) {
+                        return Action::Save;
+                    }
                     st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
             }
         }
+    }
+
+    fn put_saved(&self, saved: Result<VcpuState, PersistError>) {
+        self.lock().saved = Some(saved);
+        self.cv.notify_all();
     }
 }
 
@@ -223,6 +252,8 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
+    /// The MSRs a snapshot saves (KVM's saveable list, filtered).
+    msrs_to_save: Arc<Vec<u32>>,
 }
 
 /// What one KVM_RUN ended with.
@@ -286,7 +317,37 @@ impl Vcpu {
         regs::setup_sregs(mem, protocol, &mut sregs)
             .map_err(|source| VcpuError::Memory { index, source })?;
         fd.set_sregs(&sregs).map_err(kvm_err("cannot set sregs"))?;
-        Ok(Self { index, fd })
+        Ok(Self {
+            index,
+            fd,
+            msrs_to_save: Arc::default(),
+        })
+    }
+
+    /// Creates vCPU `index` with the state a snapshot saved.
+    pub fn restore(vm: &Vm, index: u8, state: &VcpuState) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Kvm {
+                index,
+                what: "cannot create vCPU",
+                source,
+            })?;
+        state
+            .restore(&fd, index)
+            .map_err(|source| VcpuError::State { index, source })?;
+        Ok(Self {
+            index,
+            fd,
+            msrs_to_save: Arc::default(),
+        })
+    }
+
+    /// The MSRs a snapshot of this vCPU saves.
+    pub fn with_msrs_to_save(mut self, msrs: Arc<Vec<u32>>) -> Self {
+        self.msrs_to_save = msrs;
+        self
     }
 
     /// Starts the vCPU's thread; with `seccomp`, the thread installs the
@@ -303,6 +364,8 @@ impl Vcpu {
             inner: Mutex::new(ControlState {
                 request: Request::Run,
                 state: State::Starting,
+                save_requested: false,
+                saved: None,
             }),
             cv: Condvar::new(),
         });
@@ -335,7 +398,15 @@ impl Vcpu {
         let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
         let mut first_run = true;
-        while control.wait_for_run() {
+        loop {
+            match control.wait_for_run() {
+                Action::Run => {}
+                Action::Stop => break,
+                Action::Save => {
+                    control.put_saved(self.save_state());
+                    continue;
+                }
+            }
             if std::mem::take(&mut first_run) && self.index == 0 {
                 // The boot benchmark sets this event's timestamp against the
                 // process start: the guest's first instruction follows it.
@@ -366,6 +437,17 @@ impl Vcpu {
         }
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
         control.set_state(State::Exited);
+    }
+
+    /// The vCPU's state, for a snapshot; the thread is paused.
+    fn save_state(&mut self) -> Result<VcpuState, PersistError> {
+        // An I/O or MMIO read the guest is waiting on completes only on the
+        // next KVM_RUN: enter with immediate_exit set, so KVM finishes it
+        // into the registers and returns at once (EINTR), as Firecracker does.
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        VcpuState::save(&self.fd, self.index, &self.msrs_to_save)
     }
 
     /// Runs the guest until its next exit and handles the exit.
@@ -496,6 +578,33 @@ impl VcpuHandle {
 
     pub fn index(&self) -> u8 {
         self.index
+    }
+
+    /// Has the paused vCPU thread read its state; an error if KVM refused,
+    /// or if the vCPU is not paused or did not answer in time.
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        let mut st = self.control.lock();
+        if st.state != State::Paused || st.request != Request::Pause {
+            return Err(VcpuError::NotPaused { index });
+        }
+        st.saved = None;
+        st.save_requested = true;
+        drop(st);
+        self.control.cv.notify_all();
+        let st = self.control.lock();
+        let (mut st, _) = self
+            .control
+            .cv
+            .wait_timeout_while(st, PAUSE_TIMEOUT, |s| {
+                s.saved.is_none() && s.state == State::Paused
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        st.save_requested = false;
+        match st.saved.take() {
+            Some(r) => r.map_err(|source| VcpuError::State { index, source }),
+            None => Err(VcpuError::NotPaused { index }),
+        }
     }
 }
 

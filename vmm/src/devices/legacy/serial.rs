@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -43,6 +43,56 @@ fn create_file(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// The UART's registers and receive FIFO, as a snapshot keeps them
+/// (vm-superio's `SerialState`, which has no serde of its own).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The COM1 UART on the port I/O bus.
 pub struct SerialDevice {
     serial: Serial<IrqEvt, NoEvents, SerialOut>,
@@ -54,6 +104,23 @@ impl SerialDevice {
         Self {
             serial: Serial::new(IrqEvt(irq_evt), out),
         }
+    }
+
+    /// A UART restored from a snapshot's registers; a receive FIFO past
+    /// the UART's size is refused.
+    pub fn from_snapshot(
+        irq_evt: EventFd,
+        out: SerialOut,
+        state: &SerialSnapshot,
+    ) -> Result<Self, String> {
+        Serial::from_state(&SerialState::from(state), IrqEvt(irq_evt), NoEvents, out)
+            .map(|serial| Self { serial })
+            .map_err(|e| format!("serial state: {e:?}"))
+    }
+
+    /// The UART's registers and FIFO, for a snapshot.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        self.serial.state().into()
     }
 
     /// The eventfd to register as irqfd for the UART's IRQ.

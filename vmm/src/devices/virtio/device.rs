@@ -535,6 +535,15 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool {
         false
     }
+    /// Whether a snapshot can capture the device; the error says why not.
+    /// A device whose whole state is its [`DeviceState`] and the transport's
+    /// (no requests in flight between event loop turns) says yes.
+    fn snapshot_support(&self) -> Result<(), String> {
+        Err("snapshots of this device are not supported yet".into())
+    }
+    /// Called once a restored device is active again, before the guest
+    /// runs: what a device owes the guest after a move to a new process.
+    fn restored(&mut self) {}
 }
 
 #[cfg(test)]

@@ -404,6 +404,12 @@ impl MmioTransport {
     /// a prefix: devices index their queues by position) and activates the
     /// device with them.
     fn activate(&mut self) -> Result<(), MmioError> {
+        self.activate_at(&[])
+    }
+
+    /// [`activate`](Self::activate), with queue `i` resuming at the ring
+    /// indexes `next[i]` (next avail, next used) a snapshot saved.
+    fn activate_at(&mut self, next: &[(u16, u16)]) -> Result<(), MmioError> {
         let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let ready = self.queues.iter().take_while(|q| q.ready).count();
         if let Some(index) = self.queues.iter().skip(ready).position(|q| q.ready) {
@@ -434,6 +440,10 @@ impl MmioTransport {
                 .try_set_used_ring_address(GuestAddress(cfg.device))
                 .map_err(config_err("device area address"))?;
             queue.set_event_idx(event_idx);
+            if let Some(&(avail, used)) = next.get(index) {
+                queue.set_next_avail(avail);
+                queue.set_next_used(used);
+            }
             queue.set_ready(true);
             if !queue.is_valid(&self.mem) {
                 return Err(MmioError::QueueLayout { index });
@@ -518,5 +528,6 @@ impl crate::devices::bus::BusDevice for MmioTransport {
     }
 }
 
+pub mod persist;
 #[cfg(test)]
 mod tests;

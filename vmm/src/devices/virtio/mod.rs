@@ -72,6 +72,13 @@ impl IrqTrigger {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// Sets the InterruptStatus register without raising the interrupt
+    /// (a restored device: the interrupt controller's state came with the
+    /// snapshot).
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// InterruptACK: clears the bits the driver handled.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);

@@ -120,6 +120,11 @@ impl VirtioDevice for Rng {
         &mut self.state
     }
 
+    /// Requests are answered within one event loop turn: nothing in flight.
+    fn snapshot_support(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     fn reset(&mut self) -> bool {
         self.state.reset();
         true

@@ -4,10 +4,11 @@
 //! A free page report is a guest-physical range (addr, len). [`discard`]
 //! checks it (page-aligned, no overflow, inside one RAM region) and then
 //! drops the host pages behind it: `MADV_DONTNEED` on husk's private
-//! anonymous RAM (the next guest touch faults in a zero page), or
-//! `MADV_REMOVE` (a hole punched in the file) should a region ever be a
-//! shared file mapping, where DONTNEED would only drop the mapping and keep
-//! the file's pages.
+//! anonymous RAM (the next guest touch faults in a zero page),
+//! `MADV_REMOVE` (a hole punched in the file) on a shared file mapping,
+//! where DONTNEED would only drop the mapping and keep the file's pages,
+//! and fresh anonymous pages mapped over the range on a restored VM's
+//! private mapping of its snapshot file.
 
 use std::io;
 
@@ -62,12 +63,41 @@ pub fn discard(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), DiscardErro
     let slice = region
         .get_slice(MemoryRegionAddress(offset), count)
         .map_err(|_| outside())?;
-    let advice = if region.file_offset().is_some() {
+    let guard = slice.ptr_guard_mut();
+    let shared = region.flags() & libc::MAP_SHARED != 0;
+    if region.file_offset().is_some() && !shared {
+        // A private file mapping (a VM restored from a snapshot's memory
+        // file): DONTNEED would bring back the file's old bytes and MADV_REMOVE
+        // is refused; fresh anonymous pages in place read zeros and drop
+        // the private copies (as Firecracker does).
+        // SAFETY: the range is `count` bytes inside this region's live
+        // mapping (get_slice checked the bounds); MAP_FIXED replaces only
+        // those pages, with the same protection, and nothing in Rust holds
+        // references into guest memory (only volatile copies).
+        let p = unsafe {
+            libc::mmap(
+                guard.as_ptr().cast(),
+                count,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DiscardError::Madvise {
+                addr,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        return Ok(());
+    }
+    let advice = if shared {
         libc::MADV_REMOVE
     } else {
         libc::MADV_DONTNEED
     };
-    let guard = slice.ptr_guard_mut();
     // SAFETY: `guard` points at `count` bytes of this region's live mapping
     // (get_slice checked the bounds, and `mem` keeps the mapping alive for
     // the call). madvise only changes what backs those pages: the guest

@@ -253,6 +253,17 @@ impl VirtioDevice for Fs {
 
     /// The event loop takes the rings back from the backend when it next
     /// runs (it owns the backend's socket).
+    /// The FUSE session, its open files and the rings' progress live in
+    /// virtiofsd, which a snapshot cannot capture (Firecracker refuses
+    /// vhost-user devices too).
+    fn snapshot_support(&self) -> Result<(), String> {
+        Err(
+            "vhost-user-fs keeps its state in virtiofsd, outside the VMM; \
+             a snapshot could not restore it"
+                .into(),
+        )
+    }
+
     fn reset(&mut self) -> bool {
         self.state.reset();
         true

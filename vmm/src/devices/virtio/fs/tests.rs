@@ -349,3 +349,26 @@ fn virtiofsd_serves_the_queues_and_a_dead_one_gets_eio_answers() {
     assert_eq!(fs.lock().unwrap().stats().backend_starts, 2);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_snapshot_is_refused_naming_virtiofsd() {
+    let dir = scratch("snapshot");
+    let vfsd = Virtiofsd::start(&dir);
+    let fs = Fs::new(&fs_config(&vfsd.socket)).unwrap();
+    let e = fs.snapshot_support().unwrap_err();
+    assert!(e.contains("virtiofsd"), "{e}");
+    let mem = memory::create(1, false, Backing::SharedMemfd).unwrap();
+    let irq = Arc::new(IrqTrigger::new(
+        vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    let t = crate::devices::virtio::mmio::MmioTransport::new(
+        mem,
+        Arc::new(std::sync::Mutex::new(fs)),
+        irq,
+    )
+    .unwrap();
+    let e = t.snapshot().unwrap_err().to_string();
+    assert!(e.starts_with("virtio-fs: cannot be snapshotted"), "{e}");
+    assert!(e.contains("cannot be snapshotted"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -43,6 +43,9 @@ impl VirtioDevice for Dummy {
         self.resets += 1;
         true
     }
+    fn snapshot_support(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 struct Fixture {
@@ -323,4 +326,123 @@ fn config_space_any_width_registers_only_32_bit() {
     t.write(u64::from(reg::VIRTIO_MMIO_STATUS), &[1]);
     assert_eq!(t.status(), 0);
     assert_eq!(r32(&mut t, reg::VIRTIO_MMIO_CONFIG_GENERATION), 0);
+}
+
+/// A device that keeps the trait's default: no snapshots.
+struct NoSnapshot(DeviceState);
+
+impl VirtioDevice for NoSnapshot {
+    fn state(&self) -> &DeviceState {
+        &self.0
+    }
+    fn state_mut(&mut self) -> &mut DeviceState {
+        &mut self.0
+    }
+}
+
+#[test]
+fn snapshot_round_trips_registers_queues_and_ring_indexes() {
+    let Fixture { mut t, dev, irq } = fixture();
+    negotiate(&mut t, VIRTIO_F_VERSION_1 | FEATURE_A);
+    setup_queue(&mut t, 0, 16, 0x1_0000);
+    setup_queue(&mut t, 1, 8, 0x2_0000);
+    w32(&mut t, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+    w32(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 1);
+    {
+        // The device got as far as avail 5 / used 3 in queue 0.
+        let mut d = dev.lock().unwrap();
+        let q = &mut d.state.active_mut().unwrap().queues[0].queue;
+        q.set_next_avail(5);
+        q.set_next_used(3);
+    }
+    irq.trigger(INT_VRING).unwrap();
+    let saved = t.snapshot().unwrap();
+    assert!(saved.activated);
+    assert_eq!(saved.status, ACK | DRV | FOK | DOK);
+    assert_eq!(saved.acked_features, VIRTIO_F_VERSION_1 | FEATURE_A);
+    assert_eq!(saved.queue_sel, 1);
+    assert_eq!(saved.interrupt_status, INT_VRING);
+    assert_eq!(
+        (
+            saved.queues[0].size,
+            saved.queues[0].desc,
+            saved.queues[0].next_avail,
+            saved.queues[0].next_used
+        ),
+        (16, 0x1_0000, 5, 3)
+    );
+    // Through JSON, as the state file carries it.
+    let json = serde_json::to_vec(&saved).unwrap();
+    let back: persist::TransportSnapshot = serde_json::from_slice(&json).unwrap();
+
+    let Fixture {
+        t: mut t2,
+        dev: dev2,
+        irq: irq2,
+    } = fixture();
+    t2.restore(&back).unwrap();
+    assert_eq!(
+        t2.snapshot().unwrap(),
+        saved,
+        "save -> restore -> save is the same"
+    );
+    assert_eq!(r32(&mut t2, reg::VIRTIO_MMIO_STATUS), ACK | DRV | FOK | DOK);
+    assert_eq!(r32(&mut t2, reg::VIRTIO_MMIO_INTERRUPT_STATUS), INT_VRING);
+    assert_eq!(irq2.status(), INT_VRING);
+    let d2 = dev2.lock().unwrap();
+    assert_eq!(d2.acked(), VIRTIO_F_VERSION_1 | FEATURE_A);
+    let qs = d2.queues();
+    assert_eq!(qs.len(), 2);
+    assert_eq!((qs[0].queue.next_avail(), qs[0].queue.next_used()), (5, 3));
+    assert_eq!(qs[1].queue.size(), 8);
+    assert_eq!(d2.resets, 0, "the guest sees no reset");
+    // Every ready queue is kicked once, and the pending interrupt raised.
+    for (i, q) in qs.iter().enumerate() {
+        assert_eq!(q.notify.read().unwrap(), 1, "queue {i} kicked");
+    }
+    assert_eq!(irq2.irq_evt().read().unwrap(), 1, "interrupt raised again");
+}
+
+#[test]
+fn restore_refuses_another_device_or_config() {
+    let Fixture { mut t, .. } = fixture();
+    negotiate(&mut t, VIRTIO_F_VERSION_1);
+    let saved = t.snapshot().unwrap();
+    let Fixture { t: mut t2, .. } = fixture();
+    let mut other = saved.clone();
+    other.device_type = 2;
+    let e = t2.restore(&other).unwrap_err().to_string();
+    assert!(e.contains("device type 2 in the snapshot, 42"), "{e}");
+    let mut other = saved.clone();
+    other.config[0] ^= 1;
+    let e = t2.restore(&other).unwrap_err().to_string();
+    assert!(e.contains("config space differs"), "{e}");
+    let mut other = saved.clone();
+    other.acked_features |= 1 << 40;
+    let e = t2.restore(&other).unwrap_err().to_string();
+    assert!(e.contains("did not offer"), "{e}");
+    // Rings outside guest memory fail as they would at DRIVER_OK.
+    let Fixture { t: mut t3, .. } = fixture();
+    negotiate(&mut t3, VIRTIO_F_VERSION_1);
+    setup_queue(&mut t3, 0, 16, 0x1_0000);
+    setup_queue(&mut t3, 1, 8, 0x2_0000);
+    w32(&mut t3, reg::VIRTIO_MMIO_STATUS, ACK | DRV | FOK | DOK);
+    let mut bad = t3.snapshot().unwrap();
+    bad.queues[0].desc = 1 << 40;
+    let Fixture { t: mut t4, .. } = fixture();
+    let e = t4.restore(&bad).unwrap_err().to_string();
+    assert!(e.contains("cannot activate the restored queues"), "{e}");
+}
+
+#[test]
+fn devices_without_snapshot_support_are_refused_by_name() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let dev = Arc::new(Mutex::new(NoSnapshot(
+        DeviceState::new("virtio-thing", 42, &[16], 0).unwrap(),
+    )));
+    let irq = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let t = MmioTransport::new(mem, dev, irq).unwrap();
+    let e = t.snapshot().unwrap_err().to_string();
+    assert!(e.starts_with("virtio-thing: cannot be snapshotted"), "{e}");
+    assert!(t.snapshot_support().is_err());
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueT;
+use vm_memory::Bytes;
 use vmm_sys_util::timerfd::TimerFd;
 
 use self::muxer::{Muxer, MuxerError};
@@ -31,6 +32,8 @@ const TXQ: usize = 1;
 const EVQ: usize = 2;
 const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// The only event of the event queue (virtio 1.2, 5.10.6.4).
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -44,6 +47,8 @@ pub enum VsockError {
     Timer(#[source] vmm_sys_util::errno::Error),
     #[error("device is not activated")]
     NotActivated,
+    #[error("the driver left no usable buffer in the event queue")]
+    NoEventBuffer,
     #[error("virtqueue: {0}")]
     Queue(#[from] virtio_queue::Error),
     #[error(transparent)]
@@ -197,6 +202,35 @@ impl Vsock {
         self.muxer.take_graveyard();
     }
 
+    /// Puts a VIRTIO_VSOCK_EVENT_TRANSPORT_RESET event in the event queue
+    /// (virtio 1.2, 5.10.6.4) and interrupts the guest.
+    pub fn send_transport_reset(&mut self) -> Result<(), VsockError> {
+        let active = self.state.active_mut().ok_or(VsockError::NotActivated)?;
+        let mem = &active.mem;
+        let queue = &mut active.queues[EVQ].queue;
+        let chain = queue
+            .pop_descriptor_chain(mem)
+            .ok_or(VsockError::NoEventBuffer)?;
+        let head = chain.head_index();
+        // struct virtio_vsock_event { le32 id; }
+        let desc = chain
+            .clone()
+            .writable()
+            .find(|d| d.len() >= 4)
+            .ok_or(VsockError::NoEventBuffer)?;
+        let written = match mem.write_obj(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le(), desc.addr()) {
+            Ok(()) => 4,
+            Err(e) => {
+                guest_warn!(GuestFaultKind::Queue, error = %e, "vsock: event buffer outside guest memory");
+                0
+            }
+        };
+        queue.add_used(mem, head, written)?;
+        signal_used(mem, queue, &active.irq)?;
+        tracing::info!("vsock: transport reset sent to the guest");
+        Ok(())
+    }
+
     /// The event loop caught up with the activation: the queues are
     /// watched, the connection timer and the host side are next.
     fn handle_activate(&mut self, ops: &mut EventOps) {
@@ -262,6 +296,21 @@ impl VirtioDevice for Vsock {
 
     fn state_mut(&mut self) -> &mut DeviceState {
         &mut self.state
+    }
+
+    /// Host connections are sockets of this process: they cannot move to
+    /// the restored one. The device itself (queues, cid) can.
+    fn snapshot_support(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// The restored process has no host connections: tell the guest with
+    /// a TRANSPORT_RESET event, so its driver resets every connected
+    /// socket (listening ones stay).
+    fn restored(&mut self) {
+        if let Err(e) = self.send_transport_reset() {
+            tracing::warn!(error = %e, "vsock: cannot send the transport reset event");
+        }
     }
 }
 

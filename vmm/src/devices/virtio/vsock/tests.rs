@@ -706,3 +706,38 @@ proptest! {
         prop_assert_eq!(received, sent);
     }
 }
+
+#[test]
+fn a_restored_device_sends_the_guest_a_transport_reset() {
+    let mem = leaked_memory(MEM_SIZE);
+    let rx = GuestQueue::new(mem, 0);
+    let tx = GuestQueue::new(mem, 0x4000);
+    let mut ev = GuestQueue::new(mem, 0x8000);
+    let path = unique_path("reset");
+    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
+    let irq = test_utils::irq();
+    dev.activate(
+        mem.clone(),
+        irq.clone(),
+        vec![rx.active(), tx.active(), ev.active()],
+    )
+    .unwrap();
+    // No event buffer yet: an error, nothing used.
+    assert!(matches!(
+        dev.send_transport_reset(),
+        Err(VsockError::NoEventBuffer)
+    ));
+    // The driver's event buffer, filled with garbage the device overwrites.
+    const EV_BUF: u64 = 0x50_0000;
+    mem.write_obj(0xffff_ffff_u32, GuestAddress(EV_BUF))
+        .unwrap();
+    ev.add_chain(&[(EV_BUF, 8, true)]);
+    dev.restored();
+    let (_, len) = ev.pop_used().expect("the event buffer is used");
+    assert_eq!(len, 4);
+    // VIRTIO_VSOCK_EVENT_TRANSPORT_RESET is id 0.
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(EV_BUF)).unwrap(), 0);
+    assert_ne!(irq.status() & INT_VRING, 0, "the guest is interrupted");
+    drop(dev);
+    assert!(!path.exists());
+}

@@ -1,0 +1,221 @@
+//! Snapshots of a running VM, and what a restore checks before it trusts
+//! one.
+//!
+//! A snapshot is a folder of two files, both mode 0600:
+//! - `state`: the [framed](format) JSON of [`SnapshotState`]: the VM's
+//!   [shape](VmShape), KVM's VM-wide and per-vCPU state
+//!   ([`crate::vstate::persist`]), the serial port, and each virtio-mmio
+//!   device's transport and queues ([`crate::devices::virtio::mmio::persist`]);
+//! - `memory`: guest RAM, raw and sparse, which a restore maps
+//!   copy-on-write.
+//!
+//! A restore takes the devices' host side (disk files, sockets, console)
+//! from its own VM description, whose shape must equal the snapshot's.
+
+pub mod format;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::legacy::serial::SerialSnapshot;
+use crate::devices::virtio::mmio::persist::TransportSnapshot;
+use crate::vstate::persist::{VcpuState, VmState};
+use husk_vm_config::VmConfig;
+
+pub use format::FormatError;
+
+/// The state file in a snapshot folder.
+pub const STATE_FILE: &str = "state";
+/// The memory file in a snapshot folder.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Errors taking, reading or checking a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("{path}: cannot decode the snapshot state: {source}")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode the snapshot state: {0}")]
+    Encode(#[source] serde_json::Error),
+    #[error("snapshot folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the snapshot is of another VM: {0}")]
+    Shape(String),
+    #[error("the snapshot is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error("cannot snapshot this VM: {0}")]
+    Unsupported(String),
+    #[error("cannot snapshot: {0}")]
+    Kvm(#[from] crate::vstate::persist::PersistError),
+    #[error("cannot snapshot: {0}")]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    #[error("cannot snapshot: {0}")]
+    Device(#[from] crate::devices::virtio::mmio::persist::PersistError),
+}
+
+/// One device as the shape names it: its kind and its id in the config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceId {
+    pub kind: String,
+    pub id: String,
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.kind, self.id)
+    }
+}
+
+/// What a VM must look like to take a snapshot's state: vCPUs, memory,
+/// the devices in their order (their MMIO slots and IRQs follow from it),
+/// and the kernel file's size where known.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShape {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub devices: Vec<DeviceId>,
+    pub kernel_bytes: Option<u64>,
+}
+
+impl VmShape {
+    /// The shape `config` describes, with its devices in attach order.
+    pub fn of(config: &VmConfig) -> Self {
+        let d = |kind: &str, id: &str| DeviceId {
+            kind: kind.into(),
+            id: id.into(),
+        };
+        let mut devices = Vec::new();
+        devices.extend(config.block.iter().map(|b| d("virtio-blk", &b.id)));
+        devices.extend(config.net.iter().map(|n| d("virtio-net", &n.id)));
+        devices.extend(config.fs.iter().map(|f| d("virtio-fs", &f.tag)));
+        if config.vsock.is_some() {
+            devices.push(d("virtio-vsock", "vsock"));
+        }
+        if config.rng {
+            devices.push(d("virtio-rng", "rng"));
+        }
+        if config.balloon.is_some() {
+            devices.push(d("virtio-balloon", "balloon"));
+        }
+        Self {
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            devices,
+            kernel_bytes: std::fs::metadata(&config.kernel.path).ok().map(|m| m.len()),
+        }
+    }
+
+    /// Refuses a VM of another shape, naming the first difference.
+    pub fn check(&self, config: &Self) -> Result<(), SnapshotError> {
+        let differ = |what: &str, snap: &dyn std::fmt::Debug, cfg: &dyn std::fmt::Debug| {
+            Err(SnapshotError::Shape(format!(
+                "{what}: {snap:?} in the snapshot, {cfg:?} in the config"
+            )))
+        };
+        if self.vcpus != config.vcpus {
+            return differ("vCPUs", &self.vcpus, &config.vcpus);
+        }
+        if self.memory_mib != config.memory_mib {
+            return differ("memory_mib", &self.memory_mib, &config.memory_mib);
+        }
+        if self.devices != config.devices {
+            let names = |d: &[DeviceId]| d.iter().map(ToString::to_string).collect::<Vec<_>>();
+            return differ("devices", &names(&self.devices), &names(&config.devices));
+        }
+        if let (Some(a), Some(b)) = (self.kernel_bytes, config.kernel_bytes) {
+            if a != b {
+                return differ("kernel size (bytes)", &a, &b);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One virtio device's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSnapshot {
+    pub id: DeviceId,
+    pub transport: TransportSnapshot,
+}
+
+/// Everything in the state file.
+#[derive(Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub shape: VmShape,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: SerialSnapshot,
+    pub devices: Vec<DeviceSnapshot>,
+}
+
+impl SnapshotState {
+    /// Writes the state file into `dir` (which exists); returns its size.
+    pub fn write(&self, dir: &Path) -> Result<u64, SnapshotError> {
+        let payload = serde_json::to_vec(self).map_err(SnapshotError::Encode)?;
+        Ok(format::write_file(&dir.join(STATE_FILE), &payload)?)
+    }
+
+    /// Reads and checks the state file of snapshot folder `dir`: framing,
+    /// checksum, and that its parts agree with its shape.
+    pub fn read(dir: &Path) -> Result<Self, SnapshotError> {
+        let path = dir.join(STATE_FILE);
+        let payload = format::read_file(&path)?;
+        Self::decode(&path, &payload)
+    }
+
+    /// Decodes a checked payload (read from `path`) and checks that its
+    /// parts agree with its shape.
+    pub fn decode(path: &Path, payload: &[u8]) -> Result<Self, SnapshotError> {
+        let state: Self =
+            serde_json::from_slice(payload).map_err(|source| SnapshotError::Decode {
+                path: path.to_owned(),
+                source,
+            })?;
+        state.check_consistent()?;
+        Ok(state)
+    }
+
+    fn check_consistent(&self) -> Result<(), SnapshotError> {
+        if self.vcpus.len() != usize::from(self.shape.vcpus) {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                self.shape.vcpus
+            )));
+        }
+        let ids: Vec<_> = self.devices.iter().map(|d| &d.id).collect();
+        if ids.len() != self.shape.devices.len()
+            || ids.iter().zip(&self.shape.devices).any(|(a, b)| *a != b)
+        {
+            return Err(SnapshotError::Inconsistent(
+                "device states do not match the device list".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Creates the snapshot folder `dir` (mode 0700); an existing path is an
+/// error, so a snapshot never mixes with older files.
+pub fn create_folder(dir: &Path) -> Result<(), SnapshotError> {
+    // mkdirat, the call the main thread's seccomp filter allows.
+    rustix::fs::mkdirat(rustix::fs::CWD, dir, rustix::fs::Mode::RWXU).map_err(|e| {
+        SnapshotError::Folder {
+            path: dir.to_owned(),
+            source: e.into(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

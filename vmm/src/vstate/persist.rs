@@ -1,0 +1,455 @@
+//! What a snapshot keeps of KVM's side of the VM, and how it is read from
+//! and put back into KVM: each vCPU's registers and the VM-wide interrupt
+//! controllers, PIT and kvmclock ([`VcpuState`], [`VmState`]), and guest
+//! memory as a file ([`save_memory`], [`restore_memory`]).
+//!
+//! The order of the calls follows Firecracker's, which follows KVM's
+//! dependencies: CPUID before MSRs, the LAPIC after the sregs (APIC base),
+//! vCPU events last.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use super::memory::ram_ranges;
+use crate::devices::virtio::GuestMemory;
+
+const MIB: u64 = 1 << 20;
+const PAGE: usize = 4096;
+
+/// MSRs KVM lists as saveable but that cannot be read back or set from
+/// userspace (Firecracker leaves out the same ones).
+const UNDUMPABLE_MSRS: [u32; 2] = [
+    0x3a,  // MSR_IA32_FEATURE_CONTROL
+    0x17b, // MSR_IA32_MCG_CTL
+];
+/// KVM_GET_MSRS/KVM_SET_MSRS take at most this many entries at once.
+const MSR_CHUNK: usize = 64;
+
+/// Errors saving or restoring KVM state.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("vCPU {index}: {what}: {source}")]
+    Vcpu {
+        index: u8,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: KVM restored {set} of {total} MSRs (the first refused: {first:#x})")]
+    MsrsRestore {
+        index: u8,
+        set: usize,
+        total: usize,
+        first: u32,
+    },
+    #[error("vCPU {index}: bad saved {what}: {source}")]
+    Fam {
+        index: u8,
+        what: &'static str,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    #[error("VM: {what}: {source}")]
+    Vm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot read KVM's list of saveable MSRs: {0}")]
+    MsrList(#[source] kvm_ioctls::Error),
+    #[error("memory file {path}: {source}")]
+    MemoryIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("memory file {path} holds {found} bytes, the snapshot's VM has {expected}")]
+    MemorySize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("cannot map memory file {path}: {source}")]
+    MemoryMap {
+        path: PathBuf,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("cannot assemble restored guest memory: {0}")]
+    MemoryRegions(String),
+}
+
+/// The MSRs a snapshot saves: what KVM_GET_MSR_INDEX_LIST reports, without
+/// the ones that cannot be dumped.
+pub fn msrs_to_save(kvm: &Kvm) -> Result<Vec<u32>, PersistError> {
+    let list = kvm.get_msr_index_list().map_err(PersistError::MsrList)?;
+    Ok(list
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|m| !UNDUMPABLE_MSRS.contains(m))
+        .collect())
+}
+
+/// One vCPU, as KVM holds it.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    /// The FPU and SSE/AVX state (a superset of KVM_GET_FPU).
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &self.regs.rip)
+            .field("msrs", &self.msrs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VcpuState {
+    /// Reads vCPU `index`'s state. The vCPU must not be in KVM_RUN.
+    pub fn save(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<Self, PersistError> {
+        let e = |what| {
+            move |source| PersistError::Vcpu {
+                index,
+                what,
+                source,
+            }
+        };
+        let mp_state = fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(e("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?;
+        let debug_regs = fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?;
+        let lapic = fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(e("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let msrs = save_msrs(fd, index, msr_list)?;
+        let vcpu_events = fd.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
+        Ok(Self {
+            cpuid,
+            msrs,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            vcpu_events,
+        })
+    }
+
+    /// Writes the state into a new vCPU `index` (created, nothing set yet).
+    pub fn restore(&self, fd: &VcpuFd, index: u8) -> Result<(), PersistError> {
+        let e = |what| {
+            move |source| PersistError::Vcpu {
+                index,
+                what,
+                source,
+            }
+        };
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|source| PersistError::Fam {
+            index,
+            what: "CPUID",
+            source,
+        })?;
+        fd.set_cpuid2(&cpuid).map_err(e("KVM_SET_CPUID2"))?;
+        fd.set_mp_state(self.mp_state)
+            .map_err(e("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&self.regs).map_err(e("KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs).map_err(e("KVM_SET_SREGS"))?;
+        // SAFETY: `kvm_xsave` is the legacy 4 KiB area KVM_GET_XSAVE filled;
+        // without KVM_CAP_XSAVE2 enabled on this VM KVM reads exactly that.
+        unsafe { fd.set_xsave(&self.xsave) }.map_err(e("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&self.xcrs).map_err(e("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&self.debug_regs)
+            .map_err(e("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&self.lapic).map_err(e("KVM_SET_LAPIC"))?;
+        for chunk in self.msrs.chunks(MSR_CHUNK) {
+            let msrs = Msrs::from_entries(chunk).map_err(|source| PersistError::Fam {
+                index,
+                what: "MSRs",
+                source,
+            })?;
+            let set = fd.set_msrs(&msrs).map_err(e("KVM_SET_MSRS"))?;
+            if set != chunk.len() {
+                return Err(PersistError::MsrsRestore {
+                    index,
+                    set,
+                    total: chunk.len(),
+                    first: chunk[set].index,
+                });
+            }
+        }
+        fd.set_vcpu_events(&self.vcpu_events)
+            .map_err(e("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+/// Reads the MSRs of `msr_list`; an MSR this vCPU refuses to read is left
+/// out (logged), as restoring it would fail the same way.
+fn save_msrs(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<Vec<kvm_msr_entry>, PersistError> {
+    let mut out = Vec::with_capacity(msr_list.len());
+    let mut rest = msr_list;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(MSR_CHUNK)];
+        let entries: Vec<_> = chunk
+            .iter()
+            .map(|&i| kvm_msr_entry {
+                index: i,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|source| PersistError::Fam {
+            index,
+            what: "MSRs",
+            source,
+        })?;
+        let got = fd
+            .get_msrs(&mut msrs)
+            .map_err(|source| PersistError::Vcpu {
+                index,
+                what: "KVM_GET_MSRS",
+                source,
+            })?;
+        out.extend_from_slice(&msrs.as_slice()[..got]);
+        // KVM stops at the first MSR it cannot read: skip it, go on after.
+        let consumed = if got < chunk.len() {
+            tracing::debug!(
+                vcpu = index,
+                msr = format_args!("{:#x}", chunk[got]),
+                "MSR not readable; left out of the snapshot"
+            );
+            got + 1
+        } else {
+            got
+        };
+        rest = &rest[consumed..];
+    }
+    Ok(out)
+}
+
+/// The VM-wide KVM state: the in-kernel PICs and IOAPIC, the PIT and kvmclock.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+impl VmState {
+    pub fn save(fd: &VmFd) -> Result<Self, PersistError> {
+        let e = |what| move |source| PersistError::Vm { what, source };
+        let chip = |id| -> Result<kvm_irqchip, PersistError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            fd.get_irqchip(&mut c).map_err(e("KVM_GET_IRQCHIP"))?;
+            Ok(c)
+        };
+        Ok(Self {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: fd.get_pit2().map_err(e("KVM_GET_PIT2"))?,
+            clock: fd.get_clock().map_err(e("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Puts the state into a VM whose irqchip and PIT exist.
+    pub fn restore(&self, fd: &VmFd) -> Result<(), PersistError> {
+        let e = |what| move |source| PersistError::Vm { what, source };
+        fd.set_pit2(&self.pit).map_err(e("KVM_SET_PIT2"))?;
+        let mut clock = self.clock;
+        // KVM refuses flags it does not take on SET_CLOCK; TSC_STABLE is
+        // a GET-only flag (Firecracker clears it too).
+        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        fd.set_clock(&clock).map_err(e("KVM_SET_CLOCK"))?;
+        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
+            fd.set_irqchip(chip).map_err(e("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes guest memory to `file` region after region; all-zero pages
+/// become holes (the file is sparse). Returns the bytes written.
+pub fn save_memory(mem: &GuestMemory, file: &File, path: &Path) -> Result<u64, PersistError> {
+    let io = |source| PersistError::MemoryIo {
+        path: path.to_owned(),
+        source,
+    };
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    for region in mem.iter() {
+        let len = usize::try_from(region.len()).map_err(|_| {
+            io(std::io::Error::other(
+                "region larger than the address space",
+            ))
+        })?;
+        let host = region.as_ptr();
+        // SAFETY: `host` is the start of the region's live mapping of `len`
+        // bytes, which `mem` keeps mapped; the vCPUs are paused and the
+        // devices run on this thread, so nothing writes to it meanwhile.
+        let bytes = unsafe { std::slice::from_raw_parts(host, len) };
+        let mut start = 0usize;
+        while start < len {
+            // One run of non-zero pages at a time.
+            let page = |i: usize| &bytes[i..(i + PAGE).min(len)];
+            if page(start).iter().all(|&b| b == 0) {
+                start += PAGE;
+                continue;
+            }
+            let mut end = start + PAGE;
+            while end < len && !page(end).iter().all(|&b| b == 0) {
+                end += PAGE;
+            }
+            let end = end.min(len);
+            file.write_all_at(&bytes[start..end], offset + start as u64)
+                .map_err(io)?;
+            written += (end - start) as u64;
+            start = end;
+        }
+        offset += region.len();
+    }
+    file.set_len(offset).map_err(io)?;
+    file.sync_data().map_err(io)?;
+    Ok(written)
+}
+
+/// Maps the memory file at `path` as `memory_mib` MiB of guest RAM,
+/// MAP_PRIVATE: pages are read from the file on first touch and copied on
+/// the guest's first write, so VMs restored from one file share the pages
+/// none of them changed.
+pub fn restore_memory(path: &Path, memory_mib: u64) -> Result<GuestMemory, PersistError> {
+    let io = |source| PersistError::MemoryIo {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let expected = memory_mib * MIB;
+    let found = file.metadata().map_err(io)?.len();
+    if found != expected {
+        return Err(PersistError::MemorySize {
+            path: path.to_owned(),
+            expected,
+            found,
+        });
+    }
+    let mut offset = 0u64;
+    let regions = ram_ranges(expected)
+        .into_iter()
+        .map(|(base, size)| {
+            let len = usize::try_from(size)
+                .map_err(|_| PersistError::MemoryRegions(format!("{size} bytes do not fit")))?;
+            let f = file.try_clone().map_err(io)?;
+            let mapping = MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_file_offset(FileOffset::new(f, offset))
+                .build()
+                .map_err(|source| PersistError::MemoryMap {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            offset += size;
+            GuestRegionMmap::new(mapping, base).ok_or_else(|| {
+                PersistError::MemoryRegions(format!("region at {:#x} wraps", base.0))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemory::from_regions(regions).map_err(|e| PersistError::MemoryRegions(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn memory_round_trips_sparse_and_copy_on_write() {
+        let dir = std::env::temp_dir().join(format!("husk-memsnap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("memory");
+        let mem =
+            super::super::memory::create(8, false, super::super::memory::Backing::Private).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        mem.write_obj(0x42u8, GuestAddress(8 * MIB - 1)).unwrap();
+        let file = crate::snapshot::format::create_private(&path).unwrap();
+        let written = save_memory(&mem, &file, &path).unwrap();
+        assert_eq!(written, 2 * PAGE as u64, "only the two touched pages");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
+
+        let a = restore_memory(&path, 8).unwrap();
+        let b = restore_memory(&path, 8).unwrap();
+        assert_eq!(
+            a.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(a.read_obj::<u8>(GuestAddress(8 * MIB - 1)).unwrap(), 0x42);
+        // A write to one clone reaches neither the file nor the other clone.
+        a.write_obj(1u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(
+            b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        let c = restore_memory(&path, 8).unwrap();
+        assert_eq!(
+            c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+
+        // A balloon report on a restored VM: the range reads zeros, the
+        // file and the other clones keep their bytes.
+        crate::devices::virtio::balloon::discard::discard(&b, 0x1000, PAGE as u64).unwrap();
+        assert_eq!(b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0);
+        b.write_obj(7u32, GuestAddress(0x1000)).unwrap();
+        assert_eq!(b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 7);
+        assert_eq!(
+            c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        let d = restore_memory(&path, 8).unwrap();
+        assert_eq!(
+            d.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+
+        let e = restore_memory(&path, 16).unwrap_err().to_string();
+        assert!(e.contains("holds 8388608 bytes"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
