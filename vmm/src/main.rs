@@ -46,6 +46,10 @@ struct Args {
     /// only, never in production.
     #[arg(long)]
     no_seccomp: bool,
+    /// Count the vCPUs' exits by kind and port or address, and log the
+    /// counts when each vCPU stops (for boot profiling).
+    #[arg(long)]
+    exit_stats: bool,
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {
@@ -66,6 +70,9 @@ fn run(args: &Args) -> anyhow::Result<ExitReason> {
     let config = VmConfig::from_file(&args.config)?;
     logger::configure(&config);
     signals::install_termination_handler()?;
+    if args.exit_stats {
+        husk_vmm::vstate::exit_stats::enable();
+    }
     let filters = if args.no_seccomp {
         tracing::warn!(
             "--no-seccomp: the VMM runs WITHOUT seccomp filters; a guest that \

@@ -18,6 +18,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::exit_stats::{self, ExitKind, ExitStats};
 use super::persist::{PersistError, VcpuState};
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs, BootProtocol};
@@ -398,6 +399,7 @@ impl Vcpu {
         let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
         let mut first_run = true;
+        let mut stats = exit_stats::enabled().then(ExitStats::new);
         loop {
             match control.wait_for_run() {
                 Action::Run => {}
@@ -412,7 +414,7 @@ impl Vcpu {
                 // process start: the guest's first instruction follows it.
                 tracing::debug!(vcpu = 0, "first KVM_RUN");
             }
-            match self.run_once(pio, mmio) {
+            match self.run_once(pio, mmio, stats.as_mut()) {
                 RunOutcome::Continue => {}
                 // A kick: clear immediate_exit and look at the request.
                 RunOutcome::Interrupted => {
@@ -436,6 +438,15 @@ impl Vcpu {
             }
         }
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+        if let Some(stats) = stats {
+            // The boot benchmark reads this line (tests/bench/vmm.py).
+            tracing::info!(
+                vcpu = self.index,
+                total = stats.total(),
+                counts = %stats.summary(),
+                "exit counts"
+            );
+        }
         control.set_state(State::Exited);
     }
 
@@ -451,9 +462,24 @@ impl Vcpu {
     }
 
     /// Runs the guest until its next exit and handles the exit.
-    fn run_once(&mut self, pio: &Bus, mmio: &Bus) -> RunOutcome {
+    fn run_once(&mut self, pio: &Bus, mmio: &Bus, stats: Option<&mut ExitStats>) -> RunOutcome {
         let index = self.index;
-        let failure = match self.fd.run() {
+        let exit = self.fd.run();
+        if let Some(stats) = stats {
+            let (kind, addr) = match &exit {
+                Ok(VcpuExit::IoIn(port, _)) => (ExitKind::PioIn, u64::from(*port)),
+                Ok(VcpuExit::IoOut(port, _)) => (ExitKind::PioOut, u64::from(*port)),
+                Ok(VcpuExit::MmioRead(addr, _)) => (ExitKind::MmioRead, *addr),
+                Ok(VcpuExit::MmioWrite(addr, _)) => (ExitKind::MmioWrite, *addr),
+                Ok(VcpuExit::Intr) => (ExitKind::Interrupted, 0),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    (ExitKind::Interrupted, 0)
+                }
+                _ => (ExitKind::Other, 0),
+            };
+            stats.record(kind, addr);
+        }
+        let failure = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !pio.read(u64::from(port), data) {
                     // Nothing decodes the port: the ISA bus floats high.

@@ -5,6 +5,15 @@
 //! vm-superio's `I8042Device` only models the reset command and has no
 //! keyboard buffer or interrupt, so this device follows Firecracker's: a
 //! small output buffer, the controller configuration byte, and IRQ 1.
+//!
+//! There is no AUX (mouse) port, and the device says so the way Linux's
+//! i8042 driver asks: the AUX interface test reports the clock line stuck.
+//! (The loopback command is not modelled: its byte reaches the keyboard,
+//! which acknowledges it, and the driver sees no AUX data.) Without that
+//! answer the driver takes the port for a working one, toggles its disable
+//! bit a hundred times and waits 250 ms for an IRQ 12 that never comes, in
+//! an initcall every boot waits for. The keyboard answers GET ID with an
+//! MF2 keyboard's id, so atkbd's probe does not wait out its timeout either.
 
 use std::collections::VecDeque;
 
@@ -17,6 +26,7 @@ const OFS_STATUS: u64 = 4;
 
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_AUX_TEST: u8 = 0xa9;
 const CMD_SELF_TEST: u8 = 0xaa;
 const CMD_KBD_TEST: u8 = 0xab;
 const CMD_READ_OUTP: u8 = 0xd0;
@@ -25,6 +35,11 @@ const CMD_RESET_CPU: u8 = 0xfe;
 
 const SELF_TEST_OK: u8 = 0x55;
 const KBD_TEST_OK: u8 = 0x00;
+/// AUX interface test result: clock line stuck low (no AUX port).
+const AUX_TEST_CLOCK_LOW: u8 = 0x01;
+const KBD_GET_ID: u8 = 0xf2;
+/// An MF2 keyboard's id, after the acknowledgement of GET ID.
+const KBD_ID_MF2: [u8; 2] = [0xab, 0x83];
 const KBD_ACK: u8 = 0xfa;
 const KBD_RESET: u8 = 0xff;
 const KBD_BAT_OK: u8 = 0xaa;
@@ -145,6 +160,10 @@ impl I8042Device {
             }
             CMD_SELF_TEST => self.push_and_raise(SELF_TEST_OK),
             CMD_KBD_TEST => self.push_and_raise(KBD_TEST_OK),
+            CMD_AUX_TEST => {
+                self.buf.clear();
+                self.push_and_raise(AUX_TEST_CLOCK_LOW);
+            }
             CMD_WRITE_CTR | CMD_WRITE_OUTP => {
                 self.status |= SB_I8042_CMD_DATA;
                 self.cmd = Some(cmd);
@@ -163,8 +182,10 @@ impl I8042Device {
             // self-test after a keyboard reset.
             _ => {
                 self.push_and_raise(KBD_ACK);
-                if value == KBD_RESET {
-                    self.push(KBD_BAT_OK);
+                match value {
+                    KBD_RESET => self.push(KBD_BAT_OK),
+                    KBD_GET_ID => KBD_ID_MF2.iter().for_each(|b| self.push(*b)),
+                    _ => {}
                 }
             }
         }
@@ -255,5 +276,27 @@ mod tests {
         assert_eq!(read(&mut d, OFS_DATA), KBD_BAT_OK);
         d.write(OFS_STATUS, &[CMD_SELF_TEST]);
         assert_eq!(read(&mut d, OFS_DATA), SELF_TEST_OK);
+        d.write(OFS_DATA, &[KBD_GET_ID]);
+        assert_eq!(read(&mut d, OFS_DATA), KBD_ACK);
+        assert_eq!(read(&mut d, OFS_DATA), 0xab);
+        assert_eq!(read(&mut d, OFS_DATA), 0x83);
+        assert_eq!(read(&mut d, OFS_STATUS) & SB_OUT_DATA_AVAIL, 0);
+    }
+
+    /// Linux's i8042_check_aux: the loopback of 0x5a must not come back
+    /// as AUX data, and the AUX interface test must then fail at once (a
+    /// non-zero code other than 0xfa/0xff), even with the keyboard's
+    /// acknowledgement of the looped byte still in the buffer.
+    #[test]
+    fn no_aux_port_is_reported_at_once() {
+        let (mut d, _, _) = dev();
+        d.write(OFS_STATUS, &[0xd3]);
+        d.write(OFS_DATA, &[0x5a]);
+        let status = read(&mut d, OFS_STATUS);
+        assert_ne!(status & SB_OUT_DATA_AVAIL, 0, "the driver does not wait");
+        assert_eq!(status & 0x20, 0, "no AUX data");
+        d.write(OFS_STATUS, &[CMD_AUX_TEST]);
+        assert_eq!(read(&mut d, OFS_DATA), AUX_TEST_CLOCK_LOW);
+        assert_eq!(read(&mut d, OFS_STATUS) & SB_OUT_DATA_AVAIL, 0);
     }
 }

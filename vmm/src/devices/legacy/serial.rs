@@ -2,6 +2,13 @@
 //! Output goes to stdout, a file, or nowhere, within the console's limits
 //! ([`BoundedConsole`]); its interrupt (IRQ 4) is an irqfd so KVM injects
 //! it without a VMM round trip.
+//!
+//! The guest writes its console a byte per exit; the output is written out
+//! a burst at a time ([`BurstWriter`]): at a newline, at [`BURST_MAX`]
+//! bytes, or when the guest writes any register but the data register
+//! (Linux restores IER after each console message, and the tty driver
+//! clears the THR interrupt when it has nothing more to send). One write
+//! system call a line instead of one a byte, which a nested VMM pays dearly.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -93,16 +100,73 @@ impl From<&SerialSnapshot> for SerialState {
     }
 }
 
+/// Most console bytes held before they are written out.
+pub const BURST_MAX: usize = 256;
+
+/// The UART's output, held until the end of a burst (see the module docs).
+pub struct BurstWriter {
+    out: SerialOut,
+    buf: Vec<u8>,
+}
+
+impl BurstWriter {
+    fn new(out: SerialOut) -> Self {
+        Self {
+            out,
+            buf: Vec::with_capacity(BURST_MAX),
+        }
+    }
+
+    /// Writes out what is held.
+    fn end_burst(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .out
+            .write_all(&self.buf)
+            .and_then(|()| self.out.flush());
+        self.buf.clear();
+        result
+    }
+}
+
+impl Write for BurstWriter {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= BURST_MAX || bytes.contains(&b'\n') {
+            self.end_burst()?;
+        }
+        Ok(bytes.len())
+    }
+
+    /// vm-superio flushes after every byte; the burst's end decides instead.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for BurstWriter {
+    fn drop(&mut self) {
+        if let Err(e) = self.end_burst() {
+            tracing::debug!("serial output at exit: {e}");
+        }
+    }
+}
+
+/// The UART's data register (THR/RBR, or DLL with DLAB set).
+const DATA_REGISTER: u8 = 0;
+
 /// The COM1 UART on the port I/O bus.
 pub struct SerialDevice {
-    serial: Serial<IrqEvt, NoEvents, SerialOut>,
+    serial: Serial<IrqEvt, NoEvents, BurstWriter>,
 }
 
 impl SerialDevice {
     /// A UART raising `irq_evt` and writing to `out`.
     pub fn new(irq_evt: EventFd, out: SerialOut) -> Self {
         Self {
-            serial: Serial::new(IrqEvt(irq_evt), out),
+            serial: Serial::new(IrqEvt(irq_evt), BurstWriter::new(out)),
         }
     }
 
@@ -113,9 +177,14 @@ impl SerialDevice {
         out: SerialOut,
         state: &SerialSnapshot,
     ) -> Result<Self, String> {
-        Serial::from_state(&SerialState::from(state), IrqEvt(irq_evt), NoEvents, out)
-            .map(|serial| Self { serial })
-            .map_err(|e| format!("serial state: {e:?}"))
+        Serial::from_state(
+            &SerialState::from(state),
+            IrqEvt(irq_evt),
+            NoEvents,
+            BurstWriter::new(out),
+        )
+        .map(|serial| Self { serial })
+        .map_err(|e| format!("serial state: {e:?}"))
     }
 
     /// The UART's registers and FIFO, for a snapshot.
@@ -154,6 +223,11 @@ impl BusDevice for SerialDevice {
             if let Err(e) = self.serial.write(offset, *b) {
                 // Losing console output must not stop the guest.
                 guest_warn!(GuestFaultKind::Console, "serial output: {e}");
+            }
+            if offset != DATA_REGISTER {
+                if let Err(e) = self.serial.writer_mut().end_burst() {
+                    guest_warn!(GuestFaultKind::Console, "serial output: {e}");
+                }
             }
         }
     }
@@ -272,7 +346,42 @@ mod tests {
         let out = open_output(&SerialOutput::File(path.clone()), ConsoleLimits::default()).unwrap();
         let mut dev = SerialDevice::new(evt, out);
         dev.write(0, b"n");
+        dev.write(1, &[0]); // IER: ends the burst
         assert_eq!(std::fs::read(&path).unwrap(), b"n");
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn output_is_written_a_burst_at_a_time() {
+        let out = Shared::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(evt, Box::new(out.clone()));
+        let held = |out: &Shared| out.0.lock().unwrap().len();
+        for b in b"$ " {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(held(&out), 0, "a partial line is held");
+        // Reads (the driver polling LSR) do not end a burst.
+        dev.read(5, &mut [0u8]);
+        assert_eq!(held(&out), 0);
+        // Any register but the data register does.
+        dev.write(1, &[0]);
+        assert_eq!(&*out.0.lock().unwrap(), b"$ ");
+        for b in b"ab\ncd" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"$ ab\n", "a newline ends a burst");
+        // A burst without end is bounded.
+        for _ in 0..BURST_MAX {
+            dev.write(0, b"x");
+        }
+        assert_eq!(held(&out), 5 + BURST_MAX);
+        dev.write(0, b"y");
+        drop(dev);
+        assert_eq!(
+            held(&out),
+            5 + BURST_MAX + 1 + 2,
+            "dropping writes the rest"
+        );
     }
 }
