@@ -18,7 +18,7 @@ use crate::arch::x86_64::{mptable, BootProtocol};
 use crate::control::{ControlError, ControlServer};
 use crate::devices::bus::{Bus, BusError, SharedBusDevice};
 use crate::devices::legacy::i8042::I8042Device;
-use crate::devices::legacy::serial::{self, SerialDevice, SerialStdin};
+use crate::devices::legacy::serial::{self, SerialDevice, SerialFlusher, SerialStdin};
 use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::fs::Fs;
@@ -360,7 +360,14 @@ pub fn build_vm(
         None => SerialDevice::new(eventfd()?, out),
     };
     vm.register_irqfd(serial.irq_evt(), SERIAL_IRQ)?;
+    let mut serial = serial;
+    let flush_wake = eventfd()?;
+    serial.set_flush_wake(flush_wake.try_clone().map_err(BuildError::EventFd)?);
     let serial = Arc::new(Mutex::new(serial));
+    event_manager
+        .add_subscriber(
+            Arc::new(Mutex::new(SerialFlusher::new(serial.clone(), flush_wake))) as Subscriber,
+        );
     if config.serial == SerialOutput::Stdout {
         if let Some(stdin) = SerialStdin::for_terminal(serial.clone()) {
             event_manager.add_subscriber(Arc::new(Mutex::new(stdin)) as Subscriber);

@@ -107,6 +107,10 @@ pub const BURST_MAX: usize = 256;
 pub struct BurstWriter {
     out: SerialOut,
     buf: Vec<u8>,
+    /// Signalled when bytes start to be held, so the event loop writes out
+    /// a partial line (a prompt, a guest that prints no newline) soon
+    /// rather than never ([`SerialFlusher`]).
+    wake: Option<EventFd>,
 }
 
 impl BurstWriter {
@@ -114,6 +118,7 @@ impl BurstWriter {
         Self {
             out,
             buf: Vec::with_capacity(BURST_MAX),
+            wake: None,
         }
     }
 
@@ -133,9 +138,15 @@ impl BurstWriter {
 
 impl Write for BurstWriter {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let was_empty = self.buf.is_empty();
         self.buf.extend_from_slice(bytes);
         if self.buf.len() >= BURST_MAX || bytes.contains(&b'\n') {
             self.end_burst()?;
+        } else if was_empty {
+            if let Some(wake) = &self.wake {
+                // A full counter only means a wake-up is already pending.
+                let _ = wake.write(1);
+            }
         }
         Ok(bytes.len())
     }
@@ -187,6 +198,17 @@ impl SerialDevice {
         .map_err(|e| format!("serial state: {e:?}"))
     }
 
+    /// Signals `wake` whenever output starts to be held; a [`SerialFlusher`]
+    /// on the same eventfd writes it out.
+    pub fn set_flush_wake(&mut self, wake: EventFd) {
+        self.serial.writer_mut().wake = Some(wake);
+    }
+
+    /// Writes out the output held, if any.
+    pub fn end_burst(&mut self) -> io::Result<()> {
+        self.serial.writer_mut().end_burst()
+    }
+
     /// The UART's registers and FIFO, for a snapshot.
     pub fn snapshot(&self) -> SerialSnapshot {
         self.serial.state().into()
@@ -229,6 +251,40 @@ impl BusDevice for SerialDevice {
                     guest_warn!(GuestFaultKind::Console, "serial output: {e}");
                 }
             }
+        }
+    }
+}
+
+/// Writes out a partial burst from the event loop: the vCPU signals the
+/// eventfd when bytes start to be held, and by the time the loop runs the
+/// rest of the line has usually followed. One wake-up per burst, not per
+/// byte, and no output is held past the loop's next turn.
+pub struct SerialFlusher {
+    serial: Arc<Mutex<SerialDevice>>,
+    wake: EventFd,
+}
+
+impl SerialFlusher {
+    pub fn new(serial: Arc<Mutex<SerialDevice>>, wake: EventFd) -> Self {
+        Self { serial, wake }
+    }
+}
+
+impl MutEventSubscriber for SerialFlusher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
+            tracing::warn!("serial output flushes only at line ends: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.wake.read();
+        let mut serial = match self.serial.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Err(e) = serial.end_burst() {
+            guest_warn!(GuestFaultKind::Console, "serial output: {e}");
         }
     }
 }
@@ -382,6 +438,31 @@ mod tests {
             held(&out),
             5 + BURST_MAX + 1 + 2,
             "dropping writes the rest"
+        );
+    }
+
+    #[test]
+    fn a_partial_line_wakes_the_event_loop_which_writes_it_out() {
+        use event_manager::{EventManager, SubscriberOps};
+        let out = Shared::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(evt, Box::new(out.clone()));
+        dev.set_flush_wake(wake.try_clone().unwrap());
+        let dev = Arc::new(Mutex::new(dev));
+        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        manager.add_subscriber(Arc::new(Mutex::new(SerialFlusher::new(dev.clone(), wake))));
+        for b in b"login: " {
+            dev.lock().unwrap().write(0, &[*b]);
+        }
+        assert!(out.0.lock().unwrap().is_empty(), "held until the loop runs");
+        // One wake-up for the burst, however many bytes it has.
+        assert_eq!(manager.run_with_timeout(1000).unwrap(), 1);
+        assert_eq!(&*out.0.lock().unwrap(), b"login: ");
+        assert_eq!(
+            manager.run_with_timeout(0).unwrap(),
+            0,
+            "nothing more pending"
         );
     }
 }
