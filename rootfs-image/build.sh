@@ -62,11 +62,13 @@ if [ "$flavor" = agent ]; then
     echo "/bin/busybox is not static (install busybox-static)" >&2
     exit 1
   fi
-  printf 'dir /%s 0755\n' bin sbin usr usr/bin usr/sbin >>"$work/manifest"
-  echo "file /bin/busybox /bin/busybox 0755" >>"$work/manifest"
-  /bin/busybox --list-full | LC_ALL=C sort | while read -r applet; do
-    [ "$applet" = bin/busybox ] || echo "slink /$applet /bin/busybox 0777"
-  done >>"$work/manifest"
+  {
+    printf 'dir /%s 0755\n' bin sbin usr usr/bin usr/sbin
+    echo "file /bin/busybox /bin/busybox 0755"
+    /bin/busybox --list-full | LC_ALL=C sort | while read -r applet; do
+      [ "$applet" = bin/busybox ] || echo "slink /$applet /bin/busybox 0777"
+    done
+  } >>"$work/manifest"
 else
   cat >>"$work/manifest" <<MANIFEST
 dir /bin 0755
