@@ -500,11 +500,9 @@ impl Agent {
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
         if id.is_empty() {
             let pid = self.debug.get(exec_id)?.pid;
-            let exit = self.reaper.wait(pid, None).ok_or_else(|| {
+            return self.reaper.wait(pid, None).ok_or_else(|| {
                 AgentError::NotFound(format!("guest exec {exec_id:?} was removed"))
-            })?;
-            self.debug.remove(&self.reaper, exec_id);
-            return Ok(exit);
+            });
         }
         let pid = self.with_process(id, exec_id, |_, p| Ok(p.pid))?;
         self.reaper

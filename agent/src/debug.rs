@@ -6,8 +6,9 @@
 //! `debug_console` (the host's configuration decides; a caller that skips
 //! the shim cannot open it after the shim's CreateSandbox, which comes
 //! first and happens once). The table holds at most [`MAX_PROCESSES`]
-//! processes that have not exited; an exited one leaves it when WaitProcess
-//! has returned its status, or when a new one needs the room. They run as
+//! processes; one that has exited stays (its output may still be read to
+//! the end after its WaitProcess returned, and its status waited again)
+//! until a new one needs the room. They run as
 //! root with every capability the agent has, in its namespaces, in a cgroup
 //! of their own ([`CGROUP`]) below the agent's containers' root, which
 //! DestroySandbox kills.
@@ -65,19 +66,24 @@ impl DebugConsole {
         ))
     }
 
-    /// Drops the exited processes from the table (their exits unclaimed by
-    /// a WaitProcess are forgotten), then refuses if no slot is left.
+    /// Checks that `exec_id` is free and a slot is left; when the table
+    /// is full, drops the processes that have exited first (their exits
+    /// unclaimed by a WaitProcess are forgotten). An exited process stays
+    /// until then, so that its output can be read to the end after its
+    /// WaitProcess returned.
     pub fn make_room(&self, reaper: &Reaper, exec_id: &str) -> Result<()> {
         let mut t = lock(&self.processes);
-        t.retain(|_, p| {
-            let alive = reaper.try_exit(p.pid).is_none();
-            if !alive {
-                reaper.forget(p.pid);
-            }
-            alive
-        });
         if t.contains_key(exec_id) {
             return Err(AgentError::Exists(format!("guest exec {exec_id:?}")));
+        }
+        if t.len() >= MAX_PROCESSES {
+            t.retain(|_, p| {
+                let alive = reaper.try_exit(p.pid).is_none();
+                if !alive {
+                    reaper.forget(p.pid);
+                }
+                alive
+            });
         }
         if t.len() >= MAX_PROCESSES {
             return Err(AgentError::Exhausted(format!(
@@ -97,13 +103,6 @@ impl DebugConsole {
             .get(exec_id)
             .cloned()
             .ok_or_else(|| AgentError::NotFound(format!("guest exec {exec_id:?}")))
-    }
-
-    /// Removes `exec_id` once its exit was returned.
-    pub fn remove(&self, reaper: &Reaper, exec_id: &str) {
-        if let Some(p) = lock(&self.processes).remove(exec_id) {
-            reaper.forget(p.pid);
-        }
     }
 
     pub fn len(&self) -> usize {

@@ -66,10 +66,11 @@ fn runs_in_the_guest_with_pipes_and_a_terminal() {
     );
     assert_eq!(a.read_all("", "u", true), "err\n");
     assert_eq!(a.wait("", "u"), 3);
-    // Waited: the record is gone, the id free again.
-    let mut r = pb::ProcessRequest::new();
-    r.exec_id = "u".into();
-    assert!(a.client.wait_process(ctx(), &r).is_err());
+    // Waited: the record stays (the output after the exit can still be
+    // read; the status waited again) and the id stays taken.
+    assert_eq!(a.wait("", "u"), 3);
+    assert_eq!(a.read_all("", "u", false), "");
+    assert_eq!(exec(&a, "u", &["true"], false).0, Code::ALREADY_EXISTS);
 
     // A terminal, with the window the request gave, then a resize; the
     // env reaches it with PATH defaulted; it runs as root in "/".
@@ -120,12 +121,15 @@ fn bounded_and_validated() {
     assert_eq!(c, Code::ALREADY_EXISTS);
     let (c, msg) = exec(&a, "s4", &["true"], false);
     assert_eq!(c, Code::RESOURCE_EXHAUSTED, "{msg}");
-    // A killed one frees its slot (128 + SIGKILL) once waited...
+    // A killed one (128 + SIGKILL) leaves its slot to a new one...
     a.signal("", "s0", libc::SIGKILL, false).unwrap();
     assert_eq!(a.wait("", "s0"), 128 + libc::SIGKILL);
     let (c, msg) = exec(&a, "s4", &["sleep", "100"], false);
     assert_eq!(c, Code::OK, "{msg}");
-    // ... or once exited, unwaited, when a new one needs the room.
+    let mut r = pb::ProcessRequest::new();
+    r.exec_id = "s0".into();
+    assert!(a.client.wait_process(ctx(), &r).is_err(), "s0 was dropped");
+    // ... waited or not.
     a.signal("", "s1", libc::SIGKILL, false).unwrap();
     let start = std::time::Instant::now();
     loop {

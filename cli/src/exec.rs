@@ -141,7 +141,8 @@ impl TerminalGuard {
         let mut raw = saved.clone();
         raw.make_raw();
         let own = fd.try_clone_to_owned()?;
-        termios::tcsetattr(fd, OptionalActions::Flush, &raw)?;
+        // Now, not Flush: what was typed ahead (a paste, a script) still goes.
+        termios::tcsetattr(fd, OptionalActions::Now, &raw)?;
         Ok(TerminalGuard {
             saved: Arc::new(Mutex::new(Some((own, saved)))),
         })
