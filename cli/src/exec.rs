@@ -35,7 +35,7 @@ use rustix::termios::{self, OptionalActions, Termios};
 /// Bytes asked for by each read of the remote output.
 pub const READ_CHUNK: u32 = 32 * 1024;
 /// How long the connection and each call but the waits may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the output may keep coming after the process exited (a
 /// background child holding it open does not hold the session).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -65,7 +65,7 @@ pub enum ExecError {
     Oversized { got: usize, asked: u32 },
     #[error("the local terminal: {0}")]
     Terminal(#[source] io::Error),
-    #[error("{0}")]
+    #[error("catching signals: {0}")]
     Signals(#[source] io::Error),
 }
 
@@ -198,12 +198,13 @@ impl Session {
         })
     }
 
-    fn signal(&self, sig: i32) {
+    /// Sends `sig` to the remote process; false if the agent did not
+    /// take it (unreachable, or the process is gone).
+    fn signal(&self, sig: i32) -> bool {
         let mut r = pb::SignalProcessRequest::new();
         r.exec_id.clone_from(&self.exec_id);
         r.signal = u32::try_from(sig).unwrap_or(0);
-        // The process may be gone already: nothing to do then.
-        let _ = self.client.signal_process(ctx(), &r);
+        self.client.signal_process(ctx(), &r).is_ok()
     }
 
     fn resize(&self) {
@@ -321,7 +322,7 @@ pub fn run(req: Request<'_>, sandbox_dir: &Path) -> Result<i32, ExecError> {
         match TerminalGuard::raw(io::stdin().as_fd()) {
             Ok(g) => Some(g),
             Err(e) => {
-                session.signal(libc::SIGKILL);
+                let _ = session.signal(libc::SIGKILL);
                 return Err(ExecError::Terminal(e));
             }
         }
@@ -330,20 +331,30 @@ pub fn run(req: Request<'_>, sandbox_dir: &Path) -> Result<i32, ExecError> {
     };
 
     {
-        let s = session.clone();
-        let handle = signals.handle();
+        let (s, guard) = (session.clone(), guard.clone());
         std::thread::spawn(move || {
+            let mut forwarded = 0;
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGWINCH {
                     if terminal {
                         s.resize();
                     }
-                } else {
-                    // The remote process decides; its end ends the session.
-                    s.signal(sig);
+                    continue;
+                }
+                // The remote process decides, and its end ends the session;
+                // a second one, or one the agent did not take (a guest that
+                // stopped answering), ends it here.
+                forwarded += 1;
+                if forwarded > 1 || !s.signal(sig) {
+                    if let Some(g) = &guard {
+                        g.restore();
+                    }
+                    eprintln!(
+                        "husk exec: ended by signal {sig}; the guest's process may still run"
+                    );
+                    std::process::exit(128 + sig);
                 }
             }
-            drop(handle);
         });
     }
     {

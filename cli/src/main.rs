@@ -48,7 +48,8 @@ gets a terminal in the guest; the local one is put in raw mode (every key,
 also on an error or a signal; its window size goes along and follows
 SIGWINCH. Without a terminal, stdout and stderr stay apart and the end of
 stdin closes the command's stdin. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent
-to husk exec are passed on to the command.
+to husk exec are passed on to the command; a second one, or one the guest
+does not take, ends husk exec at once (its terminal restored, exit 128+N).
 
 Exit status: the command's exit code; 128+N when signal N killed it; 1 when
 husk exec itself fails (refused, no such sandbox, the agent unreachable).
