@@ -110,6 +110,8 @@ PY
 
 check_husk_exec() {
   local x=hc-x
+  # timeout(1) runs programs, not functions: husk_cmd as an array.
+  local hx=("${HUSK_BIN:-$repo/target/release}/husk" --config "$HUSK_CONFIG" --containerd-config "$HUSK_CTRD_DIR/config.toml")
   run_ctr run-x run -d "${husk[@]}" "$img" "$x" sleep 600
   want "run -d $x: exit 0" [ "$rc" = 0 ] || return
   want "$x runs" husk_wait_task "$x" "$limit" || return
@@ -117,7 +119,7 @@ check_husk_exec() {
   # The guest's own report of its release: the console's first line.
   local release
   release=$(husk_cmd logs --console "$x" | grep -o 'Linux version [^ ]*' | head -1 | awk '{print $3}')
-  timeout 60 husk_cmd exec "$x" uname -r </dev/null >"$work/exec-uname.out" 2>"$work/exec-uname.err"
+  timeout 60 "${hx[@]}" exec "$x" uname -r </dev/null >"$work/exec-uname.out" 2>"$work/exec-uname.err"
   local rc=$?
   indent '      | ' <"$work/exec-uname.out"
   indent '      ! ' <"$work/exec-uname.err"
@@ -125,26 +127,25 @@ check_husk_exec() {
   [ "$rc" = 0 ] && [ -n "$release" ] && [ "$(cat "$work/exec-uname.out")" = "$release" ] && ok=1
   want "husk exec $x uname -r: exit 0, prints the console's release ${release:-?}" [ "$ok" = 1 ]
 
-  timeout 60 husk_cmd exec "$x" sh -c 'exit 3' </dev/null
+  timeout 60 "${hx[@]}" exec "$x" sh -c 'exit 3' </dev/null
   rc=$?
   want "husk exec $x sh -c 'exit 3': exit 3 (got $rc)" [ "$rc" = 3 ]
   # shellcheck disable=SC2016 # the guest's shell expands it
-  timeout 60 husk_cmd exec "$x" sh -c 'kill -9 $$' </dev/null
+  timeout 60 "${hx[@]}" exec "$x" sh -c 'kill -9 $$' </dev/null
   rc=$?
   want "husk exec $x sh -c 'kill -9 \$\$': exit 137 (128 + SIGKILL; got $rc)" [ "$rc" = 137 ]
-  timeout 60 husk_cmd exec "$x" sh -c 'echo out; echo err >&2' </dev/null >"$work/exec-out" 2>"$work/exec-err"
+  timeout 60 "${hx[@]}" exec "$x" sh -c 'echo out; echo err >&2' </dev/null >"$work/exec-out" 2>"$work/exec-err"
   ok=0
   [ "$(cat "$work/exec-out")" = out ] && [ "$(cat "$work/exec-err")" = err ] && ok=1
   want "husk exec without a terminal keeps stdout and stderr apart" [ "$ok" = 1 ]
-  echo guest-stdin | timeout 60 husk_cmd exec "$x" cat >"$work/exec-cat" 2>&1
+  echo guest-stdin | timeout 60 "${hx[@]}" exec "$x" cat >"$work/exec-cat" 2>&1
   want "husk exec without a terminal: stdin reaches the command, its end ends it" \
     [ "$(cat "$work/exec-cat")" = guest-stdin ]
 
   # A terminal: script(1) gives husk exec one; the default command is the
   # guest's /bin/sh. `hi$((6*7))` tells the shell's output from the echo.
   local husk_line
-  husk_line=$(printf '%q ' "${HUSK_BIN:-$repo/target/release}/husk" --config "$HUSK_CONFIG" \
-    --containerd-config "$HUSK_CTRD_DIR/config.toml" exec "$x")
+  husk_line=$(printf '%q ' "${hx[@]}" exec "$x")
   # shellcheck disable=SC2016 # the guest's shell expands it
   printf 'tty; echo hi$((6*7)); exit 7\n' |
     timeout 60 script -qec "$husk_line" /dev/null >"$work/exec-tty.out" 2>&1
