@@ -31,7 +31,7 @@ Exit status: 0 on success; 1 on an error, or when `husk check` finds a FAIL;
 
 const EXEC_HELP: &str = "\
 The command runs in the guest itself, not in a container: in the guest's own
-namespaces (its root is the initramfs, with busybox's applets in /bin and
+namespaces (its root is the agent's tmpfs, with busybox's applets in /bin and
 /sbin; containers' root file systems are under /run/husk), as root with
 every capability, in the working directory /, with the environment PATH,
 HOME=/ and, with a terminal, the local TERM. At most 4 run in a guest at
