@@ -2,7 +2,10 @@
 # Builds a husk guest initramfs.
 #
 #   rootfs-image/build.sh [agent]   # the product image: the static agent as /init
-#                                   # plus the few nodes the kernel needs first
+#                                   # plus the few nodes the kernel needs first, and
+#                                   # Debian's static busybox with its applet links:
+#                                   # the shell and tools of `husk exec` (the debug
+#                                   # console, off unless debug_console = true)
 #   rootfs-image/build.sh test      # the VMM test image: busybox, the vsock probe,
 #                                   # the hostile guest and tests/guest-init.sh as /init
 # Reproducible: the same agent
@@ -52,6 +55,20 @@ dir /tmp 1777
 MANIFEST
 if [ "$flavor" = agent ]; then
   echo "file /init $agent 0755" >>"$work/manifest"
+  # busybox-static (scripts/setup.sh); its applet list is the binary's own,
+  # so the same binary gives the same links.
+  [ -x /bin/busybox ] || { echo "/bin/busybox is missing: apt-get install busybox-static" >&2; exit 1; }
+  if readelf -d /bin/busybox | grep -q NEEDED; then
+    echo "/bin/busybox is not static (install busybox-static)" >&2
+    exit 1
+  fi
+  {
+    printf 'dir /%s 0755\n' bin sbin usr usr/bin usr/sbin
+    echo "file /bin/busybox /bin/busybox 0755"
+    /bin/busybox --list-full | LC_ALL=C sort | while read -r applet; do
+      [ "$applet" = bin/busybox ] || echo "slink /$applet /bin/busybox 0777"
+    done
+  } >>"$work/manifest"
 else
   cat >>"$work/manifest" <<MANIFEST
 dir /bin 0755

@@ -21,7 +21,7 @@ use crate::hostfiles::{HostFiles, HostFilesError};
 use crate::oom::OomWatcher;
 use crate::reaper::{Exit, Reaper};
 use crate::sync::{InitConfig, NsAction, Work};
-use crate::{sandbox, storage, validate};
+use crate::{debug, sandbox, storage, validate};
 
 /// Largest file CopyFile writes, and its largest chunk.
 const COPY_FILE_MAX: i64 = 64 << 20;
@@ -46,6 +46,8 @@ pub struct Agent {
     cap_last_cap: u32,
     /// CopyFile's folder.
     host_files: HostFiles,
+    /// ExecGuest's gate and processes.
+    debug: debug::DebugConsole,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,6 +100,7 @@ impl Agent {
             pid1,
             cap_last_cap,
             host_files,
+            debug: debug::DebugConsole::default(),
         }
     }
 
@@ -116,6 +119,10 @@ impl Agent {
             return Err(AgentError::Exists("the sandbox".into()));
         }
         sandbox::setup(req, self.pid1)?;
+        if req.debug_console {
+            self.debug.enable();
+            crate::log!("the debug console is enabled");
+        }
         *created = true;
         Ok(())
     }
@@ -132,6 +139,15 @@ impl Agent {
         for id in ids {
             if let Err(e) = self.remove_container(&id, true) {
                 crate::log!("removing {id}: {e}");
+            }
+        }
+        if self.debug.len() > 0 {
+            if let Err(e) = self
+                .cgroups
+                .open_or_create(debug::CGROUP)
+                .and_then(|c| c.kill_all())
+            {
+                crate::log!("killing the debug processes: {e}");
             }
         }
     }
@@ -399,6 +415,45 @@ impl Agent {
         Ok(())
     }
 
+    /// Starts a debug process in the guest itself (see `debug`).
+    pub fn exec_guest(&self, req: &pb::ExecGuestRequest) -> Result<()> {
+        self.debug.check_enabled()?;
+        validate::id("exec", &req.exec_id).map_err(invalid)?;
+        let process = debug::process(req).map_err(invalid)?;
+        let _starting = lock(&self.debug.starting);
+        self.debug.make_room(&self.reaper, &req.exec_id)?;
+        let cgroup = self.cgroups.open_or_create(debug::CGROUP)?;
+        let cfg = InitConfig {
+            // The agent's own: the guest's.
+            namespaces: Vec::new(),
+            work: Work::Exec {
+                process: Box::new(process),
+                seccomp: None,
+            },
+            cap_last_cap: self.cap_last_cap,
+        };
+        let mut spawned = container::spawn(&self.reaper, cfg, req.terminal, &cgroup, None)?;
+        let pid = spawned.process.pid;
+        if req.terminal && req.rows > 0 && req.columns > 0 {
+            // Checked by debug::process: both fit.
+            let (rows, cols) = (
+                u16::try_from(req.rows).unwrap_or(u16::MAX),
+                u16::try_from(req.columns).unwrap_or(u16::MAX),
+            );
+            if let Err(e) = spawned.process.stdio.resize(rows, cols) {
+                crate::log!("guest exec {}: window size: {e}", req.exec_id);
+            }
+        }
+        if let Err(e) = container::run(&mut spawned.channel, false) {
+            self.reaper.wait(pid, Some(KILL_TIMEOUT));
+            self.reaper.forget(pid);
+            return Err(e.into());
+        }
+        self.debug.insert(&req.exec_id, spawned.process);
+        crate::log!("guest exec {} started (pid {pid})", req.exec_id);
+        Ok(())
+    }
+
     /// Runs `f` on the container's init (empty `exec_id`) or an exec.
     fn with_process<R>(
         &self,
@@ -421,6 +476,13 @@ impl Agent {
             .ok()
             .and_then(crate::sys::signal)
             .ok_or_else(|| invalid(format!("signal {} is out of range", req.signal)))?;
+        if req.container_id.is_empty() {
+            let p = self.debug.get(&req.exec_id)?;
+            if self.reaper.try_exit(p.pid).is_some() {
+                return Err(AgentError::State("the process has exited".into()));
+            }
+            return crate::sys::kill(p.pid, sig).map_err(io_ctx("kill"));
+        }
         self.with_process(&req.container_id, &req.exec_id, |c, p| {
             if req.all {
                 for pid in c.cgroup.pids()? {
@@ -436,6 +498,12 @@ impl Agent {
     }
 
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
+        if id.is_empty() {
+            let pid = self.debug.get(exec_id)?.pid;
+            return self.reaper.wait(pid, None).ok_or_else(|| {
+                AgentError::NotFound(format!("guest exec {exec_id:?} was removed"))
+            });
+        }
         let pid = self.with_process(id, exec_id, |_, p| Ok(p.pid))?;
         self.reaper
             .wait(pid, None)
@@ -443,36 +511,46 @@ impl Agent {
     }
 
     pub fn write_stdin(&self, req: &pb::WriteStreamRequest) -> Result<usize> {
+        if req.container_id.is_empty() {
+            let p = self.debug.get(&req.exec_id)?;
+            return p.stdio.write_stdin(&req.data).map_err(io_ctx("stdin"));
+        }
         self.with_process(&req.container_id, &req.exec_id, |_, p| {
             p.stdio.write_stdin(&req.data).map_err(io_ctx("stdin"))
         })
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        if id.is_empty() {
+            let p = self.debug.get(exec_id)?;
+            return p.stdio.close_stdin().map_err(io_ctx("closing stdin"));
+        }
         self.with_process(id, exec_id, |_, p| {
             p.stdio.close_stdin().map_err(io_ctx("closing stdin"))
         })
     }
 
     pub fn read(&self, req: &pb::ReadStreamRequest, stderr: bool) -> Result<Vec<u8>> {
-        let c = self.get(&req.container_id)?;
-        // Hold the process (not the container map) while blocking.
-        let p: Arc<Process> = if req.exec_id.is_empty() {
-            return if stderr {
-                c.init.stdio.read_stderr(req.len as usize)
-            } else {
-                c.init.stdio.read_stdout(req.len as usize)
-            }
-            .map_err(io_ctx("reading"));
+        // Hold the process (not the container map or the debug table)
+        // while blocking.
+        let p: Arc<Process> = if req.container_id.is_empty() {
+            self.debug.get(&req.exec_id)?
         } else {
+            let c = self.get(&req.container_id)?;
+            if req.exec_id.is_empty() {
+                return Self::read_from(&c.init, req.len, stderr);
+            }
             c.exec(&req.exec_id)
                 .ok_or_else(|| AgentError::NotFound(format!("exec {:?}", req.exec_id)))?
         };
-        drop(c);
+        Self::read_from(&p, req.len, stderr)
+    }
+
+    fn read_from(p: &Process, len: u32, stderr: bool) -> Result<Vec<u8>> {
         if stderr {
-            p.stdio.read_stderr(req.len as usize)
+            p.stdio.read_stderr(len as usize)
         } else {
-            p.stdio.read_stdout(req.len as usize)
+            p.stdio.read_stdout(len as usize)
         }
         .map_err(io_ctx("reading"))
     }
@@ -480,6 +558,10 @@ impl Agent {
     pub fn resize(&self, req: &pb::TtyWinResizeRequest) -> Result<()> {
         let rows = u16::try_from(req.row).map_err(|_| invalid("row is over 65535"))?;
         let cols = u16::try_from(req.column).map_err(|_| invalid("column is over 65535"))?;
+        if req.container_id.is_empty() {
+            let p = self.debug.get(&req.exec_id)?;
+            return p.stdio.resize(rows, cols).map_err(io_ctx("resize"));
+        }
         self.with_process(&req.container_id, &req.exec_id, |_, p| {
             p.stdio.resize(rows, cols).map_err(io_ctx("resize"))
         })

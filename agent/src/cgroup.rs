@@ -104,6 +104,17 @@ impl CgroupRoot {
         fs::create_dir(&path).map_err(io_err(&path))?;
         Ok(Cgroup { path })
     }
+
+    /// The group `name` (already validated), made if missing.
+    pub fn open_or_create(&self, name: &str) -> Result<Cgroup> {
+        let path = self.base.join(name);
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        Ok(Cgroup { path })
+    }
 }
 
 /// One container's group.

@@ -16,6 +16,13 @@ pub enum AgentError {
     Exists(String),
     #[error("{0}")]
     State(String),
+    /// The sandbox was not set up to allow it (ExecGuest without
+    /// debug_console).
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// A bound is reached (ExecGuest's concurrent processes).
+    #[error("{0}")]
+    Exhausted(String),
     #[error("{0}")]
     Spawn(#[from] SpawnError),
     #[error("cgroup: {0}")]

@@ -13,6 +13,7 @@
 mod agent;
 mod cgroup;
 mod container;
+mod debug;
 mod devices;
 mod error;
 mod hostfiles;

@@ -19,6 +19,39 @@ const REROOTED: &str = "HUSK_AGENT_REROOTED";
 const RAMFS_MAGIC: i64 = 0x8584_58f6;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
+/// The initramfs folders that follow the agent to its new root: the debug
+/// console's busybox and applet links (rootfs-image/build.sh).
+const DEBUG_TOOL_DIRS: [&str; 3] = ["bin", "sbin", "usr"];
+
+/// Moves the files, symlinks and folders under `from` (on the initramfs)
+/// to `to` (on the new root): copied, then removed from the initramfs so
+/// that its memory is freed. A missing `from` is nothing to do.
+fn carry_over(from: &Path, to: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(from) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        std::os::unix::fs::symlink(fs::read_link(from)?, to)?;
+        fs::remove_file(from)
+    } else if kind.is_dir() {
+        fs::create_dir_all(to)?;
+        fs::set_permissions(to, meta.permissions())?;
+        for entry in fs::read_dir(from)? {
+            let name = entry?.file_name();
+            carry_over(&from.join(&name), &to.join(&name))?;
+        }
+        Ok(())
+    } else if kind.is_file() {
+        fs::copy(from, to)?;
+        fs::remove_file(from)
+    } else {
+        Ok(())
+    }
+}
+
 /// Moves the agent off the initramfs onto a tmpfs root of its own, as
 /// switch_root does, then re-executes it there.
 ///
@@ -52,6 +85,13 @@ pub fn leave_initramfs() -> io::Result<()> {
     fs::copy(exe, new.join("init"))?;
     // Free the initramfs copy (it stays below, hidden, otherwise).
     let _ = fs::remove_file(exe);
+    // The debug console's tools (busybox and its applet links), if the
+    // image has them; without them only `husk exec` lacks its shell.
+    for dir in DEBUG_TOOL_DIRS {
+        if let Err(e) = carry_over(Path::new("/").join(dir).as_path(), &new.join(dir)) {
+            eprintln!("husk-agent: carrying /{dir} to the new root: {e}");
+        }
+    }
     std::env::set_current_dir(new)?;
     sys::move_mount(Path::new("."), Path::new("/"))?;
     rustix::process::chroot(".")?;
@@ -234,6 +274,31 @@ pub fn end_vm() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files, symlinks and folders move; the source is emptied.
+    #[test]
+    fn debug_tools_are_carried_over() {
+        let root = std::env::temp_dir().join(format!("husk-carry-{}", std::process::id()));
+        let (from, to) = (root.join("from"), root.join("to"));
+        fs::create_dir_all(from.join("sbin")).unwrap();
+        fs::write(from.join("busybox"), b"bb").unwrap();
+        std::os::unix::fs::symlink("/bin/busybox", from.join("sh")).unwrap();
+        std::os::unix::fs::symlink("/bin/busybox", from.join("sbin/ip")).unwrap();
+        carry_over(&from, &to).unwrap();
+        assert_eq!(fs::read(to.join("busybox")).unwrap(), b"bb");
+        assert_eq!(
+            fs::read_link(to.join("sh")).unwrap(),
+            Path::new("/bin/busybox")
+        );
+        assert_eq!(
+            fs::read_link(to.join("sbin/ip")).unwrap(),
+            Path::new("/bin/busybox")
+        );
+        assert!(!from.join("busybox").exists() && fs::symlink_metadata(from.join("sh")).is_err());
+        carry_over(&root.join("missing"), &root.join("x")).unwrap();
+        assert!(!root.join("x").exists());
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn port_from_the_command_line() {

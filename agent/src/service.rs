@@ -31,6 +31,8 @@ fn status(e: AgentError) -> ttrpc::Error {
         AgentError::NotFound(_) => Code::NOT_FOUND,
         AgentError::Exists(_) => Code::ALREADY_EXISTS,
         AgentError::State(_) => Code::FAILED_PRECONDITION,
+        AgentError::Denied(_) => Code::PERMISSION_DENIED,
+        AgentError::Exhausted(_) => Code::RESOURCE_EXHAUSTED,
         // The set-up process refuses what the spec asks and the kernel
         // cannot do (a missing exec, a bad mount): the caller's input.
         AgentError::Spawn(SpawnError::Setup(_)) => Code::INVALID_ARGUMENT,
@@ -76,6 +78,10 @@ impl AgentService for Service {
 
     fn exec_process(&self, _: &TtrpcContext, req: pb::ExecProcessRequest) -> R<pb::Empty> {
         done(self.agent.exec_process(&req))
+    }
+
+    fn exec_guest(&self, _: &TtrpcContext, req: pb::ExecGuestRequest) -> R<pb::Empty> {
+        done(self.agent.exec_guest(&req))
     }
 
     fn signal_process(&self, _: &TtrpcContext, req: pb::SignalProcessRequest) -> R<pb::Empty> {

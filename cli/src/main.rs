@@ -1,9 +1,11 @@
 //! `husk`: the node operator's command for husk, the VM-isolated container
 //! runtime. It reads what the shim leaves on the node (the runtime
-//! configuration, each sandbox's state folder) and never changes it.
+//! configuration, each sandbox's state folder) and never changes it; `husk
+//! exec` talks to a guest's agent, where the configuration allows it.
 
 mod check;
 mod containerd;
+mod exec;
 mod http;
 mod kvm;
 mod logs;
@@ -24,7 +26,39 @@ variable HUSK_CONFIG, else the ConfigPath containerd's configuration gives the
 io.containerd.husk.v2 runtime, else /etc/husk/configuration.toml.
 Sandboxes are the folders under its state_dir (default /run/husk).
 
-Exit status: 0 on success; 1 on an error, or when `husk check` finds a FAIL.";
+Exit status: 0 on success; 1 on an error, or when `husk check` finds a FAIL;
+`husk exec` exits with the guest process's status.";
+
+const EXEC_HELP: &str = "\
+The command runs in the guest itself, not in a container: in the guest's own
+namespaces (its root is the agent's tmpfs, with busybox's applets in /bin and
+/sbin; containers' root file systems are under /run/husk), as root with
+every capability, in the working directory /, with the environment PATH,
+HOME=/ and, with a terminal, the local TERM. At most 4 run in a guest at
+once.
+
+Only where the configuration says debug_console = true: husk exec refuses
+otherwise, naming the key, and so does the guest's agent, which the shim
+tells at the sandbox's start (a sandbox started before the change refuses
+too).
+
+Terminal: with -t, or when stdin and stdout are both terminals, the command
+gets a terminal in the guest; the local one is put in raw mode (every key,
+^C and ^D included, goes to the guest) and restored when the session ends,
+also on an error or a signal; its window size goes along and follows
+SIGWINCH. Without a terminal, stdout and stderr stay apart and the end of
+stdin closes the command's stdin. SIGINT, SIGTERM, SIGHUP and SIGQUIT sent
+to husk exec are passed on to the command; a second one, or one the guest
+does not take, ends husk exec at once (its terminal restored, exit 128+N).
+
+Exit status: the command's exit code; 128+N when signal N killed it; 1 when
+husk exec itself fails (refused, no such sandbox, the agent unreachable).
+
+Examples:
+  husk exec 3f2a                  an interactive shell (/bin/sh) in the guest
+  husk exec 3f2a uname -r         the guest kernel's release
+  husk exec 3f2a -- ps -o pid,args
+  husk exec 3f2a cat /proc/meminfo > guest-meminfo.txt";
 
 /// husk: check a node, show the configuration, list the sandboxes, read
 /// their logs and serve their metrics.
@@ -91,6 +125,28 @@ enum Cmd {
         /// Only the last N lines of each.
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
+    },
+    /// A command in a sandbox's guest, outside any container (a debug
+    /// console; needs debug_console = true).
+    #[command(after_help = EXEC_HELP)]
+    Exec {
+        /// The sandbox id (or a prefix only one sandbox has).
+        sandbox: String,
+        /// Give the command a terminal (the default when stdin and stdout
+        /// are terminals).
+        #[arg(short = 't', long, conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never give the command a terminal.
+        #[arg(short = 'T', long)]
+        no_tty: bool,
+        /// The command and its arguments (default /bin/sh); a program
+        /// without '/' is looked up in the guest's PATH.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
     },
     /// Serve the sandboxes' metrics in Prometheus's text format on
     /// http://ADDR/metrics (one scrape at a time), or print them once.
@@ -197,6 +253,35 @@ fn main() -> Result<()> {
             };
             let stdout = std::io::stdout();
             logs::show(&sb.dir, which, tail, &mut stdout.lock())?;
+        }
+        Cmd::Exec {
+            sandbox,
+            tty,
+            no_tty,
+            command,
+        } => {
+            let e = effective?;
+            if !e.config.debug_console {
+                return Err(exec::ExecError::Disabled {
+                    config: e.chosen.path.display().to_string(),
+                }
+                .into());
+            }
+            let sb = sandboxes::find(&e.config.state_dir, &sandbox, false)?;
+            if !sb.running {
+                return Err(exec::ExecError::NotRunning(sb.id).into());
+            }
+            let req = exec::Request {
+                sandbox_id: &sb.id,
+                args: command,
+                tty: match (tty, no_tty) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+            };
+            let code = exec::run(req, &sb.dir)?;
+            std::process::exit(code);
         }
         Cmd::Metrics { listen, once } => {
             let e = effective?;

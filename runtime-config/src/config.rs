@@ -188,6 +188,8 @@ pub struct Config {
     pub boot_timeout: Duration,
     pub request_timeout: Duration,
     pub log_level: log::LevelFilter,
+    /// The guest console kept in console.log, and `husk exec` (the agent's
+    /// ExecGuest) allowed.
     pub debug_console: bool,
     /// Give the VM a virtio-balloon with free page reporting, so the
     /// memory its guest frees goes back to the host.

@@ -153,15 +153,18 @@ impl Agent {
     }
 
     /// Sets the sandbox up in the guest: hostname, clock, given one the pod
-    /// network, and with `shared_fs` the shared folder's mount.
+    /// network, with `shared_fs` the shared folder's mount, and with
+    /// `debug_console` the agent's leave for `husk exec` (ExecGuest).
     pub fn create_sandbox(
         &self,
         sandbox_id: &str,
         hostname: &str,
         network: Option<&GuestNetwork>,
         shared_fs: bool,
+        debug_console: bool,
     ) -> Result<()> {
         let mut r = pb::CreateSandboxRequest::new();
+        r.debug_console = debug_console;
         if shared_fs {
             let mut fs = pb::SharedFs::new();
             fs.tag = husk_protocols::guest::SHARED_FS_TAG.into();

@@ -31,7 +31,6 @@ mod sizing;
 mod spec;
 mod sync;
 mod tool;
-mod vsock;
 
 fn main() {
     let cfg = containerd_shim::Config {

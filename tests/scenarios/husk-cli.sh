@@ -4,8 +4,13 @@
 # passes; with two sandboxes running (`ctr run -d`), `husk ps` lists both
 # with their VMM pids, `husk metrics --once` is parsed by Prometheus's own
 # text parser (python3-prometheus-client) and has every documented metric
-# for each sandbox, `husk logs` shows the guest console. The host half
-# (`husk check` failing on a software /dev/kvm) is cli/tests/cli.rs.
+# for each sandbox, `husk logs` shows the guest console; `husk exec` (the
+# debug console, debug_console = true here) prints the guest kernel's
+# release as the guest's console reports it, passes exit codes through
+# (128 + N for a signal), keeps stdout and stderr apart, runs an
+# interactive shell on a terminal (under script(1)), and is refused,
+# naming the key, by a configuration with debug_console = false. The host
+# half (`husk check` failing on a software /dev/kvm) is cli/tests/cli.rs.
 #
 #   tests/run.sh husk-cli   (after scripts/build.sh)
 # check_* functions are called by name (check in tests/shim/ctr.sh).
@@ -103,4 +108,69 @@ PY
   want "husk ps lists neither after delete" bash -c "! grep -qE '^hc-' '$work/ps-after.out'"
 }
 
-ctr_run_checks husk_check husk_ps_metrics_logs
+check_husk_exec() {
+  local x=hc-x
+  # timeout(1) runs programs, not functions: husk_cmd as an array.
+  local hx=("${HUSK_BIN:-$repo/target/release}/husk" --config "$HUSK_CONFIG" --containerd-config "$HUSK_CTRD_DIR/config.toml")
+  run_ctr run-x run -d "${husk[@]}" "$img" "$x" sleep 600
+  want "run -d $x: exit 0" [ "$rc" = 0 ] || return
+  want "$x runs" husk_wait_task "$x" "$limit" || return
+
+  # The guest's own report of its release: the console's first line.
+  local release
+  release=$(husk_cmd logs --console "$x" | grep -o 'Linux version [^ ]*' | head -1 | awk '{print $3}')
+  timeout 60 "${hx[@]}" exec "$x" uname -r </dev/null >"$work/exec-uname.out" 2>"$work/exec-uname.err"
+  local rc=$?
+  indent '      | ' <"$work/exec-uname.out"
+  indent '      ! ' <"$work/exec-uname.err"
+  local ok=0
+  [ "$rc" = 0 ] && [ -n "$release" ] && [ "$(cat "$work/exec-uname.out")" = "$release" ] && ok=1
+  want "husk exec $x uname -r: exit 0, prints the console's release ${release:-?}" [ "$ok" = 1 ]
+
+  timeout 60 "${hx[@]}" exec "$x" sh -c 'exit 3' </dev/null
+  rc=$?
+  want "husk exec $x sh -c 'exit 3': exit 3 (got $rc)" [ "$rc" = 3 ]
+  # shellcheck disable=SC2016 # the guest's shell expands it
+  timeout 60 "${hx[@]}" exec "$x" sh -c 'kill -9 $$' </dev/null
+  rc=$?
+  want "husk exec $x sh -c 'kill -9 \$\$': exit 137 (128 + SIGKILL; got $rc)" [ "$rc" = 137 ]
+  timeout 60 "${hx[@]}" exec "$x" sh -c 'echo out; echo err >&2' </dev/null >"$work/exec-out" 2>"$work/exec-err"
+  ok=0
+  [ "$(cat "$work/exec-out")" = out ] && [ "$(cat "$work/exec-err")" = err ] && ok=1
+  want "husk exec without a terminal keeps stdout and stderr apart" [ "$ok" = 1 ]
+  echo guest-stdin | timeout 60 "${hx[@]}" exec "$x" cat >"$work/exec-cat" 2>&1
+  want "husk exec without a terminal: stdin reaches the command, its end ends it" \
+    [ "$(cat "$work/exec-cat")" = guest-stdin ]
+
+  # A terminal: script(1) gives husk exec one; the default command is the
+  # guest's /bin/sh. `hi$((6*7))` tells the shell's output from the echo.
+  local husk_line
+  husk_line=$(printf '%q ' "${hx[@]}" exec "$x")
+  # shellcheck disable=SC2016 # the guest's shell expands it
+  printf 'tty; echo hi$((6*7)); exit 7\n' |
+    timeout 60 script -qec "$husk_line" /dev/null >"$work/exec-tty.out" 2>&1
+  rc=$?
+  tr -d '\r' <"$work/exec-tty.out" | indent '      | '
+  ok=0
+  [ "$rc" = 7 ] && grep -q hi42 "$work/exec-tty.out" && grep -q /dev/pts/ "$work/exec-tty.out" && ok=1
+  want "husk exec $x on a terminal: an interactive shell, exit 7 (got $rc)" [ "$ok" = 1 ]
+  want "no husk exec left on the host" bash -c "! pgrep -x husk"
+
+  # The host's policy: a configuration with debug_console = false refuses
+  # before reaching the guest, naming the key.
+  sed 's/^debug_console *=.*/debug_console = false/' "$HUSK_CONFIG" >"$work/debug-off.toml"
+  PATH="${HUSK_BIN:-$repo/target/release}:$PATH" timeout 60 husk --config "$work/debug-off.toml" \
+    --containerd-config "$HUSK_CTRD_DIR/config.toml" exec "$x" uname -r </dev/null >"$work/exec-off.out" 2>&1
+  rc=$?
+  indent '      | ' <"$work/exec-off.out"
+  ok=0
+  [ "$rc" = 1 ] && grep -q 'debug_console = true' "$work/exec-off.out" && ok=1
+  want "debug_console = false: husk exec refuses (exit 1), naming the key" [ "$ok" = 1 ]
+
+  run_ctr kill-x task kill -s SIGKILL "$x"
+  wait_until 30 task_is "$x" STOPPED
+  run_ctr rm-x task delete "$x"
+  run_ctr crm-x container delete "$x"
+}
+
+ctr_run_checks husk_check husk_ps_metrics_logs husk_exec

@@ -8,12 +8,15 @@
 //!   counts, name lengths).
 //! - [`control`]: the control socket's requests and replies;
 //!   [`control_client`] sends one and reads the reply.
+//! - [`vsock`]: the host end of the VMM's hybrid vsock socket (`CONNECT
+//!   <port>`), how the shim and `husk exec` reach the guest's agent.
 
 pub mod control;
 pub mod control_client;
 pub mod limits;
 pub mod spec;
 mod validate;
+pub mod vsock;
 
 pub use spec::{
     BalloonSpec, BlockSpec, FsSpec, KernelSpec, LogSpec, NetSpec, RateLimiterSpec, SerialKind,

@@ -33,8 +33,8 @@ use crate::shared::{SharedError, SharedFolder};
 use crate::sizing::{Limits, Reservations, SizingError, VmSize};
 use crate::spec::SharedVolume;
 use crate::sync::lock;
-use crate::vsock;
 use cgroup::{CgroupLimits, Hierarchy, SandboxCgroup};
+use husk_vm_config::vsock;
 use state_dir::{
     slot_file, StateDir, CGROUPS, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, RUN_DIR, VMM_LOG,
     VMM_PID, VM_SPEC, VSOCK,
@@ -366,7 +366,7 @@ impl Sandbox {
                 let shared = cfg.uses_virtio_fs();
                 sandbox
                     .agent
-                    .create_sandbox(id, hostname, guest_net, shared)
+                    .create_sandbox(id, hostname, guest_net, shared, cfg.debug_console)
             });
         if let Err(source) = setup {
             sandbox.kill();
