@@ -353,6 +353,28 @@ mod tests {
     }
 
     #[test]
+    fn a_full_file_fits_the_read_bound() {
+        let mut m = sample();
+        let mut r = RequestStats::default();
+        r.durations.counts = vec![u64::MAX; DURATION_BUCKETS.len() + 1];
+        r.durations.sum = f64::MAX;
+        r.errors = u64::MAX;
+        for i in 0..MAX_METHODS {
+            m.agent_requests
+                .insert(format!("{i:0>MAX_NAME$}"), r.clone());
+        }
+        m.agent_requests.pop_first();
+        for i in 0..MAX_CONTAINERS {
+            m.container_oom_kills
+                .insert(format!("{i:0>MAX_NAME$}"), u64::MAX);
+        }
+        m.container_oom_kills.pop_first();
+        assert!(m.check().is_ok());
+        let len = serde_json::to_vec(&m).unwrap().len() as u64;
+        assert!(len < MAX_FILE, "{len}");
+    }
+
+    #[test]
     fn the_file_round_trips_and_bad_ones_are_refused() {
         let dir = std::env::temp_dir().join(format!("husk-metrics-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
