@@ -205,4 +205,18 @@ impl AgentService for Service {
         r.container_id = self.agent.oom.next();
         Ok(r)
     }
+
+    fn get_mem_info(&self, _: &TtrpcContext, _: pb::Empty) -> R<pb::MemInfoResponse> {
+        let text = std::fs::read_to_string("/proc/meminfo").map_err(|e| {
+            ttrpc::Error::RpcStatus(ttrpc::get_status(
+                Code::INTERNAL,
+                format!("reading /proc/meminfo: {e}"),
+            ))
+        })?;
+        let (total, available) = crate::sys::meminfo(&text);
+        let mut r = pb::MemInfoResponse::new();
+        r.total_bytes = total;
+        r.available_bytes = available;
+        Ok(r)
+    }
 }

@@ -248,9 +248,30 @@ pub fn read_trimmed(path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// (MemTotal, MemAvailable) of a /proc/meminfo text, in bytes; 0 for a
+/// field that is missing.
+pub fn meminfo(text: &str) -> (u64, u64) {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                let rest = l.strip_prefix(name)?.strip_prefix(':')?;
+                rest.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+            })
+            .map_or(0, |kib| kib.saturating_mul(1024))
+    };
+    (field("MemTotal"), field("MemAvailable"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meminfo_fields_in_bytes() {
+        let text = "MemTotal:         238424 kB\nMemFree:          200000 kB\nMemAvailable:     190000 kB\n";
+        assert_eq!(meminfo(text), (238_424 * 1024, 190_000 * 1024));
+        assert_eq!(meminfo("MemTotalX: 5 kB\n"), (0, 0));
+    }
 
     #[test]
     fn ids_and_signals() {

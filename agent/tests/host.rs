@@ -151,6 +151,19 @@ fn pause_stops_cpu_and_resume_restarts_it() {
 }
 
 #[test]
+fn mem_info_is_the_guests() {
+    let Some(a) = TestAgent::start() else { return };
+    let m = a.client.get_mem_info(ctx(), &pb::Empty::new()).unwrap();
+    assert!(m.total_bytes > 0, "MemTotal read");
+    assert!(
+        m.available_bytes > 0 && m.available_bytes <= m.total_bytes,
+        "{} of {}",
+        m.available_bytes,
+        m.total_bytes
+    );
+}
+
+#[test]
 fn stats_and_process_list_are_plausible() {
     let Some(a) = TestAgent::start() else { return };
     a.create(

@@ -156,8 +156,15 @@ enum Cmd {
     /// _guest_memory_bytes, _start_time_seconds, _boot_seconds, _containers,
     /// _guest_faults_total{kind}, _guest_fault_logs_suppressed_total{kind},
     /// _console_bytes_total, _console_dropped_bytes_total{reason},
-    /// _vmm_log_bytes_total, _vmm_log_dropped_lines_total. Per host:
-    /// husk_sandboxes, husk_sandboxes_running.
+    /// _vmm_log_bytes_total, _vmm_log_dropped_lines_total; and from the
+    /// shim's metrics file (metrics.json in the state folder, rewritten at
+    /// least every 10 s): _guest_memory_used_bytes,
+    /// _guest_memory_available_bytes, _agent_request_duration_seconds
+    /// (histogram){method}, _agent_request_errors_total{method},
+    /// _container_oom_kills_total{container_id}. A missing, corrupt or stale
+    /// (over 60 s old) file leaves those out and sets
+    /// husk_sandbox_metrics_file_ok to 0. Per host: husk_sandboxes,
+    /// husk_sandboxes_running.
     Metrics {
         /// The address to listen on.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]

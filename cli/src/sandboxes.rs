@@ -10,6 +10,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use husk_runtime_config::metrics::{now_unix_ms, SandboxMetrics};
 use husk_runtime_config::state::{
     SandboxRecord, BUNDLE_MARKER, CONTROL_SOCKET, RUN_DIR, VMM_PID, VM_SPEC,
 };
@@ -74,6 +75,9 @@ pub struct Sandbox {
     pub containers: Vec<String>,
     #[serde(skip)]
     pub status: Option<VmmStatus>,
+    /// The shim's metrics file, if it is there, well-formed and fresh.
+    #[serde(skip)]
+    pub metrics: Option<SandboxMetrics>,
 }
 
 /// Reads a file of a state folder or bundle, at most [`MAX_FILE`] bytes.
@@ -173,6 +177,10 @@ pub fn read(state_dir: &Path, id: &str, status: bool) -> Sandbox {
         .as_ref()
         .map(|r| containers_of(&r.bundle, &dir))
         .unwrap_or_default();
+    // Missing, corrupt or stale: left out (husk_sandbox_metrics_file_ok 0).
+    let metrics = (status && running)
+        .then(|| SandboxMetrics::read(&dir, now_unix_ms()).ok())
+        .flatten();
     let status = (status && running).then(|| control_status(&dir)).flatten();
     #[allow(clippy::cast_precision_loss)] // milliseconds of a boot
     let boot_seconds = record
@@ -196,6 +204,7 @@ pub fn read(state_dir: &Path, id: &str, status: bool) -> Sandbox {
         boot_seconds,
         containers,
         status,
+        metrics,
     }
 }
 
@@ -330,6 +339,32 @@ mod tests {
             Err(SandboxesError::BadId(_))
         ));
         assert!(list(&root.join("none"), false).unwrap().is_empty());
+
+        // The shim's metrics file: read when fresh, left out when missing,
+        // corrupt or stale, the rest of the sandbox read all the same.
+        assert!(read(&state, "sb1", true).metrics.is_none());
+        let m = SandboxMetrics {
+            written_unix_ms: now_unix_ms(),
+            vm_memory_bytes: 512 << 20,
+            ..SandboxMetrics::default()
+        };
+        m.write(&dir).unwrap();
+        assert_eq!(read(&state, "sb1", true).metrics, Some(m.clone()));
+        assert!(
+            read(&state, "sb1", false).metrics.is_none(),
+            "only with status"
+        );
+        let file = dir.join(husk_runtime_config::metrics::METRICS_FILE);
+        std::fs::write(&file, b"{\"written_unix_ms\":").unwrap();
+        let s = read(&state, "sb1", true);
+        assert!(s.metrics.is_none() && s.running && s.vcpus == Some(2));
+        SandboxMetrics {
+            written_unix_ms: 1,
+            ..m
+        }
+        .write(&dir)
+        .unwrap();
+        assert!(read(&state, "sb1", true).metrics.is_none(), "stale");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

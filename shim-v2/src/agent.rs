@@ -6,11 +6,19 @@
 //! The guest is untrusted: its error messages are cut to a bounded length
 //! and stripped of control characters before they reach a log or an error,
 //! and nothing it returns is used as more than a value.
+//!
+//! Every call is measured where it happens ([`AgentCalls`]): its duration
+//! and whether it failed, per method, for the sandbox's metrics file.
+//! Calls that wait on the guest's processes by design (WaitProcess,
+//! WriteStdin, ReadStdout/ReadStderr, GetOOMEvent) last as long as those
+//! processes do, not as long as the agent takes: only their errors count.
 
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use crate::metrics::AgentCalls;
 use crate::network::GuestNetwork;
 use husk_protocols::agent as pb;
 use husk_protocols::agent_ttrpc::AgentServiceClient;
@@ -105,6 +113,7 @@ pub enum GuestRootfs {
 pub struct Agent {
     client: AgentServiceClient,
     timeout: Duration,
+    calls: Arc<AgentCalls>,
 }
 
 fn nanos(d: Duration) -> i64 {
@@ -119,7 +128,31 @@ impl Agent {
         Ok(Agent {
             client: AgentServiceClient::new(client),
             timeout,
+            calls: Arc::default(),
         })
+    }
+
+    /// The durations and errors of this connection's calls.
+    pub fn calls(&self) -> &AgentCalls {
+        &self.calls
+    }
+
+    /// Makes call `name`, recording its duration and outcome.
+    fn timed<T>(&self, name: &'static str, f: impl FnOnce() -> ttrpc::Result<T>) -> Result<T> {
+        let start = Instant::now();
+        let r = f();
+        self.calls.record(name, start.elapsed(), r.is_ok());
+        r.map_err(map_err(name))
+    }
+
+    /// Makes call `name`, which waits on the guest by design: only a
+    /// failure is recorded.
+    fn waited<T>(&self, name: &'static str, f: impl FnOnce() -> ttrpc::Result<T>) -> Result<T> {
+        let r = f();
+        if r.is_err() {
+            self.calls.failed(name);
+        }
+        r.map_err(map_err(name))
     }
 
     fn ctx(&self) -> context::Context {
@@ -133,22 +166,20 @@ impl Agent {
 
     /// The health check, with its own timeout (used while the VM boots).
     pub fn check(&self, timeout: Duration) -> Result<bool> {
-        let r = self
-            .client
-            .check(
+        let r = self.timed("Check", || {
+            self.client.check(
                 context::with_timeout(nanos(timeout)),
                 &pb::CheckRequest::new(),
             )
-            .map_err(map_err("Check"))?;
+        })?;
         Ok(r.status.value() == pb::health_check_response::ServingStatus::SERVING as i32)
     }
 
     /// (kernel release, agent version), sanitized.
     pub fn guest_details(&self) -> Result<(String, String)> {
-        let r = self
-            .client
-            .get_guest_details(self.ctx(), &pb::Empty::new())
-            .map_err(map_err("GetGuestDetails"))?;
+        let r = self.timed("GetGuestDetails", || {
+            self.client.get_guest_details(self.ctx(), &pb::Empty::new())
+        })?;
         Ok((sanitize(&r.kernel_release), sanitize(&r.agent_version)))
     }
 
@@ -180,20 +211,20 @@ impl Agent {
         r.clock_unix_nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, nanos);
-        self.client
-            .create_sandbox(self.ctx(), &r)
-            .map_err(map_err("CreateSandbox"))?;
+        self.timed("CreateSandbox", || {
+            self.client.create_sandbox(self.ctx(), &r)
+        })?;
         Ok(())
     }
 
     /// Powers the VM off (the VMM exits).
     pub fn destroy_sandbox(&self, timeout: Duration) -> Result<()> {
-        self.client
-            .destroy_sandbox(
+        self.timed("DestroySandbox", || {
+            self.client.destroy_sandbox(
                 context::with_timeout(nanos(timeout)),
                 &pb::DestroySandboxRequest::new(),
             )
-            .map_err(map_err("DestroySandbox"))?;
+        })?;
         Ok(())
     }
 
@@ -220,18 +251,18 @@ impl Agent {
             }
             GuestRootfs::Shared => r.set_rootfs_shared(pb::SharedRootfs::new()),
         }
-        self.client
-            .create_container(self.ctx(), &r)
-            .map_err(map_err("CreateContainer"))?;
+        self.timed("CreateContainer", || {
+            self.client.create_container(self.ctx(), &r)
+        })?;
         Ok(())
     }
 
     pub fn start_container(&self, id: &str) -> Result<()> {
         let mut r = pb::ContainerRequest::new();
         r.container_id = id.into();
-        self.client
-            .start_container(self.ctx(), &r)
-            .map_err(map_err("StartContainer"))?;
+        self.timed("StartContainer", || {
+            self.client.start_container(self.ctx(), &r)
+        })?;
         Ok(())
     }
 
@@ -239,9 +270,9 @@ impl Agent {
         let mut r = pb::RemoveContainerRequest::new();
         r.container_id = id.into();
         r.force = true;
-        self.client
-            .remove_container(self.ctx(), &r)
-            .map_err(map_err("RemoveContainer"))?;
+        self.timed("RemoveContainer", || {
+            self.client.remove_container(self.ctx(), &r)
+        })?;
         Ok(())
     }
 
@@ -250,9 +281,7 @@ impl Agent {
         r.container_id = id.into();
         r.exec_id = exec_id.into();
         r.process_json = process_json;
-        self.client
-            .exec_process(self.ctx(), &r)
-            .map_err(map_err("ExecProcess"))?;
+        self.timed("ExecProcess", || self.client.exec_process(self.ctx(), &r))?;
         Ok(())
     }
 
@@ -262,9 +291,9 @@ impl Agent {
         r.exec_id = exec_id.into();
         r.signal = signal;
         r.all = all;
-        self.client
-            .signal_process(self.ctx(), &r)
-            .map_err(map_err("SignalProcess"))?;
+        self.timed("SignalProcess", || {
+            self.client.signal_process(self.ctx(), &r)
+        })?;
         Ok(())
     }
 
@@ -277,10 +306,10 @@ impl Agent {
 
     /// Waits (without limit) for a process to exit; its raw status.
     pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<i32> {
-        let r = self
-            .client
-            .wait_process(Self::wait_ctx(), &Self::process_request(id, exec_id))
-            .map_err(map_err("WaitProcess"))?;
+        let r = self.waited("WaitProcess", || {
+            self.client
+                .wait_process(Self::wait_ctx(), &Self::process_request(id, exec_id))
+        })?;
         Ok(r.status)
     }
 
@@ -291,17 +320,17 @@ impl Agent {
         r.container_id = id.into();
         r.exec_id = exec_id.into();
         r.data = data.to_vec();
-        let resp = self
-            .client
-            .write_stdin(Self::wait_ctx(), &r)
-            .map_err(map_err("WriteStdin"))?;
+        let resp = self.waited("WriteStdin", || {
+            self.client.write_stdin(Self::wait_ctx(), &r)
+        })?;
         Ok((resp.len as usize).min(data.len()))
     }
 
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
-        self.client
-            .close_stdin(self.ctx(), &Self::process_request(id, exec_id))
-            .map_err(map_err("CloseStdin"))?;
+        self.timed("CloseStdin", || {
+            self.client
+                .close_stdin(self.ctx(), &Self::process_request(id, exec_id))
+        })?;
         Ok(())
     }
 
@@ -313,15 +342,15 @@ impl Agent {
         r.exec_id = exec_id.into();
         r.len = READ_CHUNK;
         let mut data = if stderr {
-            self.client
-                .read_stderr(Self::wait_ctx(), &r)
-                .map_err(map_err("ReadStderr"))?
-                .data
+            self.waited("ReadStderr", || {
+                self.client.read_stderr(Self::wait_ctx(), &r)
+            })?
+            .data
         } else {
-            self.client
-                .read_stdout(Self::wait_ctx(), &r)
-                .map_err(map_err("ReadStdout"))?
-                .data
+            self.waited("ReadStdout", || {
+                self.client.read_stdout(Self::wait_ctx(), &r)
+            })?
+            .data
         };
         data.truncate(READ_CHUNK as usize);
         Ok(data)
@@ -333,9 +362,9 @@ impl Agent {
         r.exec_id = exec_id.into();
         r.row = rows;
         r.column = cols;
-        self.client
-            .tty_win_resize(self.ctx(), &r)
-            .map_err(map_err("TtyWinResize"))?;
+        self.timed("TtyWinResize", || {
+            self.client.tty_win_resize(self.ctx(), &r)
+        })?;
         Ok(())
     }
 
@@ -348,10 +377,10 @@ impl Agent {
     /// Guest pids of the container's processes (positive values only, at
     /// most 65536 of them).
     pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
-        let r = self
-            .client
-            .list_processes(self.ctx(), &Self::container_request(id))
-            .map_err(map_err("ListProcesses"))?;
+        let r = self.timed("ListProcesses", || {
+            self.client
+                .list_processes(self.ctx(), &Self::container_request(id))
+        })?;
         Ok(r.pids
             .iter()
             .filter_map(|&p| u32::try_from(p).ok().filter(|&p| p > 0))
@@ -360,21 +389,22 @@ impl Agent {
     }
 
     pub fn stats(&self, id: &str) -> Result<pb::StatsContainerResponse> {
-        self.client
-            .stats_container(self.ctx(), &Self::container_request(id))
-            .map_err(map_err("StatsContainer"))
+        self.timed("StatsContainer", || {
+            self.client
+                .stats_container(self.ctx(), &Self::container_request(id))
+        })
     }
 
     pub fn pause(&self, id: &str, pause: bool) -> Result<()> {
         let r = Self::container_request(id);
         if pause {
-            self.client
-                .pause_container(self.ctx(), &r)
-                .map_err(map_err("PauseContainer"))?;
+            self.timed("PauseContainer", || {
+                self.client.pause_container(self.ctx(), &r)
+            })?;
         } else {
-            self.client
-                .resume_container(self.ctx(), &r)
-                .map_err(map_err("ResumeContainer"))?;
+            self.timed("ResumeContainer", || {
+                self.client.resume_container(self.ctx(), &r)
+            })?;
         }
         Ok(())
     }
@@ -383,9 +413,9 @@ impl Agent {
         let mut r = pb::UpdateContainerRequest::new();
         r.container_id = id.into();
         r.resources_json = resources_json;
-        self.client
-            .update_container(self.ctx(), &r)
-            .map_err(map_err("UpdateContainer"))?;
+        self.timed("UpdateContainer", || {
+            self.client.update_container(self.ctx(), &r)
+        })?;
         Ok(())
     }
 
@@ -403,9 +433,7 @@ impl Agent {
             r.gid = gid;
             r.offset = i64::try_from(offset).unwrap_or(i64::MAX);
             r.data = data[offset..end].to_vec();
-            self.client
-                .copy_file(self.ctx(), &r)
-                .map_err(map_err("CopyFile"))?;
+            self.timed("CopyFile", || self.client.copy_file(self.ctx(), &r))?;
             offset = end;
             if offset >= data.len() {
                 return Ok(());
@@ -415,11 +443,20 @@ impl Agent {
 
     /// Blocks until a container of the guest records an OOM kill.
     pub fn oom_event(&self) -> Result<String> {
-        let r = self
-            .client
-            .get_oom_event(Self::wait_ctx(), &pb::Empty::new())
-            .map_err(map_err("GetOOMEvent"))?;
+        let r = self.waited("GetOOMEvent", || {
+            self.client
+                .get_oom_event(Self::wait_ctx(), &pb::Empty::new())
+        })?;
         Ok(r.container_id)
+    }
+
+    /// The guest's (MemTotal, MemAvailable) in bytes, as the guest says:
+    /// the caller bounds them.
+    pub fn mem_info(&self) -> Result<(u64, u64)> {
+        let r = self.timed("GetMemInfo", || {
+            self.client.get_mem_info(self.ctx(), &pb::Empty::new())
+        })?;
+        Ok((r.total_bytes, r.available_bytes))
     }
 }
 

@@ -19,6 +19,7 @@ mod config;
 mod events;
 mod io;
 mod marker;
+mod metrics;
 mod network;
 mod options;
 mod process;

@@ -4,13 +4,16 @@
 # passes; with two sandboxes running (`ctr run -d`), `husk ps` lists both
 # with their VMM pids, `husk metrics --once` is parsed by Prometheus's own
 # text parser (python3-prometheus-client) and has every documented metric
-# for each sandbox, `husk logs` shows the guest console; `husk exec` (the
-# debug console, debug_console = true here) prints the guest kernel's
-# release as the guest's console reports it, passes exit codes through
-# (128 + N for a signal), keeps stdout and stderr apart, runs an
-# interactive shell on a terminal (under script(1)), and is refused,
-# naming the key, by a configuration with debug_console = false. The host
-# half (`husk check` failing on a software /dev/kvm) is cli/tests/cli.rs.
+# for each sandbox, `husk logs` shows the guest console; the shim's own
+# figures (metrics.json: guest memory use, agent request latencies, OOM
+# kills) come out for a sandbox whose container's child is OOM-killed
+# (check_husk_metrics_shim); `husk exec` (the debug console,
+# debug_console = true here) prints the guest kernel's release as the
+# guest's console reports it, passes exit codes through (128 + N for a
+# signal), keeps stdout and stderr apart, runs an interactive shell on a
+# terminal (under script(1)), and is refused, naming the key, by a
+# configuration with debug_console = false. The host half (`husk check`
+# failing on a software /dev/kvm) is cli/tests/cli.rs.
 #
 #   tests/run.sh husk-cli   (after scripts/build.sh)
 # check_* functions are called by name (check in tests/shim/ctr.sh).
@@ -108,6 +111,77 @@ PY
   want "husk ps lists neither after delete" bash -c "! grep -qE '^hc-' '$work/ps-after.out'"
 }
 
+# The shim's figures: a sandbox whose container runs `tail /dev/zero` (it
+# reads one endless line into memory) under a 32 MiB limit, as a child of
+# sh, which lives on: the guest's OOM killer kills tail, the container
+# stays. `husk metrics --once` must then show, parsed by Prometheus's
+# parser, the file's series with sane values and the kill.
+check_husk_metrics_shim() {
+  local id=hc-oom
+  run_ctr run-oom run -d --memory-limit 33554432 "${husk[@]}" "$img" "$id" sh -c 'tail /dev/zero; echo tail-ended; sleep 600'
+  want "run -d $id: exit 0" [ "$rc" = 0 ] || return
+  want "$id runs" husk_wait_task "$id" "$limit" || return
+  # The publisher rewrites metrics.json within a second of the kill.
+  local n=0 got=1
+  while [ "$n" -lt 60 ]; do
+    husk_cmd metrics --once >"$work/metrics-shim.txt" 2>"$work/metrics-shim.err"
+    if python3 - "$work/metrics-shim.txt" "$id" >"$work/metrics-shim.why" 2>&1 <<'PY'
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+text, sb = open(sys.argv[1]).read(), sys.argv[2]
+fams = {f.name: f for f in text_string_to_metric_families(text)}
+def samples(family, name=None, **labels):
+    fam = fams.get(family)
+    return [s for s in (fam.samples if fam else [])
+            if s.labels.get("sandbox_id") == sb and (name is None or s.name == name)
+            and all(s.labels.get(k) == v for k, v in labels.items())]
+def one(family, name=None, **labels):
+    got = samples(family, name, **labels)
+    if len(got) != 1:
+        print(f"      {name or family}{labels}: {len(got)} samples for {sb}")
+        return None
+    return got[0].value
+ok = True
+def want(what, cond):
+    global ok
+    if not cond:
+        print(f"      want {what}"); ok = False
+if fams.get("husk_sandbox_agent_request_duration_seconds") is not None:
+    want("a histogram", fams["husk_sandbox_agent_request_duration_seconds"].type == "histogram")
+want("metrics_file_ok 1", one("husk_sandbox_metrics_file_ok") == 1)
+vm = one("husk_sandbox_guest_memory_bytes") or 0
+used = one("husk_sandbox_guest_memory_used_bytes")
+avail = one("husk_sandbox_guest_memory_available_bytes")
+want(f"0 < guest memory used {used} < VM memory {vm}", used is not None and 0 < used < vm)
+want(f"0 < available {avail} < VM memory {vm}", avail is not None and 0 < avail < vm)
+h = "husk_sandbox_agent_request_duration_seconds"
+count = one(h, h + "_count", method="CreateContainer")
+total = one(h, h + "_sum", method="CreateContainer")
+inf = one(h, h + "_bucket", method="CreateContainer", le="+Inf")
+want(f"CreateContainer count {count} > 0", (count or 0) > 0)
+want(f"CreateContainer +Inf bucket {inf} == count", inf == count)
+want(f"CreateContainer sum {total} in (0, 240)", total is not None and 0 < total < 240)
+want("CreateContainer errors 0", one("husk_sandbox_agent_request_errors", method="CreateContainer") == 0)
+for m in ["StartContainer", "GetMemInfo"]:
+    want(f"{m} counted", (one(h, h + "_count", method=m) or 0) > 0)
+kills = one("husk_sandbox_container_oom_kills", container_id=sb)
+want(f"OOM kills of {sb}: {kills} >= 1", (kills or 0) >= 1)
+sys.exit(0 if ok else 1)
+PY
+    then got=0; break; fi
+    n=$((n + 1)); sleep 1
+  done
+  indent '      | ' <"$work/metrics-shim.why"
+  want "husk metrics: the shim's series for $id, sane, with its OOM kill (after ${n}s)" [ "$got" = 0 ]
+  grep -E 'guest_memory_(used|available)|request_duration_seconds_(count|sum)\{.*CreateContainer|errors_total\{.*CreateContainer|oom_kills|metrics_file_ok' \
+    "$work/metrics-shim.txt" | indent '      | '
+  run_ctr "kill-$id" task kill -s SIGKILL "$id"
+  wait_until 30 task_is "$id" STOPPED
+  run_ctr "rm-$id" task delete "$id"
+  run_ctr "crm-$id" container delete "$id"
+}
+
+
 check_husk_exec() {
   local x=hc-x
   # timeout(1) runs programs, not functions: husk_cmd as an array.
@@ -173,4 +247,4 @@ check_husk_exec() {
   run_ctr crm-x container delete "$x"
 }
 
-ctr_run_checks husk_check husk_ps_metrics_logs husk_exec
+ctr_run_checks husk_check husk_ps_metrics_logs husk_metrics_shim husk_exec

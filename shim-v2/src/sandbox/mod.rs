@@ -27,6 +27,7 @@ use husk_vm_config::control::Request;
 
 use crate::agent::Agent;
 use crate::config::{Config, RootfsMode};
+use crate::metrics::SandboxStats;
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::{self, RootfsError, Slots};
 use crate::shared::{SharedError, SharedFolder};
@@ -168,6 +169,8 @@ pub struct Sandbox {
     pub id: String,
     pub dir: PathBuf,
     pub agent: Agent,
+    /// What the shim measures of the sandbox, for its metrics file.
+    pub stats: SandboxStats,
     vmm: VmmProcess,
     slots: Mutex<Slots>,
     memory: Mutex<Reservations>,
@@ -344,6 +347,7 @@ impl Sandbox {
             id: id.to_string(),
             dir: dir.path.clone(),
             agent,
+            stats: SandboxStats::new(dir.path.clone(), size.memory_mib.saturating_mul(1 << 20)),
             vmm,
             slots: Mutex::new(Slots::new(slots, cfg.slot_bytes())),
             memory: Mutex::new(Reservations::new(size)),
@@ -490,6 +494,7 @@ impl Sandbox {
         if let Some(mut cg) = lock(&self.cgroup).take() {
             cg.remove();
         }
+        self.stats.file.close();
         state_dir::remove(&self.dir);
         log::info!("sandbox {}: ended", self.id);
     }

@@ -162,6 +162,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
         id: "sb".into(),
         dir: dir.keep(),
         agent: Agent::new(ours, Duration::from_secs(1)).unwrap(),
+        stats: SandboxStats::new(root.join("sb"), 0),
         vmm,
         slots: Mutex::new(Slots::new(0, 0)),
         memory: Mutex::new(Reservations::new(base(&cfg("")))),

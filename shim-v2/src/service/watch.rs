@@ -1,6 +1,7 @@
 //! The threads that watch the guest for the shim: one waiter per started
 //! process (its exit, then its output), the VMM's end, and the guest's OOM
-//! kills.
+//! kills; and the publisher of the sandbox's metrics file
+//! (`crate::metrics`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -9,6 +10,7 @@ use super::coalesce::{Coalescer, Pacer, Verdict};
 use super::registry::Inner;
 use crate::events::Event;
 use crate::io::DRAIN_IDLE;
+use crate::metrics::{Publisher, TICK};
 use crate::process::{exit_status, Process, EXIT_VM_GONE};
 use crate::sandbox::Sandbox;
 use crate::sync::lock;
@@ -89,6 +91,31 @@ pub fn watch_sandbox(inner: &Arc<Inner>, sb: &Arc<Sandbox>) {
         }
     });
     spawn_oom_watcher(inner.clone(), sb.clone());
+    spawn_publisher(inner, sb.clone());
+}
+
+/// Publishes the sandbox's metrics file every [`TICK`] until the VM or the
+/// shim ends.
+fn spawn_publisher(inner: &Arc<Inner>, sb: Arc<Sandbox>) {
+    let weak = Arc::downgrade(inner);
+    let mut publisher = Publisher::default();
+    let spawned = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || loop {
+            if sb.is_dead() {
+                return;
+            }
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let known: Vec<String> = lock(&inner.state).containers.keys().cloned().collect();
+            drop(inner);
+            publisher.tick(&sb, &known, Instant::now());
+            std::thread::sleep(TICK);
+        });
+    if let Err(e) = spawned {
+        log::warn!("starting the metrics publisher: {e}");
+    }
 }
 
 /// Reports the guest's OOM kills as TaskOOM: at most one per container per
@@ -108,6 +135,8 @@ fn spawn_oom_watcher(inner: Arc<Inner>, sb: Arc<Sandbox>) {
                 Ok(id) => {
                     let known = lock(&inner.state).containers.contains_key(&id);
                     if known {
+                        // Counted before the coalescing: every event.
+                        sb.stats.oom.heard(&id);
                         match coalescer.admit(&id, Instant::now()) {
                             Verdict::Send { suppressed } => {
                                 log::info!(
