@@ -71,15 +71,7 @@ pub enum ExecError {
 
 /// Text from the guest made safe to print.
 fn sanitize(text: &str) -> String {
-    let mut out = String::new();
-    for c in text.chars() {
-        if out.len() + c.len_utf8() > MAX_GUEST_TEXT {
-            out.push_str("...");
-            break;
-        }
-        out.push(if c.is_control() { ' ' } else { c });
-    }
-    out
+    husk_protocols::text::sanitize(text, MAX_GUEST_TEXT)
 }
 
 fn agent_err(call: &'static str) -> impl FnOnce(ttrpc::Error) -> ExecError {

@@ -1,7 +1,8 @@
 //! What `husk-agent` and `containerd-shim-husk-v2` agree on: the messages
 //! and the ttrpc service of `protos/agent.proto` (see there for what each
 //! call does), compiled by build.rs, the constants of the guest's layout
-//! ([`guest`]) and the meaning of mount options ([`mount`]). Also the one
+//! ([`guest`]) and the meaning of mount options ([`mount`]), and how guest text is made safe
+//! to print ([`text`]). Also the one
 //! message containerd sends the shim that its crates lack
 //! ([`runtimeoptions`]).
 
@@ -50,6 +51,7 @@ pub mod runtimeoptions {
 
 pub mod guest;
 pub mod mount;
+pub mod text;
 
 pub use protobuf;
 pub use ttrpc;

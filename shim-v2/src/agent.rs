@@ -61,15 +61,7 @@ impl AgentError {
 /// Text from the guest made safe to log: at most [`MAX_GUEST_TEXT`] bytes,
 /// control characters replaced.
 pub fn sanitize(text: &str) -> String {
-    let mut out = String::new();
-    for c in text.chars() {
-        if out.len() + c.len_utf8() > MAX_GUEST_TEXT {
-            out.push_str("...");
-            break;
-        }
-        out.push(if c.is_control() { ' ' } else { c });
-    }
-    out
+    husk_protocols::text::sanitize(text, MAX_GUEST_TEXT)
 }
 
 fn map_err(call: &'static str) -> impl FnOnce(ttrpc::Error) -> AgentError {
