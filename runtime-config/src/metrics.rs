@@ -18,7 +18,7 @@
 //! the shape of whatever it finds.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -258,16 +258,11 @@ impl SandboxMetrics {
     /// `now_unix_ms`.
     pub fn read(dir: &Path, now_unix_ms: u64) -> Result<SandboxMetrics, MetricsError> {
         let path = dir.join(METRICS_FILE);
-        let io = |source| MetricsError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut text = Vec::new();
-        std::fs::File::open(&path)
-            .map_err(io)?
-            .take(MAX_FILE)
-            .read_to_end(&mut text)
-            .map_err(io)?;
+        let text =
+            crate::state::read_bounded(&path, MAX_FILE).map_err(|source| MetricsError::Io {
+                path: path.clone(),
+                source,
+            })?;
         let m: SandboxMetrics =
             serde_json::from_slice(&text).map_err(|source| MetricsError::Parse {
                 path: path.clone(),

@@ -68,6 +68,16 @@ pub enum RecordError {
     },
 }
 
+/// At most `max` bytes of the file at `path`: the state folder's files are
+/// written by the shim, but a reader never trusts their size.
+pub(crate) fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut text = Vec::new();
+    std::fs::File::open(path)?
+        .take(max)
+        .read_to_end(&mut text)?;
+    Ok(text)
+}
+
 impl SandboxRecord {
     /// Writes the record into the state folder `dir`.
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
@@ -78,16 +88,10 @@ impl SandboxRecord {
     /// Reads the record of the state folder `dir` (at most 64 KiB).
     pub fn read(dir: &Path) -> Result<SandboxRecord, RecordError> {
         let path = dir.join(SANDBOX_RECORD);
-        let io = |source| RecordError::Io {
+        let text = read_bounded(&path, MAX_RECORD).map_err(|source| RecordError::Io {
             path: path.clone(),
             source,
-        };
-        let mut text = Vec::new();
-        std::fs::File::open(&path)
-            .map_err(io)?
-            .take(MAX_RECORD)
-            .read_to_end(&mut text)
-            .map_err(io)?;
+        })?;
         serde_json::from_slice(&text).map_err(|source| RecordError::Parse {
             path: path.clone(),
             source,
