@@ -111,6 +111,12 @@ fn ghdr(src: u32, dst: u32, op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
 }
 
 fn setup(tag: &str) -> (Vsock, Guest, PathBuf, Arc<IrqTrigger>) {
+    let (dev, guest, _ev, path, irq) = setup_with_events(tag);
+    (dev, guest, path, irq)
+}
+
+/// [`setup`], with the event queue too.
+fn setup_with_events(tag: &str) -> (Vsock, Guest, GuestQueue, PathBuf, Arc<IrqTrigger>) {
     let mem = leaked_memory(MEM_SIZE);
     let rx = GuestQueue::new(mem, 0);
     let tx = GuestQueue::new(mem, 0x4000);
@@ -124,7 +130,7 @@ fn setup(tag: &str) -> (Vsock, Guest, PathBuf, Arc<IrqTrigger>) {
         vec![rx.active(), tx.active(), ev.active()],
     )
     .unwrap();
-    (dev, Guest { mem, rx, tx }, path, irq)
+    (dev, Guest { mem, rx, tx }, ev, path, irq)
 }
 
 /// Polls the host fds the device wants and feeds it the ready ones, a few
@@ -709,19 +715,8 @@ proptest! {
 
 #[test]
 fn a_restored_device_sends_the_guest_a_transport_reset() {
-    let mem = leaked_memory(MEM_SIZE);
-    let rx = GuestQueue::new(mem, 0);
-    let tx = GuestQueue::new(mem, 0x4000);
-    let mut ev = GuestQueue::new(mem, 0x8000);
-    let path = unique_path("reset");
-    let mut dev = Vsock::new(GUEST_CID, path.clone()).unwrap();
-    let irq = test_utils::irq();
-    dev.activate(
-        mem.clone(),
-        irq.clone(),
-        vec![rx.active(), tx.active(), ev.active()],
-    )
-    .unwrap();
+    let (mut dev, guest, mut ev, path, irq) = setup_with_events("reset");
+    let mem = guest.mem;
     // No event buffer yet: an error, nothing used.
     assert!(matches!(
         dev.send_transport_reset(),
