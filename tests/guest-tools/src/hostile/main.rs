@@ -202,7 +202,12 @@ fn run(o: &Options) -> Result<(), String> {
 
     if has("mmio") {
         let start = Instant::now();
-        let s = mmio::garbage(&windows, &mut rng, start + Duration::from_secs(o.mmio_secs));
+        let s = mmio::garbage(
+            &windows,
+            &mut rng,
+            layout.ram_end,
+            start + Duration::from_secs(o.mmio_secs),
+        )?;
         settle();
         println!(
             "HUSK_TEST hostile mmio devices={} writes={} reads={} rounds={} secs={:.1}",

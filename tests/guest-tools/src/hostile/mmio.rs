@@ -272,17 +272,51 @@ pub struct GarbageStats {
     pub rounds: u64,
 }
 
+/// The queue address registers (virtio 1.2, 4.2.2): QueueDesc, QueueDriver
+/// and QueueDevice, each a low and a high half.
+const QUEUE_ADDRESS_REGS: [u64; 6] = [0x080, 0x084, 0x090, 0x094, 0x0a0, 0x0a4];
+/// Bit 31 set in a low half keeps an address at or above 2 GiB whatever
+/// the high half holds.
+const LOW_ADDRESS_FLOOR: u64 = 0x8000_0000;
+
+/// Garbage the phase may write at `offset`: anything, except that a queue's
+/// address never lands in RAM. A device activated by garbage does exactly
+/// what it was told, and a ring laid over this process's pages or the
+/// kernel's would have the VMM (rightly) write used elements or random
+/// bytes into them and crash the guest the tool runs on. Guest-chosen
+/// addresses inside RAM are the `queues` phase's, in pages it owns.
+fn tame(offset: u64, value: u64) -> u64 {
+    // The VMM takes only aligned 32-bit register writes; an 8-byte write
+    // over a low half is refused whole, so only the low 32 bits matter.
+    if QUEUE_ADDRESS_REGS.contains(&offset) && offset % 8 == 0 {
+        value | LOW_ADDRESS_FLOOR
+    } else {
+        value
+    }
+}
+
 /// Writes garbage to every offset of every window at widths 1, 2, 4 and 8
 /// (aligned), then to random offsets at random widths (unaligned, running
 /// over the window's end), reading each back, round after round until
-/// `deadline`; at least one round.
-pub fn garbage(windows: &[Window], rng: &mut Rng, deadline: Instant) -> GarbageStats {
+/// `deadline`; at least one round. Queue addresses stay outside RAM
+/// (`tame`), which must end below 2 GiB.
+pub fn garbage(
+    windows: &[Window],
+    rng: &mut Rng,
+    ram_end: u64,
+    deadline: Instant,
+) -> Result<GarbageStats, String> {
+    if ram_end > LOW_ADDRESS_FLOOR {
+        return Err(format!(
+            "RAM ends at {ram_end:#x}: the mmio phase keeps queues outside RAM only below 2 GiB"
+        ));
+    }
     let mut stats = GarbageStats::default();
     loop {
         for w in windows {
             for width in [1, 2, 4, 8] {
                 for offset in (0..WINDOW).step_by(usize::try_from(width).unwrap_or(1)) {
-                    w.write(offset, width, rng.garbage());
+                    w.write(offset, width, tame(offset, rng.garbage()));
                     w.read(offset, width);
                     stats.writes += 1;
                     stats.reads += 1;
@@ -291,7 +325,7 @@ pub fn garbage(windows: &[Window], rng: &mut Rng, deadline: Instant) -> GarbageS
             for _ in 0..1024 {
                 let width = [1, 2, 4, 8][usize::from(rng.next_u64().to_le_bytes()[0] & 3)];
                 let offset = rng.below(WINDOW + 8);
-                w.write(offset, width, rng.garbage());
+                w.write(offset, width, tame(offset, rng.garbage()));
                 w.read(offset, width);
                 stats.writes += 1;
                 stats.reads += 1;
@@ -299,7 +333,7 @@ pub fn garbage(windows: &[Window], rng: &mut Rng, deadline: Instant) -> GarbageS
         }
         stats.rounds += 1;
         if Instant::now() >= deadline {
-            return stats;
+            return Ok(stats);
         }
     }
 }
@@ -307,6 +341,22 @@ pub fn garbage(windows: &[Window], rng: &mut Rng, deadline: Instant) -> GarbageS
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn garbage_never_lays_a_queue_in_ram() {
+        let mut rng = Rng::new(7);
+        for _ in 0..10_000 {
+            let (low, high) = (tame(0x080, rng.garbage()), tame(0x084, rng.garbage()));
+            let addr = (high << 32) | (low & 0xffff_ffff);
+            assert!(addr >= LOW_ADDRESS_FLOOR, "{addr:#x}");
+            for reg in [0x090, 0x0a0] {
+                assert!(tame(reg, rng.garbage()) & 0xffff_ffff >= LOW_ADDRESS_FLOOR);
+            }
+        }
+        // Other registers get the garbage as it is.
+        assert_eq!(tame(0x070, 4), 4);
+        assert_eq!(tame(0x044, 0), 0);
+    }
 
     #[test]
     fn finds_the_devices_and_the_end_of_ram() {
