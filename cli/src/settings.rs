@@ -163,6 +163,7 @@ fn values(c: &Config) -> Vec<(&'static str, String)> {
             format!("{:?}", c.log_level.to_string().to_lowercase()),
         ),
         ("debug_console", c.debug_console.to_string()),
+        ("template", c.template.to_string()),
         ("state_dir", path(&c.state_dir)),
         ("mkfs_erofs_path", path(&c.mkfs_erofs_path)),
         (

@@ -145,6 +145,7 @@ struct Raw {
     request_timeout_secs: Option<u64>,
     log_level: Option<String>,
     debug_console: Option<bool>,
+    template: Option<bool>,
     free_page_reporting: Option<bool>,
     state_dir: Option<PathBuf>,
     mkfs_erofs_path: Option<PathBuf>,
@@ -191,6 +192,10 @@ pub struct Config {
     /// The guest console kept in console.log, and `husk exec` (the agent's
     /// ExecGuest) allowed.
     pub debug_console: bool,
+    /// Start sandboxes by restoring a snapshot of a VM booted to its
+    /// agent (one template per VM shape, under `<state_dir>/.templates`)
+    /// rather than booting each.
+    pub template: bool,
     /// Give the VM a virtio-balloon with free page reporting, so the
     /// memory its guest frees goes back to the host.
     pub free_page_reporting: bool,
@@ -414,6 +419,15 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         memory_mib,
         limits::MAX_MEMORY_MIB,
     )?;
+    let template = raw.template.unwrap_or(false);
+    // A block rootfs is the first container's own disk, which the guest
+    // of a template has already probed with another image.
+    if template && rootfs == RootfsMode::Block {
+        return Err(invalid(
+            "template",
+            "needs rootfs = \"virtiofs\" (a template's guest has probed its root disk)".into(),
+        ));
+    }
     let jail = match (raw.jail.unwrap_or(true), raw.jail_uid, raw.jail_gid) {
         (false, _, _) => None,
         (true, None, None) => Some(JailUser {
@@ -459,6 +473,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         )?),
         log_level,
         debug_console: raw.debug_console.unwrap_or(false),
+        template,
         free_page_reporting,
         state_dir,
         mkfs_erofs_path: abs(

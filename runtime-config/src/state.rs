@@ -26,6 +26,9 @@ pub const CONTROL_SOCKET: &str = "ctl.sock";
 pub const CGROUPS: &str = "cgroups";
 /// The first container's disk image.
 pub const ROOT_IMAGE: &str = "root.erofs";
+/// The VM templates' folder in the state folder's root (not a sandbox:
+/// containerd's ids never start with a dot).
+pub const TEMPLATES_DIR: &str = ".templates";
 /// The bundle marker: a file in a container's bundle naming the state
 /// folder of the container's sandbox, then "owner" or "member".
 pub const BUNDLE_MARKER: &str = "husk-sandbox";

@@ -313,3 +313,14 @@ fn path_precedence() {
     assert_eq!(choose_path(Some(""), Some("/b.toml")), Path::new("/b.toml"));
     assert_eq!(choose_path(None, None), Path::new(DEFAULT_PATH));
 }
+
+#[test]
+fn templates_are_off_by_default_and_need_a_shared_rootfs() {
+    assert!(!p("").unwrap().template);
+    assert!(p("template = true").unwrap().template);
+    let e = p("template = true\nrootfs = \"block\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("template") && e.contains("virtiofs"), "{e}");
+    assert!(p("template = 1").is_err());
+}

@@ -87,6 +87,23 @@ impl PodNetwork {
         Ok(net)
     }
 
+    /// The guest's network as CreateSandbox gives it. With `device_macs`
+    /// (the MACs a template's guest probed its NICs with, in order), each
+    /// interface is found by that MAC and given the pod's.
+    pub fn guest_for(&self, device_macs: Option<&[Option<String>]>) -> GuestNetwork {
+        let mut guest = self.guest.clone();
+        for (i, mac) in guest
+            .interfaces
+            .iter_mut()
+            .zip(device_macs.unwrap_or_default())
+        {
+            if let Some(mac) = mac {
+                i.device_mac = mac.clone();
+            }
+        }
+        guest
+    }
+
     /// The VM's NICs: one per tap, with the interface's MAC.
     pub fn nics(&self) -> Vec<NetSpec> {
         self.guest

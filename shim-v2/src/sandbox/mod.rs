@@ -6,11 +6,13 @@
 //! teardown that removes all of it. The folder goes when the sandbox ends,
 //! or when its creation fails.
 
+mod boot;
 pub mod cgroup;
 pub mod control;
 pub mod jail;
 pub mod logs;
 pub mod state_dir;
+pub mod template;
 pub mod virtiofsd;
 pub mod vm_spec;
 pub mod vmm;
@@ -34,6 +36,7 @@ use crate::shared::{SharedError, SharedFolder};
 use crate::sizing::{Limits, Reservations, SizingError, VmSize};
 use crate::spec::SharedVolume;
 use crate::sync::lock;
+use boot::{Boot, TemplatePlan};
 use cgroup::{CgroupLimits, Hierarchy, SandboxCgroup};
 use husk_vm_config::vsock;
 use state_dir::{
@@ -267,6 +270,9 @@ impl Sandbox {
         }
     }
 
+    /// Starts the VM: restored from its shape's template when there is one
+    /// (`template = true`), else booted (making the template when there
+    /// is none); then sets the sandbox up in the guest.
     #[allow(clippy::too_many_arguments)]
     fn boot_vm(
         id: &str,
@@ -279,109 +285,29 @@ impl Sandbox {
         cgroup: Option<&SandboxCgroup>,
         cancel: &AtomicBool,
     ) -> Result<Sandbox, SandboxError> {
-        let spec_path = dir.path.join(VM_SPEC);
-        let nics = network.map(PodNetwork::nics).unwrap_or_default();
-        jail::make_dir(&dir.path.join(RUN_DIR))?;
-        let paths = match cfg.jail {
-            Some(_) => VmPaths::jailed(),
-            None => VmPaths::host(cfg, &dir.path),
+        let boot = Boot {
+            id,
+            dir,
+            cfg,
+            size,
+            slots,
+            network,
+            cgroup,
+            cancel,
         };
-        let spec = vm_spec::vm_spec(cfg, size, &paths, slots, nics);
-        // Before the VMM, which connects to virtiofsd's socket at once;
-        // dropped (virtiofsd stopped, folder removed) on any failure below.
-        let share = if cfg.uses_virtio_fs() {
-            Some(Share::start(id, &dir.path, cfg, cgroup)?)
-        } else {
-            None
-        };
-        // A VmSpec is plain data: serializing it cannot fail.
-        write(
-            spec_path.clone(),
-            &serde_json::to_vec_pretty(&spec).unwrap_or_default(),
-        )?;
-        let jail = cfg
-            .jail
-            .map(|user| prepare_jail(user, cfg, &dir.path, slots))
-            .transpose()?;
-        let (program, spec_arg) = match jail {
-            Some(_) => (PathBuf::from(jail::VMM), PathBuf::from(jail::SPEC)),
-            None => (cfg.vmm_path.clone(), spec_path.clone()),
-        };
-        let confine = Confinement {
-            cgroup_procs: cgroup
-                .map(SandboxCgroup::procs)
-                .transpose()?
-                .unwrap_or_default(),
-            jail,
-        };
-        let log_path = dir.path.join(VMM_LOG);
-        let log = fs::File::create(&log_path).map_err(|source| SandboxError::Write {
-            path: log_path.clone(),
-            source,
-        })?;
-        let name = format!("vmm-{}", id.get(..8).unwrap_or(id));
-        let netns = network.map(|n| n.netns.fd());
-        let vmm = VmmProcess::spawn(
-            &program,
-            &spec_arg,
-            cfg.log_level,
-            log,
-            &name,
-            netns,
-            confine,
-        )?;
-        log::info!("sandbox {id}: VMM pid {} started", vmm.pid);
-        // For `shim delete`, should this shim die during the boot.
-        let _ = write(dir.path.join(VMM_PID), vmm.pid.to_string().as_bytes());
-        let agent = match connect(&dir.path, cfg, &vmm, cancel) {
-            Ok(a) => a,
-            Err(reason) => {
-                vmm.kill();
-                return Err(SandboxError::Boot {
-                    reason,
-                    diagnostics: logs::diagnostics(&dir.path, cfg.debug_console),
-                });
+        let plan = TemplatePlan::new(&boot);
+        if let Some(plan) = &plan {
+            if let Some(sandbox) = plan.restore(&boot, hostname)? {
+                return Ok(sandbox);
             }
-        };
-        let sandbox = Sandbox {
-            id: id.to_string(),
-            dir: dir.path.clone(),
-            agent,
-            stats: SandboxStats::new(dir.path.clone(), size.memory_mib.saturating_mul(1 << 20)),
-            vmm,
-            slots: Mutex::new(Slots::new(slots, cfg.slot_bytes())),
-            memory: Mutex::new(Reservations::new(size)),
-            debug_console: cfg.debug_console,
-            network: Mutex::new(None),
-            cgroup: Mutex::new(None),
-            share: Mutex::new(share),
-        };
-        log::info!(
-            "sandbox {id}: {} vCPUs, {} MiB",
-            size.vcpus,
-            size.memory_mib
-        );
-        let setup = sandbox
-            .agent
-            .guest_details()
-            .and_then(|(release, version)| {
-                log::info!("sandbox {id}: guest kernel {release}, agent {version}");
-                let guest_net = network.map(|n| &n.guest);
-                let shared = cfg.uses_virtio_fs();
-                sandbox
-                    .agent
-                    .create_sandbox(id, hostname, guest_net, shared, cfg.debug_console)
-            });
-        if let Err(source) = setup {
-            sandbox.kill();
-            if let Some(mut share) = lock(&sandbox.share).take() {
-                share.stop();
-            }
-            return Err(SandboxError::Agent {
-                source,
-                diagnostics: sandbox.diagnostics(),
-            });
         }
+        let making = plan.as_ref().and_then(TemplatePlan::lock);
+        let sandbox = boot.launch(None, cfg.boot_timeout)?;
+        sandbox.log_details()?;
+        if let (Some(plan), Some(_lock)) = (&plan, &making) {
+            plan.make(&boot, &sandbox);
+        }
+        sandbox.set_up(&boot, hostname, None)?;
         Ok(sandbox)
     }
 
@@ -527,7 +453,7 @@ fn prepare_jail(
         jail::give(user, &console)?;
     }
     let root = dir.join(jail::ROOT_DIR);
-    jail::make_dir(&root)?;
+    boot::make_dir(&root)?;
     Ok(jail::Jail::new(
         user,
         &root,
@@ -542,6 +468,7 @@ fn connect(
     cfg: &Config,
     vmm: &VmmProcess,
     cancel: &AtomicBool,
+    timeout: Duration,
 ) -> Result<Agent, String> {
     let start = Instant::now();
     let uds = dir.join(RUN_DIR).join(VSOCK);
@@ -553,11 +480,18 @@ fn connect(
         if let Some(status) = vmm.exit_status() {
             return Err(format!("the VMM exited ({status}) while the guest booted"));
         }
-        let left = cfg.boot_timeout.saturating_sub(start.elapsed());
+        let left = timeout.saturating_sub(start.elapsed());
         if left.is_zero() {
+            let limit = if timeout == cfg.boot_timeout {
+                format!("boot_timeout_secs ({}s)", timeout.as_secs())
+            } else {
+                format!(
+                    "{}s (a restore's half of boot_timeout_secs)",
+                    timeout.as_secs()
+                )
+            };
             return Err(format!(
-                "the agent did not answer within boot_timeout_secs ({}s); last: {last}",
-                cfg.boot_timeout.as_secs()
+                "the agent did not answer within {limit}; last: {last}"
             ));
         }
         if uds.exists() {

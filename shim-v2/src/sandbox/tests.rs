@@ -154,6 +154,7 @@ sys.exit(0 if req.get("op") == "shutdown" else 3)
         "vmm-test",
         None,
         Confinement::default(),
+        None,
     )
     .unwrap();
     // The agent's end of the connection is held open and never read.

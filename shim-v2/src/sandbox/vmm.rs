@@ -18,7 +18,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -72,7 +72,10 @@ impl VmmProcess {
     /// Starts `vmm --config <spec> --log-level <level>` with stderr to
     /// `log`, inside network namespace `netns` if given (the pod's, where
     /// its taps are), confined by `confine`; `name` names its thread. With
-    /// a jail, `vmm` and `spec` are paths inside it.
+    /// a jail, `vmm` and `spec` are paths inside it. With `restore`, the VM
+    /// is restored from a snapshot's open files (state, memory), which the
+    /// VMM inherits (`--restore-fds`): its jail's user could not open them.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         vmm: &Path,
         spec: &Path,
@@ -81,6 +84,7 @@ impl VmmProcess {
         name: &str,
         netns: Option<Arc<OwnedFd>>,
         confine: Confinement,
+        restore: Option<(OwnedFd, OwnedFd)>,
     ) -> Result<VmmProcess, SpawnError> {
         let err = |source| SpawnError {
             vmm: vmm.to_path_buf(),
@@ -120,6 +124,21 @@ impl VmmProcess {
                 cmd.pre_exec(move || {
                     jail.enter()?;
                     jail.drop_privileges()
+                });
+            }
+        }
+        if let Some((state, memory)) = restore {
+            let (s, m) = (state.as_raw_fd(), memory.as_raw_fd());
+            cmd.arg("--restore-fds").arg(format!("{s},{m}"));
+            // SAFETY: the closure runs between fork and exec, after the
+            // jail's (which marks every fd close-on-exec); fcntl(2) on two
+            // fds the closure owns is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in [&state, &memory] {
+                        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                    }
+                    Ok(())
                 });
             }
         }
@@ -294,6 +313,7 @@ mod tests {
                 "vmm-killrec",
                 None,
                 Confinement::default(),
+                None,
             )
             .unwrap();
             fs::write(dir.join(VMM_PID), vmm.pid.to_string()).unwrap();

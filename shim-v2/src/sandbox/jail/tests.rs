@@ -1,6 +1,8 @@
 use super::*;
 use crate::sandbox::cgroup::{self, CgroupLimits, Hierarchy, SandboxCgroup};
 use crate::sandbox::vmm::{Confinement, VmmProcess};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -77,6 +79,18 @@ fn a_jailed_process_is_confined_and_leaves_nothing() {
     };
     let mut cg = SandboxCgroup::create(&hierarchy, &rel, limits).unwrap();
 
+    // A template's files, root's and 0600: inherited, never opened by
+    // the jail's user.
+    let (state, memory) = (dir.join("state"), dir.join("memory"));
+    for f in [&state, &memory] {
+        fs::write(f, "snapshot").unwrap();
+        fs::set_permissions(f, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let fds = (
+        OwnedFd::from(fs::File::open(&state).unwrap()),
+        OwnedFd::from(fs::File::open(&memory).unwrap()),
+    );
+    let (state_fd, memory_fd) = (fds.0.as_raw_fd(), fds.1.as_raw_fd());
     let log = fs::File::create(dir.join("vmm.log")).unwrap();
     let vmm = VmmProcess::spawn(
         Path::new("/yes"),
@@ -89,13 +103,17 @@ fn a_jailed_process_is_confined_and_leaves_nothing() {
             cgroup_procs: cg.procs().unwrap(),
             jail: Some(jail),
         },
+        Some(fds),
     )
     .unwrap();
     let pid = vmm.pid;
     // Past exec: the process runs busybox.
     let start = std::time::Instant::now();
     while fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
-        != b"/yes\0--config\0/vm.json\0--log-level\0info\0"
+        != format!(
+            "/yes\0--config\0/vm.json\0--log-level\0info\0--restore-fds\0{state_fd},{memory_fd}\0"
+        )
+        .as_bytes()
     {
         assert!(start.elapsed() < Duration::from_secs(5), "never exec'd");
         std::thread::sleep(Duration::from_millis(10));
@@ -109,6 +127,23 @@ fn a_jailed_process_is_confined_and_leaves_nothing() {
         assert_eq!(status_field(pid, set), "0000000000000000", "{set}");
     }
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // Exactly stdio and the two snapshot files are open, read-only.
+    let mut open: Vec<i32> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    open.sort_unstable();
+    let mut want = vec![0, 1, 2, state_fd, memory_fd];
+    want.sort_unstable();
+    assert_eq!(open, want);
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/fd/{state_fd}")).unwrap(),
+        state
+    );
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/fd/{memory_fd}")).unwrap(),
+        memory
+    );
     // PID 1 of its own PID namespace, in its own mount namespace.
     assert_eq!(status_field(pid, "NSpid"), format!("{pid}\t1"));
     assert_ne!(ns(&pid.to_string(), "pid"), ns("self", "pid"));
@@ -161,9 +196,6 @@ fn a_jailed_process_is_confined_and_leaves_nothing() {
     assert!(opts("/vm.json").contains("noexec"), "{}", opts("/vm.json"));
     assert!(opts("/run").starts_with("rw,"), "{}", opts("/run"));
     assert_eq!(mounts.lines().count(), 5, "{mounts}");
-    // Only stdin, stdout and stderr.
-    let fds: Vec<_> = fs::read_dir(format!("/proc/{pid}/fd")).unwrap().collect();
-    assert_eq!(fds.len(), 3);
     let limits_text = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let limit = |name: &str| {
         limits_text
