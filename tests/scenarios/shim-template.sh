@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# timeout: 1500
+# VM templates (template = true) end to end with containerd and ctr: the
+# first container of a VM shape boots its VM and leaves the template
+# (root's, mode 0600) under <state_dir>/.templates; later ones restore it:
+# they run, exec, are killed and clean up as booted ones do, each clone has
+# its own entropy (different /dev/urandom bytes and random UUIDs) and the
+# host's clock; a corrupted template and one of another shape are refused,
+# removed, the container boots cold and a new template is made; a VM of
+# another size gets a template of its own. Prints the start times (cold,
+# restored). The frame is tests/shim/ctr.sh.
+#
+#   tests/run.sh shim-template
+# shellcheck disable=SC2317
+set -uo pipefail
+repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+# shellcheck source=../shim/ctr.sh
+source "$repo/tests/shim/ctr.sh"
+
+ctr_setup shim-template /run/husk-t 300
+husk_shim_config "$HUSK_CONFIG" "$state" template=true boot_timeout_secs=240 request_timeout_secs=120
+ctr_start
+templates=$state/.templates
+
+# template_dirs: the templates there are, one a line.
+template_dirs() { find "$templates" -mindepth 1 -maxdepth 1 -type d -not -name '.*' 2>/dev/null | sort; }
+# shim_log PATTERN: the containerd log's lines since this check began.
+shim_log() { tail -n +"$from" "$HUSK_CTRD_LOG" | grep -a -E "$1"; }
+# start_ms ID: how long `ctr run --rm ID true` takes, in ms (rc in $rc).
+start_ms() {
+  local t0
+  t0=$(now_ms)
+  run_ctr "$1" run --rm "${husk[@]}" "$img" "$1" true
+  echo $(( $(now_ms) - t0 ))
+}
+# guest SANDBOX CMD...: stdout of CMD run in the running container.
+n_exec=0
+guest() {
+  local id=$1
+  shift
+  n_exec=$((n_exec + 1))
+  run_ctr "g$n_exec" task exec --exec-id "g$n_exec" "$id" "$@"
+  printf '%s' "$o"
+}
+
+check_template_made() {
+  local d cold
+  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
+  cold=$(start_ms t-first)
+  want "the first container runs (cold boot, $cold ms)" [ "$rc" = 0 ]
+  want "the shim made a template" shim_log "sandbox t-first: template [0-9a-f]+ made in [0-9]+ ms"
+  d=$(template_dirs)
+  want "one template: ${d:-none}" [ "$(wc -l <<<"$d")" = 1 ] || return
+  want "its folder is root's, mode 700" [ "$(stat -c '%u %a' "$d")" = "0 700" ]
+  for f in state memory template.json; do
+    want "$f is root's, mode 600, one link" [ "$(stat -c '%u %g %a %h' "$d/$f")" = "0 0 600 1" ]
+  done
+  want "the memory file is the VM's size (256 MiB), sparse ($(du -k "$d/memory" | cut -f1) KiB)" \
+    [ "$(stat -c %s "$d/memory")" = $((256 << 20)) ]
+  echo "$cold" >"$work/cold.ms"
+}
+
+check_template_clones() {
+  local a b ua ub host guest_s warm
+  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
+  [ -n "$(template_dirs)" ] || start_ms t-make >/dev/null
+  warm=$(start_ms t-warm)
+  want "a container from the template runs ($warm ms; cold was $(cat "$work/cold.ms" 2>/dev/null) ms)" [ "$rc" = 0 ]
+  echo "$warm" >"$work/warm.ms"
+  for id in t-a t-b; do
+    run_ctr "$id-run" run -d "${husk[@]}" "$img" "$id" sleep 1000
+    want "$id: run -d: exit 0" [ "$rc" = 0 ]
+    want "$id runs" husk_wait_task "$id" "$limit" || return
+    want "$id was restored from the template" shim_log "sandbox $id: restored from template [0-9a-f]+ in [0-9]+ ms"
+  done
+  a=$(guest t-a sh -c 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"')
+  b=$(guest t-b sh -c 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"')
+  want "the clones' /dev/urandom differ ($a, $b)" [ -n "$a" ] && [ "${#a}" = 32 ] && [ "$a" != "$b" ]
+  ua=$(guest t-a cat /proc/sys/kernel/random/uuid)
+  ub=$(guest t-b cat /proc/sys/kernel/random/uuid)
+  want "... and their random UUIDs ($ua, $ub)" [ -n "$ua" ] && [ "$ua" != "$ub" ]
+  host=$(date +%s)
+  guest_s=$(guest t-b date +%s)
+  want "the clone's clock is the host's within 2 s ($guest_s, host $host)" \
+    [ "${guest_s:-0}" -ge $((host - 2)) ] && [ "${guest_s:-0}" -le $((host + 3)) ]
+  guest t-a sh -c 'exit 3' >/dev/null
+  want "exec's exit code comes back (3)" [ "$rc" = 3 ]
+  want "the hostname is the sandbox's" [ "$(guest t-a hostname)" = t-a ]
+  run_ctr t-a-kill task kill -s SIGKILL t-a
+  wait_until 20 task_is t-a STOPPED
+  run_ctr t-a-rm task delete t-a
+  want "t-a: delete reports 137" grep -q "exit code 137" <<<"$e"
+  run_ctr t-b-kill task kill t-b
+  wait_until 20 task_is t-b STOPPED
+  run_ctr t-b-rm task delete t-b
+  want "t-b: delete: exit 0" [ "$rc" = 0 ]
+}
+
+# corrupt FILE: flips a byte in the middle of FILE.
+corrupt() {
+  python3 - "$1" <<'PY'
+import os, sys
+with open(sys.argv[1], "r+b") as f:
+    size = os.fstat(f.fileno()).st_size
+    f.seek(size // 2)
+    b = f.read(1)
+    f.seek(size // 2)
+    f.write(bytes([b[0] ^ 0xff]))
+PY
+}
+
+check_template_refused() {
+  local d other
+  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
+  [ -n "$(template_dirs)" ] || start_ms t-make2 >/dev/null
+  d=$(template_dirs | head -n 1)
+  corrupt "$d/state"
+  start_ms t-corrupt >/dev/null
+  want "with a corrupted template the container still runs" [ "$rc" = 0 ]
+  want "... the restore was refused" shim_log "t-corrupt: template [0-9a-f]+ did not restore"
+  want "... naming the corruption" shim_log "checksum mismatch"
+  want "... it booted cold and made a new template" shim_log "sandbox t-corrupt: template [0-9a-f]+ made"
+  # A VM of another size: a template of its own.
+  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
+  run_ctr t-big run --rm --memory-limit $((512 << 20)) "${husk[@]}" "$img" t-big true
+  want "a bigger VM runs" [ "$rc" = 0 ]
+  want "... and made a template of its own" shim_log "sandbox t-big: template [0-9a-f]+ made"
+  want "two templates now" [ "$(template_dirs | wc -l)" = 2 ]
+  # Another shape's files under this shape's key: the VMM refuses them.
+  other=$(template_dirs | grep -v "^$d\$" | head -n 1)
+  [ -n "$other" ] || return
+  cp -p "$other/state" "$d/state"
+  cp -p "$other/memory" "$d/memory"
+  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
+  start_ms t-shape >/dev/null
+  want "with another shape's template the container still runs" [ "$rc" = 0 ]
+  want "... the restore was refused" shim_log "t-shape: template [0-9a-f]+ did not restore"
+  want "... naming the shape" shim_log "the snapshot is of another VM"
+  want "... and a new template was made" shim_log "sandbox t-shape: template [0-9a-f]+ made"
+}
+
+ctr_run_checks template-made template-clones template-refused
