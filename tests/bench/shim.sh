@@ -13,6 +13,12 @@
 #   husk overhead  husk total - bare boot: what the shim, containerd and the
 #                agent's container work add to booting the VM
 #   runc total   `ctr run --rm --runtime io.containerd.runc.v2 busybox true`
+#   husk template  `ctr run --rm ...` with `template = true`: the VM restored
+#                from the template the warm-up made, not booted
+#
+# Then the host memory of HUSK_BENCH_IDLE (default 8) idle sandboxes
+# (`sleep`), cold-booted and then restored from one template: the sum of
+# their VMMs' RSS and PSS (and virtiofsd's, with the default virtio-fs).
 #
 # Prints a table of medians (and min/max); the raw numbers go to
 # $HUSK_OUT/bench-shim/.
@@ -45,6 +51,8 @@ mkdir -p "$state"
 # level and console; only paths and the (nested-machine) boot timeout differ.
 export HUSK_CONFIG=$work/configuration.toml
 husk_shim_config "$HUSK_CONFIG" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120
+templated=$work/configuration-template.toml
+husk_shim_config "$templated" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 template=true
 cfg() { sed -n "s/^$1 *= *//p" "$HUSK_CONFIG" | head -n1 | tr -d '"'; }
 vcpus=$(cfg vcpus)
 mem=$(cfg memory_mib)
@@ -63,14 +71,16 @@ trap cleanup EXIT
 husk_ctrd_start || die "containerd did not start"
 husk_ctrd_import_busybox || die "image import failed"
 
-# ctr_run RUNTIME ID: one `ctr run --rm ... true`; prints its wall ms.
+# ctr_run RUNTIME ID [CTR OPTIONS...]: one `ctr run --rm ... true`; prints
+# its wall ms.
 ctr_run() {
-  local t0 t1 rc
+  local t0 t1 rc rt=$1 id=$2
+  shift 2
   t0=$(now_ms)
-  timeout 600 ctr run --rm --runtime "$1" "$img" "$2" true >"$work/$2.out" 2>&1 </dev/null
+  timeout 600 ctr run --rm --runtime "$rt" "$@" "$img" "$id" true >"$work/$id.out" 2>&1 </dev/null
   rc=$?
   t1=$(now_ms)
-  [ "$rc" = 0 ] || { cat "$work/$2.out" >&2; die "ctr run $2 with $1: exit $rc"; }
+  [ "$rc" = 0 ] || { cat "$work/$id.out" >&2; die "ctr run $id with $rt: exit $rc"; }
   echo $((t1 - t0))
 }
 # The bare VM's folder holds its vsock socket: not on $HUSK_OUT (9p in the
@@ -91,6 +101,12 @@ say "warm-up (unmeasured): one run of each"
 ctr_run io.containerd.runc.v2 warm-runc >/dev/null
 ctr_run io.containerd.husk.v2 warm-husk >/dev/null
 settle
+# Makes the template the measured runs restore.
+tmpl=(--runtime-config-path "$templated")
+ctr_run io.containerd.husk.v2 warm-template "${tmpl[@]}" >/dev/null
+settle
+ctr_run io.containerd.husk.v2 warm-template-2 "${tmpl[@]}" >/dev/null
+settle
 bare_boot warm >/dev/null
 : >"$work/bare.jsonl"
 
@@ -102,8 +118,10 @@ for i in $(seq "$runs"); do
   settle
   r=$(ctr_run io.containerd.runc.v2 "runc-$i")
   settle
-  printf '%s\t%s\t%s\t%s\n' "$i" "$h" "$b" "$r" >>"$work/samples.tsv"
-  say "run $i/$runs: husk total $h ms, bare boot $b ms, runc total $r ms"
+  t=$(ctr_run io.containerd.husk.v2 "template-$i" "${tmpl[@]}")
+  settle
+  printf '%s\t%s\t%s\t%s\t%s\n' "$i" "$h" "$b" "$r" "$t" >>"$work/samples.tsv"
+  say "run $i/$runs: husk total $h ms, bare boot $b ms, runc total $r ms, husk from template $t ms"
 done
 
 python3 - "$work/samples.tsv" "$runs" "${vcpus:-1}" "${mem:-256}" "${HUSK_TEST_MODE:-?}" <<'PY'
@@ -125,12 +143,71 @@ row("husk total (ctr run --rm ... true)", husk)
 row("bare boot (husk-vmm spawn -> agent Check)", boot)
 row("husk overhead (husk total - bare boot)", over)
 row("runc total (ctr run --rm ... true)", runc)
+tmpl = [r[4] for r in rows]
+row("husk from template (ctr run --rm ... true)", tmpl)
 ratio = [o / r for o, r in zip(over, runc)]
 print(f"| {'husk overhead / runc total':<46} | {med(over) / med(runc):>8.2f} x | "
       f"{min(ratio):>8.2f} x | {max(ratio):>8.2f} x |")
 print(f"| {'husk total / runc total':<46} | {med(husk) / med(runc):>8.2f} x | "
       f"{min(h / r for h, r in zip(husk, runc)):>8.2f} x | {max(h / r for h, r in zip(husk, runc)):>8.2f} x |")
+print(f"| {'husk from template / runc total':<46} | {med(tmpl) / med(runc):>8.2f} x | "
+      f"{min(t / r for t, r in zip(tmpl, runc)):>8.2f} x | {max(t / r for t, r in zip(tmpl, runc)):>8.2f} x |")
+print(f"| {'husk from template / husk total (cold)':<46} | {med(tmpl) / med(husk):>8.2f} x | "
+      f"{min(t / h for t, h in zip(tmpl, husk)):>8.2f} x | {max(t / h for t, h in zip(tmpl, husk)):>8.2f} x |")
 print(f"(overhead and ratios per run, then their median; the difference of the medians, "
       f"{med(husk) - med(boot):,.0f} ms, is steadier: boot times vary from run to run, "
       f"more than the overhead itself in a nested test machine)")
+PY
+
+# Host memory of idle sandboxes: N cold-booted, then N restored from the
+# template, each a `sleep` in its own VM. Sums of their VMMs' (and their
+# virtiofsds') RSS and PSS, from /proc/PID/smaps_rollup.
+idle=${HUSK_BENCH_IDLE:-8}
+# mem_sum: "RSS_KIB PSS_KIB" summed over this test's husk-vmm and virtiofsd.
+mem_sum() {
+  local pid rss=0 pss=0 r p
+  for pid in $(husk_procs | awk '$2 ~ /(husk-vmm|virtiofsd)$/ { print $1 }'); do
+    r=$(awk '/^Rss:/ { print $2 }' "/proc/$pid/smaps_rollup" 2>/dev/null)
+    p=$(awk '/^Pss:/ { print $2 }' "/proc/$pid/smaps_rollup" 2>/dev/null)
+    rss=$((rss + ${r:-0}))
+    pss=$((pss + ${p:-0}))
+  done
+  echo "$rss $pss"
+}
+# idle_set NAME [CTR OPTIONS...]: starts $idle idle sandboxes, waits 20 s
+# for them to settle, prints "RSS PSS" (KiB), ends them.
+idle_set() {
+  local name=$1 n m
+  shift
+  for n in $(seq "$idle"); do
+    timeout 600 ctr run -d --runtime io.containerd.husk.v2 "$@" "$img" "$name-$n" sleep 100000 >"$work/$name-$n.out" 2>&1 </dev/null ||
+      die "$name-$n did not start: $(cat "$work/$name-$n.out")"
+    husk_wait_task "$name-$n" 600 || die "$name-$n does not run"
+  done
+  sleep 20
+  m=$(mem_sum)
+  for n in $(seq "$idle"); do
+    hctr tasks kill -s SIGKILL "$name-$n" >/dev/null 2>&1
+  done
+  for n in $(seq "$idle"); do
+    wait_until 60 task_is "$name-$n" STOPPED
+    hctr tasks delete "$name-$n" >/dev/null 2>&1
+    hctr containers delete "$name-$n" >/dev/null 2>&1
+  done
+  settle
+  echo "$m"
+}
+say "memory: $idle idle sandboxes booted cold, then $idle restored from the template"
+read -r cold_rss cold_pss <<<"$(idle_set idle-cold)"
+read -r tmpl_rss tmpl_pss <<<"$(idle_set idle-tmpl "${tmpl[@]}")"
+python3 - "$idle" "$cold_rss" "$cold_pss" "$tmpl_rss" "$tmpl_pss" <<'PY'
+import sys
+n, cr, cp, tr, tp = map(int, sys.argv[1:])
+print(f"\nhost memory of {n} idle sandboxes (sum over their VMMs and virtiofsds, MiB)")
+print(f"| {'sandboxes':<34} | {'RSS':>9} | {'PSS':>9} |")
+print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|")
+print(f"| {f'{n} booted cold':<34} | {cr / 1024:>9.1f} | {cp / 1024:>9.1f} |")
+print(f"| {f'{n} restored from one template':<34} | {tr / 1024:>9.1f} | {tp / 1024:>9.1f} |")
+if cr and cp:
+    print(f"| {'template / cold':<34} | {tr / cr:>8.2f}x | {tp / cp:>8.2f}x |")
 PY
