@@ -21,6 +21,13 @@ use super::*;
 /// touched memory).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A template to restore: its open files (state, memory) and the MACs its
+/// guest's NICs have.
+pub(super) struct Restore {
+    pub fds: (OwnedFd, OwnedFd),
+    pub macs: Vec<Option<String>>,
+}
+
 /// What starting one sandbox's VM needs.
 pub(super) struct Boot<'a> {
     pub id: &'a str,
@@ -45,11 +52,11 @@ impl Boot<'_> {
         }
     }
 
-    /// Starts virtiofsd and the VMM (restoring `restore`'s snapshot files
-    /// if given) and waits up to `timeout` for the agent.
+    /// Starts virtiofsd and the VMM (restoring a template if given) and
+    /// waits up to `timeout` for the agent.
     pub fn launch(
         &self,
-        restore: Option<(OwnedFd, OwnedFd)>,
+        restore: Option<Restore>,
         timeout: Duration,
     ) -> Result<Sandbox, SandboxError> {
         let Boot {
@@ -62,7 +69,17 @@ impl Boot<'_> {
         } = *self;
         let spec_path = dir.path.join(VM_SPEC);
         make_dir(&dir.path.join(RUN_DIR))?;
-        let spec = vm_spec::vm_spec(cfg, size, &self.paths(), slots, self.nics());
+        let mut nics = self.nics();
+        let (fds, macs) = match restore {
+            Some(r) => (Some(r.fds), Some(r.macs)),
+            None => (None, None),
+        };
+        // A restored NIC keeps the template's MAC (the config space the
+        // guest read must match); the agent gives it the pod's.
+        for (nic, mac) in nics.iter_mut().zip(macs.unwrap_or_default()) {
+            nic.mac = mac;
+        }
+        let spec = vm_spec::vm_spec(cfg, size, &self.paths(), slots, nics);
         // Before the VMM, which connects to virtiofsd's socket at once;
         // dropped (virtiofsd stopped, folder removed) on any failure below.
         let share = if cfg.uses_virtio_fs() {
@@ -106,7 +123,7 @@ impl Boot<'_> {
             &name,
             netns,
             confine,
-            restore,
+            fds,
         )?;
         log::info!("sandbox {id}: VMM pid {} started", vmm.pid);
         // For `shim delete`, should this shim die during the boot.
@@ -253,13 +270,15 @@ impl TemplatePlan {
         // A restore answers in seconds; one that hangs must leave time for
         // the cold boot.
         let timeout = boot.cfg.boot_timeout / 2;
-        let restored = boot
-            .launch(Some((state, memory)), timeout)
-            .and_then(|sandbox| {
-                sandbox.log_details()?;
-                sandbox.set_up(boot, hostname, Some(&meta.macs))?;
-                Ok(sandbox)
-            });
+        let restore = Restore {
+            fds: (state, memory),
+            macs: meta.macs.clone(),
+        };
+        let restored = boot.launch(Some(restore), timeout).and_then(|sandbox| {
+            sandbox.log_details()?;
+            sandbox.set_up(boot, hostname, Some(&meta.macs))?;
+            Ok(sandbox)
+        });
         match restored {
             Ok(sandbox) => {
                 log::info!(
