@@ -288,7 +288,7 @@ const LOW_ADDRESS_FLOOR: u64 = 0x8000_0000;
 fn tame(offset: u64, value: u64) -> u64 {
     // The VMM takes only aligned 32-bit register writes; an 8-byte write
     // over a low half is refused whole, so only the low 32 bits matter.
-    if QUEUE_ADDRESS_REGS.contains(&offset) && offset % 8 == 0 {
+    if QUEUE_ADDRESS_REGS.contains(&offset) && offset.is_multiple_of(8) {
         value | LOW_ADDRESS_FLOOR
     } else {
         value
