@@ -15,7 +15,6 @@ mod cgroup;
 mod container;
 mod debug;
 mod devices;
-mod entropy;
 mod error;
 mod hostfiles;
 mod init;

@@ -1,6 +1,5 @@
 //! The sandbox (pod) level set-up from CreateSandbox: hostname, the pod's
-//! network (`network`), guest sysctls, the host's entropy (`entropy`) and
-//! the clock. As an ordinary process
+//! network (`network`), guest sysctls and the clock. As an ordinary process
 //! (host tests) the agent has its own UTS namespace, so the hostname is set
 //! there; the clock and sysctls belong to the host then and are only
 //! validated, as is the network unless a test gave the agent a network
@@ -42,7 +41,6 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     if req.clock_unix_nanos < 0 {
         return Err(invalid("clock_unix_nanos is negative"));
     }
-    crate::entropy::check(&req.entropy).map_err(invalid)?;
     let shared_tag = req
         .shared_fs
         .as_ref()
@@ -59,7 +57,7 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
         crate::log!("in the host's network namespace: leaving the network alone");
     }
     if !pid1 {
-        crate::log!("not PID 1: leaving the host's clock, entropy pool and sysctls alone");
+        crate::log!("not PID 1: leaving the host's clock and sysctls alone");
         return Ok(());
     }
     pod_shm()?;
@@ -70,9 +68,6 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
         let path = Path::new("/proc/sys").join(k.replace('.', "/"));
         fs::write(&path, v).map_err(io_ctx(format!("sysctl {k}")))?;
     }
-    // Before any container: a clone of a template must not share its
-    // random numbers with the others.
-    crate::entropy::add(&req.entropy).map_err(io_ctx("adding the host's entropy"))?;
     if req.clock_unix_nanos > 0 {
         let ts = rustix::time::Timespec {
             tv_sec: req.clock_unix_nanos / 1_000_000_000,

@@ -108,22 +108,6 @@ pub struct Agent {
     calls: Arc<AgentCalls>,
 }
 
-/// Bytes of the host's entropy each CreateSandbox carries.
-const ENTROPY_BYTES: usize = 64;
-
-/// [`ENTROPY_BYTES`] from the host's CSPRNG, for the guest's pool.
-fn host_entropy() -> Result<Vec<u8>> {
-    use std::io::Read;
-    let mut b = vec![0u8; ENTROPY_BYTES];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| AgentError::Transport {
-            call: "CreateSandbox",
-            message: format!("reading the host's /dev/urandom: {e}"),
-        })?;
-    Ok(b)
-}
-
 fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
@@ -216,7 +200,6 @@ impl Agent {
             r.routes = n.routes.clone();
             r.neighbors = n.neighbors.clone();
         }
-        r.entropy = host_entropy()?;
         r.clock_unix_nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, nanos);

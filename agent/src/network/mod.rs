@@ -111,10 +111,10 @@ fn interfaces(nl: &mut Netlink, links: &[Link], p: &Plan) -> Result<Vec<u32>, Ne
     for itf in &p.interfaces {
         let link = links
             .iter()
-            .find(|l| l.mac == Some(itf.device_mac))
+            .find(|l| l.mac == Some(itf.mac))
             .ok_or_else(|| NetError::NoNic {
                 name: itf.name.clone(),
-                mac: mac_string(&itf.device_mac),
+                mac: mac_string(&itf.mac),
             })?;
         found.push(link);
     }
@@ -147,15 +147,6 @@ fn interfaces(nl: &mut Netlink, links: &[Link], p: &Plan) -> Result<Vec<u32>, Ne
     for (i, link) in found.iter().enumerate() {
         let itf = &p.interfaces[i];
         let name = &itf.name;
-        // A template's MAC becomes the pod's while the link is down.
-        if itf.device_mac != itf.mac {
-            nl.request(&netlink::set_address(link.index, &itf.mac))
-                .map_err(failed(format!(
-                    "interface {name}: giving {} the MAC {}",
-                    link.name,
-                    mac_string(&itf.mac)
-                )))?;
-        }
         let rename = renamed.contains(&i).then_some(name.as_str());
         nl.request(&netlink::set_link(link.index, rename, itf.mtu, None))
             .map_err(failed(format!(

@@ -29,9 +29,6 @@ pub type Mac = [u8; 6];
 pub struct Interface {
     pub name: String,
     pub mac: Mac,
-    /// The MAC the NIC has when found: `mac`, unless the VM was restored
-    /// from a template (its NICs keep the template's until given `mac`).
-    pub device_mac: Mac,
     /// None: the driver's default.
     pub mtu: Option<u32>,
     pub addresses: Vec<(IpAddr, u8)>,
@@ -86,12 +83,6 @@ pub fn plan(req: &pb::CreateSandboxRequest) -> Result<Plan, String> {
         if p.interfaces.iter().any(|o| o.mac == parsed.mac) {
             return Err(format!("{f}.mac {} is given twice", itf.mac));
         }
-        if p.interfaces
-            .iter()
-            .any(|o| o.device_mac == parsed.device_mac)
-        {
-            return Err(format!("{f}.device_mac {} is given twice", itf.device_mac));
-        }
         p.interfaces.push(parsed);
     }
     let device = |f: &str, name: &str| {
@@ -143,16 +134,9 @@ fn interface(f: &str, itf: &pb::Interface) -> Result<Interface, String> {
         }
         addresses.push((addr, len));
     }
-    let wanted = mac(&format!("{f}.mac"), &itf.mac)?;
-    let device_mac = if itf.device_mac.is_empty() {
-        wanted
-    } else {
-        mac(&format!("{f}.device_mac"), &itf.device_mac)?
-    };
     Ok(Interface {
         name: itf.name.clone(),
-        mac: wanted,
-        device_mac,
+        mac: mac(&format!("{f}.mac"), &itf.mac)?,
         mtu,
         addresses,
     })

@@ -216,10 +216,6 @@ fn each_bad_field_is_named() {
         ),
         (|r| r.neighbors[0].mac = "".into(), "neighbors[0].mac"),
         (
-            |r| r.interfaces[0].device_mac = "02:00:00:00:00".into(),
-            "interfaces[0].device_mac",
-        ),
-        (
             |r| r.neighbors[0].device = "eth9".into(),
             "neighbors[0].device",
         ),
@@ -471,29 +467,6 @@ fn configures_a_network_namespace() {
             matches!(err, super::NetError::NoNic { ref name, .. } if name == "eth1"),
             "{err}"
         );
-        // A clone of a template: the NIC still has the template's MAC
-        // (device_mac) and gets the pod's.
-        sh("ip link add eth2 address 02:00:00:00:00:dd type veth peer name p2 && ip link set p2 up");
-        let mut cloned = req.clone();
-        cloned
-            .interfaces
-            .push(iface("eth2", "02:00:00:00:00:ee", 0, &[("10.66.0.2", 30)]));
-        cloned.interfaces[2].device_mac = "02:00:00:00:00:dd".into();
-        super::configure(&plan::plan(&cloned).unwrap()).unwrap();
-        let eth2 = ip_json(&["link", "show", "dev", "eth2"]);
-        assert_eq!(eth2[0]["address"], "02:00:00:00:00:ee", "{eth2}");
-        assert!(eth2[0]["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
-        let addrs = ip_json(&["addr", "show", "dev", "eth2"]);
-        assert_eq!(addrs[0]["addr_info"][0]["local"], "10.66.0.2", "{addrs}");
-        // Configured again: found by the pod's MAC now it has it.
-        let mut again = cloned.clone();
-        again.interfaces[2].device_mac = String::new();
-        super::configure(&plan::plan(&again).unwrap()).unwrap();
-        // No NIC with that device_mac: an error naming it.
-        let mut gone = cloned.clone();
-        gone.interfaces[2].device_mac = "02:00:00:00:00:dd".into();
-        let err = super::configure(&plan::plan(&gone).unwrap()).unwrap_err();
-        assert!(err.to_string().contains("02:00:00:00:00:dd"), "{err}");
         let mut unreachable = req.clone();
         unreachable
             .routes
