@@ -570,7 +570,7 @@ mod tests {
         );
         // Only the two data pages were copied: the memfd allocated little.
         let blocks = rustix::fs::fstat(fo.file()).unwrap().st_blocks;
-        assert!(blocks * 512 <= 4 * 4096, "{blocks} blocks");
+        assert!(blocks * 512 <= 4 * PAGE as i64, "{blocks} blocks");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
