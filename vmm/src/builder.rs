@@ -1,6 +1,7 @@
 //! Turns a validated [`VmConfig`] into a running VM: guest memory, the KVM
 //! VM, legacy devices, virtio devices, the kernel, and the vCPU threads.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, SubscriberOps};
@@ -30,7 +31,7 @@ use crate::devices::virtio::{GuestMemory, IrqTrigger, VirtioDevice};
 use crate::loader::{self, LoaderError};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::Filters;
-use crate::snapshot::{SnapshotError, SnapshotSource, SnapshotState, VmShape};
+use crate::snapshot::{SnapshotError, SnapshotState, VmShape, MEMORY_FILE};
 use crate::vmm::{EventManager, Subscriber, VmResources, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::persist::{self, PersistError};
@@ -310,12 +311,12 @@ fn eventfd() -> Result<EventFd, BuildError> {
 pub fn build_vm(
     config: &VmConfig,
     seccomp: Option<&Arc<Filters>>,
-    restore: Option<&SnapshotSource>,
+    restore: Option<&Path>,
 ) -> Result<BuiltVm, BuildError> {
     let shape = VmShape::of(config);
     let snapshot = match restore {
-        Some(source) => {
-            let state = SnapshotState::read_from(source)?;
+        Some(dir) => {
+            let state = SnapshotState::read(dir)?;
             state.shape.check(&shape)?;
             if config.hugepages {
                 return Err(BuildError::RestoreRefused(
@@ -329,20 +330,7 @@ pub fn build_vm(
         None => None,
     };
     let mem = match restore {
-        Some(source) => {
-            // A vhost-user backend maps guest RAM by fd: a shared copy then.
-            let how = if config.fs.is_empty() {
-                persist::RestoredMemory::CopyOnWrite
-            } else {
-                persist::RestoredMemory::SharedCopy
-            };
-            persist::restore_memory_from(
-                &source.memory,
-                &source.memory_name,
-                config.memory_mib,
-                how,
-            )?
-        }
+        Some(dir) => persist::restore_memory(&dir.join(MEMORY_FILE), config.memory_mib)?,
         None => {
             // A vhost-user backend (virtiofsd) maps guest RAM itself: it
             // must be a shared memfd then; otherwise it stays private.

@@ -16,7 +16,6 @@ use clap::{Parser, ValueEnum};
 use husk_vm_config::VmConfig;
 use husk_vmm::builder::build_vm;
 use husk_vmm::seccomp::{Filters, ThreadKind};
-use husk_vmm::snapshot::SnapshotSource;
 use husk_vmm::vstate::vcpu::{self, ExitReason};
 use husk_vmm::{logger, signals, vmm};
 
@@ -35,13 +34,8 @@ struct Args {
     /// Start from the snapshot in this folder (written by the control
     /// socket's `snapshot`) instead of booting: the config gives the host
     /// side (disks, sockets, console) and must have the snapshot's shape.
-    #[arg(long, conflicts_with = "restore_fds")]
+    #[arg(long)]
     restore: Option<PathBuf>,
-    /// Start from a snapshot whose state and memory files this process
-    /// inherited open, as fds "STATE,MEMORY" (the shim's VM templates: a
-    /// jailed VMM cannot open their root-only files itself).
-    #[arg(long, value_parser = parse_fd_pair)]
-    restore_fds: Option<(i32, i32)>,
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -56,21 +50,6 @@ struct Args {
     /// counts when each vCPU stops (for boot profiling).
     #[arg(long)]
     exit_stats: bool,
-}
-
-/// "STATE,MEMORY": two fd numbers.
-fn parse_fd_pair(s: &str) -> Result<(i32, i32), String> {
-    let (a, b) = s
-        .split_once(',')
-        .ok_or_else(|| format!("{s:?}: expected STATE_FD,MEMORY_FD"))?;
-    let fd = |v: &str| {
-        v.trim()
-            .parse::<i32>()
-            .ok()
-            .filter(|n| *n >= 0)
-            .ok_or_else(|| format!("{v:?} is not an fd number"))
-    };
-    Ok((fd(a)?, fd(b)?))
 }
 
 fn init_logging(args: &Args) -> anyhow::Result<()> {
@@ -103,15 +82,8 @@ fn run(args: &Args) -> anyhow::Result<ExitReason> {
     } else {
         Some(Arc::new(Filters::new(vcpu::kick_signal())?))
     };
-    let restore = match (&args.restore, args.restore_fds) {
-        (Some(dir), _) => Some(SnapshotSource::open_dir(dir)?),
-        (None, Some((state, memory))) => Some(SnapshotSource::from_fds(state, memory)?),
-        (None, None) => None,
-    };
-    let mut built =
-        build_vm(&config, filters.as_ref(), restore.as_ref()).context("cannot start the VM")?;
-    // The files are mapped or copied: closed now.
-    drop(restore);
+    let mut built = build_vm(&config, filters.as_ref(), args.restore.as_deref())
+        .context("cannot start the VM")?;
     // After the vCPU threads are spawned (they have their own filter) and
     // before the event loop first serves the guest.
     if let Some(filters) = &filters {

@@ -4,8 +4,7 @@
 //! here, before anything is parsed or handed to KVM.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 /// "HUSKSNAP": what every state file starts with.
@@ -137,33 +136,11 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, FormatError> {
         source,
     };
     let file = File::open(path).map_err(io)?;
-    read_open(&file, path)
-}
-
-/// Reads and checks the open state file `file` (named `path` in errors)
-/// from its start; returns its payload.
-pub fn read_open(file: &File, path: &Path) -> Result<Vec<u8>, FormatError> {
-    let io = |source| FormatError::Io {
-        path: path.to_owned(),
-        source,
-    };
     let mut bytes = Vec::new();
     // Bounded: a huge file is refused after the limit, not read whole.
-    let limit = MAX_PAYLOAD + HEADER_LEN as u64 + 1;
-    let mut chunk = vec![0u8; 64 << 10];
-    // Positioned reads: an inherited fd's offset is not ours to trust.
-    let mut offset = 0u64;
-    while offset < limit {
-        let want = chunk
-            .len()
-            .min(usize::try_from(limit - offset).unwrap_or(chunk.len()));
-        let n = file.read_at(&mut chunk[..want], offset).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        bytes.extend_from_slice(&chunk[..n]);
-        offset += n as u64;
-    }
+    file.take(MAX_PAYLOAD + HEADER_LEN as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
     unframe(path, &bytes).map(<[u8]>::to_vec)
 }
 

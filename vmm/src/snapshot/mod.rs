@@ -14,8 +14,6 @@
 
 pub mod format;
 
-use std::fs::File;
-use std::os::fd::{BorrowedFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -55,8 +53,6 @@ pub enum SnapshotError {
     Shape(String),
     #[error("the snapshot is inconsistent: {0}")]
     Inconsistent(String),
-    #[error("restore fd {fd}: {reason}")]
-    Fd { fd: RawFd, reason: String },
     #[error("cannot snapshot this VM: {0}")]
     Unsupported(String),
     #[error("cannot snapshot: {0}")]
@@ -177,12 +173,6 @@ impl SnapshotState {
         Self::decode(&path, &payload)
     }
 
-    /// As [`Self::read`], from the source's open state file.
-    pub fn read_from(source: &SnapshotSource) -> Result<Self, SnapshotError> {
-        let payload = format::read_open(&source.state, &source.state_name)?;
-        Self::decode(&source.state_name, &payload)
-    }
-
     /// Decodes a checked payload (read from `path`) and checks that its
     /// parts agree with its shape.
     pub fn decode(path: &Path, payload: &[u8]) -> Result<Self, SnapshotError> {
@@ -212,78 +202,6 @@ impl SnapshotState {
             ));
         }
         Ok(())
-    }
-}
-
-/// The two files of a snapshot to restore, open: from its folder
-/// (`--restore DIR`), or inherited from the process that started the VMM
-/// (`--restore-fds STATE,MEMORY`: a jailed VMM's user cannot open a
-/// template's root-only files, the shim opens them for it).
-#[derive(Debug)]
-pub struct SnapshotSource {
-    pub state: File,
-    pub memory: File,
-    /// What errors call the state and memory files.
-    pub state_name: PathBuf,
-    pub memory_name: PathBuf,
-}
-
-impl SnapshotSource {
-    /// Opens the files of snapshot folder `dir`.
-    pub fn open_dir(dir: &Path) -> Result<Self, SnapshotError> {
-        let open = |name: &str| {
-            let path = dir.join(name);
-            File::open(&path)
-                .map(|f| (f, path.clone()))
-                .map_err(|source| SnapshotError::Folder { path, source })
-        };
-        let (state, state_name) = open(STATE_FILE)?;
-        let (memory, memory_name) = open(MEMORY_FILE)?;
-        Ok(Self {
-            state,
-            memory,
-            state_name,
-            memory_name,
-        })
-    }
-
-    /// Takes the inherited fds `state` and `memory`: they must be open,
-    /// distinct, regular files. Each is taken over (closed by the VMM).
-    pub fn from_fds(state: RawFd, memory: RawFd) -> Result<Self, SnapshotError> {
-        let bad = |fd: RawFd, why: String| SnapshotError::Fd { fd, reason: why };
-        if state == memory {
-            return Err(bad(memory, "the state and memory fds are the same".into()));
-        }
-        let check = |fd: RawFd| -> Result<(), SnapshotError> {
-            if fd <= 2 {
-                return Err(bad(fd, "stdin, stdout or stderr".into()));
-            }
-            // SAFETY: fcntl(F_GETFD) on any integer is harmless; it only
-            // says whether the fd is open in this process.
-            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-            rustix::io::fcntl_getfd(borrowed).map_err(|e| bad(fd, format!("not open: {e}")))?;
-            let meta = rustix::fs::fstat(borrowed).map_err(|e| bad(fd, e.to_string()))?;
-            if rustix::fs::FileType::from_raw_mode(meta.st_mode)
-                != rustix::fs::FileType::RegularFile
-            {
-                return Err(bad(fd, "not a regular file".into()));
-            }
-            Ok(())
-        };
-        // Both checked before either is taken over.
-        check(state)?;
-        check(memory)?;
-        // SAFETY: both fds are open (checked above), distinct, and were
-        // handed to this process for the restore alone: nothing else owns
-        // them.
-        let (state_file, memory_file) =
-            unsafe { (File::from_raw_fd(state), File::from_raw_fd(memory)) };
-        Ok(Self {
-            state: state_file,
-            memory: memory_file,
-            state_name: format!("fd {state} (state)").into(),
-            memory_name: format!("fd {memory} (memory)").into(),
-        })
     }
 }
 

@@ -76,36 +76,3 @@ fn a_state_file_that_is_not_json_of_a_state_is_refused() {
     assert!(e.contains("cannot decode the snapshot state"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
-
-#[test]
-fn restore_fds_must_be_distinct_open_regular_files() {
-    use std::os::fd::IntoRawFd;
-    let e = |r: Result<SnapshotSource, SnapshotError>| r.err().unwrap().to_string();
-    assert!(e(SnapshotSource::from_fds(1, 2)).contains("stdin, stdout or stderr"));
-    let dir = std::env::temp_dir().join(format!("husk-snapfds-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir(&dir).unwrap();
-    let file = |n: &str| {
-        std::fs::write(dir.join(n), n).unwrap();
-        File::open(dir.join(n)).unwrap().into_raw_fd()
-    };
-    let (s, m) = (file("state"), file("memory"));
-    assert!(e(SnapshotSource::from_fds(s, s)).contains("the same"));
-    // A folder is not a snapshot file.
-    let d = File::open(&dir).unwrap().into_raw_fd();
-    assert!(e(SnapshotSource::from_fds(s, d)).contains("not a regular file"));
-    // SAFETY (test): d was opened above and is closed once, here.
-    drop(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(d) });
-    // A closed fd.
-    assert!(e(SnapshotSource::from_fds(s, 1_000_000)).contains("not open"));
-    let src = SnapshotSource::from_fds(s, m).unwrap();
-    assert_eq!(src.state_name, PathBuf::from(format!("fd {s} (state)")));
-    let mut text = String::new();
-    use std::io::Read;
-    (&src.memory).read_to_string(&mut text).unwrap();
-    assert_eq!(text, "memory");
-    // A state file that is no snapshot: a clear error naming the fd.
-    let err = SnapshotState::read_from(&src).err().unwrap().to_string();
-    assert!(err.contains(&format!("fd {s} (state)")), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
-}

@@ -348,59 +348,24 @@ pub fn save_memory(mem: &GuestMemory, file: &File, path: &Path) -> Result<u64, P
     Ok(written)
 }
 
-/// How a restored VM's RAM holds the memory file's pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestoredMemory {
-    /// The file mapped MAP_PRIVATE: pages are read from the file on first
-    /// touch and copied on the guest's first write, so VMs restored from
-    /// one file share the pages none of them changed.
-    CopyOnWrite,
-    /// A fresh shared memfd (a vhost-user backend maps guest RAM too, by
-    /// fd) filled with the file's data; its holes stay unallocated. No
-    /// sharing between clones.
-    SharedCopy,
-}
-
-/// Maps the memory file at `path` as `memory_mib` MiB of guest RAM, copy
-/// on write.
+/// Maps the memory file at `path` as `memory_mib` MiB of guest RAM,
+/// MAP_PRIVATE: pages are read from the file on first touch and copied on
+/// the guest's first write, so VMs restored from one file share the pages
+/// none of them changed.
 pub fn restore_memory(path: &Path, memory_mib: u64) -> Result<GuestMemory, PersistError> {
-    let file = File::open(path).map_err(|source| PersistError::MemoryIo {
-        path: path.to_owned(),
-        source,
-    })?;
-    restore_memory_from(&file, path, memory_mib, RestoredMemory::CopyOnWrite)
-}
-
-/// `memory_mib` MiB of guest RAM from the open memory `file` (named `path`
-/// in errors), held as `how` says.
-pub fn restore_memory_from(
-    file: &File,
-    path: &Path,
-    memory_mib: u64,
-    how: RestoredMemory,
-) -> Result<GuestMemory, PersistError> {
     let io = |source| PersistError::MemoryIo {
         path: path.to_owned(),
         source,
     };
+    let file = File::open(path).map_err(io)?;
     let expected = memory_mib * MIB;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(io(std::io::Error::other("not a regular file")));
-    }
-    let found = meta.len();
+    let found = file.metadata().map_err(io)?.len();
     if found != expected {
         return Err(PersistError::MemorySize {
             path: path.to_owned(),
             expected,
             found,
         });
-    }
-    if how == RestoredMemory::SharedCopy {
-        let mem = super::memory::create(memory_mib, false, super::memory::Backing::SharedMemfd)
-            .map_err(|e| PersistError::MemoryRegions(e.to_string()))?;
-        copy_data_into(file, &mem).map_err(io)?;
-        return Ok(mem);
     }
     let mut offset = 0u64;
     let regions = ram_ranges(expected)
@@ -425,45 +390,6 @@ pub fn restore_memory_from(
         })
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemory::from_regions(regions).map_err(|e| PersistError::MemoryRegions(e.to_string()))
-}
-
-/// Reads the data of memory `file` (its holes skipped, so those pages of
-/// `mem` are never touched) into guest memory `mem`, region after region
-/// as [`save_memory`] laid them out.
-fn copy_data_into(file: &File, mem: &GuestMemory) -> std::io::Result<()> {
-    use rustix::fs::SeekFrom;
-    let mut file_offset = 0u64;
-    for region in mem.iter() {
-        let len = region.len();
-        let host = region.as_ptr();
-        let end = file_offset + len;
-        let mut pos = file_offset;
-        while pos < end {
-            // The next run of data: from SEEK_DATA to the following hole.
-            let data = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
-                Ok(d) => d,
-                Err(rustix::io::Errno::NXIO) => break,
-                Err(e) => return Err(e.into()),
-            };
-            if data >= end {
-                break;
-            }
-            let hole = rustix::fs::seek(file, SeekFrom::Hole(data))?.min(end);
-            let (start, n) = (data - file_offset, hole - data);
-            let (start, n) = (
-                usize::try_from(start).map_err(std::io::Error::other)?,
-                usize::try_from(n).map_err(std::io::Error::other)?,
-            );
-            // SAFETY: [start, start + n) lies inside the region (hole <=
-            // end), which `mem` keeps mapped readable and writable; no vCPU
-            // runs yet and nothing else holds a reference into it.
-            let dst = unsafe { std::slice::from_raw_parts_mut(host.add(start), n) };
-            file.read_exact_at(dst, data)?;
-            pos = hole;
-        }
-        file_offset = end;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -524,53 +450,6 @@ mod tests {
 
         let e = restore_memory(&path, 16).unwrap_err().to_string();
         assert!(e.contains("holds 8388608 bytes"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn a_shared_restore_copies_the_data_into_a_memfd() {
-        let dir = std::env::temp_dir().join(format!("husk-memshared-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).unwrap();
-        let path = dir.join("memory");
-        let mem =
-            super::super::memory::create(8, false, super::super::memory::Backing::Private).unwrap();
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
-            .unwrap();
-        mem.write_obj(0x42u8, GuestAddress(8 * MIB - 1)).unwrap();
-        let file = crate::snapshot::format::create_private(&path).unwrap();
-        save_memory(&mem, &file, &path).unwrap();
-        let file = File::open(&path).unwrap();
-        let a = restore_memory_from(&file, &path, 8, RestoredMemory::SharedCopy).unwrap();
-        assert_eq!(
-            a.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
-            0xdead_beef
-        );
-        assert_eq!(a.read_obj::<u8>(GuestAddress(8 * MIB - 1)).unwrap(), 0x42);
-        assert_eq!(
-            a.read_obj::<u64>(GuestAddress(0x3000)).unwrap(),
-            0,
-            "a hole"
-        );
-        // A memfd the backend can map: every region has a file offset, and
-        // a write is seen through a second mapping of that file.
-        let region = a.iter().next().unwrap();
-        let fo = region.file_offset().expect("a shared memfd");
-        a.write_obj(7u32, GuestAddress(0x1000)).unwrap();
-        let mut b = [0u8; 4];
-        fo.file()
-            .read_exact_at(&mut b, fo.start() + 0x1000)
-            .unwrap();
-        assert_eq!(u32::from_le_bytes(b), 7);
-        // The file keeps its bytes.
-        let c = restore_memory(&path, 8).unwrap();
-        assert_eq!(
-            c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
-            0xdead_beef
-        );
-        // Only the two data pages were copied: the memfd allocated little.
-        let blocks = rustix::fs::fstat(fo.file()).unwrap().st_blocks;
-        assert!(blocks * 512 <= 4 * PAGE as i64, "{blocks} blocks");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

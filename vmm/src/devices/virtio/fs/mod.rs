@@ -251,37 +251,19 @@ impl VirtioDevice for Fs {
         &mut self.state
     }
 
-    /// The FUSE session, its open files and the rings' progress live in
-    /// virtiofsd, which a snapshot cannot capture (Firecracker refuses
-    /// vhost-user devices). Until the guest's first request there is no
-    /// session: the backend holds only the rings' layout, which a restore
-    /// gives a fresh virtiofsd when it activates the device again (the VM
-    /// templates of the shim snapshot at that point: the agent mounts the
-    /// share later). So: refused once any queue saw a request.
-    fn snapshot_support(&self) -> Result<(), String> {
-        let Some(active) = self.state.active() else {
-            return Ok(());
-        };
-        for (index, q) in active.queues.iter().enumerate() {
-            let avail = q.queue.avail_idx(&active.mem, Ordering::Acquire);
-            let used = q.queue.used_idx(&active.mem, Ordering::Acquire);
-            match (avail, used) {
-                (Ok(a), Ok(u)) if a.0 == 0 && u.0 == 0 && q.queue.next_avail() == 0 => {}
-                (Ok(_), Ok(_)) => {
-                    return Err(format!(
-                        "the guest has used virtio-fs {:?} (queue {index}): its FUSE session \
-                         lives in virtiofsd, which a snapshot cannot capture",
-                        self.tag
-                    ))
-                }
-                _ => return Err(format!("virtio-fs queue {index}: rings unreadable")),
-            }
-        }
-        Ok(())
-    }
-
     /// The event loop takes the rings back from the backend when it next
     /// runs (it owns the backend's socket).
+    /// The FUSE session, its open files and the rings' progress live in
+    /// virtiofsd, which a snapshot cannot capture (Firecracker refuses
+    /// vhost-user devices too).
+    fn snapshot_support(&self) -> Result<(), String> {
+        Err(
+            "vhost-user-fs keeps its state in virtiofsd, outside the VMM; \
+             a snapshot could not restore it"
+                .into(),
+        )
+    }
+
     fn reset(&mut self) -> bool {
         self.state.reset();
         true
