@@ -7,7 +7,15 @@
 //!   ([`crate::vstate::persist`]), the serial port, and each virtio-mmio
 //!   device's transport and queues ([`crate::devices::virtio::mmio::persist`]);
 //! - `memory`: guest RAM, raw and sparse, which a restore maps
-//!   copy-on-write.
+//!   copy-on-write, so clones of one snapshot share the pages none of them
+//!   wrote. A VM with a virtio-fs device is the exception: virtiofsd maps
+//!   guest RAM by fd, so it is restored into a fresh shared memfd filled
+//!   with the file's data (holes stay unallocated) and shares no pages with
+//!   other clones ([`crate::vstate::persist::restore_memory_shared`]).
+//!
+//! A restore reads both files through a [`SnapshotSource`]: opened from a
+//! folder (`--restore DIR`) or inherited as open descriptors
+//! (`--restore-fds`, for a jailed VMM that may not open them).
 //!
 //! A restore takes the devices' host side (disk files, sockets, console)
 //! from its own VM description, whose shape must equal the snapshot's.
