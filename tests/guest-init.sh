@@ -185,6 +185,21 @@ for t in $tests; do
         sleep 1
       done
       ;;
+    snapshot-fs)
+      # For a snapshot of a VM with a virtio-fs device (vmm-snapshot): the
+      # share is mounted only once the host connects to vsock port 5001,
+      # so a snapshot taken before that has no FUSE session in virtiofsd.
+      # Then the share's file "hello" goes to the console.
+      echo "HUSK_TEST snapshot-fs waiting"
+      husk-vsock-probe listen 5001 >/dev/null 2>&1 || true
+      mkdir -p /mnt/fs
+      if mount -t virtiofs husk-fs /mnt/fs; then
+        echo "HUSK_TEST snapshot-fs hello=$(cat /mnt/fs/hello 2>&1)"
+      else
+        echo "HUSK_TEST snapshot-fs mount failed"
+      fi
+      while :; do sleep 3600; done
+      ;;
     idle)
       # Stay up (for memory measurements); the host ends the VM.
       echo "HUSK_TEST idle"

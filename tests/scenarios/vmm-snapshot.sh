@@ -9,7 +9,8 @@
 # answered. Then: two clones restored from the same snapshot at once, both
 # running; a restore with another memory size and one from a corrupted
 # state file, both refused. Prints the restore-to-responsive time next to
-# the cold boot's.
+# the cold boot's. Last, a VM with virtio-fs restored through --restore-fds
+# (see part 6).
 set -euo pipefail
 source "$HUSK_REPO/tests/lib/common.sh"
 [ -c /dev/kvm ] || fail "no /dev/kvm"
@@ -199,6 +200,87 @@ set -e
 grep -q "checksum mismatch" "$work/bad.log" || { cat "$work/bad.log"; fail "no checksum error"; }
 echo "refused: $(grep -o 'cannot start the VM.*' "$work/bad.log")"
 for s in bad big; do [ ! -e "$work/$s.ctl" ] || fail "the refused restore $s left its control socket"; done
+
+# 6. virtio-fs: a VM whose guest has not mounted its share yet
+# (husk.test=snapshot-fs) is snapshotted, and restored from inherited file
+# descriptors (--restore-fds, as the jailed shim does) against a fresh
+# virtiofsd on another folder; the guest then mounts and reads the new
+# folder's file. A snapshot after the mount is refused, and the VM runs on.
+virtiofsd=/usr/local/bin/virtiofsd
+[ -x "$virtiofsd" ] || fail "$virtiofsd is missing (scripts/setup.sh installs it)"
+# vfsd NAME: virtiofsd sharing $work/NAME.share (a file "hello" holding
+# NAME) on $work/NAME.vfsd ($vfsd_pid).
+vfsd() {
+  mkdir -p "$work/$1.share"
+  echo "$1" >"$work/$1.share/hello"
+  "$virtiofsd" --socket-path "$work/$1.vfsd" --shared-dir "$work/$1.share" \
+    --sandbox none --cache never --log-level warn 2>"$work/$1.vfsd.log" &
+  vfsd_pid=$!
+  pids+=("$vfsd_pid")
+  for _ in $(seq 100); do [ -S "$work/$1.vfsd" ] && return 0; sleep 0.1; done
+  cat "$work/$1.vfsd.log"
+  fail "virtiofsd $1 did not start"
+}
+# config_fs NAME SHARE: vm.json of VM NAME with a virtio-fs device served
+# by virtiofsd SHARE.
+config_fs() {
+  cat >"$work/$1.json" <<JSON
+{
+  "vcpus": 1,
+  "memory_mib": 128,
+  "kernel": {
+    "path": "$HUSK_GUEST_KERNEL/bzImage",
+    "initrd": "$HUSK_TEST_INITRD",
+    "cmdline": "console=ttyS0 panic=-1 husk.test=snapshot-fs"
+  },
+  "serial": { "output": "file", "path": "$HUSK_OUT/vmm-snapshot-$1.console" },
+  "control_socket": "$work/$1.ctl",
+  "fs": [ { "tag": "husk-fs", "socket": "$work/$2.vfsd" } ],
+  "vsock": { "guest_cid": 3, "uds_path": "$work/$1.vsock" }
+}
+JSON
+}
+trigger() {
+  timeout 120 python3 "$HUSK_REPO/tests/lib/vsock_host.py" connect "$work/$1.vsock" 5001 go >"$work/$1.trigger" 2>&1 || true
+}
+vfsd old
+config_fs f old
+fs_t0=$(now_ms)
+start f
+f=$vmm_pid
+wait_line f "$f" '^HUSK_TEST snapshot-fs waiting' 300
+fs_cold_ms=$(( $(now_ms) - fs_t0 ))
+sleep 1
+reply=$(ctl f "{\"op\":\"snapshot\",\"path\":\"$work/fsnap\",\"resume\":false}")
+echo "virtio-fs snapshot (share not mounted) reply: $reply"
+[[ "$reply" == *'"ok":true'* ]] || { indent "    vmm| " <"$work/f.log"; fail "virtio-fs snapshot failed: $reply"; }
+kill -KILL "$f" "$vfsd_pid"
+wait "$f" "$vfsd_pid" 2>/dev/null || true
+vfsd new
+config_fs g new
+fs_restore_t0=$(now_ms)
+: >"$(console g)"
+"$HUSK_VMM" --config "$work/g.json" --restore-fds 3,4 3<"$work/fsnap/state" 4<"$work/fsnap/memory" 2>"$work/g.log" &
+g=$!
+pids+=("$g")
+trigger g
+wait_line g "$g" '^HUSK_TEST snapshot-fs (hello|mount)' 120
+fs_restore_ms=$(( $(now_ms) - fs_restore_t0 ))
+line=$(tr -d '\r' <"$(console g)" | grep -a -m1 '^HUSK_TEST snapshot-fs (hello|mount)' -E)
+echo "after the restore and the trigger: $line"
+[ "$line" = "HUSK_TEST snapshot-fs hello=new" ] || { indent "    guest| " <"$(console g)"; indent "    vmm| " <"$work/g.log"; fail "the restored guest did not read the new share"; }
+if grep -a -q 'Linux version' "$(console g)"; then fail "g: the guest booted again"; fi
+reply=$(ctl g "{\"op\":\"snapshot\",\"path\":\"$work/fsnap2\"}")
+echo "virtio-fs snapshot after the mount: $reply"
+[[ "$reply" == *'"ok":false'* && "$reply" == *'the guest has used the virtio-fs device'* && "$reply" == *'virtiofsd'* ]] ||
+  fail "a snapshot after the mount was not refused as expected: $reply"
+[ ! -e "$work/fsnap2" ] || fail "the refused snapshot left $work/fsnap2"
+status=$(ctl g '{"op":"status"}')
+[[ "$status" == *'"state":"running"'* ]] || fail "after the refused snapshot: $status"
+kill -0 "$g" || fail "g ended after the refused snapshot"
+echo "virtio-fs: cold boot to waiting $fs_cold_ms ms; restore (--restore-fds, shared memfd) to the guest reading the new share $fs_restore_ms ms"
+kill "$g"
+wait "$g" 2>/dev/null || true
 
 cleanup
 trap - EXIT

@@ -1,7 +1,6 @@
 //! Turns a validated [`VmConfig`] into a running VM: guest memory, the KVM
 //! VM, legacy devices, virtio devices, the kernel, and the vCPU threads.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, SubscriberOps};
@@ -31,7 +30,7 @@ use crate::devices::virtio::{GuestMemory, IrqTrigger, VirtioDevice};
 use crate::loader::{self, LoaderError};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::Filters;
-use crate::snapshot::{SnapshotError, SnapshotState, VmShape, MEMORY_FILE};
+use crate::snapshot::{SnapshotError, SnapshotSource, SnapshotState, VmShape};
 use crate::vmm::{EventManager, Subscriber, VmResources, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::persist::{self, PersistError};
@@ -304,19 +303,22 @@ fn eventfd() -> Result<EventFd, BuildError> {
 /// thread installs its filter before it enters the guest; the caller
 /// installs the main thread's once this returns.
 ///
-/// With `restore`, a snapshot folder: the VM takes the snapshot's memory
-/// (mapped copy-on-write), vCPU, interrupt controller, clock and device
-/// state instead of booting the kernel; `config` gives the host side
-/// (disks, sockets, console) and must have the snapshot's shape.
+/// With `restore`, a snapshot's open files ([`SnapshotSource`]): the VM
+/// takes the snapshot's memory, vCPU, interrupt controller, clock and
+/// device state instead of booting the kernel; `config` gives the host side
+/// (disks, sockets, console) and must have the snapshot's shape. Memory is
+/// the snapshot file mapped copy-on-write, except with a virtio-fs device:
+/// virtiofsd maps guest RAM by fd, so the file's data is copied into a
+/// fresh shared memfd (the clones then share no pages).
 pub fn build_vm(
     config: &VmConfig,
     seccomp: Option<&Arc<Filters>>,
-    restore: Option<&Path>,
+    restore: Option<&SnapshotSource>,
 ) -> Result<BuiltVm, BuildError> {
     let shape = VmShape::of(config);
     let snapshot = match restore {
-        Some(dir) => {
-            let state = SnapshotState::read(dir)?;
+        Some(source) => {
+            let state = SnapshotState::read_source(source)?;
             state.shape.check(&shape)?;
             if config.hugepages {
                 return Err(BuildError::RestoreRefused(
@@ -330,7 +332,12 @@ pub fn build_vm(
         None => None,
     };
     let mem = match restore {
-        Some(dir) => persist::restore_memory(&dir.join(MEMORY_FILE), config.memory_mib)?,
+        Some(source) if config.fs.is_empty() => {
+            persist::restore_memory(&source.memory, &source.memory_name, config.memory_mib)?
+        }
+        Some(source) => {
+            persist::restore_memory_shared(&source.memory, &source.memory_name, config.memory_mib)?
+        }
         None => {
             // A vhost-user backend (virtiofsd) maps guest RAM itself: it
             // must be a shared memfd then; otherwise it stays private.

@@ -16,6 +16,7 @@ use clap::{Parser, ValueEnum};
 use husk_vm_config::VmConfig;
 use husk_vmm::builder::build_vm;
 use husk_vmm::seccomp::{Filters, ThreadKind};
+use husk_vmm::snapshot::{self, SnapshotSource};
 use husk_vmm::vstate::vcpu::{self, ExitReason};
 use husk_vmm::{logger, signals, vmm};
 
@@ -34,8 +35,13 @@ struct Args {
     /// Start from the snapshot in this folder (written by the control
     /// socket's `snapshot`) instead of booting: the config gives the host
     /// side (disks, sockets, console) and must have the snapshot's shape.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR", conflicts_with = "restore_fds")]
     restore: Option<PathBuf>,
+    /// Like --restore, from inherited open files: "STATE_FD,MEMORY_FD",
+    /// the snapshot's state and memory files opened (read-only) by the
+    /// caller, for a VMM that may not open them itself.
+    #[arg(long, value_name = "STATE_FD,MEMORY_FD")]
+    restore_fds: Option<String>,
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -82,8 +88,16 @@ fn run(args: &Args) -> anyhow::Result<ExitReason> {
     } else {
         Some(Arc::new(Filters::new(vcpu::kick_signal())?))
     };
-    let mut built = build_vm(&config, filters.as_ref(), args.restore.as_deref())
-        .context("cannot start the VM")?;
+    let source = match (&args.restore, &args.restore_fds) {
+        (Some(dir), _) => Some(SnapshotSource::folder(dir)?),
+        (None, Some(fds)) => {
+            let (state, memory) = snapshot::parse_fds(fds)?;
+            Some(SnapshotSource::fds(state, memory)?)
+        }
+        (None, None) => None,
+    };
+    let mut built =
+        build_vm(&config, filters.as_ref(), source.as_ref()).context("cannot start the VM")?;
     // After the vCPU threads are spawned (they have their own filter) and
     // before the event loop first serves the guest.
     if let Some(filters) = &filters {

@@ -128,14 +128,16 @@ impl Vmm {
         if let Some(why) = &self.resources.snapshot_refusal {
             return Err(SnapshotError::Unsupported(why.clone()));
         }
-        for (id, t) in &self.resources.transports {
-            lock_transport(t)
-                .snapshot_support()
-                .map_err(|e| SnapshotError::Unsupported(format!("{id}: {e}")))?;
-        }
         let was_running = self.state == VmState::Running;
         self.pause().map_err(SnapshotError::Unsupported)?;
-        let result = self.write_snapshot(dir);
+        // Asked with the vCPUs paused: a device's answer may depend on
+        // what the guest has put in its rings (virtio-fs).
+        let supported = self.resources.transports.iter().try_for_each(|(id, t)| {
+            lock_transport(t)
+                .snapshot_support()
+                .map_err(|e| SnapshotError::Unsupported(format!("{id}: {e}")))
+        });
+        let result = supported.and_then(|()| self.write_snapshot(dir));
         if was_running && (resume || result.is_err()) {
             self.resume();
         }

@@ -136,6 +136,16 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, FormatError> {
         source,
     };
     let file = File::open(path).map_err(io)?;
+    read_from(&file, path)
+}
+
+/// Reads and checks a state file already open as `file` (named `path` in
+/// errors), from its start; returns its payload.
+pub fn read_from(file: &File, path: &Path) -> Result<Vec<u8>, FormatError> {
+    let io = |source| FormatError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let mut bytes = Vec::new();
     // Bounded: a huge file is refused after the limit, not read whole.
     file.take(MAX_PAYLOAD + HEADER_LEN as u64 + 1)

@@ -7,13 +7,24 @@
 //!   ([`crate::vstate::persist`]), the serial port, and each virtio-mmio
 //!   device's transport and queues ([`crate::devices::virtio::mmio::persist`]);
 //! - `memory`: guest RAM, raw and sparse, which a restore maps
-//!   copy-on-write.
+//!   copy-on-write, so clones of one snapshot share the pages none of them
+//!   wrote. A VM with a virtio-fs device is the exception: virtiofsd maps
+//!   guest RAM by fd, so it is restored into a fresh shared memfd filled
+//!   with the file's data (holes stay unallocated) and shares no pages with
+//!   other clones ([`crate::vstate::persist::restore_memory_shared`]).
+//!
+//! A restore reads both files through a [`SnapshotSource`]: opened from a
+//! folder (`--restore DIR`) or inherited as open descriptors
+//! (`--restore-fds`, for a jailed VMM that may not open them).
 //!
 //! A restore takes the devices' host side (disk files, sockets, console)
 //! from its own VM description, whose shape must equal the snapshot's.
 
 pub mod format;
 
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -173,6 +184,12 @@ impl SnapshotState {
         Self::decode(&path, &payload)
     }
 
+    /// Reads and checks the state file of `source`, as [`Self::read`].
+    pub fn read_source(source: &SnapshotSource) -> Result<Self, SnapshotError> {
+        let payload = format::read_from(&source.state, &source.state_name)?;
+        Self::decode(&source.state_name, &payload)
+    }
+
     /// Decodes a checked payload (read from `path`) and checks that its
     /// parts agree with its shape.
     pub fn decode(path: &Path, payload: &[u8]) -> Result<Self, SnapshotError> {
@@ -203,6 +220,136 @@ impl SnapshotState {
         }
         Ok(())
     }
+}
+
+/// Where a restore reads a snapshot from: its two files, already open, and
+/// the names errors give them. A snapshot folder (`--restore DIR`) and
+/// inherited descriptors (`--restore-fds`, for a jailed VMM that may not
+/// open the files itself) both become one of these.
+#[derive(Debug)]
+pub struct SnapshotSource {
+    pub state: File,
+    pub state_name: PathBuf,
+    pub memory: File,
+    pub memory_name: PathBuf,
+}
+
+/// Why a snapshot's files cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{name}: {source}")]
+    Open {
+        name: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name} is not a regular file")]
+    NotRegular { name: PathBuf },
+    #[error("{0} and {1} are the same file: the state and the memory must be two files")]
+    SameFile(PathBuf, PathBuf),
+    #[error("file descriptor {0} is not open")]
+    NotOpen(RawFd),
+    #[error("file descriptor {0} is not a snapshot file's (0, 1 and 2 are the standard streams)")]
+    BadFd(RawFd),
+    #[error("--restore-fds takes STATE_FD,MEMORY_FD (two numbers), not {0:?}")]
+    FdSyntax(String),
+}
+
+impl SnapshotSource {
+    /// Opens the two files of snapshot folder `dir`, read-only.
+    pub fn folder(dir: &Path) -> Result<Self, SourceError> {
+        let open = |name: PathBuf| {
+            File::open(&name)
+                .map_err(|source| SourceError::Open {
+                    name: name.clone(),
+                    source,
+                })
+                .map(|f| (f, name))
+        };
+        let (state, state_name) = open(dir.join(STATE_FILE))?;
+        let (memory, memory_name) = open(dir.join(MEMORY_FILE))?;
+        Self::checked(state, state_name, memory, memory_name)
+    }
+
+    /// Takes over inherited open descriptors `state_fd` and `memory_fd`
+    /// (the caller opened the files, read-only), checking that both are
+    /// open, regular files, and not the same file.
+    pub fn fds(state_fd: RawFd, memory_fd: RawFd) -> Result<Self, SourceError> {
+        if state_fd == memory_fd {
+            return Err(SourceError::SameFile(
+                fd_name(state_fd, "state"),
+                fd_name(memory_fd, "memory"),
+            ));
+        }
+        let state = take_fd(state_fd)?;
+        let memory = take_fd(memory_fd)?;
+        Self::checked(
+            state,
+            fd_name(state_fd, "state"),
+            memory,
+            fd_name(memory_fd, "memory"),
+        )
+    }
+
+    fn checked(
+        state: File,
+        state_name: PathBuf,
+        memory: File,
+        memory_name: PathBuf,
+    ) -> Result<Self, SourceError> {
+        let meta = |f: &File, name: &PathBuf| {
+            let m = f.metadata().map_err(|source| SourceError::Open {
+                name: name.clone(),
+                source,
+            })?;
+            if !m.file_type().is_file() {
+                return Err(SourceError::NotRegular { name: name.clone() });
+            }
+            Ok(m)
+        };
+        let (a, b) = (meta(&state, &state_name)?, meta(&memory, &memory_name)?);
+        if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+            return Err(SourceError::SameFile(state_name, memory_name));
+        }
+        Ok(Self {
+            state,
+            state_name,
+            memory,
+            memory_name,
+        })
+    }
+}
+
+/// Parses `--restore-fds`' "STATE_FD,MEMORY_FD".
+pub fn parse_fds(arg: &str) -> Result<(RawFd, RawFd), SourceError> {
+    let bad = || SourceError::FdSyntax(arg.to_string());
+    let (a, b) = arg.split_once(',').ok_or_else(bad)?;
+    let num = |s: &str| s.trim().parse::<RawFd>().map_err(|_| bad());
+    Ok((num(a)?, num(b)?))
+}
+
+fn fd_name(fd: RawFd, what: &str) -> PathBuf {
+    PathBuf::from(format!("{what} file (fd {fd})"))
+}
+
+/// Owns inherited descriptor `fd` once fcntl shows it is open; marks it
+/// close-on-exec so it does not leak further.
+fn take_fd(fd: RawFd) -> Result<File, SourceError> {
+    if fd < 3 {
+        return Err(SourceError::BadFd(fd));
+    }
+    // SAFETY: only a query of the descriptor's flags; an unused number
+    // fails with EBADF and changes nothing.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(SourceError::NotOpen(fd));
+    }
+    // SAFETY: fd is open (above) and inherited for this purpose alone: no
+    // other owner in this process closes or uses it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: sets a flag on the descriptor this function now owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+    Ok(file)
 }
 
 /// Creates the snapshot folder `dir` (mode 0700); an existing path is an

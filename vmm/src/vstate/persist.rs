@@ -20,7 +20,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use super::memory::ram_ranges;
 use crate::devices::virtio::GuestMemory;
@@ -352,21 +354,16 @@ pub fn save_memory(mem: &GuestMemory, file: &File, path: &Path) -> Result<u64, P
 /// MAP_PRIVATE: pages are read from the file on first touch and copied on
 /// the guest's first write, so VMs restored from one file share the pages
 /// none of them changed.
-pub fn restore_memory(path: &Path, memory_mib: u64) -> Result<GuestMemory, PersistError> {
+pub fn restore_memory(
+    file: &File,
+    path: &Path,
+    memory_mib: u64,
+) -> Result<GuestMemory, PersistError> {
     let io = |source| PersistError::MemoryIo {
         path: path.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(io)?;
-    let expected = memory_mib * MIB;
-    let found = file.metadata().map_err(io)?.len();
-    if found != expected {
-        return Err(PersistError::MemorySize {
-            path: path.to_owned(),
-            expected,
-            found,
-        });
-    }
+    let expected = check_memory_size(file, path, memory_mib)?;
     let mut offset = 0u64;
     let regions = ram_ranges(expected)
         .into_iter()
@@ -392,10 +389,156 @@ pub fn restore_memory(path: &Path, memory_mib: u64) -> Result<GuestMemory, Persi
     GuestMemory::from_regions(regions).map_err(|e| PersistError::MemoryRegions(e.to_string()))
 }
 
+/// The memory file's size, which must be `memory_mib` MiB.
+fn check_memory_size(file: &File, path: &Path, memory_mib: u64) -> Result<u64, PersistError> {
+    let expected = memory_mib * MIB;
+    let found = file
+        .metadata()
+        .map_err(|source| PersistError::MemoryIo {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    if found != expected {
+        return Err(PersistError::MemorySize {
+            path: path.to_owned(),
+            expected,
+            found,
+        });
+    }
+    Ok(expected)
+}
+
+/// Restores guest RAM from the memory file `file` (named `path` in errors)
+/// into a fresh shared memfd, for a VM whose vhost-user backend
+/// (virtiofsd) maps guest RAM by fd: a private mapping of the snapshot
+/// file could not be shared with it. Only the file's data is copied (its
+/// holes are skipped with SEEK_DATA/SEEK_HOLE), so pages the guest never
+/// touched stay unallocated in the memfd. Unlike the copy-on-write
+/// mapping, the clone's RAM is its own copy from the start.
+pub fn restore_memory_shared(
+    file: &File,
+    path: &Path,
+    memory_mib: u64,
+) -> Result<GuestMemory, PersistError> {
+    let io = |source| PersistError::MemoryIo {
+        path: path.to_owned(),
+        source,
+    };
+    let size = check_memory_size(file, path, memory_mib)?;
+    let mem = super::memory::create(memory_mib, false, super::memory::Backing::SharedMemfd)
+        .map_err(|e| PersistError::MemoryRegions(e.to_string()))?;
+    // File offsets run through the RAM ranges in order.
+    let ranges = ram_ranges(size);
+    let to_addr = |offset: u64| {
+        let mut start = 0u64;
+        for (base, len) in &ranges {
+            if offset < start + len {
+                return Some((
+                    GuestAddress(base.0 + (offset - start)),
+                    start + len - offset,
+                ));
+            }
+            start += len;
+        }
+        None
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    while offset < size {
+        let data = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(d) => d,
+            // No data after offset: the rest is a hole.
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(io(e.into())),
+        };
+        let hole = rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(data))
+            .map_err(|e| io(e.into()))?
+            .min(size);
+        let mut at = data;
+        while at < hole {
+            let Some((addr, left_in_range)) = to_addr(at) else {
+                break;
+            };
+            let n =
+                usize::try_from((hole - at).min(left_in_range).min(CHUNK as u64)).unwrap_or(CHUNK);
+            file.read_exact_at(&mut buf[..n], at).map_err(io)?;
+            mem.write_slice(&buf[..n], addr)
+                .map_err(|e| PersistError::MemoryRegions(e.to_string()))?;
+            at += n as u64;
+        }
+        offset = hole;
+    }
+    Ok(mem)
+}
+
+/// Bytes copied at a time into a shared restore.
+const CHUNK: usize = 1 << 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress};
+
+    fn open_restore(path: &Path, mib: u64) -> Result<GuestMemory, PersistError> {
+        restore_memory(&File::open(path).unwrap(), path, mib)
+    }
+
+    #[test]
+    fn shared_restore_copies_data_and_leaves_holes_unallocated() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("husk-memshared-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let path = dir.join("memory");
+        let mem =
+            super::super::memory::create(8, false, super::super::memory::Backing::Private).unwrap();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        mem.write_obj(0x42u8, GuestAddress(8 * MIB - 1)).unwrap();
+        let file = crate::snapshot::format::create_private(&path).unwrap();
+        save_memory(&mem, &file, &path).unwrap();
+
+        let file = File::open(&path).unwrap();
+        let restored = restore_memory_shared(&file, &path, 8).unwrap();
+        assert_eq!(
+            restored.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(
+            restored.read_obj::<u8>(GuestAddress(8 * MIB - 1)).unwrap(),
+            0x42
+        );
+        // Every region maps the memfd shared, and only the two data pages
+        // of the file were allocated in it.
+        let region = restored.iter().next().unwrap();
+        let memfd = region.file_offset().expect("a shared restore maps a memfd");
+        let meta = memfd.file().metadata().unwrap();
+        assert_eq!(meta.len(), 8 * MIB);
+        assert!(
+            meta.blocks() * 512 <= 2 * PAGE as u64,
+            "{} bytes allocated for 2 pages of data",
+            meta.blocks() * 512
+        );
+        // A hole reads as zeros (a read fault allocates a shmem page, so
+        // this comes after the count).
+        assert_eq!(
+            restored.read_obj::<u64>(GuestAddress(0x10_0000)).unwrap(),
+            0
+        );
+        // The clone's writes stay in its memfd, never in the file.
+        restored.write_obj(1u32, GuestAddress(0x1000)).unwrap();
+        let again = open_restore(&path, 8).unwrap();
+        assert_eq!(
+            again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        let e = restore_memory_shared(&file, &path, 16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds 8388608 bytes"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn memory_round_trips_sparse_and_copy_on_write() {
@@ -413,8 +556,8 @@ mod tests {
         assert_eq!(written, 2 * PAGE as u64, "only the two touched pages");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
 
-        let a = restore_memory(&path, 8).unwrap();
-        let b = restore_memory(&path, 8).unwrap();
+        let a = open_restore(&path, 8).unwrap();
+        let b = open_restore(&path, 8).unwrap();
         assert_eq!(
             a.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
@@ -426,7 +569,7 @@ mod tests {
             b.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
         );
-        let c = restore_memory(&path, 8).unwrap();
+        let c = open_restore(&path, 8).unwrap();
         assert_eq!(
             c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
@@ -442,13 +585,13 @@ mod tests {
             c.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
         );
-        let d = restore_memory(&path, 8).unwrap();
+        let d = open_restore(&path, 8).unwrap();
         assert_eq!(
             d.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
         );
 
-        let e = restore_memory(&path, 16).unwrap_err().to_string();
+        let e = open_restore(&path, 16).unwrap_err().to_string();
         assert!(e.contains("holds 8388608 bytes"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -251,17 +251,39 @@ impl VirtioDevice for Fs {
         &mut self.state
     }
 
-    /// The event loop takes the rings back from the backend when it next
-    /// runs (it owns the backend's socket).
-    /// The FUSE session, its open files and the rings' progress live in
-    /// virtiofsd, which a snapshot cannot capture (Firecracker refuses
-    /// vhost-user devices too).
+    /// Only a device the guest has not used yet: not activated, or active
+    /// with every queue's avail and used index still 0 in guest memory
+    /// (the vCPUs are paused, so the guest cannot add a request behind our
+    /// back). Such a device has no FUSE session in virtiofsd, only ring
+    /// setup, which a restore redoes against its own fresh virtiofsd when
+    /// the restored device activates ([`Self::start_backend`]). A device
+    /// the guest has used has its session, open files and the rings'
+    /// progress in virtiofsd, which a snapshot cannot capture (Firecracker
+    /// refuses vhost-user devices for the same reason).
     fn snapshot_support(&self) -> Result<(), String> {
-        Err(
-            "vhost-user-fs keeps its state in virtiofsd, outside the VMM; \
-             a snapshot could not restore it"
-                .into(),
-        )
+        let Some(active) = self.state.active() else {
+            return Ok(());
+        };
+        let used = |index: usize, q: &super::device::ActiveQueue| {
+            let avail = q.queue.avail_idx(&active.mem, Ordering::Acquire);
+            let used = q.queue.used_idx(&active.mem, Ordering::Acquire);
+            match (avail, used) {
+                (Ok(a), Ok(u)) => a.0 != 0 || u.0 != 0,
+                // An unreadable ring cannot be shown idle.
+                _ => {
+                    warn!(queue = index, "virtio-fs: cannot read a queue's indices");
+                    true
+                }
+            }
+        };
+        if active.queues.iter().enumerate().any(|(i, q)| used(i, q)) {
+            return Err(
+                "the guest has used the virtio-fs device: its FUSE session lives in \
+                 virtiofsd, which a snapshot cannot capture"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     fn reset(&mut self) -> bool {

@@ -250,6 +250,9 @@ fn virtiofsd_serves_the_queues_and_a_dead_one_gets_eio_answers() {
         dev.activate(mem.clone(), irq.clone(), queues).unwrap();
     }
     run_until(&mut em, || fs.lock().unwrap().stats().backend_starts == 1);
+    // Active, but no request yet: virtiofsd holds only the rings, which a
+    // restore sets up again, so a snapshot may be taken.
+    assert_eq!(fs.lock().unwrap().snapshot_support(), Ok(()));
 
     // FUSE_INIT (7.31, the 16-byte fuse_init_in) answered by virtiofsd.
     let mut init_in = Vec::new();
@@ -274,6 +277,10 @@ fn virtiofsd_serves_the_queues_and_a_dead_one_gets_eio_answers() {
     assert!(fs.lock().unwrap().stats().backend_calls >= 1);
     let major: u32 = mem.read_obj(GuestAddress(REPLY + 16)).unwrap();
     assert_eq!(major, 7);
+    // Now virtiofsd holds a FUSE session: a snapshot is refused.
+    let e = fs.lock().unwrap().snapshot_support().unwrap_err();
+    assert!(e.contains("the guest has used the virtio-fs device"), "{e}");
+    assert!(e.contains("virtiofsd"), "{e}");
 
     // A driver reset takes the rings back (GET_VRING_BASE); a new
     // activation on fresh rings is served by the same backend.
@@ -351,24 +358,35 @@ fn virtiofsd_serves_the_queues_and_a_dead_one_gets_eio_answers() {
 }
 
 #[test]
-fn a_snapshot_is_refused_naming_virtiofsd() {
+fn an_unused_device_can_be_snapshotted_and_a_used_one_is_refused() {
     let dir = scratch("snapshot");
     let vfsd = Virtiofsd::start(&dir);
     let fs = Fs::new(&fs_config(&vfsd.socket)).unwrap();
-    let e = fs.snapshot_support().unwrap_err();
-    assert!(e.contains("virtiofsd"), "{e}");
-    let mem = memory::create(1, false, Backing::SharedMemfd).unwrap();
+    // Never activated: nothing in virtiofsd but the connection.
+    assert_eq!(fs.snapshot_support(), Ok(()));
+    let mem = memory::create(4, false, Backing::SharedMemfd).unwrap();
+    let mem: &'static GuestMemory = Box::leak(Box::new(mem));
+    let hiprio = GuestQueue::new(mem, 0);
+    let mut requests = GuestQueue::new(mem, 0x4000);
     let irq = Arc::new(IrqTrigger::new(
         vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
     ));
-    let t = crate::devices::virtio::mmio::MmioTransport::new(
-        mem,
-        Arc::new(std::sync::Mutex::new(fs)),
-        irq,
-    )
-    .unwrap();
+    let fs = Arc::new(std::sync::Mutex::new(fs));
+    {
+        let mut dev = fs.lock().unwrap();
+        dev.set_acked_features(VIRTIO_F_VERSION_1);
+        let queues = vec![hiprio.active(), requests.active()];
+        dev.activate(mem.clone(), irq.clone(), queues).unwrap();
+    }
+    assert_eq!(fs.lock().unwrap().snapshot_support(), Ok(()));
+    // The guest makes a request available (the event loop is not even
+    // running): the avail index alone shows the device was used.
+    requests.add_chain(&[(REQ, 56, false), (REPLY, 256, true)]);
+    let e = fs.lock().unwrap().snapshot_support().unwrap_err();
+    assert!(e.contains("FUSE session lives in virtiofsd"), "{e}");
+    // And the transport refuses the snapshot naming the device.
+    let t = crate::devices::virtio::mmio::MmioTransport::new(mem.clone(), fs, irq).unwrap();
     let e = t.snapshot().unwrap_err().to_string();
     assert!(e.starts_with("virtio-fs: cannot be snapshotted"), "{e}");
-    assert!(e.contains("cannot be snapshotted"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
