@@ -4,6 +4,7 @@
 
 use crate::cgroup::CgroupError;
 use crate::container::SpawnError;
+use crate::entropy::EntropyError;
 use crate::network::NetError;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum AgentError {
     Cgroup(#[from] CgroupError),
     #[error("network: {0}")]
     Network(#[from] NetError),
+    #[error("{0}")]
+    Entropy(#[from] EntropyError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -15,6 +15,7 @@ mod cgroup;
 mod container;
 mod debug;
 mod devices;
+mod entropy;
 mod error;
 mod hostfiles;
 mod init;

@@ -1,9 +1,9 @@
-//! The sandbox (pod) level set-up from CreateSandbox: hostname, the pod's
-//! network (`network`), guest sysctls and the clock. As an ordinary process
-//! (host tests) the agent has its own UTS namespace, so the hostname is set
-//! there; the clock and sysctls belong to the host then and are only
-//! validated, as is the network unless a test gave the agent a network
-//! namespace of its own.
+//! The sandbox (pod) level set-up from CreateSandbox: the host's entropy
+//! (`entropy`), hostname, the pod's network (`network`), guest sysctls and
+//! the clock. As an ordinary process (host tests) the agent has its own UTS
+//! namespace, so the hostname is set there; the kernel's entropy pool, the
+//! clock and sysctls belong to the host then and are only validated, as is
+//! the network unless a test gave the agent a network namespace of its own.
 
 use std::fs;
 use std::path::Path;
@@ -13,7 +13,7 @@ use husk_protocols::guest::{POD_SHM_DIR, POD_SHM_OPTIONS, SHARED_DIR};
 use rustix::mount::MountFlags;
 
 use crate::error::{invalid, io_ctx, Result};
-use crate::{network, validate};
+use crate::{entropy, network, validate};
 
 /// Longest hostname the kernel takes (HOST_NAME_MAX).
 const HOSTNAME_MAX: usize = 64;
@@ -41,12 +41,18 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
     if req.clock_unix_nanos < 0 {
         return Err(invalid("clock_unix_nanos is negative"));
     }
+    entropy::check(&req.entropy)?;
     let shared_tag = req
         .shared_fs
         .as_ref()
         .map(|fs| shared_fs_tag(&fs.tag).map(|()| fs.tag.as_str()))
         .transpose()
         .map_err(invalid)?;
+    // First: whatever the guest does next (a process's stack canary, a
+    // TCP sequence number) draws on a CRNG the host's bytes reseeded.
+    if pid1 {
+        entropy::add(&req.entropy)?;
+    }
     if !req.hostname.is_empty() {
         crate::sys::sethostname(&req.hostname).map_err(io_ctx("sethostname"))?;
     }
@@ -57,7 +63,7 @@ pub fn setup(req: &CreateSandboxRequest, pid1: bool) -> Result<()> {
         crate::log!("in the host's network namespace: leaving the network alone");
     }
     if !pid1 {
-        crate::log!("not PID 1: leaving the host's clock and sysctls alone");
+        crate::log!("not PID 1: leaving the host's entropy pool, clock and sysctls alone");
         return Ok(());
     }
     pod_shm()?;

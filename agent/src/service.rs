@@ -11,6 +11,7 @@ use husk_protocols::ttrpc::{self, Code, TtrpcContext};
 
 use crate::agent::Agent;
 use crate::container::SpawnError;
+use crate::entropy::EntropyError;
 use crate::error::AgentError;
 use crate::network::NetError;
 
@@ -38,9 +39,11 @@ fn status(e: AgentError) -> ttrpc::Error {
         AgentError::Spawn(SpawnError::Setup(_)) => Code::INVALID_ARGUMENT,
         // The host's VM has no NIC for an interface of the request.
         AgentError::Network(NetError::NoNic { .. }) => Code::FAILED_PRECONDITION,
+        AgentError::Entropy(EntropyError::Size(_)) => Code::INVALID_ARGUMENT,
         AgentError::Spawn(_)
         | AgentError::Cgroup(_)
         | AgentError::Network(_)
+        | AgentError::Entropy(_)
         | AgentError::Io { .. } => Code::INTERNAL,
     };
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))

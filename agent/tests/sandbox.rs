@@ -30,6 +30,14 @@ fn sandbox_guest_details_and_copy_file() {
     r.hostname = "bad host!".into();
     assert!(a.client.create_sandbox(ctx(), &r).is_err());
     r.hostname = "pod-1".into();
+    // Entropy: 32 to 512 bytes or none; another size changes nothing.
+    for bad in [1, 31, 513] {
+        r.entropy = vec![7; bad];
+        let (c, msg) = common::code(a.client.create_sandbox(ctx(), &r));
+        assert_eq!(c, Code::INVALID_ARGUMENT, "{bad}: {msg}");
+        assert!(msg.contains(&format!("entropy: {bad} bytes")), "{msg}");
+    }
+    r.entropy = vec![7; husk_protocols::guest::ENTROPY_SENT];
     let mut itf = pb::Interface::new();
     itf.name = "eth0".into();
     itf.mac = "02:00:00:00:00".into();
@@ -84,8 +92,8 @@ fn sandbox_guest_details_and_copy_file() {
 }
 
 /// An agent in a network namespace of its own (not PID 1) sets up the
-/// pod's network there: a veth NIC found by MAC, renamed, addressed and
-/// routed.
+/// pod's network there: a veth NIC found by its device MAC, given the
+/// pod's MAC, renamed, addressed and routed.
 #[test]
 fn sandbox_network_in_the_agents_own_namespace() {
     let Some(a) = TestAgent::start_with(|agent, sock, cgroup_parent| {
@@ -131,10 +139,22 @@ fn sandbox_network_in_the_agents_own_namespace() {
     let (c, msg) = common::code(a.client.create_sandbox(ctx(), &missing));
     assert_eq!(c, Code::FAILED_PRECONDITION);
     assert!(msg.contains("no NIC with MAC 02:00:00:00:00:ac"), "{msg}");
+    // As in a VM restored from a template: the NIC has the template's MAC
+    // (device_mac) and gets the pod's (mac).
+    r.interfaces[0].mac = "0a:58:0a:58:00:05".into();
+    r.interfaces[0].device_mac = "02:00:00:00:00:ac".into();
+    let (c, msg) = common::code(a.client.create_sandbox(ctx(), &r));
+    assert_eq!(c, Code::FAILED_PRECONDITION);
+    assert!(msg.contains("no NIC with MAC 02:00:00:00:00:ac"), "{msg}");
+    r.interfaces[0].device_mac = "02:00:00:00:00".into();
+    let (c, msg) = common::code(a.client.create_sandbox(ctx(), &r));
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+    assert!(msg.contains("interfaces[0].device_mac"), "{msg}");
+    r.interfaces[0].device_mac = "02:00:00:00:00:ab".into();
 
     a.client.create_sandbox(ctx(), &r).unwrap();
     let link: serde_json::Value = serde_json::from_str(&in_ns("ip -j addr show eth0")).unwrap();
-    assert_eq!(link[0]["address"], "02:00:00:00:00:ab");
+    assert_eq!(link[0]["address"], "0a:58:0a:58:00:05", "the pod's MAC");
     assert_eq!(link[0]["mtu"], 1400);
     assert_eq!(link[0]["addr_info"][0]["local"], "10.88.0.5");
     let routes = in_ns("ip route show default");

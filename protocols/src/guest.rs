@@ -1,12 +1,20 @@
 //! What the shim and the agent agree on besides the API calls: where the
-//! agent listens, how the host's disks are named, and the guest's paths the
-//! shim writes into a container's spec.
+//! agent listens, how much entropy CreateSandbox carries, how the host's
+//! disks are named, and the guest's paths the shim writes into a
+//! container's spec.
 
 /// The agent's vsock port, unless the kernel command line's
 /// [`AGENT_PORT_PARAM`] says otherwise.
 pub const AGENT_PORT: u32 = 1024;
 /// The kernel command-line parameter naming the agent's vsock port.
 pub const AGENT_PORT_PARAM: &str = "husk.agent_port";
+
+/// The sizes of CreateSandbox's `entropy` the agent takes, in bytes: at
+/// least a CRNG key's worth (256 bits), at most what one request needs.
+pub const ENTROPY_MIN: usize = 32;
+pub const ENTROPY_MAX: usize = 512;
+/// What the shim sends: twice the minimum, from the host's getrandom(2).
+pub const ENTROPY_SENT: usize = 64;
 
 /// The virtio-blk serial of the sandbox's first container's disk.
 pub const ROOT_DISK_SERIAL: &str = "husk-root";

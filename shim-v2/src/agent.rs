@@ -43,13 +43,17 @@ pub enum AgentError {
     /// The request did not get an answer: timeout, connection lost.
     #[error("agent {call}: {message}")]
     Transport { call: &'static str, message: String },
+    /// The host's getrandom(2) failed: no entropy for the guest, and a
+    /// guest restored from a template must not start without it.
+    #[error("the guest's entropy from getrandom: {0}")]
+    Entropy(#[source] std::io::Error),
 }
 
 impl AgentError {
     pub fn code(&self) -> Option<Code> {
         match self {
             AgentError::Rpc { code, .. } => Some(*code),
-            AgentError::Transport { .. } => None,
+            AgentError::Transport { .. } | AgentError::Entropy(_) => None,
         }
     }
 
@@ -175,9 +179,13 @@ impl Agent {
         Ok((sanitize(&r.kernel_release), sanitize(&r.agent_version)))
     }
 
-    /// Sets the sandbox up in the guest: hostname, clock, given one the pod
-    /// network, with `shared_fs` the shared folder's mount, and with
+    /// Sets the sandbox up in the guest: fresh entropy from the host's
+    /// getrandom (so that VMs restored from one snapshot do not share
+    /// their random numbers), hostname, clock, given one the pod network,
+    /// with `shared_fs` the shared folder's mount, and with
     /// `debug_console` the agent's leave for `husk exec` (ExecGuest).
+    /// The interfaces' `device_mac` stays empty: the NICs have the pod's
+    /// MACs.
     pub fn create_sandbox(
         &self,
         sandbox_id: &str,
@@ -200,6 +208,16 @@ impl Agent {
             r.routes = n.routes.clone();
             r.neighbors = n.neighbors.clone();
         }
+        let mut entropy = vec![0u8; husk_protocols::guest::ENTROPY_SENT];
+        let n = rustix::rand::getrandom(&mut entropy[..], rustix::rand::GetRandomFlags::empty())
+            .map_err(|e| AgentError::Entropy(e.into()))?;
+        if n != entropy.len() {
+            return Err(AgentError::Entropy(std::io::Error::other(format!(
+                "{n} of {} bytes",
+                entropy.len()
+            ))));
+        }
+        r.entropy = entropy;
         r.clock_unix_nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, nanos);

@@ -9,7 +9,8 @@
 #   - the runc peer: `uname -r` is the test machine's kernel, exit codes;
 #   - husk: `uname -r` prints the guest kernel's release; proof that the
 #     container ran in a micro-VM (a husk-vmm process during the run, a boot
-#     id and a memory size other than the test machine's); exit codes;
+#     id and a memory size other than the test machine's); two sandboxes
+#     read different /dev/urandom bytes and the host's time; exit codes;
 #     stdout and stderr apart; the runtime option ConfigPath
 #     (`--runtime-config-path`); `ctr task exec` (output, exit code, stdin);
 #     `ctr task kill` with SIGTERM and SIGKILL (143, 137) for an exec'd
@@ -78,6 +79,24 @@ check_husk_in_vm() {
     [ "${mem:-0}" -gt 65536 -a "${mem:-0}" -le 262144 ]
   want "kernel command line is not this machine's" [ -n "$(sed -n 3p <<<"$o")" -a "$(sed -n 3p <<<"$o")" != "$(cat /proc/cmdline)" ]
   want "exactly one husk-vmm process ran meanwhile" [ "$(vms_between "$t0" "$t1")" = 1 ]
+}
+check_husk_identity() {
+  # Each sandbox is its own machine (CreateSandbox: the host's entropy, the
+  # host's clock), as clones of one VM template must be.
+  local a b t0 t1 now
+  t0=$(date +%s)
+  run_ctr husk-id-1 run --rm "${husk[@]}" "$img" husk-id-1 sh -c 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo; date +%s'
+  a=$o
+  run_ctr husk-id-2 run --rm "${husk[@]}" "$img" husk-id-2 sh -c 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo; date +%s'
+  b=$o
+  t1=$(date +%s)
+  want "sandbox 1 read 16 bytes of /dev/urandom" grep -qxE '[0-9a-f]{32}' <<<"$(sed -n 1p <<<"$a")"
+  want "sandbox 2 read 16 bytes of /dev/urandom" grep -qxE '[0-9a-f]{32}' <<<"$(sed -n 1p <<<"$b")"
+  want "... and they differ ($(sed -n 1p <<<"$a") / $(sed -n 1p <<<"$b"))" [ "$(sed -n 1p <<<"$a")" != "$(sed -n 1p <<<"$b")" ]
+  for now in "$(sed -n 2p <<<"$a")" "$(sed -n 2p <<<"$b")"; do
+    want "the container's date +%s (${now:-?}) is within 2 s of the host's during the run ($t0..$t1)" \
+      [ "${now:-0}" -ge $((t0 - 2)) -a "${now:-0}" -le $((t1 + 2)) ]
+  done
 }
 check_husk_exit() {
   run_ctr husk-exit run --rm "${husk[@]}" "$img" husk-exit sh -c 'echo to-out; echo to-err >&2; exit 7'
@@ -274,6 +293,6 @@ check_husk_shim_dies() {
   want "containerd no longer reports the task running (status: $(task_status "$id"))" [ "$(task_status "$id")" != RUNNING ]
 }
 
-ctr_run_checks runc-uname runc-exit husk-uname husk-in-vm husk-exit husk-config-path \
+ctr_run_checks runc-uname runc-exit husk-uname husk-in-vm husk-identity husk-exit husk-config-path \
   husk-exec-kill husk-sigkill husk-tty husk-pod husk-bad-command husk-bad-config \
   husk-vm-dies husk-shim-dies

@@ -1,6 +1,7 @@
 //! The pod's network in the guest, from CreateSandbox: loopback up, each
-//! interface (the virtio-net NIC with its MAC) renamed, sized, addressed
-//! and up, then routes, then permanent neighbours, over rtnetlink. The
+//! interface (the virtio-net NIC with its device MAC) renamed, given the
+//! pod's MAC, sized, addressed and up, then routes, then permanent
+//! neighbours, over rtnetlink. The
 //! guest's root network namespace is the pod's: every container joins it.
 //!
 //! `plan` checks the request first, so a bad one changes nothing; a
@@ -23,8 +24,9 @@ const EEXIST: i32 = libc::EEXIST;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    /// The VM has no NIC with an interface's MAC: the host's VM config and
-    /// the request disagree.
+    /// The VM has no NIC with an interface's device MAC: the host's VM
+    /// config (or the template the VM was restored from) and the request
+    /// disagree.
     #[error("interface {name}: the guest has no NIC with MAC {mac}")]
     NoNic { name: String, mac: String },
     #[error("{what}: {source}")]
@@ -104,17 +106,17 @@ pub fn configure(p: &Plan) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Configures each interface of `p` on the link with its MAC; returns the
-/// links' indexes, in the order of `p.interfaces`.
+/// Configures each interface of `p` on the link with its device MAC;
+/// returns the links' indexes, in the order of `p.interfaces`.
 fn interfaces(nl: &mut Netlink, links: &[Link], p: &Plan) -> Result<Vec<u32>, NetError> {
     let mut found = Vec::new();
     for itf in &p.interfaces {
         let link = links
             .iter()
-            .find(|l| l.mac == Some(itf.mac))
+            .find(|l| l.mac == Some(itf.device_mac))
             .ok_or_else(|| NetError::NoNic {
                 name: itf.name.clone(),
-                mac: mac_string(&itf.mac),
+                mac: mac_string(&itf.device_mac),
             })?;
         found.push(link);
     }
@@ -153,6 +155,15 @@ fn interfaces(nl: &mut Netlink, links: &[Link], p: &Plan) -> Result<Vec<u32>, Ne
                 "interface {name}: renaming {} / setting its MTU",
                 link.name
             )))?;
+        // While the link is down: not every driver changes it live.
+        if itf.mac != itf.device_mac {
+            nl.request(&netlink::set_address(link.index, &itf.mac))
+                .map_err(failed(format!(
+                    "interface {name}: setting its MAC {} to {}",
+                    mac_string(&itf.device_mac),
+                    mac_string(&itf.mac)
+                )))?;
+        }
         for &(a, len) in &itf.addresses {
             ignore_exists(nl.request(&netlink::add_address(link.index, a, len)))
                 .map_err(failed(format!("interface {name}: adding {a}/{len}")))?;

@@ -181,6 +181,11 @@ pub fn set_link(index: u32, name: Option<&str>, mtu: Option<u32>, up: Option<boo
     m
 }
 
+/// Sets link `index`'s Ethernet address (`ip link set ... address`).
+pub fn set_address(index: u32, mac: &Mac) -> Message {
+    Message::new(RTM_NEWLINK, NLM_F_ACK, &ifinfomsg(index, 0, 0)).attr(IFLA_ADDRESS, mac)
+}
+
 /// Adds `addr`/`len` to link `index` (`ip addr add`, with the broadcast
 /// address `brd +` gives for IPv4, as CNI plugins set it).
 pub fn add_address(index: u32, addr: IpAddr, len: u8) -> Message {

@@ -28,7 +28,12 @@ pub type Mac = [u8; 6];
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
     pub name: String,
+    /// The address it gets.
     pub mac: Mac,
+    /// The address the guest's NIC has now, by which it is found: `mac`
+    /// unless the request said otherwise (a VM restored from a template,
+    /// whose NIC still has the template's).
+    pub device_mac: Mac,
     /// None: the driver's default.
     pub mtu: Option<u32>,
     pub addresses: Vec<(IpAddr, u8)>,
@@ -83,6 +88,15 @@ pub fn plan(req: &pb::CreateSandboxRequest) -> Result<Plan, String> {
         if p.interfaces.iter().any(|o| o.mac == parsed.mac) {
             return Err(format!("{f}.mac {} is given twice", itf.mac));
         }
+        if p.interfaces
+            .iter()
+            .any(|o| o.device_mac == parsed.device_mac)
+        {
+            return Err(format!(
+                "{f}: NIC {} is given twice (device_mac, or mac without one)",
+                mac_string(&parsed.device_mac)
+            ));
+        }
         p.interfaces.push(parsed);
     }
     let device = |f: &str, name: &str| {
@@ -134,12 +148,30 @@ fn interface(f: &str, itf: &pb::Interface) -> Result<Interface, String> {
         }
         addresses.push((addr, len));
     }
+    let own = nic_mac(&format!("{f}.mac"), &itf.mac)?;
+    let device_mac = match itf.device_mac.as_str() {
+        "" => own,
+        d => nic_mac(&format!("{f}.device_mac"), d)?,
+    };
     Ok(Interface {
         name: itf.name.clone(),
-        mac: mac(&format!("{f}.mac"), &itf.mac)?,
+        mac: own,
+        device_mac,
         mtu,
         addresses,
     })
+}
+
+/// A MAC a NIC can have: neither multicast (nor broadcast) nor all zeros,
+/// what the kernel's is_valid_ether_addr takes.
+fn nic_mac(f: &str, s: &str) -> Result<Mac, String> {
+    let m = mac(f, s)?;
+    if m[0] & 1 != 0 || m == [0; 6] {
+        return Err(format!(
+            "{f} {s:?} is not a NIC's address (multicast or all zeros)"
+        ));
+    }
+    Ok(m)
 }
 
 fn route(f: &str, r: &pb::Route, device: usize) -> Result<Route, String> {

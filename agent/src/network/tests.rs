@@ -134,6 +134,32 @@ fn each_bad_field_is_named() {
             |r| r.interfaces[0].mac = "02-00-00-00-00-aa".into(),
             "interfaces[0].mac",
         ),
+        (
+            |r| r.interfaces[0].mac = "03:00:00:00:00:aa".into(),
+            "interfaces[0].mac \"03:00:00:00:00:aa\" is not a NIC's address",
+        ),
+        (
+            |r| r.interfaces[0].mac = "00:00:00:00:00:00".into(),
+            "interfaces[0].mac",
+        ),
+        (
+            |r| r.interfaces[0].device_mac = "02:00:00:00:00".into(),
+            "interfaces[0].device_mac",
+        ),
+        (
+            |r| r.interfaces[0].device_mac = "ff:ff:ff:ff:ff:ff".into(),
+            "interfaces[0].device_mac",
+        ),
+        (
+            |r| {
+                let mut i = r.interfaces[0].clone();
+                i.name = "eth1".into();
+                i.mac = "02:00:00:00:00:bb".into();
+                i.device_mac = "02:00:00:00:00:AA".into();
+                r.interfaces.push(i)
+            },
+            "interfaces[1]: NIC 02:00:00:00:00:aa is given twice",
+        ),
         (|r| r.interfaces[0].mtu = 67, "interfaces[0].mtu"),
         (|r| r.interfaces[0].mtu = 65536, "interfaces[0].mtu"),
         (
@@ -267,6 +293,25 @@ fn destinations_and_macs_parse() {
     let p = plan::plan(&r).unwrap();
     assert_eq!(p.routes[1].destination, (ip("10.99.0.7"), 32));
     assert_eq!(plan::mac_string(&p.interfaces[0].mac), "02:00:00:00:00:aa");
+    assert_eq!(
+        p.interfaces[0].device_mac, p.interfaces[0].mac,
+        "no device_mac: mac"
+    );
+    r.interfaces[0].device_mac = "52:54:00:12:34:56".into();
+    let p = plan::plan(&r).unwrap();
+    assert_eq!(
+        p.interfaces[0].device_mac,
+        [0x52, 0x54, 0, 0x12, 0x34, 0x56]
+    );
+    assert_eq!(p.interfaces[0].mac, [2, 0, 0, 0, 0, 0xaa]);
+    // Two NICs trading their MACs: each MAC is still given once.
+    let mut i = r.interfaces[0].clone();
+    i.name = "eth1".into();
+    i.mac = "52:54:00:12:34:56".into();
+    i.device_mac = "02:00:00:00:00:aa".into();
+    i.addresses.clear();
+    r.interfaces.push(i);
+    assert!(plan::plan(&r).is_ok());
 }
 
 /// The attributes of an encoded request, after its fixed header of
@@ -299,6 +344,14 @@ fn link_request_is_encoded() {
     want.extend_from_slice(&4u16.to_ne_bytes()); // IFLA_MTU
     want.extend_from_slice(&1400u32.to_ne_bytes());
     assert_eq!(b, want);
+    // The address alone: no flags changed, IFLA_ADDRESS.
+    let b = netlink::set_address(7, &[2, 0, 0, 0, 0, 0xcc]).encode(1);
+    assert_eq!(
+        &b[20..32],
+        &[7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0][..],
+        "index, no flags"
+    );
+    assert_eq!(attrs_of(&b, 16), vec![(1, vec![2, 0, 0, 0, 0, 0xcc])]);
     // Down only: IFF_UP changed to 0, no attributes.
     let b = netlink::set_link(7, None, None, Some(false)).encode(1);
     assert_eq!(b.len(), 32);
@@ -478,6 +531,82 @@ fn configures_a_network_namespace() {
             err.contains("route 10.50.0.0/16 via 192.168.9.1 dev eth0"),
             "{err}"
         );
+    })
+    .join()
+    .unwrap();
+}
+
+/// A VM restored from a template: its NICs have the template's MACs
+/// (device_mac), and get the pod's. Two NICs trade MACs, which shows the
+/// NICs are found by what they had before any change; one keeps its own.
+/// Each ends with its `mac`, read back from the kernel.
+#[test]
+fn a_nic_found_by_device_mac_gets_the_pods_mac() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED a_nic_found_by_device_mac_gets_the_pods_mac: needs root");
+        return;
+    }
+    std::thread::spawn(|| {
+        crate::sys::unshare(rustix::thread::UnshareFlags::NEWNET).unwrap();
+        sh(
+            "ip link add t0 address 52:54:00:00:00:01 type veth peer name p0 && \
+            ip link add t1 address 52:54:00:00:00:02 type veth peer name p1 && \
+            ip link add t2 address 52:54:00:00:00:03 type veth peer name p2 && \
+            ip link set p0 up && ip link set p1 up && ip link set t0 up",
+        );
+        let index = |name: &str| ip_json(&["link", "show", name])[0]["ifindex"].clone();
+        let (t0, t1, t2) = (index("t0"), index("t1"), index("t2"));
+        let mut req = pb::CreateSandboxRequest::new();
+        let mut a = iface("eth0", "0a:58:0a:58:00:05", 0, &[("10.88.0.5", 24)]);
+        a.device_mac = "52:54:00:00:00:01".into();
+        let mut b = iface("eth1", "52:54:00:00:00:01", 0, &[]);
+        b.device_mac = "52:54:00:00:00:02".into();
+        let mut c = iface("eth2", "52:54:00:00:00:03", 0, &[]);
+        c.device_mac = "52:54:00:00:00:03".into(); // its own: nothing to change
+        req.interfaces = vec![a, b, c];
+        req.routes
+            .push(route("default", "10.88.0.1", "eth0", "", 0));
+
+        let mut missing = req.clone();
+        missing.interfaces[1].device_mac = "52:54:00:00:00:09".into();
+        let err = super::configure(&plan::plan(&missing).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, super::NetError::NoNic { ref name, ref mac }
+                if name == "eth1" && mac == "52:54:00:00:00:09"),
+            "{err}"
+        );
+
+        super::configure(&plan::plan(&req).unwrap()).unwrap();
+        let links = ip_json(&["link", "show"]);
+        let link = |name: &str| {
+            links
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["ifname"] == name)
+                .unwrap_or_else(|| panic!("no {name} in {links}"))
+                .clone()
+        };
+        let up = |l: &Value| l["flags"].as_array().unwrap().iter().any(|f| f == "UP");
+        let eth0 = link("eth0");
+        assert_eq!(eth0["ifindex"], t0, "eth0 is the NIC that had ..:01");
+        assert_eq!(eth0["address"], "0a:58:0a:58:00:05");
+        assert!(up(&eth0), "{eth0}");
+        let eth1 = link("eth1");
+        assert_eq!(eth1["ifindex"], t1, "eth1 is the NIC that had ..:02");
+        assert_eq!(eth1["address"], "52:54:00:00:00:01");
+        assert!(up(&eth1), "{eth1}");
+        let eth2 = link("eth2");
+        assert_eq!(eth2["ifindex"], t2);
+        assert_eq!(eth2["address"], "52:54:00:00:00:03");
+        let routes = ip_json(&["route", "show", "default"]);
+        assert_eq!(routes[0]["dev"], "eth0", "{routes}");
+        assert_eq!(routes[0]["gateway"], "10.88.0.1", "{routes}");
+
+        // The NICs now have the pod's MACs: the template's are gone.
+        let err = super::configure(&plan::plan(&req).unwrap()).unwrap_err();
+        assert!(matches!(err, super::NetError::NoNic { .. }), "{err}");
     })
     .join()
     .unwrap();
