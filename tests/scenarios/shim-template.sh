@@ -26,27 +26,28 @@ templates=$state/.templates
 template_dirs() { find "$templates" -mindepth 1 -maxdepth 1 -type d -not -name '.*' 2>/dev/null | sort; }
 # shim_log PATTERN: the containerd log's lines since this check began.
 shim_log() { tail -n +"$from" "$HUSK_CTRD_LOG" | grep -a -E "$1"; }
-# start_ms ID: how long `ctr run --rm ID true` takes, in ms (rc in $rc).
-start_ms() {
+# start ID: `ctr run --rm ID true`; its exit code in $rc, its time in $ms.
+start() {
   local t0
   t0=$(now_ms)
   run_ctr "$1" run --rm "${husk[@]}" "$img" "$1" true
-  echo $(( $(now_ms) - t0 ))
+  ms=$(( $(now_ms) - t0 ))
 }
-# guest SANDBOX CMD...: stdout of CMD run in the running container.
-n_exec=0
+# guest SANDBOX CMD...: stdout of CMD run in the running container (an
+# exec id of its own: this often runs in a subshell).
 guest() {
-  local id=$1
+  local id=$1 x
   shift
-  n_exec=$((n_exec + 1))
-  run_ctr "g$n_exec" task exec --exec-id "g$n_exec" "$id" "$@"
+  x=g$(now_ms)$RANDOM
+  run_ctr "$x" task exec --exec-id "$x" "$id" "$@"
   printf '%s' "$o"
 }
 
 check_template_made() {
   local d cold
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
-  cold=$(start_ms t-first)
+  start t-first
+  cold=$ms
   want "the first container runs (cold boot, $cold ms)" [ "$rc" = 0 ]
   want "the shim made a template" shim_log "sandbox t-first: template [0-9a-f]+ made in [0-9]+ ms"
   d=$(template_dirs)
@@ -63,8 +64,9 @@ check_template_made() {
 check_template_clones() {
   local a b ua ub host guest_s warm
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
-  [ -n "$(template_dirs)" ] || start_ms t-make >/dev/null
-  warm=$(start_ms t-warm)
+  [ -n "$(template_dirs)" ] || start t-make
+  start t-warm
+  warm=$ms
   want "a container from the template runs ($warm ms; cold was $(cat "$work/cold.ms" 2>/dev/null) ms)" [ "$rc" = 0 ]
   echo "$warm" >"$work/warm.ms"
   for id in t-a t-b; do
@@ -112,10 +114,10 @@ PY
 check_template_refused() {
   local d other
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
-  [ -n "$(template_dirs)" ] || start_ms t-make2 >/dev/null
+  [ -n "$(template_dirs)" ] || start t-make2
   d=$(template_dirs | head -n 1)
   corrupt "$d/state"
-  start_ms t-corrupt >/dev/null
+  start t-corrupt
   want "with a corrupted template the container still runs" [ "$rc" = 0 ]
   want "... the restore was refused" shim_log "t-corrupt: template [0-9a-f]+ did not restore"
   want "... naming the corruption" shim_log "checksum mismatch"
@@ -132,7 +134,7 @@ check_template_refused() {
   cp -p "$other/state" "$d/state"
   cp -p "$other/memory" "$d/memory"
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
-  start_ms t-shape >/dev/null
+  start t-shape
   want "with another shape's template the container still runs" [ "$rc" = 0 ]
   want "... the restore was refused" shim_log "t-shape: template [0-9a-f]+ did not restore"
   want "... naming the shape" shim_log "the snapshot is of another VM"
