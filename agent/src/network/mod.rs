@@ -1,8 +1,8 @@
 //! The pod's network in the guest, from CreateSandbox: loopback up, each
 //! interface (the virtio-net NIC with its device MAC) renamed, given the
 //! pod's MAC, sized, addressed and up, then routes, then permanent
-//! neighbours, over rtnetlink. The
-//! guest's root network namespace is the pod's: every container joins it.
+//! neighbours, over rtnetlink. The guest's root network namespace is the
+//! pod's: every container joins it.
 //!
 //! `plan` checks the request first, so a bad one changes nothing; a
 //! failure of the kernel after that leaves what was done so far (the
