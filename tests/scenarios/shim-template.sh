@@ -39,7 +39,7 @@ guest() {
   local id=$1 x
   shift
   x=g$(now_ms)$RANDOM
-  run_ctr "$x" task exec --exec-id "$x" "$id" "$@"
+  run_ctr "$x" task exec --exec-id "$x" "$id" "$@" >/dev/null
   printf '%s' "$o"
 }
 
@@ -77,22 +77,21 @@ check_template_clones() {
   done
   a=$(guest t-a sh -c 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"')
   b=$(guest t-b sh -c 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"')
-  want "the clones' /dev/urandom differ ($a, $b)" [ -n "$a" ] && [ "${#a}" = 32 ] && [ "$a" != "$b" ]
+  want "the clones' /dev/urandom differ ($a, $b)" [ "${#a}" = 32 ] && [ "${#b}" = 32 ] && [ "$a" != "$b" ]
   ua=$(guest t-a cat /proc/sys/kernel/random/uuid)
   ub=$(guest t-b cat /proc/sys/kernel/random/uuid)
-  want "... and their random UUIDs ($ua, $ub)" [ -n "$ua" ] && [ "$ua" != "$ub" ]
+  want "... and their random UUIDs ($ua, $ub)" [ "${#ua}" = 36 ] && [ "$ua" != "$ub" ]
   host=$(date +%s)
   guest_s=$(guest t-b date +%s)
   want "the clone's clock is the host's within 2 s ($guest_s, host $host)" \
     [ "${guest_s:-0}" -ge $((host - 2)) ] && [ "${guest_s:-0}" -le $((host + 3)) ]
   guest t-a sh -c 'exit 3' >/dev/null
   want "exec's exit code comes back (3)" [ "$rc" = 3 ]
-  want "the hostname is the sandbox's" [ "$(guest t-a hostname)" = t-a ]
   run_ctr t-a-kill task kill -s SIGKILL t-a
   wait_until 20 task_is t-a STOPPED
   run_ctr t-a-rm task delete t-a
   want "t-a: delete reports 137" grep -q "exit code 137" <<<"$e"
-  run_ctr t-b-kill task kill t-b
+  run_ctr t-b-kill task kill -s SIGKILL t-b
   wait_until 20 task_is t-b STOPPED
   run_ctr t-b-rm task delete t-b
   want "t-b: delete: exit 0" [ "$rc" = 0 ]
