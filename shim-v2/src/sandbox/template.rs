@@ -382,12 +382,7 @@ fn make_dir(path: &Path) -> Result<(), TemplateError> {
 /// 0600, after checking that it is a regular file of one link and at most
 /// `max` bytes (exactly `max` with `exact`).
 fn secure(path: &Path, max: u64, exact: bool) -> Result<(), TemplateError> {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(TemplateError::io("opening", path))?;
-    let m = f.metadata().map_err(TemplateError::io("reading", path))?;
+    let (f, m) = open_nofollow(path)?;
     if !m.is_file() || m.nlink() != 1 {
         return Err(TemplateError::bad(path, "not a regular file of one link"));
     }
@@ -411,15 +406,21 @@ fn secure(path: &Path, max: u64, exact: bool) -> Result<(), TemplateError> {
         .map_err(TemplateError::io("chmod", path))
 }
 
-/// Opens a template file read-only, refusing one that is not root's own
-/// regular file of mode 0600.
-fn open_owned(path: &Path) -> Result<OwnedFd, TemplateError> {
+/// Opens `path` read-only without following a symlink, with its metadata.
+fn open_nofollow(path: &Path) -> Result<(File, fs::Metadata), TemplateError> {
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(TemplateError::io("opening", path))?;
     let m = f.metadata().map_err(TemplateError::io("reading", path))?;
+    Ok((f, m))
+}
+
+/// Opens a template file read-only, refusing one that is not root's own
+/// regular file of mode 0600.
+fn open_owned(path: &Path) -> Result<OwnedFd, TemplateError> {
+    let (f, m) = open_nofollow(path)?;
     if !m.is_file() || m.uid() != 0 || m.mode() & 0o077 != 0 {
         return Err(TemplateError::bad(
             path,
