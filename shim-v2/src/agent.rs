@@ -137,7 +137,13 @@ impl Agent {
     fn timed<T>(&self, name: &'static str, f: impl FnOnce() -> ttrpc::Result<T>) -> Result<T> {
         let start = Instant::now();
         let r = f();
-        self.calls.record(name, start.elapsed(), r.is_ok());
+        let took = start.elapsed();
+        log::debug!(
+            "agent {name}: {} ms{}",
+            took.as_millis(),
+            if r.is_ok() { "" } else { ", failed" }
+        );
+        self.calls.record(name, took, r.is_ok());
         r.map_err(map_err(name))
     }
 

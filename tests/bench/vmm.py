@@ -15,6 +15,11 @@ Prints a table of medians over HUSK_BENCH_RUNS runs (default 5):
     (`--exit-stats`), the medians of the most frequent;
   - the monitor's own resident memory: process RSS minus the RSS of the guest
     memory mapping, with the guest idle after boot.
+Then, unless HUSK_BENCH_AGENT=0, boot-to-agent-ready (tests/bench/agent-ready.py):
+spawn -> the agent (husk's initramfs) answers Check over vsock, for husk-vmm
+cold, husk-vmm restoring a snapshot taken at agent-ready, and QEMU microvm
+cold (vhost-vsock-device and virtio-rng-device, the devices husk's VM has),
+same kernel, command line and memory, HUSK_BENCH_RUNS each, alternating.
 Then, unless HUSK_BENCH_INITCALLS=0, one more boot of each with
 `printk.time=1 initcall_debug loglevel=8` for the guest kernel's boot-time
 breakdown: its phases and slowest initcalls (the debug lines themselves
@@ -47,6 +52,8 @@ RUNS = int(os.environ.get("HUSK_BENCH_RUNS", "5"))
 BASELINE_VMM = os.environ.get("HUSK_BENCH_BASELINE_VMM") or None
 INITCALLS = os.environ.get("HUSK_BENCH_INITCALLS", "1") != "0"
 MEMORY = os.environ.get("HUSK_BENCH_MEMORY", "1") != "0"
+AGENT = os.environ.get("HUSK_BENCH_AGENT", "1") != "0"
+AGENT_READY = os.path.join(HERE, "agent-ready.py")
 CMDLINE = os.environ.get("HUSK_BENCH_CMDLINE", "console=ttyS0 panic=-1")
 BREAKDOWN_PARAMS = "printk.time=1 initcall_debug loglevel=8"
 # Under HUSK_OUT, the runner keeps the logs next to its own.
@@ -254,6 +261,39 @@ if MEMORY:
     mem = {"husk": overhead_kib(husk_cmd(TEST_INITRD, idle, exit_stats=False)),
            "qemu": overhead_kib(qemu_cmd(TEST_INITRD, idle))}
 
+
+
+def agent_ready(tag, *mode):
+    """One agent-ready.py run: its JSON result. Its folder holds sockets, so
+    it is on /run (tmpfs), not under HUSK_OUT (9p in the test machine)."""
+    d = tempfile.mkdtemp(prefix=f"husk-bench-agent-{tag}-", dir="/run")
+    cmd = [sys.executable, AGENT_READY, "--vmm", VMM, "--kernel", KERNEL, "--initrd", INITRD,
+           "--memory-mib", str(MEM_MIB), "--cmdline", CMDLINE + " husk.agent_port=1024",
+           "--timeout", "300", "--dir", d, *mode]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"agent-ready {tag} failed:\n{p.stderr[-4000:]}")
+    subprocess.run(["rm", "-rf", d])
+    return json.loads(p.stdout)
+
+
+agent = None
+if AGENT:
+    snap = tempfile.mkdtemp(prefix="husk-bench-snapshot-", dir="/run")
+    os.rmdir(snap)  # the VMM makes the folder (0700) itself
+    print("agent-ready: a husk-vmm boot snapshotted at agent-ready ...", flush=True)
+    made = agent_ready("snapshot", "--snapshot", snap)
+    snap_bytes = os.path.getsize(os.path.join(snap, "memory"))
+    snap_disk = os.stat(os.path.join(snap, "memory")).st_blocks * 512
+    agent = {"husk cold": [], "husk restored": [], "qemu cold": []}
+    for i in range(RUNS):
+        for name, mode in (("husk cold", ()), ("husk restored", ("--restore", snap)),
+                           ("qemu cold", ("--qemu", "--cid", str(100 + i)))):
+            r = agent_ready(f"{name.replace(' ', '-')}-{i}", *mode)
+            print(f"agent-ready run {i + 1}/{RUNS}: {name} {r}", flush=True)
+            agent[name].append(r)
+    subprocess.run(["rm", "-rf", snap])
+
 breakdowns = {}
 if INITCALLS:
     for name, build in VMMS:
@@ -300,6 +340,24 @@ if mem:
     row("guest memory RSS", {k: v[2] / 1024 for k, v in mem.items()}, "MiB")
 print("stalled boots retried (not timed): "
       + ", ".join(f"{c} {stalls[c]}" for c in cols))
+
+if agent:
+    print(f"\nboot (or restore) to agent-ready: spawn -> the agent answers Check over vsock; "
+          f"1 vCPU, {MEM_MIB} MiB, vsock + rng, median of {RUNS} runs")
+    cols_a = list(agent)
+    print(f"| {'metric':<34} | " + " | ".join(f"{c:>14}" for c in cols_a)
+          + f" | {'husk cold/qemu':>14} | {'restored/qemu':>14} |")
+    print(f"|{'-' * 36}|" + "|".join("-" * 16 for _ in cols_a) + f"|{'-' * 16}|{'-' * 16}|")
+    for key, label in (("connect_ms", "spawn -> vsock connection accepted"),
+                       ("ready_ms", "spawn -> agent answers Check")):
+        v = {c: median(r[key] for r in agent[c]) for c in cols_a}
+        q = v["qemu cold"]
+        ratio = lambda c: f"{v[c] / q:.2f}x" if v[c] is not None and q else "-"
+        print(f"| {label:<34} | " + " | ".join(
+            f"{'-' if v[c] is None else f'{v[c]:,.0f} ms':>14}" for c in cols_a)
+            + f" | {ratio('husk cold'):>14} | {ratio('husk restored'):>14} |")
+    print(f"snapshot at agent-ready: {made['snapshot_ms']:,.0f} ms; memory file "
+          f"{snap_bytes / 2**20:.0f} MiB, {snap_disk / 2**20:.1f} MiB of it data")
 
 # Exits: the medians over the timed boots, most frequent first.
 runs = [r for r in results["husk"] if r.get("exits")]

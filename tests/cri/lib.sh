@@ -112,7 +112,9 @@ cri_up() {
     done
     mkdir -p "$state"
     export HUSK_CONFIG=${HUSK_CONFIG:-$work/configuration.toml}
-    [ -f "$HUSK_CONFIG" ] || husk_shim_config "$HUSK_CONFIG" "$state" boot_timeout_secs=120 request_timeout_secs=120
+    # HUSK_CRI_SHIM_EXTRA: more KEY=VALUE settings (cri-pods: template=true).
+    # shellcheck disable=SC2086
+    [ -f "$HUSK_CONFIG" ] || husk_shim_config "$HUSK_CONFIG" "$state" boot_timeout_secs=120 request_timeout_secs=120 ${HUSK_CRI_SHIM_EXTRA:-}
   fi
   export HUSK_CTRD_CRI=1 HUSK_CTRD_CNI_CONF_DIR=$cni_dir HUSK_CTRD_REGISTRY=127.0.0.1:$port
   export HUSK_CTRD_DIR=${HUSK_CTRD_DIR:-/var/lib/husk-test/cri-containerd} HUSK_CTRD_LOG=${HUSK_CTRD_LOG:-$work/containerd.log}

@@ -11,8 +11,13 @@
 #     PID 1 is the pod's pause; and one /dev/shm;
 #   - bad input: a CNI network that gives a pod no interface (loopback
 #     only) fails RunPodSandbox with the reason, leaving nothing;
+#   - VM templates (template = true): B, the first pod of the default size,
+#     boots cold and leaves a template; husk pod D of the same size is
+#     restored from it, and is its own machine on the bridge: its own MAC
+#     (not B's, which the template had), hostname and IP; it fetches A's
+#     page, A and the node ping it;
 #   - after `crictl rmp`, no VMM, shim, tap, CNI netns, mount or state
-#     folder of husk's is left.
+#     folder of husk's is left (templates are a cache and stay).
 #
 #   tests/run.sh cri-pods      (in the test machine; needs KVM)
 # Results in $HUSK_OUT/cri-pods: pod configs, crictl output, containerd's
@@ -23,7 +28,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/lib.sh"
 say() { echo "[cri-pods] $*"; }
 
-cri_up cri-pods husk || exit 1
+HUSK_CRI_SHIM_EXTRA="template=true" cri_up cri-pods husk || exit 1
 img=registry.k8s.io/e2e-test-images/busybox:1.29-2
 # Every call may wait for a VM to boot in the nested machine.
 crit() { cri --timeout 600s "$@"; }
@@ -105,6 +110,29 @@ ex "$sc" ping -c 2 -W 10 "$ip_a"
 want "C (runc) pings A" [ "$rc" = 0 ]
 want "the node pings B" busybox ping -c 2 -W 10 "$ip_b"
 
+# D: a pod of B's shape, restored from the template B's boot left.
+t0=$(now_ms)
+d=$(pod d husk '{"hostname": "husk-pod-d"}')
+want "husk pod D runs ($(( ($(now_ms) - t0) / 1000 )) s)" [ -n "$d" ] || cat "$work/runp-d.err"
+restored() { grep -a -q "sandbox $d: restored from template" "$HUSK_CTRD_LOG"; }
+want "... restored from the template B left" restored
+ip_d=$(pod_ip "$d")
+sd=$(ctr_in "$d" d sleeper 0 -- sleep 100000)
+want "D's container starts (IP $ip_d)" [ -n "$sd" ]
+ex "$sb" cat /sys/class/net/eth0/address
+mac_b=$o
+ex "$sd" cat /sys/class/net/eth0/address
+mac_d=$o
+own_mac() { [ -n "$mac_d" ] && [ "$mac_d" != "$mac_b" ]; }
+want "D has a MAC of its own ($mac_d; B: $mac_b)" own_mac
+ex "$sd" hostname
+want "D's hostname is its own ($o)" [ "$o" = husk-pod-d ]
+get "$sd"
+want "D fetches A's page ($o)" grep -q hello-from-husk-pod-a <<<"$o"
+ex "$web" ping -c 2 -W 10 "$ip_d"
+want "A pings D" [ "$rc" = 0 ]
+want "the node pings D" busybox ping -c 2 -W 10 "$ip_d"
+
 ex "$web" cat /etc/resolv.conf
 dns_ok() { grep -q "^nameserver 10.88.0.1" <<<"$o" && grep -q "^search husk.test" <<<"$o" && grep -q "ndots:2" <<<"$o"; }
 want "A's resolv.conf has the pod's DNS server, search and options ($(tr '\n' ';' <<<"$o"))" dns_ok
@@ -133,8 +161,8 @@ want "a 2 GiB container in the 1 GiB pod is refused" [ -z "$big" ]
 want "... saying it does not fit" grep -q "does not fit" "$work/create-a-big.err"
 
 t0=$(now_ms)
-crit rmp -f "$a" "$b" "$c" >/dev/null
-want "crictl rmp of the three pods ($(( ($(now_ms) - t0) / 1000 )) s)" [ $? = 0 ]
+crit rmp -f "$a" "$b" "$c" "$d" >/dev/null
+want "crictl rmp of the four pods ($(( ($(now_ms) - t0) / 1000 )) s)" [ $? = 0 ]
 want "nothing of husk's is left (VMM, shim, tap, mount, state folder)" husk_wait_clean "$state" 60
 left_ns() { ls /var/run/netns/cni-* >/dev/null 2>&1; }
 want "no CNI network namespace is left" wait_until 30 not left_ns

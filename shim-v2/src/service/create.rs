@@ -7,6 +7,7 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use containerd_shim::api;
 use husk_protocols::guest::ROOT_DISK_SERIAL;
@@ -102,10 +103,13 @@ impl Inner {
     /// Creates the container of `req`; its pid for containerd (the VMM's).
     pub fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32> {
         let _creating = lock(&self.creating);
+        let mut steps = Steps::new();
         let mut plan = self.plan(req)?;
         let mut undo = Undo::default();
         mount_rootfs(&plan, req, &mut undo)?;
+        steps.done("rootfs");
         let (sb, rootfs) = self.sandbox_for(&plan, &mut undo)?;
+        steps.done(if undo.sandbox.is_some() { "vm" } else { "join" });
         if rootfs != GuestRootfs::Shared {
             // The image holds the tree now: the host mount is not needed.
             if let Some(m) = undo.mounted.take() {
@@ -121,13 +125,17 @@ impl Inner {
         if shared_root.is_some() || !plan.guest.volumes.is_empty() {
             undo.shared = Some((sb.clone(), plan.id.clone()));
             sb.share_container(&plan.id, shared_root, &plan.guest.volumes)?;
+            steps.done("share");
         }
         let owner = !matches!(plan.role, Role::PodContainer { .. });
         undo.marker = Some(write_marker(&plan.bundle, &sb.dir, owner)?);
-        let init = guest_create(&mut plan, req, &sb, &rootfs)?;
+        let init = guest_create(&mut plan, req, &sb, &rootfs, &mut steps)?;
         let new_sandbox = undo.sandbox.is_some();
         undo.disarm();
-        self.register(plan, req, sb, init, new_sandbox)
+        let (id, sandbox) = (plan.id.clone(), sb.id.clone());
+        let pid = self.register(plan, req, sb, init, new_sandbox)?;
+        log::info!("container {id} created in sandbox {sandbox} in {steps}");
+        Ok(pid)
     }
 
     /// Checks the request and finds the sandbox the container goes into.
@@ -328,8 +336,43 @@ impl Inner {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         });
-        log::info!("container {} created in sandbox {}", plan.id, sb.id);
         Ok(sb.vmm_pid())
+    }
+}
+
+/// How long each step of a Create took, for its log line: where a slow
+/// start went (the VM, the shared folder, the guest's own create).
+struct Steps {
+    start: Instant,
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        let now = Instant::now();
+        Steps {
+            start: now,
+            last: now,
+            done: Vec::new(),
+        }
+    }
+
+    fn done(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.done.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ms (", self.start.elapsed().as_millis())?;
+        for (i, (step, took)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{step} {} ms", took.as_millis())?;
+        }
+        write!(f, ")")
     }
 }
 
@@ -354,8 +397,12 @@ fn guest_create(
     req: &api::CreateTaskRequest,
     sb: &Sandbox,
     rootfs: &GuestRootfs,
+    steps: &mut Steps,
 ) -> Result<Arc<Process>> {
-    copy_host_files(sb, &plan.guest.copies)?;
+    if !plan.guest.copies.is_empty() {
+        copy_host_files(sb, &plan.guest.copies)?;
+        steps.done("copies");
+    }
     let id = plan.id.as_str();
     let join = match (&plan.role, plan.guest.joins_pid_namespace) {
         (Role::PodContainer { .. }, true) => PodJoin::WithPid,
@@ -374,6 +421,7 @@ fn guest_create(
                 "creating the container in the VM: {e}{diagnostics}"
             ))
         })?;
+    steps.done("guest");
     let stdio = StdioPaths {
         stdin: req.stdin.clone(),
         stdout: req.stdout.clone(),
@@ -382,7 +430,10 @@ fn guest_create(
     };
     let init = Arc::new(Process::new(id, "", sb.vmm_pid(), stdio.clone()));
     match Pumps::start(&sb.agent, id, "", &stdio) {
-        Ok(p) => init.set_pumps(p),
+        Ok(p) => {
+            init.set_pumps(p);
+            steps.done("stdio");
+        }
         Err(e) => {
             let _ = sb.agent.remove_container(id);
             return Err(e.into());
