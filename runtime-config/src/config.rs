@@ -420,14 +420,6 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         limits::MAX_MEMORY_MIB,
     )?;
     let template = raw.template.unwrap_or(false);
-    // A block rootfs is the first container's own disk, which the guest
-    // of a template has already probed with another image.
-    if template && rootfs == RootfsMode::Block {
-        return Err(invalid(
-            "template",
-            "needs rootfs = \"virtiofs\" (a template's guest has probed its root disk)".into(),
-        ));
-    }
     let jail = match (raw.jail.unwrap_or(true), raw.jail_uid, raw.jail_gid) {
         (false, _, _) => None,
         (true, None, None) => Some(JailUser {
@@ -616,6 +608,22 @@ impl Config {
     /// volumes, root file systems, or both.
     pub fn uses_virtio_fs(&self) -> bool {
         self.shared_fs == SharedFs::Virtiofs || self.rootfs == RootfsMode::Virtiofs
+    }
+
+    /// Whether a new VM boots with the first container's image as its root
+    /// disk (`rootfs = "block"`). Not with templates: the disk would be
+    /// part of the template's VM, whose guest probed another image. A
+    /// templated VM boots with one more pod disk slot instead, and the
+    /// first container's image goes into it after the boot (or restore),
+    /// as a later pod container's does.
+    pub fn root_disk_at_boot(&self) -> bool {
+        self.rootfs == RootfsMode::Block && !self.template
+    }
+
+    /// Whether the first container's image goes into a pod disk slot (see
+    /// [`Config::root_disk_at_boot`]).
+    pub fn first_image_in_slot(&self) -> bool {
+        self.rootfs == RootfsMode::Block && self.template
     }
 
     /// Size of a pod disk slot in bytes.

@@ -19,8 +19,9 @@
 #                CreateSandbox done (to set against bare boot)
 #
 # Then the host memory of HUSK_BENCH_IDLE (default 8) idle sandboxes
-# (`sleep`), cold-booted and then restored from one template: the sum of
-# their VMMs' RSS and PSS (and virtiofsd's, with the default virtio-fs).
+# (`sleep`), cold-booted and then restored from one template, with the
+# default virtio-fs rootfs and with rootfs = "block": the sum of their VMMs'
+# RSS and PSS (and virtiofsd's, with virtio-fs).
 #
 # Prints a table of medians (and min/max); the raw numbers go to
 # $HUSK_OUT/bench-shim/.
@@ -202,17 +203,37 @@ idle_set() {
   settle
   echo "$m"
 }
-say "memory: $idle idle sandboxes booted cold, then $idle restored from the template"
+# The same with rootfs = "block" and no virtio-fs: a restored VM's RAM is
+# then the template's memory file mapped copy-on-write, shared by clones.
+block=$work/configuration-block.toml
+husk_shim_config "$block" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 rootfs='"block"' shared_fs='"none"'
+block_tmpl=$work/configuration-block-template.toml
+husk_shim_config "$block_tmpl" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 rootfs='"block"' shared_fs='"none"' template=true
+say "memory: $idle idle sandboxes each: virtio-fs rootfs cold and from a template, block rootfs cold and from a template"
 read -r cold_rss cold_pss <<<"$(idle_set idle-cold)"
 read -r tmpl_rss tmpl_pss <<<"$(idle_set idle-tmpl "${tmpl[@]}")"
-python3 - "$idle" "$cold_rss" "$cold_pss" "$tmpl_rss" "$tmpl_pss" <<'PY'
+read -r bcold_rss bcold_pss <<<"$(idle_set idle-bcold --runtime-config-path "$block")"
+ctr_run io.containerd.husk.v2 warm-block-template --runtime-config-path "$block_tmpl" >/dev/null # makes it
+settle
+read -r btmpl_rss btmpl_pss <<<"$(idle_set idle-btmpl --runtime-config-path "$block_tmpl")"
+python3 - "$idle" "$cold_rss" "$cold_pss" "$tmpl_rss" "$tmpl_pss" \
+  "$bcold_rss" "$bcold_pss" "$btmpl_rss" "$btmpl_pss" <<'PY'
 import sys
-n, cr, cp, tr, tp = map(int, sys.argv[1:])
+n, cr, cp, tr, tp, bcr, bcp, btr, btp = map(int, sys.argv[1:])
 print(f"\nhost memory of {n} idle sandboxes (sum over their VMMs and virtiofsds, MiB)")
-print(f"| {'sandboxes':<34} | {'RSS':>9} | {'PSS':>9} |")
-print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|")
-print(f"| {f'{n} booted cold':<34} | {cr / 1024:>9.1f} | {cp / 1024:>9.1f} |")
-print(f"| {f'{n} restored from one template':<34} | {tr / 1024:>9.1f} | {tp / 1024:>9.1f} |")
-if cr and cp:
-    print(f"| {'template / cold':<34} | {tr / cr:>8.2f}x | {tp / cp:>8.2f}x |")
+print(f"| {'sandboxes':<46} | {'RSS':>9} | {'PSS':>9} |")
+print(f"|{'-' * 48}|{'-' * 11}|{'-' * 11}|")
+def row(label, r, p):
+    print(f"| {label:<46} | {r / 1024:>9.1f} | {p / 1024:>9.1f} |")
+def ratio(label, a, b, c, d):
+    if b and d:
+        print(f"| {label:<46} | {a / b:>8.2f}x | {c / d:>8.2f}x |")
+row(f"{n} virtio-fs rootfs, booted cold", cr, cp)
+row(f"{n} virtio-fs rootfs, restored from one template", tr, tp)
+ratio("  template / cold", tr, cr, tp, cp)
+row(f"{n} block rootfs, booted cold", bcr, bcp)
+row(f"{n} block rootfs, restored from one template", btr, btp)
+ratio("  template / cold", btr, bcr, btp, bcp)
+print("(a virtio-fs clone's RAM is a copy in its own memfd, which virtiofsd maps; "
+      "a block clone's is the template file mapped copy-on-write)")
 PY

@@ -7,8 +7,10 @@
 # its own entropy (different /dev/urandom bytes and random UUIDs) and the
 # host's clock; a corrupted template and one of another shape are refused,
 # removed, the container boots cold and a new template is made; a VM of
-# another size gets a template of its own. Prints the start times (cold,
-# restored). The frame is tests/shim/ctr.sh.
+# another size gets a template of its own; with rootfs = "block" the image
+# goes into a disk slot after the restore and the clone's RAM maps the
+# template copy-on-write. Prints the start times (cold, restored). The frame
+# is tests/shim/ctr.sh.
 #
 #   tests/run.sh shim-template
 # shellcheck disable=SC2317
@@ -77,14 +79,15 @@ check_template_clones() {
   done
   a=$(guest t-a sh -c 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"')
   b=$(guest t-b sh -c 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"')
-  want "the clones' /dev/urandom differ ($a, $b)" [ "${#a}" = 32 ] && [ "${#b}" = 32 ] && [ "$a" != "$b" ]
+  differ() { [ "${#1}" = "$3" ] && [ "${#2}" = "$3" ] && [ "$1" != "$2" ]; }
+  want "the clones' /dev/urandom differ ($a, $b)" differ "$a" "$b" 32
   ua=$(guest t-a cat /proc/sys/kernel/random/uuid)
   ub=$(guest t-b cat /proc/sys/kernel/random/uuid)
-  want "... and their random UUIDs ($ua, $ub)" [ "${#ua}" = 36 ] && [ "$ua" != "$ub" ]
+  want "... and their random UUIDs ($ua, $ub)" differ "$ua" "$ub" 36
   host=$(date +%s)
   guest_s=$(guest t-b date +%s)
-  want "the clone's clock is the host's within 2 s ($guest_s, host $host)" \
-    [ "${guest_s:-0}" -ge $((host - 2)) ] && [ "${guest_s:-0}" -le $((host + 3)) ]
+  near() { [ "${guest_s:-0}" -ge $((host - 2)) ] && [ "${guest_s:-0}" -le $((host + 3)) ]; }
+  want "the clone's clock is the host's within 2 s ($guest_s, host $host)" near
   guest t-a sh -c 'exit 3' >/dev/null
   want "exec's exit code comes back (3)" [ "$rc" = 3 ]
   run_ctr t-a-kill task kill -s SIGKILL t-a
@@ -140,4 +143,32 @@ check_template_refused() {
   want "... and a new template was made" shim_log "sandbox t-shape: template [0-9a-f]+ made"
 }
 
-ctr_run_checks template-made template-clones template-refused
+# rootfs = "block" (no virtiofsd): the VM boots with an empty disk slot, so
+# the template's guest has seen no image; each container's image goes into
+# that slot after the restore. The clone's RAM is the template's memory
+# file mapped copy-on-write (no virtio-fs to share it with).
+check_template_block() {
+  local cfg=$work/configuration-block.toml pid maps
+  husk_shim_config "$cfg" "$state" template=true rootfs='"block"' shared_fs='"none"' \
+    boot_timeout_secs=240 request_timeout_secs=120
+  local opt=(--runtime-config-path "$cfg")
+  from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
+  run_ctr t-blk1 run --rm "${husk[@]}" "${opt[@]}" "$img" t-blk1 sh -c 'test -x /bin/busybox && echo image-ok'
+  want "a block-rootfs container runs and sees its image ($o)" grep -q image-ok <<<"$o"
+  want "... its boot made a template" shim_log "sandbox t-blk1: template [0-9a-f]+ made"
+  run_ctr t-blk2 run -d "${husk[@]}" "${opt[@]}" "$img" t-blk2 sleep 1000
+  want "t-blk2 runs" husk_wait_task t-blk2 "$limit" || return
+  want "... restored from the block template" shim_log "sandbox t-blk2: restored from template [0-9a-f]+ in"
+  o=$(guest t-blk2 sh -c 'echo written >/tmp/w && cat /tmp/w && ls /bin/busybox')
+  want "... its image is there and its root writable ($(tr '\n' ' ' <<<"$o"))" grep -q "^/bin/busybox" <<<"$o"
+  pid=$(husk_procs | awk '$2 ~ /husk-vmm$/ { print $1 }' | head -n 1)
+  maps=$(grep -c "$state/.templates/.*/memory" "/proc/$pid/maps" 2>/dev/null)
+  want "... its RAM maps the template's memory file copy-on-write (VMM $pid, ${maps:-0} mappings)" \
+    [ "${maps:-0}" -ge 1 ]
+  run_ctr t-blk2-kill task kill -s SIGKILL t-blk2
+  wait_until 20 task_is t-blk2 STOPPED
+  run_ctr t-blk2-rm task delete t-blk2
+  want "t-blk2: delete reports 137" grep -q "exit code 137" <<<"$e"
+}
+
+ctr_run_checks template-made template-clones template-refused template-block

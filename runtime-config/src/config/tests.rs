@@ -315,12 +315,10 @@ fn path_precedence() {
 }
 
 #[test]
-fn templates_are_off_by_default_and_need_a_shared_rootfs() {
+fn templates_are_off_by_default_and_put_a_block_rootfs_in_a_slot() {
     assert!(!p("").unwrap().template);
     assert!(p("template = true").unwrap().template);
-    let e = p("template = true\nrootfs = \"block\"")
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("template") && e.contains("virtiofs"), "{e}");
+    let block = p("template = true\nrootfs = \"block\"").unwrap();
+    assert!(block.template && block.first_image_in_slot() && !block.root_disk_at_boot());
     assert!(p("template = 1").is_err());
 }

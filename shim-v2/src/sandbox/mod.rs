@@ -28,7 +28,7 @@ use husk_protocols::guest::{slot_disk_serial, AGENT_PORT};
 use husk_vm_config::control::Request;
 
 use crate::agent::Agent;
-use crate::config::{Config, RootfsMode};
+use crate::config::Config;
 use crate::metrics::SandboxStats;
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::{self, RootfsError, Slots};
@@ -438,7 +438,7 @@ fn prepare_jail(
 ) -> Result<jail::Jail, SandboxError> {
     jail::give(user, &dir.join(RUN_DIR))?;
     jail::give(user, &dir.join(VM_SPEC))?;
-    if cfg.rootfs == RootfsMode::Block {
+    if cfg.root_disk_at_boot() {
         jail::give(user, &dir.join(ROOT_IMAGE))?;
     }
     for n in 1..=slots {

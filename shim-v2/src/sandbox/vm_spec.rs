@@ -20,7 +20,7 @@ use super::state_dir::{
     slot_file, CONSOLE_LOG, CONTROL_SOCKET, ROOT_IMAGE, RUN_DIR, VM_SPEC, VSOCK,
 };
 use super::virtiofsd;
-use crate::config::{Config, RootfsMode};
+use crate::config::Config;
 use crate::sizing::VmSize;
 
 /// The guest's vsock context id (any value from 3 will do: one VM per
@@ -86,7 +86,7 @@ pub fn jail_binds(cfg: &Config, dir: &Path, slots: usize) -> Vec<jail::Bind> {
         Bind::file(&cfg.kernel_path, jail::KERNEL),
         Bind::file(&cfg.initrd_path, jail::INITRD),
     ];
-    if cfg.rootfs == RootfsMode::Block {
+    if cfg.root_disk_at_boot() {
         binds.push(Bind::file(dir.join(ROOT_IMAGE), ROOT_IMAGE));
     }
     binds.extend((1..=slots).map(|n| Bind::file(dir.join(slot_file(n)), &slot_file(n))));
@@ -111,7 +111,7 @@ pub fn vm_spec(
 ) -> VmSpec {
     let dir = &paths.files;
     let mut block = Vec::new();
-    if cfg.rootfs == RootfsMode::Block {
+    if cfg.root_disk_at_boot() {
         block.push(BlockSpec {
             id: "root".into(),
             path: dir.join(ROOT_IMAGE),
@@ -202,6 +202,21 @@ mod tests {
 
     fn base(c: &Config) -> VmSize {
         crate::sizing::size(c, crate::sizing::Limits::default())
+    }
+
+    #[test]
+    fn a_templated_block_vm_has_no_root_disk_only_slots() {
+        let c = cfg("rootfs = \"block\"\nshared_fs = \"none\"\ntemplate = true");
+        assert!(!c.root_disk_at_boot() && c.first_image_in_slot());
+        let dir = Path::new("/run/husk/t1");
+        let v = vm_spec(&c, base(&c), &VmPaths::host(&c, dir), 1, Vec::new());
+        let serials: Vec<_> = v.block.iter().map(|b| b.serial.as_deref()).collect();
+        assert_eq!(serials, [Some("husk-slot1")]);
+        assert!(jail_binds(&c, dir, 1)
+            .iter()
+            .all(|b| b.target != ROOT_IMAGE));
+        assert!(cfg("rootfs = \"block\"").root_disk_at_boot());
+        assert!(!cfg("template = true").first_image_in_slot());
     }
 
     #[test]

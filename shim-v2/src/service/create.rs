@@ -229,17 +229,7 @@ impl Inner {
             if !block {
                 return Ok((sb.clone(), GuestRootfs::Shared));
             }
-            let image = sb.dir.join(format!("image-{}.erofs", plan.id));
-            let built = rootfs::build_erofs(
-                &cfg.mkfs_erofs_path,
-                &plan.root,
-                &image,
-                &ToolLimits::for_rootfs(cfg),
-            )
-            .map_err(ServiceError::from)
-            .and_then(|_| sb.attach_image(&image).map_err(ServiceError::from));
-            let _ = std::fs::remove_file(&image);
-            return Ok((sb.clone(), GuestRootfs::Disk(built?)));
+            return Ok((sb.clone(), image_into_slot(plan, sb)?));
         }
         let dir = StateDir::create(&cfg.state_dir, &plan.sandbox_id)?;
         // From now on `shim delete` can clean up, should this shim die in
@@ -261,7 +251,7 @@ impl Inner {
         };
         write_record(&record, &dir.path)?;
         let boot_start = std::time::Instant::now();
-        if block {
+        if cfg.root_disk_at_boot() {
             rootfs::build_erofs(
                 &cfg.mkfs_erofs_path,
                 &plan.root,
@@ -269,12 +259,14 @@ impl Inner {
                 &ToolLimits::for_rootfs(cfg),
             )?;
         }
-        // Disk slots are for later containers' images.
-        let slots = if plan.role == Role::PodSandbox && block {
+        // Disk slots are for later containers' images, and with templates
+        // for the first one's too (Config::root_disk_at_boot).
+        let pod_slots = if plan.role == Role::PodSandbox && block {
             cfg.pod_disk_slots as usize
         } else {
             0
         };
+        let slots = pod_slots + usize::from(cfg.first_image_in_slot());
         let sb = Arc::new(Sandbox::boot(
             &plan.sandbox_id,
             dir,
@@ -291,7 +283,9 @@ impl Inner {
         write_record(&record, &sb.dir)?;
         // The VM was sized for these limits; only the caps can refuse them.
         sb.reserve(&plan.id, plan.limits)?;
-        let rootfs = if block {
+        let rootfs = if cfg.first_image_in_slot() {
+            image_into_slot(plan, &sb)?
+        } else if block {
             GuestRootfs::Disk(ROOT_DISK_SERIAL.to_string())
         } else {
             GuestRootfs::Shared
@@ -338,6 +332,23 @@ impl Inner {
         });
         Ok(sb.vmm_pid())
     }
+}
+
+/// Builds the container's image and writes it into a free disk slot of
+/// `sb`'s VM; the disk as the guest finds it.
+fn image_into_slot(plan: &Plan, sb: &Sandbox) -> Result<GuestRootfs> {
+    let cfg = &plan.cfg;
+    let image = sb.dir.join(format!("image-{}.erofs", plan.id));
+    let built = rootfs::build_erofs(
+        &cfg.mkfs_erofs_path,
+        &plan.root,
+        &image,
+        &ToolLimits::for_rootfs(cfg),
+    )
+    .map_err(ServiceError::from)
+    .and_then(|_| sb.attach_image(&image).map_err(ServiceError::from));
+    let _ = std::fs::remove_file(&image);
+    Ok(GuestRootfs::Disk(built?))
 }
 
 /// How long each step of a Create took, for its log line: where a slow
