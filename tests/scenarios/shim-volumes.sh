@@ -212,7 +212,7 @@ check_vfsd_death() {
   sleep 1
   run_ctr vfsd-io task exec --exec-id io "$id" sh -c 'cat /data/x; echo y >/data/y'
   want "its file I/O fails now (exec rc $rc)" [ "$rc" != 0 ]
-  want "the shim logged virtiofsd's end" wait_until 10 grep -q "virtiofsd exited" "$HUSK_CTRD_LOG"
+  want "the shim logged virtiofsd's end" wait_until 10 grep -q "sandbox $id: virtiofsd exited" "$HUSK_CTRD_LOG"
   want "the VM itself goes on" [ "$(task_status "$id")" = RUNNING ]
   want "the host's file is intact" [ "$(cat "$d/x")" = data ]
   local shim

@@ -149,6 +149,12 @@ impl Share {
         Ok(share)
     }
 
+    /// From now on virtiofsd's exit is expected (the VM is being ended:
+    /// virtiofsd leaves when its VMM does), not an error to log.
+    fn expect_exit(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
     /// Stops virtiofsd and removes the folder.
     fn stop(&mut self) {
         self.stopping.store(true, Ordering::SeqCst);
@@ -392,6 +398,9 @@ impl Sandbox {
     /// does not answer, the VMM's control socket asks for a shutdown; SIGKILL
     /// if the VM is still there after that. Then removes the state folder.
     pub fn destroy(&self) {
+        if let Some(share) = lock(&self.share).as_ref() {
+            share.expect_exit();
+        }
         if !self.vmm.is_dead() {
             if let Err(e) = self.agent.destroy_sandbox(DESTROY_REQUEST_TIMEOUT) {
                 log::warn!("sandbox {}: {e}; asking the VMM to shut down", self.id);
