@@ -189,7 +189,9 @@ def main():
             os.unlink(p)
     if a.qemu:
         # reboot=t: microvm has no i8042, so the guest resets by triple fault.
-        cmd = ["qemu-system-x86_64", "-M", "microvm", "-accel", "kvm", "-cpu", "host",
+        # acpi=off: the guest has no ACPI, so its virtio-mmio devices must be
+        # on the command line, which QEMU adds only without ACPI.
+        cmd = ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host",
                "-smp", str(a.vcpus), "-m", str(a.memory_mib), "-nodefaults", "-no-user-config",
                "-display", "none", "-no-reboot", "-serial", f"file:{console}",
                "-device", f"vhost-vsock-device,guest-cid={a.cid}",
