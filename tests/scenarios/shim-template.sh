@@ -64,7 +64,7 @@ check_template_made() {
 }
 
 check_template_clones() {
-  local a b ua ub host guest_s warm
+  local a b ua ub t0 t1 guest_s warm
   from=$(($(wc -l <"$HUSK_CTRD_LOG") + 1))
   [ -n "$(template_dirs)" ] || start t-make
   start t-warm
@@ -84,10 +84,14 @@ check_template_clones() {
   ua=$(guest t-a cat /proc/sys/kernel/random/uuid)
   ub=$(guest t-b cat /proc/sys/kernel/random/uuid)
   want "... and their random UUIDs ($ua, $ub)" differ "$ua" "$ub" 36
-  host=$(date +%s)
+  # The guest's whole second G, read while the host's clock went from T0 to
+  # T1: the guest is within a second of the host if [G, G+1) meets
+  # [T0 - 1, T1 + 1].
+  t0=$(date +%s.%N)
   guest_s=$(guest t-b date +%s)
-  near() { [ "${guest_s:-0}" -ge $((host - 2)) ] && [ "${guest_s:-0}" -le $((host + 3)) ]; }
-  want "the clone's clock is the host's within 2 s ($guest_s, host $host)" near
+  t1=$(date +%s.%N)
+  near() { awk -v g="${guest_s:-0}" -v a="$t0" -v b="$t1" 'BEGIN { exit !(g + 1 >= a - 1 && g <= b + 1) }'; }
+  want "the clone's clock is the host's within a second (guest $guest_s, host $t0 .. $t1)" near
   guest t-a sh -c 'exit 3' >/dev/null
   want "exec's exit code comes back (3)" [ "$rc" = 3 ]
   run_ctr t-a-kill task kill -s SIGKILL t-a

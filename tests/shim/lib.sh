@@ -11,6 +11,9 @@
 # VMM, the guest bzImage, the agent initramfs) and at STATE_DIR; then applies
 # the KEY=VALUE overrides (VALUE as TOML: 256, "text", true). The nested test
 # machine needs the bzImage: PVH boots of vmlinux stall there now and then.
+# HUSK_SHIM_TEMPLATE=1 turns VM templates on (template = true) unless the
+# overrides say otherwise: `HUSK_SHIM_TEMPLATE=1 tests/run.sh shim-ctr` runs
+# the shim scenarios with their sandboxes restored from templates.
 husk_shim_config() {
   local out=$1 state=$2
   shift 2
@@ -24,6 +27,7 @@ husk_shim_config() {
     "state_dir=\"$state\"" \
     "log_level=\"debug\"" \
     "debug_console=true" \
+    ${HUSK_SHIM_TEMPLATE:+template=true} \
     "$@" <<'PY'
 import re, sys
 base, out, *sets = sys.argv[1:]
