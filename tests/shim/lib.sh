@@ -37,8 +37,13 @@ top = next((i for i, l in enumerate(lines) if re.match(r"\s*\[", l)), len(lines)
 for kv in sets:
     key, value = kv.split("=", 1)
     line = f"{key} = {value}"
-    pat = re.compile(rf"\s*#?\s*{re.escape(key)}\s*=")
-    hit = next((i for i in range(top) if pat.match(lines[i])), None)
+    # The key's setting, else a commented-out one (a comment's prose that
+    # starts with "key =" must not win over the setting itself).
+    hit = None
+    for pat in (rf"\s*{re.escape(key)}\s*=", rf"\s*#\s*{re.escape(key)}\s*="):
+        hit = next((i for i in range(top) if re.match(pat, lines[i])), None)
+        if hit is not None:
+            break
     if hit is None:
         lines.insert(top, line)
         top += 1
