@@ -115,8 +115,9 @@ t0=$(now_ms)
 d=$(pod d husk '{"hostname": "husk-pod-d"}')
 want "husk pod D runs ($(( ($(now_ms) - t0) / 1000 )) s)" [ -n "$d" ] || cat "$work/runp-d.err"
 # The shim's lines reach containerd's log through a pipe: a moment later.
-restored() { grep -a -q "sandbox $d: restored from template" "$HUSK_CTRD_LOG"; }
-want "... restored from the template B left" wait_until 20 restored
+# (The pod id is an argument: inside want, $d is want's own.)
+restored() { grep -a -q "sandbox $1: restored from template" "$HUSK_CTRD_LOG"; }
+want "... restored from the template B left" wait_until 20 restored "$d"
 ip_d=$(pod_ip "$d")
 sd=$(ctr_in "$d" d sleeper 0 -- sleep 100000)
 want "D's container starts (IP $ip_d)" [ -n "$sd" ]
