@@ -169,19 +169,30 @@ PY
 # template, each a `sleep` in its own VM. Sums of their VMMs' (and their
 # virtiofsds') RSS and PSS, from /proc/PID/smaps_rollup.
 idle=${HUSK_BENCH_IDLE:-8}
-# mem_sum: "RSS_KIB PSS_KIB" summed over this test's husk-vmm and virtiofsd.
+# mem_sum: "RSS_KIB PSS_KIB CGROUP_KIB": RSS and PSS summed over this test's
+# husk-vmm and virtiofsd, and the sandboxes' cgroups' memory.current summed.
+# RSS and PSS count only pages a process has mapped: a virtio-fs clone's
+# memfd holds the template's data whether or not the guest has touched it
+# since, and its cgroup is charged for it. A block clone's cgroup is not
+# charged for the template pages it only reads (the template's maker was).
 mem_sum() {
-  local pid rss=0 pss=0 r p
+  local pid rss=0 pss=0 cg=0 r p d c
   for pid in $(husk_procs | awk '$2 ~ /(husk-vmm|virtiofsd)$/ { print $1 }'); do
     r=$(awk '/^Rss:/ { print $2 }' "/proc/$pid/smaps_rollup" 2>/dev/null)
     p=$(awk '/^Pss:/ { print $2 }' "/proc/$pid/smaps_rollup" 2>/dev/null)
     rss=$((rss + ${r:-0}))
     pss=$((pss + ${p:-0}))
   done
-  echo "$rss $pss"
+  for d in "$state"/*/; do
+    c=$(tail -n 1 "$d/cgroups" 2>/dev/null)
+    if [ -n "$c" ] && [ -r "$c/memory.current" ]; then
+      cg=$((cg + $(cat "$c/memory.current") / 1024))
+    fi
+  done
+  echo "$rss $pss $cg"
 }
 # idle_set NAME [CTR OPTIONS...]: starts $idle idle sandboxes, waits 20 s
-# for them to settle, prints "RSS PSS" (KiB), ends them.
+# for them to settle, prints mem_sum's "RSS PSS CGROUP" (KiB), ends them.
 idle_set() {
   local name=$1 n m
   shift
@@ -210,30 +221,34 @@ husk_shim_config "$block" "$state" log_level='"info"' debug_console=false boot_t
 block_tmpl=$work/configuration-block-template.toml
 husk_shim_config "$block_tmpl" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 rootfs='"block"' shared_fs='"none"' template=true
 say "memory: $idle idle sandboxes each: virtio-fs rootfs cold and from a template, block rootfs cold and from a template"
-read -r cold_rss cold_pss <<<"$(idle_set idle-cold)"
-read -r tmpl_rss tmpl_pss <<<"$(idle_set idle-tmpl "${tmpl[@]}")"
-read -r bcold_rss bcold_pss <<<"$(idle_set idle-bcold --runtime-config-path "$block")"
+cold=$(idle_set idle-cold)
+tmpl_m=$(idle_set idle-tmpl "${tmpl[@]}")
+bcold=$(idle_set idle-bcold --runtime-config-path "$block")
 ctr_run io.containerd.husk.v2 warm-block-template --runtime-config-path "$block_tmpl" >/dev/null # makes it
 settle
-read -r btmpl_rss btmpl_pss <<<"$(idle_set idle-btmpl --runtime-config-path "$block_tmpl")"
-python3 - "$idle" "$cold_rss" "$cold_pss" "$tmpl_rss" "$tmpl_pss" \
-  "$bcold_rss" "$bcold_pss" "$btmpl_rss" "$btmpl_pss" <<'PY'
+btmpl=$(idle_set idle-btmpl --runtime-config-path "$block_tmpl")
+# The templates' memory files (data on the state folder's tmpfs), KiB.
+files=$(du -k -c "$state"/.templates/*/memory 2>/dev/null | tail -n 1 | cut -f1)
+# shellcheck disable=SC2086 # four "RSS PSS CGROUP" triples
+python3 - "$idle" "${files:-0}" $cold $tmpl_m $bcold $btmpl <<'PY'
 import sys
-n, cr, cp, tr, tp, bcr, bcp, btr, btp = map(int, sys.argv[1:])
-print(f"\nhost memory of {n} idle sandboxes (sum over their VMMs and virtiofsds, MiB)")
-print(f"| {'sandboxes':<46} | {'RSS':>9} | {'PSS':>9} |")
-print(f"|{'-' * 48}|{'-' * 11}|{'-' * 11}|")
-def row(label, r, p):
-    print(f"| {label:<46} | {r / 1024:>9.1f} | {p / 1024:>9.1f} |")
-def ratio(label, a, b, c, d):
-    if b and d:
-        print(f"| {label:<46} | {a / b:>8.2f}x | {c / d:>8.2f}x |")
-row(f"{n} virtio-fs rootfs, booted cold", cr, cp)
-row(f"{n} virtio-fs rootfs, restored from one template", tr, tp)
-ratio("  template / cold", tr, cr, tp, cp)
-row(f"{n} block rootfs, booted cold", bcr, bcp)
-row(f"{n} block rootfs, restored from one template", btr, btp)
-ratio("  template / cold", btr, bcr, btp, bcp)
-print("(a virtio-fs clone's RAM is a copy in its own memfd, which virtiofsd maps; "
-      "a block clone's is the template file mapped copy-on-write)")
+n, files, *v = map(int, sys.argv[1:])
+sets = [v[i:i + 3] for i in range(0, 12, 3)]
+print(f"\nhost memory of {n} idle sandboxes (MiB): RSS and PSS summed over their VMMs and "
+      "virtiofsds, and their cgroups' memory.current")
+print(f"| {'sandboxes':<46} | {'RSS':>9} | {'PSS':>9} | {'cgroups':>9} |")
+print(f"|{'-' * 48}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
+labels = ["virtio-fs rootfs, booted cold", "virtio-fs rootfs, restored from one template",
+          "block rootfs, booted cold", "block rootfs, restored from one template"]
+for i, label in enumerate(labels):
+    print(f"| {f'{n} {label}':<46} | " + " | ".join(f"{x / 1024:>9.1f}" for x in sets[i]) + " |")
+    if i % 2:
+        base = sets[i - 1]
+        print(f"| {'  template / cold':<46} | " + " | ".join(
+            f"{a / b:>8.2f}x" if b else f"{'-':>9}" for a, b in zip(sets[i], base)) + " |")
+print(f"templates' memory files (data, on the state folder's tmpfs, once per shape): "
+      f"{files / 1024:.1f} MiB")
+print("(a virtio-fs clone's RAM is a copy in its own memfd, which virtiofsd maps: RSS counts "
+      "only the pages the guest touched since; a block clone's RAM is the template file "
+      "mapped copy-on-write, its reads charged to no clone)")
 PY
