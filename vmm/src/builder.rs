@@ -13,7 +13,7 @@ use crate::arch::x86_64::layout::{
     I8042_IRQ, I8042_PORT, I8042_PORT_LEN, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT, SERIAL_PORT_LEN,
     VIRTIO_IRQ_START, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
-use crate::arch::x86_64::{mptable, BootProtocol};
+use crate::arch::x86_64::{cpuid, mptable, BootProtocol};
 use crate::control::{ControlError, ControlServer};
 use crate::devices::bus::{Bus, BusError, SharedBusDevice};
 use crate::devices::legacy::i8042::I8042Device;
@@ -522,10 +522,13 @@ fn boot_kernel(
     );
 
     // vCPUs.
-    let supported = vm
+    let mut supported = vm
         .kvm()
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::Cpuid)?;
+    if vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        cpuid::offer_tsc_deadline(supported.as_mut_slice());
+    }
     let vcpus = (0..config.vcpus)
         .map(|i| {
             Vcpu::new(

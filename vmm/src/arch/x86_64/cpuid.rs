@@ -13,6 +13,8 @@ const LEAF1_EBX_CLFLUSH_SHIFT: u32 = 8;
 const LEAF1_EBX_CLFLUSH_LINE: u32 = 8; // 64 bytes
 /// Leaf 1 ECX bit 31: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX bit 24: the local APIC's TSC deadline mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 EDX bit 28: more than one logical processor per package.
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 4 EAX: cores per package - 1 (31:26), logical processors sharing
@@ -51,6 +53,17 @@ fn cache_eax(eax: u32, count: u32, with_cores: bool) -> u32 {
         eax & !(u32::MAX >> 6)
     };
     (eax & LEAF4_EAX_KEEP_MASK) | cores | (sharing << LEAF4_EAX_SHARING_SHIFT)
+}
+
+/// Offers the TSC deadline timer (leaf 1 ECX bit 24). KVM's supported
+/// CPUID never has it, since it depends on the in-kernel local APIC; KVM
+/// says it can with `KVM_CAP_TSC_DEADLINE_TIMER`, and then the VMM sets
+/// it. Without it Linux calibrates the APIC timer against the PIT at boot
+/// and programs it through one-shot counts.
+pub fn offer_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == 1) {
+        e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+    }
 }
 
 /// Adjusts KVM's supported CPUID entries for vCPU `cpu_index` of `cpu_count`.
@@ -122,6 +135,14 @@ pub fn adjust(entries: &mut [kvm_cpuid_entry2], cpu_index: u8, cpu_count: u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsc_deadline_is_offered_in_leaf_1_only() {
+        let mut e = [entry(1, 0), entry(7, 0)];
+        offer_tsc_deadline(&mut e);
+        assert_eq!(e[0].ecx, LEAF1_ECX_TSC_DEADLINE);
+        assert_eq!(e[1].ecx, 0);
+    }
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
