@@ -390,11 +390,16 @@ fn scenario(k: u64, q: &mut Queue, p: &Pages, out: &Outside, rng: &mut Rng) -> u
             q.offer(&[0, 2, 4, 6, 8], 5);
             5
         }
-        // Huge lengths from a valid address.
+        // Huge lengths: read from a valid address, written outside RAM.
+        // A device may fill a prefix of a writable buffer (virtio-rng fills
+        // up to 64 KiB of one), so a huge writable length from this tool's
+        // page would overwrite guest pages it does not own: the guest would
+        // wreck its own kernel, which tests nothing of the VMM.
         5 => {
+            let o = out.addrs();
             q.write_desc(0, d(buf(0), u32::MAX, F_NEXT, 1));
-            q.write_desc(1, d(buf(1), 0x8000_0000, F_WRITE, 0));
-            q.write_desc(2, d(buf(2), u32::MAX, F_WRITE, 0));
+            q.write_desc(1, d(o[0], 0x8000_0000, F_WRITE, 0));
+            q.write_desc(2, d(o[3], u32::MAX, F_WRITE, 0));
             q.offer(&[0, 2], 2);
             2
         }
@@ -447,7 +452,10 @@ fn scenario(k: u64, q: &mut Queue, p: &Pages, out: &Outside, rng: &mut Rng) -> u
                     _ => garbage,
                 };
                 let [f0, f1, n0, n1, ..] = rng.next_u64().to_le_bytes();
-                let len = u32::try_from(rng.below(8192)).unwrap_or(0);
+                // Within the page on this tool's pages: past it lies memory
+                // the guest's kernel owns (see scenario 5).
+                let max = if addr < out.ram_end { PAGE } else { 8191 };
+                let len = u32::try_from(rng.below(max + 1)).unwrap_or(0);
                 let flags = u16::from_le_bytes([f0, f1]);
                 // The random page only ever as an indirect table, never as a
                 // plain buffer: a balloon would read it as page numbers and
