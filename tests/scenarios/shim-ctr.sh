@@ -23,6 +23,11 @@
 #     no mounts under and no files in the husk state folder, no tasks or
 #     containers left.
 #
+# Templates are on (template = true): the first sandbox boots and leaves
+# the template, every later one is restored from it, so these checks cover
+# the templated start (shim-extra, shim-volumes and the CRI scenarios boot
+# theirs). HUSK_SHIM_TEMPLATE=0 boots every sandbox here too.
+#
 # Each check prints PASS or FAIL; any FAIL makes the scenario fail, after
 # the shim's and containerd's log and the guest consoles are shown.
 # The frame (containerd, sampler, check machinery, verdict) is
@@ -31,6 +36,7 @@
 # check_* functions are called by name (check in tests/shim/ctr.sh).
 # shellcheck disable=SC2317
 set -uo pipefail
+HUSK_SHIM_TEMPLATE=${HUSK_SHIM_TEMPLATE:-1}
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 # shellcheck source=../shim/ctr.sh
 source "$repo/tests/shim/ctr.sh"

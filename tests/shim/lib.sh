@@ -12,8 +12,9 @@
 # the KEY=VALUE overrides (VALUE as TOML: 256, "text", true). The nested test
 # machine needs the bzImage: PVH boots of vmlinux stall there now and then.
 # HUSK_SHIM_TEMPLATE=1 turns VM templates on (template = true) unless the
-# overrides say otherwise: `HUSK_SHIM_TEMPLATE=1 tests/run.sh shim-ctr` runs
-# the shim scenarios with their sandboxes restored from templates.
+# overrides say otherwise: `HUSK_SHIM_TEMPLATE=1 tests/run.sh shim-extra`
+# runs a shim scenario with its sandboxes restored from templates (shim-ctr
+# runs so by default; HUSK_SHIM_TEMPLATE=0 boots each of its sandboxes).
 husk_shim_config() {
   local out=$1 state=$2
   shift 2
@@ -27,7 +28,7 @@ husk_shim_config() {
     "state_dir=\"$state\"" \
     "log_level=\"debug\"" \
     "debug_console=true" \
-    ${HUSK_SHIM_TEMPLATE:+template=true} \
+    "$([ "${HUSK_SHIM_TEMPLATE:-0}" = 1 ] && echo template=true || echo template=false)" \
     "$@" <<'PY'
 import re, sys
 base, out, *sets = sys.argv[1:]
