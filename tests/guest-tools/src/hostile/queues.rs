@@ -650,4 +650,61 @@ mod tests {
         a.put(1, 2, &[0x34, 0x12]);
         assert_eq!(a.get_u16(1, 2), 0x1234);
     }
+
+    /// No scenario hands a device a writable buffer in RAM beyond one of
+    /// this tool's pages: a device may fill it, and past the page lies the
+    /// guest kernel's memory.
+    #[test]
+    fn writable_buffers_in_ram_stay_on_the_tools_pages() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let arena = Arena::new(PAGES_PER_DEVICE).unwrap();
+        let pages = Pages {
+            rings: (0..MAX_QUEUES as usize).collect(),
+            bufs: std::array::from_fn(|b| MAX_QUEUES as usize + b),
+            garbage: PAGES_PER_DEVICE - 1,
+        };
+        let own: Vec<u64> = (0..PAGES_PER_DEVICE).map(|i| arena.phys(i)).collect();
+        // RAM ends well past every page of the arena.
+        let out = Outside {
+            ram_end: own.iter().max().unwrap() + (64 << 20),
+        };
+        let mut rng = Rng::new(7);
+        let mut q = Queue {
+            arena: &arena,
+            page: pages.rings[0],
+            index: 0,
+            size: QSIZE,
+            avail_idx: 0,
+        };
+        let mut writable = 0;
+        for k in 0..1200 {
+            arena.put(q.page, 0, &[0u8; 16 * QSIZE as usize]);
+            scenario(k, &mut q, &pages, &out, &mut rng);
+            for i in 0..u64::from(QSIZE) {
+                let mut b = [0u8; 16];
+                for (j, v) in b.iter_mut().enumerate() {
+                    // SAFETY: inside the ring page (16 descriptors of 16 bytes).
+                    *v = unsafe { arena.at(q.page, i * 16 + j as u64).read_volatile() };
+                }
+                let addr = u64::from_le_bytes(b[..8].try_into().unwrap());
+                let len = u64::from(u32::from_le_bytes(b[8..12].try_into().unwrap()));
+                let flags = u16::from_le_bytes([b[12], b[13]]);
+                // The outside addresses are meant (ram_end - 8 straddles
+                // RAM's end: a device must refuse the whole range).
+                if flags & F_WRITE == 0 || flags & F_INDIRECT != 0 || out.addrs().contains(&addr) {
+                    continue;
+                }
+                writable += 1;
+                assert!(
+                    own.contains(&(addr & !(PAGE - 1))) && addr % PAGE + len <= PAGE,
+                    "scenario {}: writable {len} bytes at {addr:#x}, past the tool's pages",
+                    k % 12
+                );
+            }
+        }
+        assert!(writable > 100, "only {writable} writable buffers checked");
+    }
 }
