@@ -20,6 +20,7 @@
 //! start_delay (seconds to wait after the start line, for the host's
 //! baseline).
 
+mod arena;
 mod mmio;
 mod queues;
 mod rng;

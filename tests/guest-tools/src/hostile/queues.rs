@@ -2,22 +2,21 @@
 //! submits descriptor chains no driver would: loops, overlaps, addresses
 //! outside guest RAM, huge lengths, indirect tables of garbage; and rings
 //! laid outside RAM. The rings and buffers live in locked pages of this
-//! process, whose guest physical addresses come from /proc/self/pagemap.
+//! process, whose guest physical addresses come from /proc/self/pagemap
+//! ([`crate::arena`]).
 //!
 //! Only this process's own pages or addresses outside RAM are ever handed
 //! to a device: a device writing where it was told must not corrupt the
 //! guest kernel the tool runs on.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::arena::{Arena, PAGE};
 use crate::mmio::Window;
 use crate::rng::Rng;
 
-const PAGE: u64 = 4096;
 /// Every queue is set up with (at most) this many descriptors.
 const QSIZE: u16 = 16;
 /// Queues a device may have that the tool sets up.
@@ -56,115 +55,6 @@ const F_INDIRECT: u16 = 4;
 /// Ring offsets inside a queue's page.
 const AVAIL_OFF: u64 = 0x400;
 const USED_OFF: u64 = 0x800;
-
-/// Anonymous pages locked in RAM, with their guest physical addresses.
-pub struct Arena {
-    ptr: *mut u8,
-    len: usize,
-    phys: Vec<u64>,
-}
-
-impl Arena {
-    pub fn new(pages: usize) -> io::Result<Self> {
-        let page = usize::try_from(PAGE).map_err(io::Error::other)?;
-        let len = pages * page;
-        // SAFETY: a fresh private anonymous mapping; the result is checked
-        // and the mapping is owned by the Arena, which unmaps it on drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let mut arena = Self {
-            ptr: ptr.cast(),
-            len,
-            phys: Vec::with_capacity(pages),
-        };
-        // SAFETY: ptr/len is the mapping just made.
-        if unsafe { libc::mlock(ptr, len) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        arena.bytes_mut().fill(0xff);
-        let pagemap = File::open("/proc/self/pagemap")?;
-        for i in 0..pages {
-            let vaddr = ptr as u64 + (i as u64) * PAGE;
-            let mut entry = [0u8; 8];
-            pagemap.read_exact_at(&mut entry, vaddr / PAGE * 8)?;
-            let entry = u64::from_le_bytes(entry);
-            let pfn = entry & ((1 << 55) - 1);
-            if entry >> 63 == 0 || pfn == 0 {
-                return Err(io::Error::other(
-                    "no page frame numbers in /proc/self/pagemap (not root?)",
-                ));
-            }
-            arena.phys.push(pfn * PAGE);
-        }
-        Ok(arena)
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is len bytes, readable and writable, and only
-        // reachable through this Arena. Devices may write it concurrently,
-        // which is why rings are read back with volatile reads.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-
-    pub fn phys(&self, page: usize) -> u64 {
-        self.phys[page]
-    }
-
-    fn at(&self, page: usize, offset: u64) -> *mut u8 {
-        let off = usize::try_from(page as u64 * PAGE + offset).unwrap_or(usize::MAX);
-        assert!(off < self.len, "arena offset out of range");
-        // SAFETY: off < len: inside the mapping.
-        unsafe { self.ptr.add(off) }
-    }
-
-    fn put(&self, page: usize, offset: u64, bytes: &[u8]) {
-        let p = self.at(page, offset);
-        assert!(offset + bytes.len() as u64 <= PAGE, "write past a page");
-        for (i, b) in bytes.iter().enumerate() {
-            // SAFETY: p + i stays inside the page (checked above); volatile
-            // because a device reads it from another thread of the host.
-            unsafe { p.add(i).write_volatile(*b) };
-        }
-    }
-
-    fn get_u16(&self, page: usize, offset: u64) -> u16 {
-        let p = self.at(page, offset);
-        let mut b = [0u8; 2];
-        for (i, v) in b.iter_mut().enumerate() {
-            // SAFETY: inside the page; volatile because a device writes it.
-            *v = unsafe { p.add(i).read_volatile() };
-        }
-        u16::from_le_bytes(b)
-    }
-
-    fn fill(&self, page: usize, rng: Option<&mut Rng>) {
-        let mut buf = [0xffu8; 4096];
-        if let Some(rng) = rng {
-            rng.fill(&mut buf);
-        }
-        self.put(page, 0, &buf);
-    }
-}
-
-impl Drop for Arena {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `new`.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
-        }
-    }
-}
 
 /// A descriptor as the device reads it.
 #[derive(Clone, Copy)]
@@ -632,25 +522,6 @@ mod tests {
         assert_eq!(b[14..], 7u16.to_le_bytes());
     }
 
-    /// Root reads page frame numbers from /proc/self/pagemap; each locked
-    /// page gets its own.
-    #[test]
-    fn the_arena_knows_its_physical_pages() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(Arena::new(2).is_err(), "a non-root reader gets no PFNs");
-            return;
-        }
-        let a = Arena::new(4).unwrap();
-        let mut phys: Vec<u64> = (0..4).map(|i| a.phys(i)).collect();
-        assert!(phys.iter().all(|p| *p != 0 && p % PAGE == 0));
-        phys.sort_unstable();
-        phys.dedup();
-        assert_eq!(phys.len(), 4);
-        a.put(1, 2, &[0x34, 0x12]);
-        assert_eq!(a.get_u16(1, 2), 0x1234);
-    }
-
     /// No scenario hands a device a writable buffer in RAM beyond one of
     /// this tool's pages: a device may fill it, and past the page lies the
     /// guest kernel's memory.
@@ -685,10 +556,7 @@ mod tests {
             scenario(k, &mut q, &pages, &out, &mut rng);
             for i in 0..u64::from(QSIZE) {
                 let mut b = [0u8; 16];
-                for (j, v) in b.iter_mut().enumerate() {
-                    // SAFETY: inside the ring page (16 descriptors of 16 bytes).
-                    *v = unsafe { arena.at(q.page, i * 16 + j as u64).read_volatile() };
-                }
+                arena.get(q.page, i * 16, &mut b);
                 let addr = u64::from_le_bytes(b[..8].try_into().unwrap());
                 let len = u64::from(u32::from_le_bytes(b[8..12].try_into().unwrap()));
                 let flags = u16::from_le_bytes([b[12], b[13]]);
