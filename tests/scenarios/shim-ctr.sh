@@ -25,8 +25,9 @@
 #
 # Templates are on (template = true): the first sandbox boots and leaves
 # the template, every later one is restored from it, so these checks cover
-# the templated start (shim-extra, shim-volumes and the CRI scenarios boot
-# theirs). HUSK_SHIM_TEMPLATE=0 boots every sandbox here too.
+# the templated start (as shim-extra and shim-volumes do; shim-restart,
+# shim-install, husk-cli and the CRI scenarios boot theirs).
+# HUSK_SHIM_TEMPLATE=0 boots every sandbox here.
 #
 # Each check prints PASS or FAIL; any FAIL makes the scenario fail, after
 # the shim's and containerd's log and the guest consoles are shown.

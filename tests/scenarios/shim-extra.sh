@@ -9,6 +9,10 @@
 # ping and HTTP), and the bad network inputs. After each check nothing may
 # be left.
 #
+# Templates are on (template = true), as in shim-ctr: the first sandbox of a
+# VM shape boots and leaves its template, the later ones are restored from
+# it. HUSK_SHIM_TEMPLATE=0 boots every sandbox.
+#
 #   tests/run.sh shim-extra   (after scripts/build.sh, which builds the
 #                              shim-client example it uses)
 # The frame (containerd, sampler, check machinery, verdict) is
@@ -16,6 +20,7 @@
 # check_* functions are called by name (check in tests/shim/ctr.sh).
 # shellcheck disable=SC2317
 set -uo pipefail
+HUSK_SHIM_TEMPLATE=${HUSK_SHIM_TEMPLATE:-1}
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 # shellcheck source=../shim/ctr.sh
 source "$repo/tests/shim/ctr.sh"

@@ -25,6 +25,10 @@
 # After every check nothing may be left (tests/shim/ctr.sh): no VMM, no
 # virtiofsd, no mount under and no file in the state folder.
 #
+# Templates are on (template = true), as in shim-ctr: the first sandbox of a
+# VM shape boots and leaves its template, the later ones are restored from
+# it. HUSK_SHIM_TEMPLATE=0 boots every sandbox.
+#
 # HUSK_BENCH_VOLUMES=1 adds the measurement of the issue (bench): `ctr run
 # --rm IMAGE true` of busybox and of busybox plus a 300 MiB layer, with
 # rootfs = "virtiofs", rootfs = "block" and runc, as a table (median of
@@ -36,6 +40,7 @@
 # check_* functions are called by name (check in tests/shim/ctr.sh).
 # shellcheck disable=SC2317
 set -uo pipefail
+HUSK_SHIM_TEMPLATE=${HUSK_SHIM_TEMPLATE:-1}
 repo=${HUSK_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 # shellcheck source=../shim/ctr.sh
 source "$repo/tests/shim/ctr.sh"
