@@ -6,7 +6,8 @@
 # mapping) must fall by most of that once the guest reports the pages free
 # (the kernel reports every ~2 s, a sixteenth of its free lists at a time:
 # "about 30 seconds" for all of it, says mm/page_reporting.c; measured in
-# the test machine: 300 MiB back in about 4 s). Prints the RSS before the
+# the test machine: 300 MiB back in about 4 s), and the control socket's
+# status must count at least that much reported. Prints the RSS before the
 # touch, after it, and after the free.
 set -euo pipefail
 source "$HUSK_REPO/tests/lib/common.sh"
@@ -27,7 +28,8 @@ cat >"$work/vm.json" <<JSON
     "cmdline": "console=ttyS0 panic=-1 husk.test=balloon"
   },
   "serial": { "output": "file", "path": "$console" },
-  "balloon": { "free_page_reporting": true }
+  "balloon": { "free_page_reporting": true },
+  "control_socket": "$work/ctl"
 }
 JSON
 
@@ -73,6 +75,20 @@ while :; do
   sleep 1
 done
 took=$(( $(now_ms) - freed_at ))
+# The status's count of what the guest reported (the shim waits on it
+# before it takes a template).
+status=$(python3 - "$work/ctl" <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(60)
+s.connect(sys.argv[1])
+s.sendall(b'{"op":"status"}\n')
+print(s.makefile("rb").readline().decode().strip())
+PY
+)
+reported_mib=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["counters"]["free_pages"]["reported_bytes"] >> 20)' "$status") ||
+  fail "no free page count in the status: $status"
+echo "status: $(( reported_mib )) MiB of free pages reported"
 echo "husk-vmm VmRSS: before touch $(( before / 1024 )) MiB, after touching ${touch_mib} MiB $(( touched / 1024 )) MiB, $(( took / 1000 )).$(( took % 1000 / 100 )) s after the free $(( after / 1024 )) MiB"
 kill -TERM "$vmm"
 set +e
@@ -87,6 +103,8 @@ grep -E 'balloon' "$work/vmm.log" | sed 's/^/    vmm| /' || true
   fail "touching ${touch_mib} MiB in the guest grew husk-vmm's RSS by only $(( (touched - before) / 1024 )) MiB"
 [ $(( (touched - after) / 1024 )) -ge "$want_back_mib" ] ||
   fail "husk-vmm's RSS fell by $(( (touched - after) / 1024 )) MiB in ${wait_secs} s, wanted ${want_back_mib}"
+[ "$reported_mib" -ge $(( (touched - after) / 1024 )) ] ||
+  fail "the status counts ${reported_mib} MiB reported, less than the $(( (touched - after) / 1024 )) MiB the RSS fell"
 if grep -q 'free page report refused' "$work/vmm.log"; then fail "the VMM refused some of the guest's reports"; fi
 no_leftovers husk-vmm
 rm -rf "$work"

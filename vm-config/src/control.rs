@@ -137,12 +137,24 @@ pub struct LogCount {
     pub capped: bool,
 }
 
+/// Free page reporting (virtio-balloon): the guest's free memory the VMM
+/// gave back to the host, and the reported ranges it refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreePageCount {
+    pub reported_bytes: u64,
+    pub reported_ranges: u64,
+    pub refused_ranges: u64,
+}
+
 /// The counters a status reply carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmCounters {
     pub guest_faults: BTreeMap<GuestFaultKind, FaultCount>,
     pub console: ConsoleCount,
     pub log: LogCount,
+    /// Zero without a balloon, or one without free page reporting.
+    #[serde(default)]
+    pub free_pages: FreePageCount,
 }
 
 /// A control reply.

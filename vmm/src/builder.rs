@@ -191,10 +191,17 @@ impl VirtioContext<'_> {
 
 /// Attaches the config's virtio devices (block, net, fs, vsock, rng, balloon), each behind
 /// its own virtio-mmio transport placed with [`VirtioContext::add_mmio_device`].
+/// The virtio devices attached: their transports in attach order, and the
+/// balloon, whose counters the status reports.
+pub struct Attached {
+    pub transports: Vec<SharedTransport>,
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
+}
+
 pub fn attach_virtio_devices(
     config: &VmConfig,
     ctx: &mut VirtioContext<'_>,
-) -> Result<Vec<SharedTransport>, BuildError> {
+) -> Result<Attached, BuildError> {
     let mut attached = Vec::new();
     // Block devices first, in config order, so the guest names them
     // vda, vdb, ... as the description lists them.
@@ -235,12 +242,18 @@ pub fn attach_virtio_devices(
         let rng = Rng::new().map_err(|e| device_error("rng".to_string(), e))?;
         attached.push(attach(ctx, rng, "virtio-rng")?);
     }
+    let mut balloon = None;
     if let Some(b) = &config.balloon {
-        let balloon = Balloon::new(b.free_page_reporting)
+        let device = Balloon::new(b.free_page_reporting)
             .map_err(|e| device_error("balloon".to_string(), e))?;
-        attached.push(attach(ctx, balloon, "virtio-balloon")?);
+        let device = Arc::new(Mutex::new(device));
+        attached.push(attach_shared(ctx, device.clone(), "virtio-balloon")?);
+        balloon = Some(device);
     }
-    Ok(attached)
+    Ok(Attached {
+        transports: attached,
+        balloon,
+    })
 }
 
 fn device_error(what: String, e: impl std::error::Error + Send + Sync + 'static) -> BuildError {
@@ -260,7 +273,18 @@ fn attach<D>(
 where
     D: VirtioDevice + MutEventSubscriber + 'static,
 {
-    let device = Arc::new(Mutex::new(device));
+    attach_shared(ctx, Arc::new(Mutex::new(device)), kind)
+}
+
+/// [`attach`] of a device the caller keeps a handle to.
+fn attach_shared<D>(
+    ctx: &mut VirtioContext<'_>,
+    device: Arc<Mutex<D>>,
+    kind: &'static str,
+) -> Result<SharedTransport, BuildError>
+where
+    D: VirtioDevice + MutEventSubscriber + 'static,
+{
     let irq = Arc::new(IrqTrigger::new(eventfd()?));
     let transport = MmioTransport::new(ctx.mem.clone(), device.clone(), irq.clone())
         .map_err(|e| device_error(kind.to_string(), e))?;
@@ -316,6 +340,7 @@ pub fn build_vm(
     restore: Option<&SnapshotSource>,
 ) -> Result<BuiltVm, BuildError> {
     let shape = VmShape::of(config);
+    let started = std::time::Instant::now();
     let snapshot = match restore {
         Some(source) => {
             let state = SnapshotState::read_source(source)?;
@@ -349,6 +374,9 @@ pub fn build_vm(
             memory::create(config.memory_mib, config.hugepages, backing)?
         }
     };
+    // How long a restore spent on the snapshot's files (the state read and
+    // checked, the memory mapped or copied), for its log line.
+    let files_ms = started.elapsed().as_millis();
     let vm = Vm::new()?;
     vm.register_memory(&mem)?;
     let mut event_manager = EventManager::new()?;
@@ -404,7 +432,10 @@ pub fn build_vm(
     let mut mmio_bus = Bus::new();
     let mut cmdline = loader::new_cmdline(&config.kernel.cmdline)?;
     let mut slots = MmioSlots::new();
-    let transports = attach_virtio_devices(
+    let Attached {
+        transports,
+        balloon,
+    } = attach_virtio_devices(
         config,
         &mut VirtioContext {
             vm: &vm,
@@ -424,7 +455,7 @@ pub fn build_vm(
         }
     };
     let vcpus = match snapshot {
-        Some(state) => restore_state(&vm, state, &transports)?,
+        Some(state) => restore_state(&vm, state, &transports, files_ms)?,
         None => boot_kernel(config, &vm, &mem, &cmdline)?,
     };
     let vcpus: Vec<Vcpu> = vcpus
@@ -477,6 +508,7 @@ pub fn build_vm(
             mmio_bus,
             serial,
             transports: shape.devices.into_iter().zip(transports).collect(),
+            balloon,
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             kernel_bytes: shape.kernel_bytes,
@@ -552,6 +584,7 @@ fn restore_state(
     vm: &Vm,
     state: SnapshotState,
     transports: &[SharedTransport],
+    files_ms: u128,
 ) -> Result<Vec<Vcpu>, BuildError> {
     state.vm.restore(vm.fd())?;
     let vcpus = (0u8..)
@@ -571,6 +604,7 @@ fn restore_state(
     tracing::info!(
         vcpus = vcpus.len(),
         devices = state.devices.len(),
+        files_ms,
         "VM state restored from the snapshot"
     );
     Ok(vcpus)

@@ -11,13 +11,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use std::path::Path;
 
-use husk_vm_config::control::{Request, Response, SnapshotInfo, VmState};
+use husk_vm_config::control::{
+    FreePageCount, Request, Response, SnapshotInfo, VmCounters, VmState,
+};
 
 use crate::builder::SharedTransport;
 use crate::control::ControlServer;
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::I8042Device;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::balloon::Balloon;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::GuestMemory;
 use crate::signals;
@@ -49,6 +52,8 @@ pub struct VmResources {
     /// virtio device (in attach order, named as the shape names them).
     pub serial: Arc<Mutex<SerialDevice>>,
     pub transports: Vec<(DeviceId, SharedTransport)>,
+    /// For the status's free page counters.
+    pub balloon: Option<Arc<Mutex<Balloon>>>,
     pub vcpus: u8,
     pub memory_mib: u64,
     pub kernel_bytes: Option<u64>,
@@ -248,10 +253,24 @@ impl Vmm {
         }
     }
 
+    /// What a status reports: the logger's counters and the balloon's.
+    fn counters(&self) -> VmCounters {
+        let mut counters = crate::logger::counters();
+        if let Some(balloon) = &self.resources.balloon {
+            let s = balloon.lock().unwrap_or_else(|e| e.into_inner()).stats();
+            counters.free_pages = FreePageCount {
+                reported_bytes: s.reported_bytes,
+                reported_ranges: s.reported_ranges,
+                refused_ranges: s.refused_ranges,
+            };
+        }
+        counters
+    }
+
     fn handle_request(&mut self, request: Request) -> Response {
         tracing::debug!("control request {request:?}");
         match request {
-            Request::Status {} => Response::status(self.state, crate::logger::counters()),
+            Request::Status {} => Response::status(self.state, self.counters()),
             Request::Pause {} => match self.pause() {
                 Ok(()) => Response::state(self.state),
                 Err(e) => Response::error(e),

@@ -20,6 +20,12 @@ use super::*;
 /// How long a snapshot for a template may take (it writes the guest's
 /// touched memory).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most a template waits for its guest's first free page report (the
+/// guest's kernel sends it 2 s after its balloon driver starts).
+const FREE_PAGE_WAIT: Duration = Duration::from_secs(6);
+/// A report is over once the VMM's count has held this long.
+const FREE_PAGE_QUIET: Duration = Duration::from_millis(600);
+const STATUS_POLL: Duration = Duration::from_millis(100);
 
 /// A template to restore: its open files (state, memory) and the MACs its
 /// guest's NICs have.
@@ -325,6 +331,11 @@ impl TemplatePlan {
             resume: true,
         };
         let socket = sandbox.dir.join(RUN_DIR).join(CONTROL_SOCKET);
+        let freed_mib = if boot.cfg.free_page_reporting {
+            await_free_page_report(&socket) >> 20
+        } else {
+            0
+        };
         let meta = Meta {
             key: self.key.clone(),
             inputs: self.inputs.clone(),
@@ -340,7 +351,8 @@ impl TemplatePlan {
         };
         match result {
             Ok(info) => log::info!(
-                "sandbox {}: template {} made in {} ms ({} of {} MiB of memory written)",
+                "sandbox {}: template {} made in {} ms ({} of {} MiB of memory written; \
+                 {freed_mib} MiB free memory given back before)",
                 boot.id,
                 self.key,
                 started.elapsed().as_millis(),
@@ -353,6 +365,42 @@ impl TemplatePlan {
             }
         }
     }
+}
+
+/// Waits, at most [`FREE_PAGE_WAIT`], until the guest has reported its
+/// free memory and the VMM's count has held for [`FREE_PAGE_QUIET`]; the
+/// bytes given back. A template taken after the report leaves the free
+/// pages out of its memory file (they are holes), and its clones do not
+/// repeat the report, and the host work it makes, as their containers
+/// start.
+fn await_free_page_report(socket: &Path) -> u64 {
+    let started = Instant::now();
+    let mut last = 0u64;
+    let mut held_since = Instant::now();
+    while started.elapsed() < FREE_PAGE_WAIT {
+        let reported = match control::request(socket, Request::Status {}, SNAPSHOT_TIMEOUT) {
+            Ok(Response {
+                counters: Some(c), ..
+            }) => c.free_pages.reported_bytes,
+            Ok(_) => return last,
+            Err(e) => {
+                log::debug!("template: status for the free page report: {e}");
+                return last;
+            }
+        };
+        if reported != last {
+            last = reported;
+            held_since = Instant::now();
+        } else if reported > 0 && held_since.elapsed() >= FREE_PAGE_QUIET {
+            return reported;
+        }
+        std::thread::sleep(STATUS_POLL);
+    }
+    log::debug!(
+        "template: the guest's free page report did not settle in {} s",
+        FREE_PAGE_WAIT.as_secs()
+    );
+    last
 }
 
 /// Creates a folder of the jail (0700) unless a failed restore left it.
@@ -379,5 +427,100 @@ fn clear_run_dir(run: &Path) {
         if let Err(err) = gone {
             log::warn!("{}: {err}", p.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use husk_vm_config::control::{FreePageCount, VmCounters, VmState};
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    /// A stand-in VMM control socket answering each status with the next
+    /// of `reported` (then the last one), or with `reply` as given.
+    fn serve(
+        reported: Vec<u64>,
+        reply: Option<&'static str>,
+    ) -> (PathBuf, std::thread::JoinHandle<usize>) {
+        let dir = std::env::temp_dir().join(format!(
+            "husk-free-pages-{}-{}",
+            std::process::id(),
+            reported.len()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctl.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let handle = std::thread::spawn(move || {
+            let mut served = 0;
+            let idle = Instant::now();
+            while idle.elapsed() < Duration::from_secs(10) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                s.set_nonblocking(false).unwrap();
+                let mut line = Vec::new();
+                BufReader::new(&s).read_until(b'\n', &mut line).unwrap();
+                let text = match reply {
+                    Some(r) => r.to_string(),
+                    None => {
+                        let n = reported[served.min(reported.len() - 1)];
+                        let counters = VmCounters {
+                            free_pages: FreePageCount {
+                                reported_bytes: n,
+                                ..Default::default()
+                            },
+                            ..Default::default()
+                        };
+                        serde_json::to_string(&Response::status(VmState::Running, counters))
+                            .unwrap()
+                    }
+                };
+                s.write_all(format!("{text}\n").as_bytes()).unwrap();
+                served += 1;
+                if reply.is_some() {
+                    break;
+                }
+            }
+            served
+        });
+        (path, handle)
+    }
+
+    #[test]
+    fn a_template_waits_for_the_report_to_settle() {
+        let (path, server) = serve(vec![0, 0, 0, 128 << 20, 216 << 20], None);
+        let t0 = Instant::now();
+        assert_eq!(await_free_page_report(&path), 216 << 20);
+        // It held for the quiet time after the last change, and no longer
+        // than the wait.
+        assert!(t0.elapsed() >= FREE_PAGE_QUIET + STATUS_POLL * 4);
+        assert!(t0.elapsed() < FREE_PAGE_WAIT);
+        drop(server);
+        let _ = fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_guest_that_never_reports_costs_the_bounded_wait_only() {
+        let (path, server) = serve(vec![0], None);
+        let t0 = Instant::now();
+        assert_eq!(await_free_page_report(&path), 0);
+        assert!(t0.elapsed() >= FREE_PAGE_WAIT);
+        assert!(t0.elapsed() < FREE_PAGE_WAIT + Duration::from_secs(2));
+        drop(server);
+        let _ = fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_refused_status_ends_the_wait() {
+        let (path, server) = serve(vec![1, 2, 3], Some(r#"{"ok":false,"error":"nope"}"#));
+        let t0 = Instant::now();
+        assert_eq!(await_free_page_report(&path), 0);
+        assert!(t0.elapsed() < Duration::from_secs(1));
+        assert_eq!(server.join().unwrap(), 1);
+        let _ = fs::remove_dir_all(path.parent().unwrap());
     }
 }

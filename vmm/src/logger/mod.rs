@@ -36,6 +36,8 @@ pub fn counters() -> VmCounters {
         guest_faults: guest::FAULTS.counts(),
         console: console::COUNTERS.count(),
         log: log_file::LOG.count(),
+        // The balloon's, which the VMM adds (it is no logger counter).
+        free_pages: Default::default(),
     }
 }
 
