@@ -369,16 +369,20 @@ impl TemplatePlan {
 
 /// Waits, at most [`FREE_PAGE_WAIT`], until the guest has reported its
 /// free memory and the VMM's count has held for [`FREE_PAGE_QUIET`]; the
-/// bytes given back. A template taken after the report leaves the free
-/// pages out of its memory file (they are holes), and its clones do not
-/// repeat the report, and the host work it makes, as their containers
-/// start.
+/// bytes given back. Its clones then find their free memory reported
+/// already, and do not repeat the report (and the host work it makes) as
+/// their containers start.
 fn await_free_page_report(socket: &Path) -> u64 {
     let started = Instant::now();
     let mut last = 0u64;
     let mut held_since = Instant::now();
-    while started.elapsed() < FREE_PAGE_WAIT {
-        let reported = match control::request(socket, Request::Status {}, SNAPSHOT_TIMEOUT) {
+    loop {
+        let left = FREE_PAGE_WAIT.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        // A status that hangs must not stretch the wait past its bound.
+        let reported = match control::request(socket, Request::Status {}, left.max(STATUS_POLL)) {
             Ok(Response {
                 counters: Some(c), ..
             }) => c.free_pages.reported_bytes,
