@@ -189,8 +189,6 @@ impl VirtioContext<'_> {
     }
 }
 
-/// Attaches the config's virtio devices (block, net, fs, vsock, rng, balloon), each behind
-/// its own virtio-mmio transport placed with [`VirtioContext::add_mmio_device`].
 /// The virtio devices attached: their transports in attach order, and the
 /// balloon, whose counters the status reports.
 pub struct Attached {
@@ -198,6 +196,8 @@ pub struct Attached {
     pub balloon: Option<Arc<Mutex<Balloon>>>,
 }
 
+/// Attaches the config's virtio devices (block, net, fs, vsock, rng, balloon), each behind
+/// its own virtio-mmio transport placed with [`VirtioContext::add_mmio_device`].
 pub fn attach_virtio_devices(
     config: &VmConfig,
     ctx: &mut VirtioContext<'_>,

@@ -11,9 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use std::path::Path;
 
-use husk_vm_config::control::{
-    FreePageCount, Request, Response, SnapshotInfo, VmCounters, VmState,
-};
+use husk_vm_config::control::{Request, Response, SnapshotInfo, VmCounters, VmState};
 
 use crate::builder::SharedTransport;
 use crate::control::ControlServer;
@@ -257,12 +255,10 @@ impl Vmm {
     fn counters(&self) -> VmCounters {
         let mut counters = crate::logger::counters();
         if let Some(balloon) = &self.resources.balloon {
-            let s = balloon.lock().unwrap_or_else(|e| e.into_inner()).stats();
-            counters.free_pages = FreePageCount {
-                reported_bytes: s.reported_bytes,
-                reported_ranges: s.reported_ranges,
-                refused_ranges: s.refused_ranges,
-            };
+            counters.free_pages = balloon
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .free_page_count();
         }
         counters
     }

@@ -19,7 +19,7 @@
 pub mod discard;
 
 use crate::{guest_info, guest_warn};
-use husk_vm_config::control::GuestFaultKind;
+use husk_vm_config::control::{FreePageCount, GuestFaultKind};
 use std::io;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -98,6 +98,15 @@ impl Balloon {
 
     pub fn stats(&self) -> BalloonStats {
         self.stats
+    }
+
+    /// The free page counters a status reply carries.
+    pub fn free_page_count(&self) -> FreePageCount {
+        FreePageCount {
+            reported_bytes: self.stats.reported_bytes,
+            reported_ranges: self.stats.reported_ranges,
+            refused_ranges: self.stats.refused_ranges,
+        }
     }
 
     /// Answers every available chain on queue `index`.
