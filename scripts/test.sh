@@ -38,11 +38,13 @@ stage "build (kernels, images)" "$repo/scripts/build.sh"
 source "$repo/target/husk-artifacts.env"
 stage "cargo test" cargo test --locked --workspace
 stage "install test" "$repo/tests/shim/install-test.sh"
-# Coverage-guided fuzzing, bounded: each target 10 s from its seeds and what
+# Coverage-guided fuzzing, bounded: each target 5 s from its seeds and what
 # earlier runs here learned (fuzz/README.md has the longer campaign).
-stage "fuzz (10 targets x 10 s)" "$repo/fuzz/run.sh" 10
+stage "fuzz (12 targets x 5 s)" "$repo/fuzz/run.sh" 5
 stage "test machinery self-test" "$repo/tests/selftest/helpers.sh"
 # The CRI suite's tools and images, built on the host (Go under the test
 # machine's TCG would take many times longer); cached, so seconds when built.
 stage "CRI tools and images (tests/cri)" bash -c "'$repo/tests/cri/tools.sh' && '$repo/tests/cri/make-images.sh'"
-stage "scenarios (tests/run.sh)" "$repo/tests/run.sh"
+# Two test machines at a time (each keeps about one core busy); the
+# scenarios that time rates run alone afterwards (tests/run.sh, "Lanes").
+stage "scenarios (tests/run.sh)" env HUSK_TEST_JOBS="${HUSK_TEST_JOBS:-2}" "$repo/tests/run.sh"

@@ -75,12 +75,17 @@ tsc_khz=$(host_tsc_khz)
 l1_append=${HUSK_L1_APPEND-$l1_clock}
 [ "$mode" != nested ] || say "L1 kernel clock: ${l1_append:-(none)}"
 # Census over the whole run: "SCENARIO ATTEMPT boot|stall WHAT" lines.
+# Lines "SCENARIO ATTEMPT l1|froze|l1stall" count the L1 machines; the
+# verdicts go to $results ("PASS|FAIL NAME"). Both are files, as lanes are
+# subshells.
 census=$(mktemp /tmp/husk-census.XXXXXX)
-l1_boots=0 l1_froze=0 l1_stalled=0
-trap 'rm -f "$census"' EXIT
+results=$(mktemp /tmp/husk-results.XXXXXX)
+lanes_dir=$(mktemp -d /tmp/husk-lanes.XXXXXX)
+trap 'rm -rf "$census" "$results" "$lanes_dir"' EXIT
 
-# One test machine at a time on a host: two L1s of TCG share the cores, run
-# each other's guests many times slower, and turn timing into failures.
+# One runner at a time on a host: its lanes are all the test machines the
+# host runs (two runs side by side would run each other's guests slower and
+# turn timing into failures).
 exec 9>/tmp/husk-testvm.lock
 if ! flock -n 9; then
   say "waiting for another tests/run.sh on this host to finish"
@@ -183,13 +188,13 @@ run_nested() {
       done || true
       echo "export HUSK_REPO=$repo HUSK_SCENARIO=$script HUSK_OUT=/tmp/husk-out HUSK_TEST_MODE=nested"
     } >"$out/env"
-    l1_boots=$((l1_boots + 1))
+    echo "$name $attempt l1" >>"$census"
     boot_l1 "$script" "$log" "$limit" "$out"
     [ ! -f "$out/census" ] || sed "s/^/$name $attempt /" "$out/census" >>"$census"
     # Exit 75: the scenario found that this L1 runs no KVM guest at all
     # (every boot stalled; tests/lib/common.sh).
-    if [ -f "$out/froze" ]; then l1_froze=$((l1_froze + 1)); fi
-    if [ "$(cat "$out/rc" 2>/dev/null)" = 75 ]; then l1_stalled=$((l1_stalled + 1)); fi
+    if [ -f "$out/froze" ]; then echo "$name $attempt froze" >>"$census"; fi
+    if [ "$(cat "$out/rc" 2>/dev/null)" = 75 ]; then echo "$name $attempt l1stall" >>"$census"; fi
     if { [ -f "$out/froze" ] || [ "$(cat "$out/rc" 2>/dev/null)" = 75 ]; } &&
       [ "$attempt" -lt "${HUSK_L1_RETRIES:-2}" ]; then
       attempt=$((attempt + 1))
@@ -232,11 +237,23 @@ run_direct() {
   return "$rc"
 }
 
+# header NAME KEY: the scenario's header comment line "# KEY: ..." (the
+# comment block before its first command), without the key; fails if none.
+header() {
+  sed -n '1,/^[^#]/p' "$1" | sed -n "s/^# $2: *//p" | grep .
+}
+script_of() {
+  case "$1" in
+    */*) echo "$repo/tests/$1.sh" ;;
+    *) echo "$repo/tests/scenarios/$1.sh" ;;
+  esac
+}
+
 # With no names, every scenario but those whose header says "# long:"
 # (documented commands, run by name).
 if [ $# -eq 0 ]; then
   for f in "$repo"/tests/scenarios/*.sh; do
-    if sed -n '1,/^[^#]/p' "$f" | grep -q '^# long:'; then
+    if header "$f" long >/dev/null; then
       say "skipped $(basename "$f" .sh): a long run, by name only"
       continue
     fi
@@ -244,13 +261,15 @@ if [ $# -eq 0 ]; then
     set -- "$@" "${f%.sh}"
   done
 fi
-passed=0 failed=0 failures=()
 for name in "$@"; do
-  case "$name" in
-    */*) script="$repo/tests/$name.sh" ;;
-    *) script="$repo/tests/scenarios/$name.sh" ;;
-  esac
-  [ -f "$script" ] || { echo "no scenario $script" >&2; exit 2; }
+  [ -f "$(script_of "$name")" ] || { echo "no scenario $(script_of "$name")" >&2; exit 2; }
+done
+
+# run_one NAME: runs one scenario in its own test machine (or on the host)
+# and appends its verdict to $results.
+run_one() {
+  local name=$1 script limit log t0
+  script=$(script_of "$name")
   limit=$(sed -n '2s/^# timeout: *\([0-9]*\).*/\1/p' "$script")
   limit=${HUSK_SCENARIO_TIMEOUT:-${limit:-600}}
   log="$logdir/${name//\//-}.log"
@@ -258,19 +277,84 @@ for name in "$@"; do
   say "=== scenario $name ($mode, limit ${limit}s, log $log)"
   t0=$(now_ms)
   if "run_$mode" "$script" "$log" "$limit"; then
-    passed=$((passed + 1)); say "=== PASS $name ($(( ($(now_ms) - t0) / 1000 )) s)"
+    echo "PASS $name" >>"$results"; say "=== PASS $name ($(( ($(now_ms) - t0) / 1000 )) s)"
   else
-    failed=$((failed + 1)); failures+=("$name"); say "=== FAIL $name ($(( ($(now_ms) - t0) / 1000 )) s)"
+    echo "FAIL $name" >>"$results"; say "=== FAIL $name ($(( ($(now_ms) - t0) / 1000 )) s)"
+  fi
+}
+
+# Lanes: with HUSK_TEST_JOBS=N (nested mode only), N test machines run at
+# once. A scenario keeps the CPUs of one L1 about half busy (the nested
+# guest runs on one vCPU at a time, and much of a scenario waits), so two
+# lanes on two cores finish the suite in a little over half the time. A
+# scenario whose header says "# alone:" (it measures rates or times that
+# another machine's load would skew) runs after the lanes, by itself.
+# Each scenario's output is printed whole when it ends, so that the lanes'
+# lines do not interleave; "started" lines show progress meanwhile.
+jobs=${HUSK_TEST_JOBS:-1}
+[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "HUSK_TEST_JOBS must be a positive number" >&2; exit 2; }
+[ "$mode" = nested ] || jobs=1
+shared=() alone=()
+for name in "$@"; do
+  if [ "$jobs" -gt 1 ] && ! header "$(script_of "$name")" alone >/dev/null; then
+    shared+=("$name")
+  else
+    alone+=("$name")
   fi
 done
-[ "$failed" -eq 0 ] || say "failed: ${failures[*]}"
+if [ ${#shared[@]} -gt 0 ]; then
+  say "${#shared[@]} scenarios in $jobs lanes, then ${#alone[@]} alone"
+  # The longest first, by their time limits, so that no lane is left with a
+  # long one at the end.
+  for name in "${shared[@]}"; do
+    limit=$(sed -n '2s/^# timeout: *\([0-9]*\).*/\1/p' "$(script_of "$name")")
+    echo "${limit:-600} $name"
+  done | sort -s -k1,1nr | cut -d' ' -f2 >"$lanes_dir/queue"
+  next_scenario() {
+    (
+      flock 8
+      local n
+      n=$(head -n 1 "$lanes_dir/queue")
+      [ -n "$n" ] || exit 1
+      sed -i 1d "$lanes_dir/queue"
+      echo "$n"
+    ) 8>"$lanes_dir/queue.lock"
+  }
+  lane() {
+    local k=$1 name out
+    while name=$(next_scenario); do
+      out="$lanes_dir/${name//\//-}.out"
+      say "lane $k: $name started"
+      run_one "$name" >"$out" 2>&1 || true
+      flock "$lanes_dir/print.lock" cat "$out"
+    done
+  }
+  pids=()
+  for ((k = 1; k <= jobs; k++)); do
+    lane "$k" &
+    pids+=($!)
+  done
+  trap 'kill "${pids[@]}" 2>/dev/null; exit 130' INT TERM
+  for p in "${pids[@]}"; do wait "$p" || true; done
+  trap - INT TERM
+fi
+for name in "${alone[@]}"; do
+  run_one "$name"
+done
+
+passed=$(grep -c '^PASS ' "$results" || true)
+failed=$(grep -c '^FAIL ' "$results" || true)
+[ "$failed" -eq 0 ] || say "failed: $(sed -n 's/^FAIL //p' "$results" | paste -sd ' ')"
 boots=$(awk '$3 == "boot" || $3 == "stall"' "$census" | wc -l)
 stalls=$(awk '$3 == "stall"' "$census" | wc -l)
 if [ "$mode" = nested ]; then
+  l1_boots=$(awk '$3 == "l1"' "$census" | wc -l)
+  l1_stalled=$(awk '$3 == "l1stall"' "$census" | wc -l)
+  l1_froze=$(awk '$3 == "froze"' "$census" | wc -l)
   say "stall census: $boots nested boots, $stalls stalled; $l1_boots L1 machines for $# scenarios ($l1_stalled ran no nested guest, $l1_froze froze)"
 else
   say "stall census: $boots boots, $stalls stalled"
 fi
 awk '$3 == "stall" { print "[testvm]   stalled: " $1 " (L1 attempt " $2 "): " $4 }' "$census"
 echo "scenarios: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+[ "$failed" -eq 0 ] && [ $((passed + failed)) -eq $# ]

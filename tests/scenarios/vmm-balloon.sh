@@ -9,6 +9,8 @@
 # the test machine: 300 MiB back in about 4 s), and the control socket's
 # status must count at least that much reported. Prints the RSS before the
 # touch, after it, and after the free.
+# alone: the memory must come back within a time; another test machine's
+# load on the host would slow the guest's reports.
 set -euo pipefail
 source "$HUSK_REPO/tests/lib/common.sh"
 [ -c /dev/kvm ] || fail "no /dev/kvm"

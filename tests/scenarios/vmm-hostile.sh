@@ -25,6 +25,8 @@
 # connections stop at the VMM's cap, the status counts suppressed lines and
 # rate-dropped console bytes. Prints the numbers. HUSK_HOSTILE_PARTS="asm",
 # "linux" or both (the default) picks the parts.
+# alone: its bounds on status replies and memory are timed; another test
+# machine's load on the host would skew them.
 set -euo pipefail
 source "$HUSK_REPO/tests/lib/common.sh"
 [ -c /dev/kvm ] || fail "no /dev/kvm"

@@ -7,6 +7,8 @@
 # Each limited disk must read at less than twice its limit (the buckets
 # start full: a little above the limit is expected), and not stall: at least
 # a quarter of the limit, or of the unlimited speed when that is lower.
+# alone: it measures disk rates against their limits; another test
+# machine's load on the host would skew the unlimited one.
 set -euo pipefail
 source "$HUSK_REPO/tests/lib/common.sh"
 [ -c /dev/kvm ] || fail "no /dev/kvm"

@@ -3,7 +3,8 @@
 # stall helpers of tests/lib/common.sh on the host, with stand-in "VMs"
 # (plain processes that print or stay silent), then the runner's rerun of a
 # scenario that exits 75 in a fresh L1 (tests/selftest/rerun.sh), carrying
-# over the checks that passed and keeping the failed L1's results.
+# over the checks that passed and keeping the failed L1's results, beside a
+# failing one (tests/selftest/fail.sh) in a second lane.
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HUSK_OUT=$(mktemp -d /tmp/husk-selftest.XXXXXX)
@@ -72,16 +73,32 @@ expect "a recorded check passed" check_passed alpha
 expect "another did not" bash -c "! (source '$repo/tests/lib/common.sh'; check_passed beta)"
 
 if [ "${HUSK_SELFTEST_RUNNER:-1}" = 1 ]; then
-  echo "==== tests/run.sh reruns a scenario that exits $STALLED, with what passed"
+  echo "==== tests/run.sh in two lanes: reruns a scenario that exits $STALLED, with what passed, beside one that fails"
   log=$repo/target/test-logs/selftest-rerun.log
-  out=$("$repo/tests/run.sh" selftest/rerun 2>&1)
-  rc=$?
-  grep -E '^\[testvm\] (RERUN|=== |stall census)|^scenarios:' <<<"$out" | sed 's/^/      /'
-  expect "the rerun passes (run.sh exit $rc)" [ "$rc" = 0 ]
+  rc=0
+  out=$(HUSK_TEST_JOBS=2 "$repo/tests/run.sh" selftest/rerun selftest/fail 2>&1) || rc=$?
+  grep -E '^\[testvm\] (RERUN|=== |lane|stall census|failed)|^scenarios:' <<<"$out" | sed 's/^/      /'
+  expect "the run fails, for the failing scenario (run.sh exit $rc)" [ "$rc" != 0 ]
+  # Lanes are for test machines: on a host with hardware KVM (direct mode)
+  # scenarios share the host, and run one at a time.
+  if grep -q 'mode: nested' <<<"$out"; then
+    lanes() { grep -q "lane 1: selftest/" <<<"$out" && grep -q "lane 2: selftest/" <<<"$out"; }
+    expect "both ran at once, a lane each" lanes
+  fi
+  expect "the verdicts: one passed, one failed" grep -q '^scenarios: 1 passed, 1 failed' <<<"$out"
+  expect "the failure is named" grep -q 'failed: selftest/fail' <<<"$out"
   expect "the runner said RERUN" grep -q 'RERUN selftest-rerun' <<<"$out"
+  expect "the rerun passed" grep -q '=== PASS selftest/rerun' <<<"$out"
   expect "the first L1's results are kept" test -f "$log.l1-1.out/first-attempt"
   expect "the rerun skipped the check that had passed" grep -q 'check-a: passed before' "$log"
-  expect "the census counts one stalled L1" grep -q '2 L1 machines for 1 scenarios (1 ran no nested guest' <<<"$out"
+  expect "the census counts one stalled L1" grep -q '3 L1 machines for 2 scenarios (1 ran no nested guest' <<<"$out"
+  # A lane prints a scenario's output whole: between the failing
+  # scenario's start and its verdict there is no line of the other's.
+  whole() {
+    sed -n '/=== scenario selftest\/fail/,/=== FAIL selftest\/fail/p' <<<"$out" | grep -q 'check-[ab]' && return 1
+    grep -q 'selftest-fail: a stand-in failure' <<<"$out"
+  }
+  expect "each scenario's output is printed whole" whole
 fi
 
 [ "$fails" = 0 ] || { echo "FAIL selftest: $fails"; exit 1; }

@@ -123,15 +123,16 @@ ctr_start() {
 
 # run_ctr NAME ARGS...: `ctr ARGS` (time limit $limit), stdout in $o and
 # $work/NAME.stdout, stderr in $e and $work/NAME.stderr, exit code in $rc;
-# shows the command and the start of its output.
+# shows the command, its time and the start of its output.
 run_ctr() {
-  local name=$1
+  local name=$1 t0
   shift
+  t0=$(now_ms)
   timeout --kill-after=10 "$limit" ctr "$@" >"$work/$name.stdout" 2>"$work/$name.stderr" </dev/null
   rc=$?
   o=$(tr -d '\r' <"$work/$name.stdout")
   e=$(tr -d '\r' <"$work/$name.stderr")
-  echo "    \$ ctr $* -> exit $rc"
+  echo "    \$ ctr $* -> exit $rc ($(( $(now_ms) - t0 )) ms)"
   [ -z "$o" ] || head -c 2000 <<<"$o" | indent '      out| '
   [ -z "$e" ] || head -c 3000 <<<"$e" | indent '      err| '
 }
