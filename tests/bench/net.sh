@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # timeout: 1800
+# alone: a benchmark; another test machine beside it would skew its numbers.
 # Benchmark, not a test: a pod's network, node to pod, husk against runc in
 # one run on one machine. Each runtime's container gets a network namespace
 # as CNI's bridge plugin leaves one (a veth to the node, an address, a

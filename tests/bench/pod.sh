@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # timeout: 2400
+# alone: a benchmark; another test machine beside it would skew its numbers.
 # Benchmark, not a test: a Kubernetes pod through containerd's CRI plugin
 # (crictl; the harness is tests/cri/lib.sh), husk against runc in one run.
 #   pod start   RunPodSandbox + CreateContainer + StartContainer until the

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # timeout: 2400
+# alone: a benchmark; another test machine beside it would skew its numbers.
 # Benchmark, not a test: what a container costs through containerd with husk
 # against runc, in one run on one machine. Run it where KVM boots Linux:
 # `tests/run.sh bench/shim` (nested here). HUSK_BENCH_RUNS (default 5) runs

@@ -258,6 +258,8 @@ pub fn main_thread(pid: u32, kick_signal: i32) -> Result<Rules, BackendError> {
     )?;
     list.one_of(Sysno::mkdirat, 2, &[0o700])?;
     list.any(&[Sysno::ftruncate]);
+    // A snapshot of shared RAM reads only the memfd's data extents.
+    list.one_of(Sysno::lseek, 2, &[c(libc::SEEK_DATA), c(libc::SEEK_HOLE)])?;
     // vsock: a guest connecting to a host port opens a Unix stream.
     list.when(
         Sysno::socket,
