@@ -18,6 +18,9 @@
 #                from the template the warm-up made, not booted
 #   restore      the shim's log: VMM spawn -> the restored agent answered and
 #                CreateSandbox done (to set against bare boot)
+#   block template  the same with rootfs = "block" (no virtio-fs): the
+#                clone maps the template's memory file copy-on-write,
+#                where a virtio-fs clone copies it into a memfd
 #
 # Then the host memory of HUSK_BENCH_IDLE (default 8) idle sandboxes
 # (`sleep`), cold-booted and then restored from one template, with the
@@ -57,6 +60,12 @@ export HUSK_CONFIG=$work/configuration.toml
 husk_shim_config "$HUSK_CONFIG" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120
 templated=$work/configuration-template.toml
 husk_shim_config "$templated" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 template=true
+# The same with rootfs = "block" and no virtio-fs: a restored VM's RAM is
+# then the template's memory file mapped copy-on-write, shared by clones.
+block=$work/configuration-block.toml
+husk_shim_config "$block" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 rootfs='"block"' shared_fs='"none"'
+block_tmpl=$work/configuration-block-template.toml
+husk_shim_config "$block_tmpl" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 rootfs='"block"' shared_fs='"none"' template=true
 cfg() { sed -n "s/^$1 *= *//p" "$HUSK_CONFIG" | head -n1 | tr -d '"'; }
 vcpus=$(cfg vcpus)
 mem=$(cfg memory_mib)
@@ -111,6 +120,13 @@ ctr_run io.containerd.husk.v2 warm-template "${tmpl[@]}" >/dev/null
 settle
 ctr_run io.containerd.husk.v2 warm-template-2 "${tmpl[@]}" >/dev/null
 settle
+# And the block rootfs's template: its clones map the memory file
+# copy-on-write instead of copying it into a memfd.
+btmpl_opt=(--runtime-config-path "$block_tmpl")
+ctr_run io.containerd.husk.v2 warm-block-template "${btmpl_opt[@]}" >/dev/null
+settle
+ctr_run io.containerd.husk.v2 warm-block-template-2 "${btmpl_opt[@]}" >/dev/null
+settle
 bare_boot warm >/dev/null
 : >"$work/bare.jsonl"
 
@@ -126,8 +142,10 @@ for i in $(seq "$runs"); do
   settle
   # The shim's own figure: VMM spawn -> restored agent set up (CreateSandbox done).
   rt=$(grep -a -o "sandbox template-$i: restored from template [0-9a-f]* in [0-9]* ms" "$HUSK_CTRD_LOG" | awk '{ print $(NF - 1) }' | tail -n 1)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$h" "$b" "$r" "$t" "${rt:-0}" >>"$work/samples.tsv"
-  say "run $i/$runs: husk total $h ms, bare boot $b ms, runc total $r ms, husk from template $t ms"
+  tb=$(ctr_run io.containerd.husk.v2 "block-template-$i" "${btmpl_opt[@]}")
+  settle
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$i" "$h" "$b" "$r" "$t" "${rt:-0}" "$tb" >>"$work/samples.tsv"
+  say "run $i/$runs: husk total $h ms, bare boot $b ms, runc total $r ms, husk from template $t ms, block rootfs from template $tb ms"
 done
 
 python3 - "$work/samples.tsv" "$runs" "${vcpus:-1}" "${mem:-256}" "${HUSK_TEST_MODE:-?}" <<'PY'
@@ -152,6 +170,8 @@ row("runc total (ctr run --rm ... true)", runc)
 tmpl = [r[4] for r in rows]
 row("husk from template (ctr run --rm ... true)", tmpl)
 row("restore (VMM spawn -> agent set up, shim log)", [r[5] for r in rows])
+btmpl = [r[6] for r in rows]
+row("husk from template, block rootfs", btmpl)
 ratio = [o / r for o, r in zip(over, runc)]
 print(f"| {'husk overhead / runc total':<46} | {med(over) / med(runc):>8.2f} x | "
       f"{min(ratio):>8.2f} x | {max(ratio):>8.2f} x |")
@@ -159,6 +179,8 @@ print(f"| {'husk total / runc total':<46} | {med(husk) / med(runc):>8.2f} x | "
       f"{min(h / r for h, r in zip(husk, runc)):>8.2f} x | {max(h / r for h, r in zip(husk, runc)):>8.2f} x |")
 print(f"| {'husk from template / runc total':<46} | {med(tmpl) / med(runc):>8.2f} x | "
       f"{min(t / r for t, r in zip(tmpl, runc)):>8.2f} x | {max(t / r for t, r in zip(tmpl, runc)):>8.2f} x |")
+print(f"| {'husk from template, block rootfs / runc total':<46} | {med(btmpl) / med(runc):>8.2f} x | "
+      f"{min(t / r for t, r in zip(btmpl, runc)):>8.2f} x | {max(t / r for t, r in zip(btmpl, runc)):>8.2f} x |")
 print(f"| {'husk from template / husk total (cold)':<46} | {med(tmpl) / med(husk):>8.2f} x | "
       f"{min(t / h for t, h in zip(tmpl, husk)):>8.2f} x | {max(t / h for t, h in zip(tmpl, husk)):>8.2f} x |")
 print(f"(overhead and ratios per run, then their median; the difference of the medians, "
@@ -215,18 +237,10 @@ idle_set() {
   settle
   echo "$m"
 }
-# The same with rootfs = "block" and no virtio-fs: a restored VM's RAM is
-# then the template's memory file mapped copy-on-write, shared by clones.
-block=$work/configuration-block.toml
-husk_shim_config "$block" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 rootfs='"block"' shared_fs='"none"'
-block_tmpl=$work/configuration-block-template.toml
-husk_shim_config "$block_tmpl" "$state" log_level='"info"' debug_console=false boot_timeout_secs=600 request_timeout_secs=120 rootfs='"block"' shared_fs='"none"' template=true
 say "memory: $idle idle sandboxes each: virtio-fs rootfs cold and from a template, block rootfs cold and from a template"
 cold=$(idle_set idle-cold)
 tmpl_m=$(idle_set idle-tmpl "${tmpl[@]}")
 bcold=$(idle_set idle-bcold --runtime-config-path "$block")
-ctr_run io.containerd.husk.v2 warm-block-template --runtime-config-path "$block_tmpl" >/dev/null # makes it
-settle
 btmpl=$(idle_set idle-btmpl --runtime-config-path "$block_tmpl")
 # The templates' memory files (data on the state folder's tmpfs), KiB.
 files=$(du -k -c "$state"/.templates/*/memory 2>/dev/null | tail -n 1 | cut -f1)

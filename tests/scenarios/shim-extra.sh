@@ -193,12 +193,12 @@ check_sizing() {
   run_ctr size-big run -d "${husk[@]}" "${pod[@]}" --memory-limit 2147483648 "$img" "$sandbox-big" sleep 100000
   want "a 2 GiB container in it is refused" [ "$rc" != 0 ]
   want "... saying it does not fit the pod's 1024 MiB" grep -q "2048 MiB does not fit the 1024 MiB" <<<"$e"
-  # A 900 MiB container allocates and touches 800 MiB: dd's one 800 MiB
-  # buffer, filled from /dev/zero.
-  run_ctr size-touch run --rm "${husk[@]}" "${pod[@]}" --memory-limit 943718400 "$img" "$sandbox-touch" \
-    sh -c 'dd if=/dev/zero of=/dev/null bs=800M count=1 2>&1 && grep MemTotal /proc/meminfo'
-  want "a 900 MiB container in it touches 800 MiB (rc $rc)" [ "$rc" = 0 ]
-  want "... all of them in one read (${o%%$'\n'*})" grep -q "^1+0 records in" <<<"$o"
+  # A 900 MiB container fits. (That it can touch 800 MiB in the pod's VM
+  # is cri-pods' check, through CRI: a minute of the nested machine's time
+  # is spent once, not twice.)
+  run_ctr size-fit run --rm "${husk[@]}" "${pod[@]}" --memory-limit 943718400 "$img" "$sandbox-fit" \
+    grep MemTotal /proc/meminfo
+  want "a 900 MiB container in it runs (rc $rc)" [ "$rc" = 0 ]
   mem=$(awk '/MemTotal/ {print $2}' <<<"$o")
   want "the pod's VM has 256 + 1024 MiB (MemTotal ${mem:-?} kB)" between "${mem:-0}" $((1152 * 1024)) $((1280 * 1024))
   run_ctr size-again run --rm "${husk[@]}" "${pod[@]}" --memory-limit 943718400 "$img" "$sandbox-again" true
