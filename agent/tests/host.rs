@@ -766,8 +766,13 @@ fn runs_a_container_on_a_shared_rootfs() {
     let _ = rustix::mount::unmount(&root, rustix::mount::UnmountFlags::DETACH);
     let _ = std::fs::remove_dir(&root);
     let _ = std::fs::remove_dir(&dir);
-    // Only if empty: another test's may be there.
-    let _ = std::fs::remove_dir(husk_protocols::guest::SHARED_DIR);
+    // Only if empty: another test's may be there. The same for its parent
+    // (/run/husk), which this test made on the host if nothing had.
+    let shared = std::path::Path::new(husk_protocols::guest::SHARED_DIR);
+    let _ = std::fs::remove_dir(shared);
+    if let Some(parent) = shared.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
     let (out, status) = result.unwrap();
     assert_eq!(out, "on-shared\n/bin/busybox\n");
     assert_eq!(status, 0);
