@@ -369,7 +369,16 @@ echo "H's own memory: the vsock phase parked $(( own_hv - own_h0 )) KiB (bound $
 [ $(( own_hv - own_h0 )) -le "$vsock_bound" ] || h_fail "the vsock phase grew H's own memory by $(( own_hv - own_h0 )) KiB, over ${vsock_bound} KiB"
 [ $(( own_hmax * 100 )) -lt $(( own_hv * 105 )) ] || h_fail "H's own memory grew from ${own_hv} to ${own_hmax} KiB (5% or more) after the vsock phase"
 [ "$(field "$status" counters guest_faults mmio suppressed)" -gt 0 ] 2>/dev/null || h_fail "no suppressed register-fault lines counted: $status"
-[ "$(field "$status" counters console dropped_rate_bytes)" -gt 0 ] 2>/dev/null || h_fail "H's console dropped nothing to its rate limit: $status"
+# The flood must lose bytes to the rate limit when it outran it: its speed
+# is the nested machine's (915 to 1770 bytes/s measured; the VMM's lowest
+# allowed rate is 1024), so a slow run that stayed under the limit is said,
+# not failed.
+flood_rate=$(grep -a -o 'HUSK_TEST hostile serial bytes=[0-9]* via=[a-z]* secs=[0-9.]* rate=[0-9]*' "$console_h" | tail -n 1 | sed 's/.*rate=//')
+if [ "${flood_rate:-0}" -gt "$h_console_rate" ]; then
+  [ "$(field "$status" counters console dropped_rate_bytes)" -gt 0 ] 2>/dev/null || h_fail "H's console dropped nothing to its rate limit: $status"
+else
+  echo "H's serial flood ran at ${flood_rate:-?} bytes/s, under the ${h_console_rate} bytes/s limit: no rate drop to check"
+fi
 
 }
 
