@@ -518,17 +518,13 @@ pub fn restore_memory_shared(
         expected += region.len();
     }
     let memfd = memfd.ok_or_else(|| PersistError::MemoryRegions("no RAM regions".into()))?;
-    let mut offset = 0u64;
-    while offset < size {
-        let data = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
-            Ok(d) => d,
-            // No data after offset: the rest is a hole.
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(io(e.into())),
-        };
-        let hole = rustix::fs::seek(file, rustix::fs::SeekFrom::Hole(data))
-            .map_err(|e| io(e.into()))?
-            .min(size);
+    let len = usize::try_from(size).map_err(|_| {
+        io(std::io::Error::other(
+            "memory file larger than the address space",
+        ))
+    })?;
+    for (from, to) in data_extents(file, 0, len).map_err(io)? {
+        let (data, hole) = (from as u64, to as u64);
         // sendfile writes at the memfd's file position.
         rustix::fs::seek(memfd, rustix::fs::SeekFrom::Start(data)).map_err(|e| io(e.into()))?;
         let mut at = data;
@@ -543,7 +539,6 @@ pub fn restore_memory_shared(
                 )));
             }
         }
-        offset = hole;
     }
     Ok(mem)
 }
