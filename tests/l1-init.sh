@@ -36,7 +36,7 @@ ip link set lo up
 # The runner's watchdog takes a stale heartbeat for a frozen machine.
 # It holds the uptime and load, the last known state of a machine that froze.
 (while :; do cat /proc/uptime /proc/loadavg >/tmp/husk-out/heartbeat; sleep 5; done) &
-echo "HUSK_L1_READY uptime=$(cut -d' ' -f1 /proc/uptime) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+echo "HUSK_L1_READY uptime=$(cut -d' ' -f1 /proc/uptime) cpus=$(nproc) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 
 # shellcheck source=/dev/null
 source /tmp/husk-out/env

@@ -53,6 +53,9 @@ now_ms() { date +%s%3N; }
 
 l1_accel=${HUSK_L1_ACCEL:-tcg,thread=multi}
 l1_cpu=${HUSK_L1_CPU:-max}
+# The L1's CPUs (its kernel has ACPI, so QEMU's MADT gives it all of them).
+# A scenario in a lane (HUSK_TEST_JOBS, below) gets its share of the host's
+# cores: more vCPU threads than cores would only trade places.
 l1_smp=${HUSK_L1_SMP:-2}
 # The L1 kernel's clock, which decides whether nested guests run at all
 # (README, "The test machine"; tests/soak/stall.sh measures it):
@@ -66,10 +69,16 @@ l1_smp=${HUSK_L1_SMP:-2}
 #   on every nested VMRUN and #VMEXIT, racing the timer thread, so now and
 #   then the L1's timer interrupt is lost; a one-shot tick is then never
 #   re-armed and the L1 freezes. A periodic tick raises it again.
+# - tsc=reliable: with two CPUs, an AMD CPU without the invariant-TSC bit
+#   (TCG's) has its TSC marked unsynchronized at boot, and under load the
+#   clocksource watchdog, whose reference is a tick the busy host delays,
+#   marks it unstable; the L1 then keeps time with the HPET or jiffies, and
+#   its KVM loses the master clock. TCG's TSC is the host's, the same on
+#   every vCPU and steady: it is reliable.
 host_tsc_khz() {
   awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo
 }
-l1_clock="nohz=off highres=off"
+l1_clock="tsc=reliable nohz=off highres=off"
 tsc_khz=$(host_tsc_khz)
 [ -z "$tsc_khz" ] || [ "$tsc_khz" -le 0 ] || l1_clock="tsc_early_khz=$tsc_khz $l1_clock"
 l1_append=${HUSK_L1_APPEND-$l1_clock}
@@ -303,7 +312,10 @@ for name in "$@"; do
   fi
 done
 if [ ${#shared[@]} -gt 0 ]; then
-  say "${#shared[@]} scenarios in $jobs lanes, then ${#alone[@]} alone"
+  lane_smp=${HUSK_L1_SMP:-$(( $(nproc) / jobs ))}
+  [ "$lane_smp" -ge 1 ] || lane_smp=1
+  [ "$lane_smp" -le "$l1_smp" ] || lane_smp=$l1_smp
+  say "${#shared[@]} scenarios in $jobs lanes (L1s of $lane_smp CPU each), then ${#alone[@]} alone (L1s of $l1_smp)"
   # The longest first, by their time limits, so that no lane is left with a
   # long one at the end.
   for name in "${shared[@]}"; do
@@ -322,6 +334,7 @@ if [ ${#shared[@]} -gt 0 ]; then
   }
   lane() {
     local k=$1 name out
+    l1_smp=$lane_smp
     while name=$(next_scenario); do
       out="$lanes_dir/${name//\//-}.out"
       say "lane $k: $name started"

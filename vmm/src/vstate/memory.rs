@@ -2,10 +2,19 @@
 //! 2 MiB huge pages. Private anonymous mappings unless a vhost-user backend
 //! (virtiofsd) must map it too: then one memfd, mapped shared, whose fd the
 //! VMM hands the backend.
+//!
+//! Without reserved huge pages, RAM is mapped at a 2 MiB-aligned host
+//! address and marked for transparent huge pages (as QEMU does): where the
+//! host's THP setting allows it (`madvise` or `always`; for the memfd,
+//! `shmem_enabled`), KVM then maps the guest's RAM 2 MiB at a time, so a
+//! guest touching its memory costs one nested page fault per 2 MiB, not 512.
 
+use std::ffi::c_void;
 use std::fs::File;
+use std::ptr::null_mut;
 
 use rustix::fs::MemfdFlags;
+use rustix::mm::{Advice, MapFlags, ProtFlags};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
@@ -13,6 +22,11 @@ use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 use crate::devices::virtio::GuestMemory;
 
 const MIB: u64 = 1 << 20;
+
+/// A transparent huge page, and the alignment guest RAM gets: KVM maps a
+/// huge page only where the host address and the guest address agree
+/// modulo 2 MiB.
+const HUGE_PAGE: usize = 2 << 20;
 
 /// Errors from allocating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +48,13 @@ pub enum MemoryError {
     #[error("cannot create the shared guest RAM memfd{}: {source}", if *.hugepages { " with huge pages" } else { "" })]
     Memfd {
         hugepages: bool,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot map {size_mib} MiB of guest RAM at {base:#x}: {source}")]
+    Map {
+        base: u64,
+        size_mib: u64,
         #[source]
         source: std::io::Error,
     },
@@ -98,12 +119,24 @@ pub fn create(mem_mib: u64, hugepages: bool, backing: Backing) -> Result<GuestMe
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(flags)
                 .with_hugetlbfs(hugepages);
-            if let Some(file) = &memfd {
-                let file = file
+            let mut file = None;
+            if let Some(memfd) = &memfd {
+                let clone = memfd
                     .try_clone()
                     .map_err(|source| MemoryError::Memfd { hugepages, source })?;
-                builder = builder.with_file_offset(FileOffset::new(file, file_offset));
+                builder = builder.with_file_offset(FileOffset::new(clone, file_offset));
+                file = Some((memfd, file_offset));
                 file_offset += size;
+            }
+            if !hugepages {
+                let addr = map_huge_aligned(len, file).map_err(|source| MemoryError::Map {
+                    base: base.0,
+                    size_mib: size / MIB,
+                    source,
+                })?;
+                // SAFETY: `map_huge_aligned` mapped `len` bytes at `addr`,
+                // read-write, and never unmaps them.
+                builder = unsafe { builder.with_raw_mmap_pointer(addr) };
             }
             let mapping = builder.build().map_err(|source| MemoryError::Mmap {
                 base: base.0,
@@ -115,6 +148,76 @@ pub fn create(mem_mib: u64, hugepages: bool, backing: Backing) -> Result<GuestMe
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(GuestMemory::from_regions(regions)?)
+}
+
+/// Maps `len` bytes of guest RAM read-write at a 2 MiB-aligned address (of
+/// `file` from its offset, shared, or anonymous and private) and asks for
+/// transparent huge pages there. It reserves `len` + 2 MiB of address
+/// space, maps the RAM over its aligned part and gives the rest back.
+///
+/// The mapping is never unmapped (its region does not own it): guest RAM
+/// lives as long as the husk-vmm process.
+fn map_huge_aligned(len: usize, file: Option<(&File, u64)>) -> std::io::Result<*mut u8> {
+    let reserve_len = len
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a fresh inaccessible anonymous mapping at an address the
+    // kernel chooses: it cannot overlap anything of ours.
+    let reserve = unsafe {
+        rustix::mm::mmap_anonymous(
+            null_mut(),
+            reserve_len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    }?;
+    let head = reserve.cast::<u8>().align_offset(HUGE_PAGE);
+    // SAFETY: `head` < 2 MiB, so `head + len` stays inside the reservation.
+    let addr = unsafe { reserve.cast::<u8>().add(head) }.cast::<c_void>();
+    let prot = ProtFlags::READ | ProtFlags::WRITE;
+    // SAFETY: MAP_FIXED replaces part of our own reservation, which nothing
+    // else uses; the file (if any) stays open as the region's file offset.
+    let mapped = unsafe {
+        match file {
+            Some((file, offset)) => rustix::mm::mmap(
+                addr,
+                len,
+                prot,
+                MapFlags::SHARED | MapFlags::NORESERVE | MapFlags::FIXED,
+                file,
+                offset,
+            ),
+            None => rustix::mm::mmap_anonymous(
+                addr,
+                len,
+                prot,
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+            ),
+        }
+    };
+    let tail = reserve_len - head - len;
+    // SAFETY: the head and tail are the reservation's unused ends, mapped
+    // by us above and referenced by nothing.
+    unsafe {
+        if head > 0 {
+            rustix::mm::munmap(reserve, head)?;
+        }
+        if tail > 0 {
+            rustix::mm::munmap(addr.cast::<u8>().add(len).cast::<c_void>(), tail)?;
+        }
+    }
+    if let Err(e) = mapped {
+        // SAFETY: the RAM's part of the reservation, ours and unused.
+        unsafe { rustix::mm::munmap(addr, len) }?;
+        return Err(e.into());
+    }
+    // SAFETY: advice on the mapping just made; it changes no contents.
+    // A kernel without transparent huge pages refuses it (EINVAL): then
+    // the RAM stays on small pages, which is all it can have there.
+    if let Err(e) = unsafe { rustix::mm::madvise(addr, len, Advice::LinuxHugepage) } {
+        tracing::debug!(error = %e, "no transparent huge pages for guest RAM");
+    }
+    Ok(addr.cast())
 }
 
 /// A memfd of `mem_mib` MiB for shared guest RAM. Sizing it does not
@@ -240,5 +343,59 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("huge pages"), "{err}");
+    }
+
+    /// The `AnonHugePages` (kB) of the mapping that holds `addr`, from
+    /// /proc/self/smaps.
+    fn anon_huge_kb(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((start, end)) = range.split_once('-') {
+                    if let (Ok(start), Ok(end)) = (
+                        usize::from_str_radix(start, 16),
+                        usize::from_str_radix(end, 16),
+                    ) {
+                        inside = (start..end).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(kb) = line.strip_prefix("AnonHugePages:") {
+                    return kb.trim().trim_end_matches(" kB").parse().unwrap();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn ram_is_aligned_for_huge_pages_and_gets_them_where_the_host_allows() {
+        let mem = create(64, false, Backing::Private).unwrap();
+        let region = mem.find_region(GuestAddress(0)).unwrap();
+        let host = region.as_ptr() as usize;
+        assert_eq!(host % HUGE_PAGE, 0, "guest RAM at {host:#x}");
+        // A write to a 2 MiB-aligned guest address, then the whole of the
+        // page around it read back: it is RAM, zero but for the write.
+        mem.write_obj(0x77u8, GuestAddress(4 << 20)).unwrap();
+        let mut page = vec![0u8; HUGE_PAGE];
+        mem.read_slice(&mut page, GuestAddress(4 << 20)).unwrap();
+        assert_eq!(page[0], 0x77);
+        assert!(page[1..].iter().all(|&b| b == 0));
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if thp.contains("[madvise]") || thp.contains("[always]") {
+            assert!(
+                anon_huge_kb(host + (4 << 20)) >= 2048,
+                "the write did not fault in a transparent huge page (THP: {})",
+                thp.trim()
+            );
+        }
+        let shared = create(6, false, Backing::SharedMemfd).unwrap();
+        let host = shared.find_region(GuestAddress(0)).unwrap().as_ptr() as usize;
+        assert_eq!(host % HUGE_PAGE, 0, "shared guest RAM at {host:#x}");
+        shared.write_obj(1u8, GuestAddress(6 * MIB - 1)).unwrap();
     }
 }
