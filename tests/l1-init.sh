@@ -25,6 +25,9 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# Transparent huge pages for shared memory where it is asked for (husk-vmm's
+# memfd guest RAM, the virtio-fs VMs), as the README advises for hosts.
+echo advise >/sys/kernel/mm/transparent_hugepage/shmem_enabled
 # KVM's exit counters and tracepoints: the evidence of a stalled nested guest.
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
