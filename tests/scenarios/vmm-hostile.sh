@@ -167,7 +167,10 @@ while [ $(( $(now_ms) - start )) -lt $(( hostile_secs * 1000 )) ] ||
   { [ "$a_dropped" -eq 0 ] && [ $(( $(now_ms) - start )) -lt $(( (hostile_secs + 90) * 1000 )) ]; }; do
   kill -0 "$vm_a" 2>/dev/null || { sed 's/^/    vmm-a| /' "$work/a.log" | tail -n 40; fail "the hostile VM's husk-vmm ended"; }
   t0=$(now_ms)
-  status=$(ctl "$work/a.ctl" '{"op":"status"}') || fail "A's control socket did not answer"
+  status=$(ctl "$work/a.ctl" '{"op":"status"}') || {
+    sed 's/^/    vmm-a| /' "$work/a.log" | tail -n 40
+    fail "A's control socket did not answer ($(kill -0 "$vm_a" 2>/dev/null && echo "A lives" || echo "A has ended"); $(ls "$work"))"
+  }
   t=$(( $(now_ms) - t0 ))
   [ "$t" -le "$slowest" ] || slowest=$t
   [ "$(field "$status" state)" = running ] || fail "A's status: $status"
