@@ -53,9 +53,6 @@ now_ms() { date +%s%3N; }
 
 l1_accel=${HUSK_L1_ACCEL:-tcg,thread=multi}
 l1_cpu=${HUSK_L1_CPU:-max}
-# The L1's CPUs (its kernel has ACPI, so QEMU's MADT gives it all of them).
-# A scenario in a lane (HUSK_TEST_JOBS, below) gets its share of the host's
-# cores: more vCPU threads than cores would only trade places.
 l1_smp=${HUSK_L1_SMP:-2}
 # The L1 kernel's clock, which decides whether nested guests run at all
 # (README, "The test machine"; tests/soak/stall.sh measures it):
@@ -69,12 +66,10 @@ l1_smp=${HUSK_L1_SMP:-2}
 #   on every nested VMRUN and #VMEXIT, racing the timer thread, so now and
 #   then the L1's timer interrupt is lost; a one-shot tick is then never
 #   re-armed and the L1 freezes. A periodic tick raises it again.
-# - tsc=reliable: with two CPUs, an AMD CPU without the invariant-TSC bit
-#   (TCG's) has its TSC marked unsynchronized at boot, and under load the
-#   clocksource watchdog, whose reference is a tick the busy host delays,
-#   marks it unstable; the L1 then keeps time with the HPET or jiffies, and
-#   its KVM loses the master clock. TCG's TSC is the host's, the same on
-#   every vCPU and steady: it is reliable.
+# - tsc=reliable: the clocksource watchdog's reference is a tick the busy
+#   host delays, so under load it marked the L1's TSC unstable (11 of 19
+#   L1s of one CI run then kept time with refined-jiffies). TCG's TSC is
+#   the host's: steady, and the same on every vCPU.
 host_tsc_khz() {
   awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo
 }
@@ -312,10 +307,7 @@ for name in "$@"; do
   fi
 done
 if [ ${#shared[@]} -gt 0 ]; then
-  lane_smp=${HUSK_L1_SMP:-$(( $(nproc) / jobs ))}
-  [ "$lane_smp" -ge 1 ] || lane_smp=1
-  [ "$lane_smp" -le "$l1_smp" ] || lane_smp=$l1_smp
-  say "${#shared[@]} scenarios in $jobs lanes (L1s of $lane_smp CPU each), then ${#alone[@]} alone (L1s of $l1_smp)"
+  say "${#shared[@]} scenarios in $jobs lanes, then ${#alone[@]} alone"
   # The longest first, by their time limits, so that no lane is left with a
   # long one at the end.
   for name in "${shared[@]}"; do
@@ -334,7 +326,6 @@ if [ ${#shared[@]} -gt 0 ]; then
   }
   lane() {
     local k=$1 name out
-    l1_smp=$lane_smp
     while name=$(next_scenario); do
       out="$lanes_dir/${name//\//-}.out"
       say "lane $k: $name started"
