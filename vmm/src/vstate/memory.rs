@@ -129,11 +129,12 @@ pub fn create(mem_mib: u64, hugepages: bool, backing: Backing) -> Result<GuestMe
                 file_offset += size;
             }
             if !hugepages {
-                let addr = map_huge_aligned(len, file).map_err(|source| MemoryError::Map {
-                    base: base.0,
-                    size_mib: size / MIB,
-                    source,
-                })?;
+                let addr =
+                    map_huge_aligned(len, flags, file).map_err(|source| MemoryError::Map {
+                        base: base.0,
+                        size_mib: size / MIB,
+                        source,
+                    })?;
                 // SAFETY: `map_huge_aligned` mapped `len` bytes at `addr`,
                 // read-write, and never unmaps them.
                 builder = unsafe { builder.with_raw_mmap_pointer(addr) };
@@ -150,14 +151,18 @@ pub fn create(mem_mib: u64, hugepages: bool, backing: Backing) -> Result<GuestMe
     Ok(GuestMemory::from_regions(regions)?)
 }
 
-/// Maps `len` bytes of guest RAM read-write at a 2 MiB-aligned address (of
-/// `file` from its offset, shared, or anonymous and private) and asks for
-/// transparent huge pages there. It reserves `len` + 2 MiB of address
+/// Maps `len` bytes of guest RAM read-write with `flags` (libc's, as
+/// `create` chose them) at a 2 MiB-aligned address, of `file` from its
+/// offset or anonymous, and asks for transparent huge pages there. It reserves `len` + 2 MiB of address
 /// space, maps the RAM over its aligned part and gives the rest back.
 ///
 /// The mapping is never unmapped (its region does not own it): guest RAM
 /// lives as long as the husk-vmm process.
-fn map_huge_aligned(len: usize, file: Option<(&File, u64)>) -> std::io::Result<*mut u8> {
+fn map_huge_aligned(
+    len: usize,
+    flags: libc::c_int,
+    file: Option<(&File, u64)>,
+) -> std::io::Result<*mut u8> {
     let reserve_len = len
         .checked_add(HUGE_PAGE)
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
@@ -175,24 +180,15 @@ fn map_huge_aligned(len: usize, file: Option<(&File, u64)>) -> std::io::Result<*
     // SAFETY: `head` < 2 MiB, so `head + len` stays inside the reservation.
     let addr = unsafe { reserve.cast::<u8>().add(head) }.cast::<c_void>();
     let prot = ProtFlags::READ | ProtFlags::WRITE;
+    // rustix's mmap_anonymous adds MAP_ANONYMOUS itself.
+    let flags = MapFlags::from_bits_retain((flags & !libc::MAP_ANONYMOUS).cast_unsigned())
+        | MapFlags::FIXED;
     // SAFETY: MAP_FIXED replaces part of our own reservation, which nothing
     // else uses; the file (if any) stays open as the region's file offset.
     let mapped = unsafe {
         match file {
-            Some((file, offset)) => rustix::mm::mmap(
-                addr,
-                len,
-                prot,
-                MapFlags::SHARED | MapFlags::NORESERVE | MapFlags::FIXED,
-                file,
-                offset,
-            ),
-            None => rustix::mm::mmap_anonymous(
-                addr,
-                len,
-                prot,
-                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
-            ),
+            Some((file, offset)) => rustix::mm::mmap(addr, len, prot, flags, file, offset),
+            None => rustix::mm::mmap_anonymous(addr, len, prot, flags),
         }
     };
     let tail = reserve_len - head - len;
