@@ -62,6 +62,10 @@ impl AgentService for Service {
 
     fn destroy_sandbox(&self, _: &TtrpcContext, _: pb::DestroySandboxRequest) -> R<pb::Empty> {
         self.agent.destroy_all();
+        // Before the answer, which lets the host stop the VM.
+        if self.agent.pid1 {
+            rustix::fs::sync();
+        }
         let tx = self.shutdown.lock().unwrap_or_else(|e| e.into_inner());
         let _ = tx.send(Shutdown::Destroy);
         Ok(pb::Empty::new())

@@ -233,7 +233,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Powers the VM off (the VMM exits).
+    /// Ends the guest's containers and syncs its file systems; the guest
+    /// then powers the VM off (the VMM exits), unless the host stops it
+    /// first.
     pub fn destroy_sandbox(&self, timeout: Duration) -> Result<()> {
         self.timed("DestroySandbox", || {
             self.client.destroy_sandbox(

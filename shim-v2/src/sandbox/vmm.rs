@@ -237,20 +237,33 @@ impl VmmProcess {
         if self.is_dead() {
             return;
         }
+        self.signal(Signal::KILL);
+        if !self.wait(KILL_WAIT) {
+            log::error!("the VMM (pid {}) did not die after SIGKILL", self.pid);
+        }
+    }
+
+    /// SIGTERMs the VMM: it stops the vCPUs and exits with status 0 (the
+    /// guest gets no say). Does not wait.
+    pub fn terminate(&self) {
+        if !self.is_dead() {
+            self.signal(Signal::TERM);
+        }
+    }
+
+    fn signal(&self, signal: Signal) {
         let sent = match &self.pidfd {
-            Some(fd) => rustix::process::pidfd_send_signal(fd, Signal::KILL),
+            Some(fd) => rustix::process::pidfd_send_signal(fd, signal),
             // Without pidfds: our own child, not reaped until its thread
-            // records the exit (checked above), so the pid is still ours.
+            // records the exit (checked by the callers), so the pid is
+            // still ours.
             None => match i32::try_from(self.pid).ok().and_then(Pid::from_raw) {
-                Some(pid) => rustix::process::kill_process(pid, Signal::KILL),
+                Some(pid) => rustix::process::kill_process(pid, signal),
                 None => return,
             },
         };
         if let Err(e) = sent {
             log::debug!("signalling the VMM (pid {}): {e}", self.pid);
-        }
-        if !self.wait(KILL_WAIT) {
-            log::error!("the VMM (pid {}) did not die after SIGKILL", self.pid);
         }
     }
 }

@@ -267,24 +267,35 @@ impl Inner {
             0
         };
         let slots = pod_slots + usize::from(cfg.first_image_in_slot());
-        let sb = Arc::new(Sandbox::boot(
-            &plan.sandbox_id,
-            dir,
-            cfg,
-            sizing::size(cfg, plan.vm_request),
-            slots,
-            &spec::hostname(&plan.oci),
-            plan.netns.as_deref(),
-            spec::cgroups_path(&plan.oci).as_deref(),
-            &self.cancel,
-        )?);
+        let boot = || {
+            Sandbox::boot(
+                &plan.sandbox_id,
+                dir,
+                cfg,
+                sizing::size(cfg, plan.vm_request),
+                slots,
+                &spec::hostname(&plan.oci),
+                plan.netns.as_deref(),
+                spec::cgroups_path(&plan.oci).as_deref(),
+                &self.cancel,
+            )
+        };
+        // The image for the slot does not need the VM: built while it
+        // boots or restores.
+        let (booted, image) = if cfg.first_image_in_slot() {
+            let (booted, image) = build_beside(plan, boot);
+            (booted, Some(image))
+        } else {
+            (boot(), None)
+        };
+        let sb = Arc::new(booted?);
         undo.sandbox = Some(sb.clone());
         record.boot_ms = Some(u64::try_from(boot_start.elapsed().as_millis()).unwrap_or(u64::MAX));
         write_record(&record, &sb.dir)?;
         // The VM was sized for these limits; only the caps can refuse them.
         sb.reserve(&plan.id, plan.limits)?;
-        let rootfs = if cfg.first_image_in_slot() {
-            image_into_slot(plan, &sb)?
+        let rootfs = if let Some(image) = image {
+            GuestRootfs::Disk(attach_built(&sb, image)?)
         } else if block {
             GuestRootfs::Disk(ROOT_DISK_SERIAL.to_string())
         } else {
@@ -337,18 +348,55 @@ impl Inner {
 /// Builds the container's image and writes it into a free disk slot of
 /// `sb`'s VM; the disk as the guest finds it.
 fn image_into_slot(plan: &Plan, sb: &Sandbox) -> Result<GuestRootfs> {
+    let image = ImageFile(sb.dir.join(format!("image-{}.erofs", plan.id)));
+    let built = build_image(plan, &image.0);
+    Ok(GuestRootfs::Disk(attach_built(sb, (image, built))?))
+}
+
+/// An image file, removed when dropped (once in a slot, or on failure).
+struct ImageFile(PathBuf);
+
+impl Drop for ImageFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// An image built (its file and the build's outcome), not yet in a slot.
+type Built = (ImageFile, Result<u64>);
+
+/// Builds the container's erofs image of `plan`'s rootfs at `image`.
+fn build_image(plan: &Plan, image: &Path) -> Result<u64> {
     let cfg = &plan.cfg;
-    let image = sb.dir.join(format!("image-{}.erofs", plan.id));
-    let built = rootfs::build_erofs(
+    rootfs::build_erofs(
         &cfg.mkfs_erofs_path,
         &plan.root,
-        &image,
+        image,
         &ToolLimits::for_rootfs(cfg),
     )
     .map_err(ServiceError::from)
-    .and_then(|_| sb.attach_image(&image).map_err(ServiceError::from));
-    let _ = std::fs::remove_file(&image);
-    Ok(GuestRootfs::Disk(built?))
+}
+
+/// Runs `boot` while a thread builds the container's image, beside the
+/// bundle's rootfs (not in the state folder, which a failed boot removes
+/// while the build may still write there).
+fn build_beside<T>(plan: &Plan, boot: impl FnOnce() -> T) -> (T, Built) {
+    let image = ImageFile(plan.bundle.join(format!("husk-image-{}.erofs", plan.id)));
+    let (booted, built) = std::thread::scope(|s| {
+        let build = s.spawn(|| build_image(plan, &image.0));
+        let booted = boot();
+        let built = build
+            .join()
+            .unwrap_or_else(|_| Err(ServiceError::Internal("building the image panicked".into())));
+        (booted, built)
+    });
+    (booted, (image, built))
+}
+
+/// Writes a built image into a free disk slot of `sb`'s VM (the image
+/// file goes); the disk as the guest finds it.
+fn attach_built(sb: &Sandbox, (image, built): Built) -> Result<String> {
+    built.and_then(|_| sb.attach_image(&image.0).map_err(ServiceError::from))
 }
 
 /// How long each step of a Create took, for its log line: where a slow

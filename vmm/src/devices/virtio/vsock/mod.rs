@@ -15,6 +15,7 @@ use husk_vm_config::control::GuestFaultKind;
 use std::collections::HashMap;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -34,6 +35,10 @@ const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 /// The only event of the event queue (virtio 1.2, 5.10.6.4).
 const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Most a restored device holds host connections back waiting for the
+/// guest to take its transport reset (a guest that never does only delays
+/// its own connections).
+const RESET_TAKEN_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -65,6 +70,10 @@ pub struct Vsock {
     /// RST runs out, and the deadline it is armed for.
     kill_timer: TimerFd,
     kill_deadline: Option<Instant>,
+    /// After a transport reset: the event queue's available index then.
+    /// The driver gives the event's buffer back only once it has reset
+    /// its sockets, so a new index says the reset was taken.
+    reset_sent_at_avail: Option<u16>,
 }
 
 impl Vsock {
@@ -86,6 +95,7 @@ impl Vsock {
             registered: HashMap::new(),
             kill_timer: TimerFd::new().map_err(VsockError::Timer)?,
             kill_deadline: None,
+            reset_sent_at_avail: None,
         })
     }
 
@@ -226,9 +236,32 @@ impl Vsock {
             }
         };
         queue.add_used(mem, head, written)?;
+        let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
         signal_used(mem, queue, &active.irq)?;
+        self.reset_sent_at_avail = Some(avail);
         tracing::info!("vsock: transport reset sent to the guest");
         Ok(())
+    }
+
+    /// Whether the guest has taken the transport reset: it gave the
+    /// event's buffer back (the event queue's available index moved).
+    fn reset_taken(&self) -> bool {
+        let (Some(at), Some(active)) = (self.reset_sent_at_avail, self.state.active()) else {
+            return false;
+        };
+        active.queues[EVQ]
+            .queue
+            .avail_idx(&active.mem, Ordering::Acquire)
+            .is_ok_and(|now| now.0 != at)
+    }
+
+    /// Ends the hold on host connections once the guest took the reset.
+    fn check_reset_taken(&mut self) {
+        if self.muxer.is_holding_host() && self.reset_taken() {
+            self.muxer.release_host();
+            self.reset_sent_at_avail = None;
+            tracing::info!("vsock: the guest took the transport reset; accepting host connections");
+        }
     }
 
     /// The event loop caught up with the activation: the queues are
@@ -308,8 +341,9 @@ impl VirtioDevice for Vsock {
     /// a TRANSPORT_RESET event, so its driver resets every connected
     /// socket (listening ones stay).
     fn restored(&mut self) {
-        if let Err(e) = self.send_transport_reset() {
-            tracing::warn!(error = %e, "vsock: cannot send the transport reset event");
+        match self.send_transport_reset() {
+            Ok(()) => self.muxer.hold_host(Instant::now() + RESET_TAKEN_WAIT),
+            Err(e) => tracing::warn!(error = %e, "vsock: cannot send the transport reset event"),
         }
     }
 }
@@ -328,9 +362,13 @@ impl MutEventSubscriber for Vsock {
             // and packets already.
             DeviceEvent::Activated => self.handle_activate(ops),
             DeviceEvent::Handled => return,
-            // The event queue carries only device-to-driver transport
-            // events, which husk never sends: nothing to do for it.
-            DeviceEvent::Queue(EVQ) => return,
+            // The driver gives event buffers back: after a transport
+            // reset, the sign that it took it.
+            DeviceEvent::Queue(EVQ) => {
+                self.check_reset_taken();
+                self.sync_registrations(ops);
+                return;
+            }
             DeviceEvent::Queue(_) => {}
             DeviceEvent::Other if fd == self.kill_timer.as_raw_fd() => {
                 // Readable, so this does not block; process_queues sweeps.
@@ -345,6 +383,8 @@ impl MutEventSubscriber for Vsock {
                 return;
             }
         }
+        // The guest may take the reset without kicking the event queue.
+        self.check_reset_taken();
         if let Err(e) = self.process_queues() {
             guest_error!(GuestFaultKind::Queue, error = %e, "vsock: processing queues");
         }

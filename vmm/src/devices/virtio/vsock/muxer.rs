@@ -71,6 +71,9 @@ pub struct Muxer {
     next_local_port: u32,
     /// Round-robin position for fairness between connections.
     last_served: Option<ConnKey>,
+    /// While set, host connections wait in the listener's backlog (not
+    /// accepted, so not forwarded) until this deadline or until released.
+    held_until: Option<Instant>,
 }
 
 impl Muxer {
@@ -93,6 +96,7 @@ impl Muxer {
             graveyard: Vec::new(),
             next_local_port: FIRST_LOCAL_PORT,
             last_served: None,
+            held_until: None,
         })
     }
 
@@ -104,9 +108,29 @@ impl Muxer {
         self.listener.as_raw_fd()
     }
 
+    /// Leaves new host connections in the listener's backlog until
+    /// [`Muxer::release_host`] or `until`, whichever comes first: a restored
+    /// guest must first reset the connections of the VMM it was saved from,
+    /// or the reset would end the new ones too.
+    pub fn hold_host(&mut self, until: Instant) {
+        self.held_until = Some(until);
+    }
+
+    /// Accepts host connections again; whether they were held.
+    pub fn release_host(&mut self) -> bool {
+        self.held_until.take().is_some()
+    }
+
+    pub fn is_holding_host(&self) -> bool {
+        self.held_until.is_some()
+    }
+
     /// Every fd the muxer wants polled, with the events it wants.
     pub fn interests(&self) -> Vec<(RawFd, EventSet)> {
-        let mut v = vec![(self.listener.as_raw_fd(), EventSet::IN)];
+        let mut v = Vec::new();
+        if self.held_until.is_none() {
+            v.push((self.listener.as_raw_fd(), EventSet::IN));
+        }
         v.extend(self.pending_host.keys().map(|fd| (*fd, EventSet::IN)));
         v.extend(
             self.conns
@@ -129,7 +153,11 @@ impl Muxer {
     /// A host fd reported `ev`.
     pub fn handle_event(&mut self, fd: RawFd, ev: EventSet) {
         if fd == self.listener.as_raw_fd() {
-            self.accept_host();
+            // While held, the listener is unregistered at the next sync;
+            // an event already reported waits in the backlog.
+            if self.held_until.is_none() {
+                self.accept_host();
+            }
         } else if self.pending_host.contains_key(&fd) {
             self.read_connect_line(fd);
         } else if let Some(key) = self.fd_to_key.get(&fd).copied() {
@@ -308,8 +336,12 @@ impl Muxer {
     }
 
     /// Resets connections whose host side closed and whose guest never
-    /// acknowledged with RST in time.
+    /// acknowledged with RST in time; ends a hold that ran out.
     pub fn sweep_expired(&mut self, now: Instant) {
+        if self.held_until.is_some_and(|t| now >= t) {
+            tracing::warn!("vsock: the guest did not take the transport reset in time; accepting host connections");
+            self.held_until = None;
+        }
         let expired: Vec<ConnKey> = self
             .conns
             .iter()
@@ -330,7 +362,11 @@ impl Muxer {
 
     /// The earliest time `sweep_expired` has work to do.
     pub fn next_expiry(&self) -> Option<Instant> {
-        self.conns.values().filter_map(Connection::expiry).min()
+        self.conns
+            .values()
+            .filter_map(Connection::expiry)
+            .chain(self.held_until)
+            .min()
     }
 
     pub fn has_pending_rx(&self) -> bool {

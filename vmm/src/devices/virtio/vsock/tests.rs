@@ -736,3 +736,78 @@ fn a_restored_device_sends_the_guest_a_transport_reset() {
     drop(dev);
     assert!(!path.exists());
 }
+
+/// A restored device under an event manager, the driver having filled the
+/// event queue with two buffers; the transport reset uses the first.
+fn setup_restored(tag: &str) -> (Arc<Mutex<Vsock>>, Manager, Guest, GuestQueue, PathBuf) {
+    const EV_BUF: u64 = 0x50_0000;
+    let (mut dev, mut guest, mut ev, path, _) = setup_with_events(tag);
+    ev.add_chain(&[(EV_BUF, 8, true)]);
+    ev.add_chain(&[(EV_BUF + 8, 8, true)]);
+    dev.restored();
+    assert!(ev.pop_used().is_some(), "the reset used an event buffer");
+    guest.give_rx(8, RX_BUF_SIZE);
+    let dev = Arc::new(Mutex::new(dev));
+    let mut em = Manager::new().unwrap();
+    em.add_subscriber(dev.clone());
+    em.run_with_timeout(100).unwrap();
+    (dev, em, guest, ev, path)
+}
+
+#[test]
+fn a_restored_device_holds_host_connections_until_the_guest_took_the_reset() {
+    let (dev, mut em, mut guest, mut ev, path) = setup_restored("hold");
+    // A host connection now would reach the guest before its driver reset
+    // the old VMM's connections, and the reset would end it too.
+    let mut host = UnixStream::connect(&path).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    run(&mut em, 4);
+    assert!(
+        guest.recv().is_none(),
+        "a REQUEST before the guest took the reset"
+    );
+    // A kick of the event queue without a buffer given back changes nothing.
+    let kick = |d: &Arc<Mutex<Vsock>>| {
+        d.lock().unwrap().state.active().unwrap().queues[EVQ]
+            .notify
+            .write(1)
+            .unwrap();
+    };
+    kick(&dev);
+    run(&mut em, 2);
+    assert!(guest.recv().is_none(), "released by a kick alone");
+    // The driver gives the event's buffer back once it has reset its
+    // sockets, and kicks.
+    ev.add_chain(&[(0x50_0000, 8, true)]);
+    kick(&dev);
+    run(&mut em, 4);
+    let (req, _) = guest.recv().expect("no REQUEST once the reset was taken");
+    assert_eq!(req.op, Op::Request as u16);
+    assert_eq!(req.dst_port, 52);
+    guest_send_kick(
+        &dev,
+        &mut guest,
+        &ghdr(52, req.src_port, Op::Response, 4096, 0),
+    );
+    run(&mut em, 3);
+    assert_eq!(read_line(&mut host), format!("OK {}", req.src_port));
+}
+
+#[test]
+fn a_guest_that_never_takes_the_reset_delays_host_connections_by_a_second_at_most() {
+    let (_dev, mut em, mut guest, _ev, path) = setup_restored("holdlimit");
+    let start = std::time::Instant::now();
+    let mut host = UnixStream::connect(&path).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    // Only the timer wakes the device.
+    while start.elapsed() < RESET_TAKEN_WAIT + Duration::from_secs(1) {
+        em.run_with_timeout(100).unwrap();
+        if let Some((req, _)) = guest.recv() {
+            assert_eq!(req.op, Op::Request as u16);
+            assert!(start.elapsed() >= RESET_TAKEN_WAIT - Duration::from_millis(100));
+            return;
+        }
+    }
+    panic!("host connections still held after {RESET_TAKEN_WAIT:?}");
+}
