@@ -32,7 +32,6 @@ use crate::rate_limiter::RateLimiter;
 use crate::seccomp::Filters;
 use crate::snapshot::{SnapshotError, SnapshotSource, SnapshotState, VmShape};
 use crate::vmm::{EventManager, Subscriber, VmResources, Vmm};
-use crate::vstate::coalesced::ReplayTimer;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::persist::{self, PersistError};
 use crate::vstate::vcpu::{self, ExitSignal, Vcpu, VcpuError};
@@ -69,8 +68,6 @@ pub enum BuildError {
     },
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
-    #[error("cannot create the coalesced writes' replay timer: {0}")]
-    ReplayTimer(#[source] std::io::Error),
     #[error("cannot open serial output {target}: {source}")]
     SerialOutput {
         target: String,
@@ -399,11 +396,6 @@ pub fn build_vm(
     };
     vm.register_irqfd(serial.irq_evt(), SERIAL_IRQ)?;
     let mut serial = serial;
-    // The console's bytes without an exit to the VMM each, where KVM can.
-    let coalesced = vm.coalesced_port(SERIAL_PORT);
-    if let Some(port) = &coalesced {
-        serial.set_coalescing(port.clone());
-    }
     let flush_wake = eventfd()?;
     serial.set_flush_wake(flush_wake.try_clone().map_err(BuildError::EventFd)?);
     let serial = Arc::new(Mutex::new(serial));
@@ -468,23 +460,8 @@ pub fn build_vm(
     };
     let vcpus: Vec<Vcpu> = vcpus
         .into_iter()
-        .map(|v| {
-            v.with_msrs_to_save(msrs_to_save.clone().unwrap_or_default())
-                .with_coalesced(coalesced.clone())
-        })
+        .map(|v| v.with_msrs_to_save(msrs_to_save.clone().unwrap_or_default()))
         .collect();
-    // Without its ring the port is never coalesced (each write exits).
-    let coalesced = coalesced.filter(|port| match vcpus.first().map(Vcpu::map_coalesced_ring) {
-        Some(Ok(ring)) => {
-            port.attach(ring);
-            true
-        }
-        Some(Err(e)) => {
-            tracing::warn!("cannot map the coalesced I/O ring: {e}");
-            false
-        }
-        None => false,
-    });
 
     // The control socket binds last, so a failed build leaves no socket file.
     let control = config
@@ -497,11 +474,6 @@ pub fn build_vm(
     let exit = Arc::new(ExitSignal::new().map_err(BuildError::EventFd)?);
     let pio_bus = Arc::new(pio_bus);
     let mmio_bus = Arc::new(mmio_bus);
-    if let Some(port) = coalesced {
-        let timer = ReplayTimer::new(port, pio_bus.clone(), mmio_bus.clone())
-            .map_err(BuildError::ReplayTimer)?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(timer)) as Subscriber);
-    }
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         match v.start(

@@ -36,43 +36,6 @@ fn guest_prints_on_serial_and_resets_through_i8042() {
 }
 
 #[test]
-fn console_bytes_are_coalesced_only_while_they_are_only_output() {
-    let dir = TempDir::new("coalesce");
-    let guest = build_guest(&dir, "console_coalesce");
-    let serial = dir.path("serial.log");
-    let child = spawn_vmm_with_args(
-        &dir,
-        &json!({
-            "vcpus": 1, "memory_mib": 64,
-            "kernel": {"path": guest, "cmdline": ""},
-            "serial": {"output": "file", "path": serial},
-        }),
-        &["--exit-stats"],
-    );
-    let (status, stderr) = wait_exit(child, Duration::from_secs(60));
-    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
-    // Every byte, in the guest's order, queued or not.
-    assert_eq!(
-        std::fs::read_to_string(&serial).unwrap(),
-        "console, coalesced\r\nwith THRI, exits\r\nconsole again\r\n"
-    );
-    let coalescing = kvm_ioctls::Kvm::new()
-        .unwrap()
-        .check_extension(kvm_ioctls::Cap::CoalescedPio);
-    let (queued, exited) = if coalescing {
-        // The two console lines (20 + 15 bytes) went through KVM's ring;
-        // the line with the THR interrupt on (18 bytes) exited a byte each.
-        ("pio_coalesced 0x3f8=35", "pio_out 0x3f8=18")
-    } else {
-        ("", "pio_out 0x3f8=53")
-    };
-    assert!(
-        stderr.contains(queued) && stderr.contains(exited),
-        "want {queued:?} and {exited:?} in the exit counts:\n{stderr}"
-    );
-}
-
-#[test]
 fn bzimage_guest_reads_command_line_from_zero_page() {
     let dir = TempDir::new("bzimage");
     let guest = build_bzimage_guest(&dir, "cmdline_reset");

@@ -13,13 +13,12 @@
 use std::collections::BTreeMap;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_coalesced_mmio_zone, kvm_cpuid2, kvm_debugregs, kvm_irqchip,
-    kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, KVMIO,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
 use seccompiler::{BackendError, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 use syscalls::Sysno;
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
 // kvm-ioctls keeps its request numbers private.
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
@@ -38,18 +37,6 @@ ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
 ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
 ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
 ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
-ioctl_iow_nr!(
-    KVM_REGISTER_COALESCED_MMIO,
-    KVMIO,
-    0x67,
-    kvm_coalesced_mmio_zone
-);
-ioctl_iow_nr!(
-    KVM_UNREGISTER_COALESCED_MMIO,
-    KVMIO,
-    0x68,
-    kvm_coalesced_mmio_zone
-);
 
 /// Syscall number -> rules; no rule means the call is allowed with any
 /// arguments, otherwise one matching rule (all its conditions) allows it.
@@ -324,10 +311,6 @@ pub fn vcpu_thread(pid: u32) -> Result<Rules, BackendError> {
             KVM_GET_DEBUGREGS(),
             KVM_GET_XSAVE(),
             KVM_GET_XCRS(),
-            // The serial's IER and MCR writes turn the coalescing of its
-            // data port on and off (VM fd).
-            KVM_REGISTER_COALESCED_MMIO(),
-            KVM_UNREGISTER_COALESCED_MMIO(),
         ],
     )?;
     // Activating a virtio device clones its queues' notify eventfds
@@ -359,8 +342,6 @@ mod tests {
         assert_eq!(KVM_GET_DEBUGREGS(), 0x8080_aea1);
         assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
         assert_eq!(KVM_GET_XCRS(), 0x8188_aea6);
-        assert_eq!(KVM_REGISTER_COALESCED_MMIO(), 0x4010_ae67);
-        assert_eq!(KVM_UNREGISTER_COALESCED_MMIO(), 0x4010_ae68);
     }
 
     #[test]

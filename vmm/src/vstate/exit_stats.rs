@@ -35,9 +35,6 @@ pub enum ExitKind {
     MmioWrite,
     /// KVM_RUN interrupted (a kick or a signal).
     Interrupted,
-    /// Not an exit: port writes KVM queued instead of exiting, replayed
-    /// by the vCPU (not in the total).
-    PioCoalesced,
     /// Anything else (HLT, shutdown, system events, errors).
     Other,
 }
@@ -50,7 +47,6 @@ impl ExitKind {
             ExitKind::MmioRead => "mmio_read",
             ExitKind::MmioWrite => "mmio_write",
             ExitKind::Interrupted => "interrupted",
-            ExitKind::PioCoalesced => "pio_coalesced",
             ExitKind::Other => "other",
         }
     }
@@ -77,32 +73,17 @@ impl ExitStats {
     /// Counts one exit of `kind` at `addr` (ignored for kinds without one).
     pub fn record(&mut self, kind: ExitKind, addr: u64) {
         self.total += 1;
-        self.add(kind, addr, 1);
-    }
-
-    /// Counts `n` coalesced writes to port `port` (not exits).
-    pub fn record_coalesced(&mut self, port: u64, n: usize) {
-        if n > 0 {
-            self.add(
-                ExitKind::PioCoalesced,
-                port,
-                u64::try_from(n).unwrap_or(u64::MAX),
-            );
-        }
-    }
-
-    fn add(&mut self, kind: ExitKind, addr: u64, n: u64) {
         let key = (kind, if kind.has_address() { addr } else { 0 });
-        if let Some(c) = self.by_address.get_mut(&key) {
-            *c += n;
+        if let Some(n) = self.by_address.get_mut(&key) {
+            *n += 1;
         } else if self.by_address.len() < MAX_KEYS {
-            self.by_address.insert(key, n);
+            self.by_address.insert(key, 1);
         } else {
-            *self.overflow.entry(kind).or_default() += n;
+            *self.overflow.entry(kind).or_default() += 1;
         }
     }
 
-    /// All exits counted (coalesced writes are not exits).
+    /// All exits counted.
     pub fn total(&self) -> u64 {
         self.total
     }

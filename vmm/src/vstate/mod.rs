@@ -1,6 +1,5 @@
 //! KVM state of a VM: guest memory, the VM file descriptor and its vCPUs.
 
-pub mod coalesced;
 pub mod exit_stats;
 pub mod memory;
 pub mod persist;

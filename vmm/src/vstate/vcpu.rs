@@ -9,7 +9,6 @@
 use crate::guest_debug;
 use husk_vm_config::control::GuestFaultKind;
 use std::cell::Cell;
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,7 +18,6 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::coalesced::{CoalescedPort, Ring};
 use super::exit_stats::{self, ExitKind, ExitStats};
 use super::persist::{PersistError, VcpuState};
 use super::vm::Vm;
@@ -257,10 +255,6 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// The MSRs a snapshot saves (KVM's saveable list, filtered).
     msrs_to_save: Arc<Vec<u32>>,
-    /// The VM's coalesced port, whose queued writes this vCPU replays.
-    coalesced: Option<Arc<CoalescedPort>>,
-    /// Writes replayed since the exit counters last took them.
-    replayed: usize,
 }
 
 /// What one KVM_RUN ended with.
@@ -328,8 +322,6 @@ impl Vcpu {
             index,
             fd,
             msrs_to_save: Arc::default(),
-            coalesced: None,
-            replayed: 0,
         })
     }
 
@@ -350,8 +342,6 @@ impl Vcpu {
             index,
             fd,
             msrs_to_save: Arc::default(),
-            coalesced: None,
-            replayed: 0,
         })
     }
 
@@ -359,20 +349,6 @@ impl Vcpu {
     pub fn with_msrs_to_save(mut self, msrs: Arc<Vec<u32>>) -> Self {
         self.msrs_to_save = msrs;
         self
-    }
-
-    /// Makes this vCPU replay the VM's coalesced port writes.
-    pub fn with_coalesced(mut self, port: Option<Arc<CoalescedPort>>) -> Self {
-        self.coalesced = port;
-        self
-    }
-
-    /// Maps the VM's coalesced-write ring (any vCPU fd offers it).
-    pub fn map_coalesced_ring(&self) -> std::io::Result<Ring> {
-        // SAFETY: the VcpuFd's own fd, open for the whole call (`self` is
-        // borrowed); the mapping does not need it afterwards.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd.as_raw_fd()) };
-        Ring::map(fd)
     }
 
     /// Starts the vCPU's thread; with `seccomp`, the thread installs the
@@ -485,21 +461,8 @@ impl Vcpu {
         VcpuState::save(&self.fd, self.index, &self.msrs_to_save)
     }
 
-    /// Runs the guest until its next exit and handles the exit. Writes KVM
-    /// queued for the coalesced port are replayed before an exit's own
-    /// write (the guest's order), and after anything else, before the
-    /// vCPU returns to the guest or stops.
-    fn run_once(&mut self, pio: &Bus, mmio: &Bus, mut stats: Option<&mut ExitStats>) -> RunOutcome {
-        let outcome = self.handle_exit(pio, mmio, stats.as_deref_mut());
-        let replayed = std::mem::take(&mut self.replayed)
-            + self.coalesced.as_ref().map_or(0, |c| c.replay(pio, mmio));
-        if let (Some(stats), Some(c)) = (stats, &self.coalesced) {
-            stats.record_coalesced(u64::from(c.port()), replayed);
-        }
-        outcome
-    }
-
-    fn handle_exit(&mut self, pio: &Bus, mmio: &Bus, stats: Option<&mut ExitStats>) -> RunOutcome {
+    /// Runs the guest until its next exit and handles the exit.
+    fn run_once(&mut self, pio: &Bus, mmio: &Bus, stats: Option<&mut ExitStats>) -> RunOutcome {
         let index = self.index;
         let exit = self.fd.run();
         if let Some(stats) = stats {
@@ -525,10 +488,6 @@ impl Vcpu {
                 return RunOutcome::Continue;
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                // The queued writes came first.
-                if let Some(c) = &self.coalesced {
-                    self.replayed += c.replay(pio, mmio);
-                }
                 pio.write(u64::from(port), data);
                 return RunOutcome::Continue;
             }
@@ -544,9 +503,6 @@ impl Vcpu {
                 return RunOutcome::Continue;
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if let Some(c) = &self.coalesced {
-                    self.replayed += c.replay(pio, mmio);
-                }
                 if !mmio.write(addr, data) {
                     guest_debug!(
                         GuestFaultKind::Unmapped,

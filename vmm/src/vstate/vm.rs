@@ -2,13 +2,10 @@
 //! slots, and the irqfd/ioeventfd registrations devices use.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use std::sync::Arc;
-
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::coalesced::CoalescedPort;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::devices::virtio::GuestMemory;
 
@@ -68,9 +65,7 @@ const REQUIRED_CAPS: [Cap; 8] = [
 /// A KVM VM with its interrupt controllers and memory set up.
 pub struct Vm {
     kvm: Kvm,
-    /// Shared with what changes registrations while the VM runs (the
-    /// serial's [`CoalescedPort`](super::coalesced::CoalescedPort)).
-    fd: Arc<VmFd>,
+    fd: VmFd,
 }
 
 impl Vm {
@@ -104,10 +99,7 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(setup("cannot create the in-kernel PIT"))?;
-        Ok(Self {
-            kvm,
-            fd: Arc::new(fd),
-        })
+        Ok(Self { kvm, fd })
     }
 
     /// Registers every region of `mem` as a KVM memory slot.
@@ -173,11 +165,5 @@ impl Vm {
     /// The VM file descriptor.
     pub fn fd(&self) -> &VmFd {
         &self.fd
-    }
-
-    /// `port` as a port whose writes KVM may queue instead of exiting,
-    /// where KVM offers that.
-    pub fn coalesced_port(&self, port: u16) -> Option<Arc<CoalescedPort>> {
-        CoalescedPort::new(self.fd.clone(), &self.kvm, port)
     }
 }

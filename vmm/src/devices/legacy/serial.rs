@@ -3,10 +3,7 @@
 //! ([`BoundedConsole`]); its interrupt (IRQ 4) is an irqfd so KVM injects
 //! it without a VMM round trip.
 //!
-//! The guest writes its console a byte at a time: a byte per exit, or,
-//! where KVM can coalesce port writes ([`CoalescedPort`]) and a data write
-//! is only output, a byte queued in KVM's ring without an exit (the line
-//! status read before each byte still exits). The output is written out
+//! The guest writes its console a byte per exit; the output is written out
 //! a burst at a time ([`BurstWriter`]): at a newline, at [`BURST_MAX`]
 //! bytes, or when the guest writes any register but the data register
 //! (Linux restores IER after each console message, and the tty driver
@@ -27,7 +24,6 @@ use super::IrqEvt;
 use crate::devices::bus::BusDevice;
 use crate::guest_warn;
 use crate::logger::console::{self, BoundedConsole};
-use crate::vstate::coalesced::CoalescedPort;
 use husk_vm_config::control::GuestFaultKind;
 use husk_vm_config::{ConsoleLimits, SerialOutput};
 
@@ -171,23 +167,10 @@ impl Drop for BurstWriter {
 
 /// The UART's data register (THR/RBR, or DLL with DLAB set).
 const DATA_REGISTER: u8 = 0;
-/// The registers whose bits decide whether a data write has side effects.
-const IER_REGISTER: u8 = 1;
-const MCR_REGISTER: u8 = 4;
-/// IER: interrupt when the transmitter holding register is empty.
-const IER_THRI: u8 = 0x02;
-/// MCR: loopback (written bytes are received).
-const MCR_LOOP: u8 = 0x10;
-/// LCR: divisor latch access (offsets 0 and 1 are the divisor).
-const LCR_DLAB: u8 = 0x80;
 
 /// The COM1 UART on the port I/O bus.
 pub struct SerialDevice {
     serial: Serial<IrqEvt, NoEvents, BurstWriter>,
-    /// Where KVM may queue data-register writes instead of exiting.
-    coalescing: Option<Arc<CoalescedPort>>,
-    /// The guest wrote IER since the UART was made or restored.
-    ier_written: bool,
 }
 
 impl SerialDevice {
@@ -195,8 +178,6 @@ impl SerialDevice {
     pub fn new(irq_evt: EventFd, out: SerialOut) -> Self {
         Self {
             serial: Serial::new(IrqEvt(irq_evt), BurstWriter::new(out)),
-            coalescing: None,
-            ier_written: false,
         }
     }
 
@@ -213,11 +194,7 @@ impl SerialDevice {
             NoEvents,
             BurstWriter::new(out),
         )
-        .map(|serial| Self {
-            serial,
-            coalescing: None,
-            ier_written: false,
-        })
+        .map(|serial| Self { serial })
         .map_err(|e| format!("serial state: {e:?}"))
     }
 
@@ -225,29 +202,6 @@ impl SerialDevice {
     /// on the same eventfd writes it out.
     pub fn set_flush_wake(&mut self, wake: EventFd) {
         self.serial.writer_mut().wake = Some(wake);
-    }
-
-    /// Lets KVM queue the guest's writes to the data register (replayed by
-    /// the vCPUs) while such a write is output and nothing else (no
-    /// THR-empty interrupt, no loopback), from the guest's first IER write
-    /// on. A queued byte reaches the output at the guest's next exit to
-    /// the VMM: Linux's console reads the line status before each byte and
-    /// writes IER back after each message, so none waits. A guest that
-    /// never writes IER (a bare loop of `out`s) keeps an exit per byte.
-    pub fn set_coalescing(&mut self, port: Arc<CoalescedPort>) {
-        self.coalescing = Some(port);
-    }
-
-    fn data_write_is_output_only(&self) -> bool {
-        let state = self.serial.state();
-        self.ier_written
-            && state.interrupt_enable & IER_THRI == 0
-            && state.modem_control & MCR_LOOP == 0
-    }
-
-    /// Whether offsets 0 and 1 are the divisor latch (LCR's DLAB).
-    fn dlab(&self) -> bool {
-        self.serial.state().line_control & LCR_DLAB != 0
     }
 
     /// Writes out the output held, if any.
@@ -295,12 +249,6 @@ impl BusDevice for SerialDevice {
             if offset != DATA_REGISTER {
                 if let Err(e) = self.serial.writer_mut().end_burst() {
                     guest_warn!(GuestFaultKind::Console, "serial output: {e}");
-                }
-            }
-            if matches!(offset, IER_REGISTER | MCR_REGISTER) {
-                self.ier_written |= offset == IER_REGISTER && !self.dlab();
-                if let Some(port) = &self.coalescing {
-                    port.set(self.data_write_is_output_only());
                 }
             }
         }
