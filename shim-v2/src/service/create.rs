@@ -396,7 +396,7 @@ fn build_beside<T>(plan: &Plan, boot: impl FnOnce() -> T) -> (T, Built) {
 /// Writes a built image into a free disk slot of `sb`'s VM (the image
 /// file goes); the disk as the guest finds it.
 fn attach_built(sb: &Sandbox, (image, built): Built) -> Result<String> {
-    built.and_then(|_| sb.attach_image(&image.0).map_err(ServiceError::from))
+    built.and_then(|size| sb.attach_image(&image.0, size).map_err(ServiceError::from))
 }
 
 /// How long each step of a Create took, for its log line: where a slow

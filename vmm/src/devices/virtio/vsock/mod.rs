@@ -255,12 +255,16 @@ impl Vsock {
             .is_ok_and(|now| now.0 != at)
     }
 
-    /// Ends the hold on host connections once the guest took the reset.
+    /// Ends the hold on host connections once the guest took the reset
+    /// (the hold may have run out first).
     fn check_reset_taken(&mut self) {
-        if self.muxer.is_holding_host() && self.reset_taken() {
-            self.muxer.release_host();
+        if self.reset_taken() {
             self.reset_sent_at_avail = None;
-            tracing::info!("vsock: the guest took the transport reset; accepting host connections");
+            if self.muxer.release_host() {
+                tracing::info!(
+                    "vsock: the guest took the transport reset; accepting host connections"
+                );
+            }
         }
     }
 
@@ -362,13 +366,8 @@ impl MutEventSubscriber for Vsock {
             // and packets already.
             DeviceEvent::Activated => self.handle_activate(ops),
             DeviceEvent::Handled => return,
-            // The driver gives event buffers back: after a transport
-            // reset, the sign that it took it.
-            DeviceEvent::Queue(EVQ) => {
-                self.check_reset_taken();
-                self.sync_registrations(ops);
-                return;
-            }
+            // The event queue's kick (the driver giving event buffers back)
+            // matters only to the check below.
             DeviceEvent::Queue(_) => {}
             DeviceEvent::Other if fd == self.kill_timer.as_raw_fd() => {
                 // Readable, so this does not block; process_queues sweeps.
@@ -383,7 +382,7 @@ impl MutEventSubscriber for Vsock {
                 return;
             }
         }
-        // The guest may take the reset without kicking the event queue.
+        // After a transport reset: whether the guest took it, kick or not.
         self.check_reset_taken();
         if let Err(e) = self.process_queues() {
             guest_error!(GuestFaultKind::Queue, error = %e, "vsock: processing queues");

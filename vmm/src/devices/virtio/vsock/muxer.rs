@@ -121,10 +121,6 @@ impl Muxer {
         self.held_until.take().is_some()
     }
 
-    pub fn is_holding_host(&self) -> bool {
-        self.held_until.is_some()
-    }
-
     /// Every fd the muxer wants polled, with the events it wants.
     pub fn interests(&self) -> Vec<(RawFd, EventSet)> {
         let mut v = Vec::new();
